@@ -1,0 +1,573 @@
+"""The FineTuneJob spec: the single source of truth.
+
+The CRD schema in ``crds/`` is generated from these models (``make crds``), the operator parses every
+custom resource body into :class:`FineTuneJobSpec`, and the trainer reads the same model from the
+rendered config. Cross-field rules live twice on purpose: as pydantic validators (so the trainer run
+locally and the operator reject bad input with the same words) and as CEL rules in
+``x-kubernetes-validations`` (so the API server rejects it before anything is stored). A unit test
+checks that the two agree on a table of bad specs.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "finetune.io"
+API_VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+
+# Patterns are also emitted into the CRD, so they use the RE2 subset the API server understands.
+S3_URI = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
+MODEL_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|hf://[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9._\-]+|/.+)$"
+DATA_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|/.+)$"
+OUTPUT_URI = DATA_URI
+K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+MAX_STR = 1024
+MAX_LIST = 64
+
+
+def cel(rule: str, message: str, **extra: Any) -> dict[str, Any]:
+    """One ``x-kubernetes-validations`` entry."""
+    return {"rule": rule, "message": message, **extra}
+
+
+class _Model(BaseModel):
+    """Base: camelCase on the wire, snake_case in Python, unknown fields rejected, immutable."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        use_enum_values=True,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The camelCase dict as it appears in the custom resource."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class Task(str, Enum):
+    causal_lm = "causal-lm"
+    sequence_classification = "sequence-classification"
+
+
+class ModelSpec(_Model):
+    """The base model to fine-tune."""
+
+    uri: str = Field(
+        description=(
+            "Where the base model lives: an s3:// prefix holding a Hugging Face model folder "
+            "(config.json, weights, tokenizer), hf://org/name for a hub id (needs network from the pods), "
+            "or an absolute path on a volume mounted into the training pods."
+        ),
+        pattern=MODEL_URI,
+        max_length=MAX_STR,
+    )
+    task: Task = Field(
+        default=Task.causal_lm,
+        description="What the model is trained to do: causal-lm (next-token prediction) or sequence-classification.",
+    )
+    num_labels: int | None = Field(
+        default=None,
+        ge=2,
+        le=10000,
+        description="Number of classes for sequence-classification. Taken from len(labels) or from the data when unset.",
+    )
+    labels: list[str] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=10000,
+        description=(
+            "The class names for sequence-classification, in label-id order. Rows whose label is not listed "
+            "fail the job with reason UnknownLabel. Derived from the training data when unset."
+        ),
+        json_schema_extra={"items": {"type": "string", "maxLength": 256}},
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code shipped with the checkpoint to run. Off by default for safety."
+    )
+
+    @model_validator(mode="after")
+    def _labels(self) -> "ModelSpec":
+        if self.task != Task.sequence_classification.value and (self.labels or self.num_labels):
+            raise ValueError("model.labels and model.numLabels are only valid with task sequence-classification")
+        if self.labels and self.num_labels and len(self.labels) != self.num_labels:
+            raise ValueError("model.numLabels must equal the number of model.labels")
+        if self.labels and len(set(self.labels)) != len(self.labels):
+            raise ValueError("model.labels must be unique")
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.task == 'sequence-classification' || (!has(self.labels) && !has(self.numLabels))",
+                    "model.labels and model.numLabels are only valid with task sequence-classification",
+                ),
+                cel(
+                    "!has(self.labels) || !has(self.numLabels) || size(self.labels) == self.numLabels",
+                    "model.numLabels must equal the number of model.labels",
+                ),
+            ]
+        }
+    )
+
+
+# -------------------------------------------------------------------------------------------- method
+
+
+class Method(str, Enum):
+    full = "full"
+    lora = "lora"
+    qlora = "qlora"
+    dora = "dora"
+
+
+ADAPTER_METHODS = (Method.lora.value, Method.qlora.value, Method.dora.value)
+
+
+class LoraSpec(_Model):
+    """Low-rank adapter settings (methods lora, qlora, dora)."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Adapter rank.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="Adapter scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        default=None,
+        max_length=MAX_LIST,
+        description=(
+            "Module names to adapt (e.g. q_proj, v_proj). When unset the trainer picks the attention and MLP "
+            "projections for the architecture; 'all-linear' adapts every linear layer."
+        ),
+        json_schema_extra={"items": {"type": "string", "maxLength": 128}},
+    )
+
+
+# ------------------------------------------------------------------------------------------- dataset
+
+
+class DataFormat(str, Enum):
+    text = "text"
+    prompt_completion = "prompt-completion"
+    chat = "chat"
+    classification = "classification"
+
+
+class LeakagePolicy(str, Enum):
+    fail = "fail"
+    warn = "warn"
+    drop = "drop"
+    off = "off"
+
+
+class FieldNames(_Model):
+    """Column names in the data files."""
+
+    text: str = Field(default="text", max_length=128, description="Column with the text (formats text, classification).")
+    prompt: str = Field(default="prompt", max_length=128, description="Column with the prompt (format prompt-completion).")
+    completion: str = Field(
+        default="completion", max_length=128, description="Column with the completion (format prompt-completion)."
+    )
+    messages: str = Field(
+        default="messages",
+        max_length=128,
+        description="Column with the list of {role, content} messages (format chat).",
+    )
+    label: str = Field(default="label", max_length=128, description="Column with the class label (format classification).")
+
+
+class SplitSpec(_Model):
+    """How validation and test sets are carved from train when not given as files."""
+
+    validation: float = Field(default=0.1, ge=0.0, lt=1.0, description="Fraction of train held out for validation.")
+    test: float = Field(default=0.1, ge=0.0, lt=1.0, description="Fraction of train held out for the final test.")
+    seed: int = Field(default=42, ge=0, description="Seed of the split; the same seed gives the same split.")
+    stratify: bool = Field(default=True, description="Keep class proportions in every split (classification only).")
+
+    @model_validator(mode="after")
+    def _sum(self) -> "SplitSpec":
+        if self.validation + self.test >= 1.0:
+            raise ValueError("dataset.split.validation + dataset.split.test must be below 1")
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("self.validation + self.test < 1.0", "dataset.split.validation + dataset.split.test must be below 1")
+            ]
+        }
+    )
+
+
+class DedupeSpec(_Model):
+    """Duplicate removal."""
+
+    exact: bool = Field(default=True, description="Drop rows whose normalised text equals an earlier row's.")
+    near: bool = Field(default=True, description="Drop near-duplicates found with MinHash LSH.")
+    near_threshold: float = Field(
+        default=0.85,
+        gt=0.0,
+        le=1.0,
+        description="Estimated Jaccard similarity of word 5-gram shingles at or above which two rows are near-duplicates.",
+    )
+
+
+class PreprocessingSpec(_Model):
+    """Data cleaning applied to every split before tokenisation; each step is counted in the data report."""
+
+    normalize: bool = Field(default=True, description="Unicode NFKC normalisation and whitespace cleanup.")
+    lowercase: bool = Field(default=False, description="Lowercase all text.")
+    drop_empty: bool = Field(default=True, description="Drop rows whose text is empty after cleanup.")
+    min_tokens: int = Field(default=1, ge=0, description="Drop rows with fewer tokens than this.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Drop rows with more tokens than this (default: keep, truncate to maxSeqLength)."
+    )
+    dedupe: DedupeSpec = Field(default_factory=DedupeSpec, description="Exact and near-duplicate removal.")
+    redact_pii: bool = Field(
+        default=True,
+        description="Replace emails, phone numbers, card numbers, IP addresses, IBANs and SSNs with typed placeholders.",
+    )
+    max_malformed_fraction: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="Fail with reason MalformedData when more than this fraction of rows cannot be parsed.",
+    )
+    class_weights: bool = Field(
+        default=False, description="Weight the classification loss by inverse class frequency (imbalanced data)."
+    )
+
+
+class DatasetSpec(_Model):
+    """Where the data is and how to prepare it."""
+
+    train: str = Field(
+        description="Training data: an s3:// object or prefix, or an absolute path. JSONL, CSV or Parquet; a prefix means all such files under it.",
+        pattern=DATA_URI,
+        max_length=MAX_STR,
+    )
+    validation: str | None = Field(
+        default=None,
+        description="Validation data (same forms as train). When unset it is split from train by split.validation.",
+        pattern=DATA_URI,
+        max_length=MAX_STR,
+    )
+    test: str | None = Field(
+        default=None,
+        description="Test data, evaluated once with the best model. When unset it is split from train by split.test.",
+        pattern=DATA_URI,
+        max_length=MAX_STR,
+    )
+    format: DataFormat = Field(
+        default=DataFormat.text,
+        description="Row format: text, prompt-completion (loss on completion only), chat (loss on assistant turns only), classification.",
+    )
+    fields: FieldNames = Field(default_factory=FieldNames, description="Column names in the data files.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="Split ratios and seed, used when validation/test are not given.")
+    preprocessing: PreprocessingSpec = Field(default_factory=PreprocessingSpec, description="Cleaning steps.")
+    leakage_check: LeakagePolicy = Field(
+        default=LeakagePolicy.fail,
+        description=(
+            "What to do when a validation/test example also appears (exactly or nearly) in train: fail the job, "
+            "warn, drop it from validation/test, or off."
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------------- hyperparameters
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class LRScheduler(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    polynomial = "polynomial"
+
+
+class Hyperparameters(_Model):
+    """Optimisation settings. Defaults suit a LoRA fine-tune of a 1-8B model."""
+
+    epochs: float | None = Field(default=None, gt=0, le=1000, description="Passes over the training data. Default 3 when maxSteps is unset.")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run; overrides epochs.")
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0, description="Peak learning rate.")
+    lr_scheduler: LRScheduler = Field(default=LRScheduler.cosine, description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Micro-batch size per device.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    weight_decay: float = Field(default=0.0, ge=0.0, lt=1.0, description="AdamW weight decay.")
+    dropout: float | None = Field(default=None, ge=0.0, lt=1.0, description="Override the model's dropout probabilities.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    max_seq_length: int = Field(default=1024, ge=8, le=262144, description="Tokens per sequence; longer rows are truncated.")
+    packing: bool = Field(
+        default=True,
+        description="Causal LM: pack several rows into one sequence (padding-free, attention kept per row) so no compute goes to pad tokens.",
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory by recomputing activations.")
+    precision: Precision = Field(default=Precision.auto, description="auto picks bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU.")
+    seed: int = Field(default=42, ge=0, description="Seed for initialisation, shuffling and dropout.")
+
+    @model_validator(mode="after")
+    def _length(self) -> "Hyperparameters":
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("set hyperparameters.epochs or hyperparameters.maxSteps, not both")
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("!(has(self.epochs) && has(self.maxSteps))", "set hyperparameters.epochs or hyperparameters.maxSteps, not both")
+            ]
+        }
+    )
+
+    @property
+    def total_epochs(self) -> float:
+        return self.epochs if self.epochs is not None else 3.0
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+class Strategy(str, Enum):
+    steps = "steps"
+    epoch = "epoch"
+
+
+class Mode(str, Enum):
+    min = "min"
+    max = "max"
+
+
+class EarlyStopping(_Model):
+    """Stop when the monitored metric stops improving."""
+
+    metric: str = Field(default="eval_loss", max_length=128, description="Metric to monitor, e.g. eval_loss, accuracy, f1_macro.")
+    mode: Mode = Field(default=Mode.min, description="min when lower is better, max when higher is better.")
+    patience: int = Field(default=3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(default=0.0, ge=0.0, description="Smallest change that counts as an improvement.")
+
+
+class RetentionSpec(_Model):
+    """Catastrophic-forgetting check: loss on general data before and after fine-tuning."""
+
+    dataset: str = Field(description="Retention data (same forms as dataset.train), in the job's dataset format.", pattern=DATA_URI, max_length=MAX_STR)
+    max_loss_increase: float = Field(
+        default=0.1, ge=0.0, le=100.0, description="Largest allowed relative loss increase (0.1 = 10%)."
+    )
+    action: Literal["warn", "fail"] = Field(default="warn", description="What happens past the threshold.")
+
+
+class EvaluationSpec(_Model):
+    """Validation during training and the final test."""
+
+    strategy: Strategy = Field(default=Strategy.steps, description="Evaluate every everySteps optimizer steps, or once per epoch.")
+    every_steps: int = Field(default=100, ge=1, description="Steps between evaluations when strategy is steps.")
+    metrics: list[str] | None = Field(
+        default=None,
+        max_length=MAX_LIST,
+        description=(
+            "Extra metrics. Always computed: loss and perplexity (LM) or accuracy, precision/recall/F1 "
+            "(classification). Optional: bleu, rouge (on generated samples, LM only)."
+        ),
+        json_schema_extra={"items": {"type": "string", "enum": ["bleu", "rouge", "token_accuracy"]}},
+    )
+    early_stopping: EarlyStopping | None = Field(default=None, description="Stop on a plateau and keep the best checkpoint.")
+    calibration: bool = Field(default=True, description="Classification: fit temperature scaling on validation; report ECE before and after.")
+    baseline: bool = Field(default=True, description="Evaluate the base model before training so the report shows the gain.")
+    retention: RetentionSpec | None = Field(default=None, description="Catastrophic-forgetting check.")
+    max_eval_samples: int | None = Field(default=None, ge=1, description="Cap on validation rows per evaluation.")
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+
+
+class CheckpointSpec(_Model):
+    """Checkpoints are written to <output>/checkpoints/step-NNNNNNNN/ with a manifest written last."""
+
+    every_steps: int = Field(default=500, ge=1, description="Optimizer steps between checkpoints (one is always written at the end).")
+    keep_last: int = Field(default=3, ge=1, le=1000, description="Complete checkpoints to keep, plus the best one.")
+    resume: str = Field(
+        default="latest",
+        max_length=MAX_STR,
+        pattern=r"^(latest|none|s3://.+|/.+)$",
+        description="latest: continue from the newest complete checkpoint under output; none: start fresh; or the URI of one checkpoint.",
+    )
+
+
+class OutputSpec(_Model):
+    """Where results go."""
+
+    uri: str = Field(
+        description="s3:// prefix (or absolute path) for checkpoints, the final model, progress.json and data-report.json.",
+        pattern=OUTPUT_URI,
+        max_length=MAX_STR,
+    )
+    merge_adapter: bool = Field(default=False, description="Also write the base model with the adapter merged in (adapter methods).")
+
+
+# ----------------------------------------------------------------------------------------- resources
+
+
+class EnvVar(_Model):
+    """An extra environment variable for the trainer (literal values only; use storage.credentialsSecret for secrets)."""
+
+    name: str = Field(max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]*$", description="Variable name.")
+    value: str = Field(default="", max_length=32768, description="Variable value.")
+
+
+class LocalObjectReference(_Model):
+    name: str = Field(max_length=253, pattern=K8S_NAME, description="Name of the object in the job's namespace.")
+
+
+_FREEFORM = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+
+class ResourcesSpec(_Model):
+    """Shape and placement of the training pods."""
+
+    nodes: int = Field(default=1, ge=1, le=1024, description="Pods (torchrun nodes) in the training group.")
+    gpus_per_node: int = Field(default=1, ge=0, le=16, description="nvidia.com/gpu per pod; also torchrun's nproc-per-node (1 process when 0).")
+    image: str | None = Field(default=None, max_length=MAX_STR, description="Trainer image; the operator's configured default when unset.")
+    cpu: str | None = Field(default=None, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request and limit per pod, e.g. 8 or 500m.")
+    memory: str | None = Field(
+        default=None, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", description="Memory request and limit per pod, e.g. 64Gi."
+    )
+    node_selector: dict[str, str] | None = Field(
+        default=None, description="Node labels the pods must match.", json_schema_extra={"maxProperties": 64}
+    )
+    tolerations: list[dict[str, Any]] | None = Field(
+        default=None,
+        max_length=MAX_LIST,
+        description="Pod tolerations (core/v1 Toleration).",
+        json_schema_extra={"items": _FREEFORM},
+    )
+    affinity: dict[str, Any] | None = Field(default=None, description="Pod affinity (core/v1 Affinity).", json_schema_extra=_FREEFORM)
+    priority_class_name: str | None = Field(default=None, max_length=253, description="PriorityClass of the pods.")
+    queue_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=K8S_NAME,
+        description="Kueue LocalQueue. The Job is created suspended with kueue.x-k8s.io/queue-name so Kueue admits the group as a gang.",
+    )
+    env: list[EnvVar] | None = Field(default=None, max_length=MAX_LIST, description="Extra environment variables for the trainer.")
+    image_pull_secrets: list[LocalObjectReference] | None = Field(default=None, max_length=16, description="Secrets for pulling the image.")
+    shm_size: str = Field(
+        default="8Gi", max_length=64, pattern=r"^[0-9]+(Ki|Mi|Gi)?$", description="Size of the in-memory /dev/shm volume (NCCL and data loaders need it)."
+    )
+
+
+class StorageSpec(_Model):
+    """S3-compatible object store access."""
+
+    endpoint: str | None = Field(
+        default=None,
+        max_length=MAX_STR,
+        pattern=r"^https?://[^\s]+$",
+        description="S3 endpoint URL for MinIO and other S3-compatible stores; AWS when unset.",
+    )
+    region: str | None = Field(default=None, max_length=64, description="S3 region.")
+    credentials_secret: LocalObjectReference | None = Field(
+        default=None,
+        description=(
+            "Secret in the job's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
+            "AWS_SESSION_TOKEN). Passed to the pods as env from the secret; its values are never copied anywhere."
+        ),
+    )
+
+
+class RunPolicy(_Model):
+    """Lifecycle limits. The only part of the spec that may change after creation."""
+
+    backoff_limit: int = Field(default=3, ge=0, le=100, description="Group restarts after a pod failure before the job fails.")
+    active_deadline_seconds: int | None = Field(default=None, ge=1, description="Fail the job (DeadlineExceeded) when it has run this long.")
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0, description="Delete the finished job and its children after this many seconds.")
+    suspend: bool = Field(default=False, description="Stop the pods (the trainer checkpoints on SIGTERM) and keep the job; false resumes.")
+
+
+# ------------------------------------------------------------------------------------------- the job
+
+_IMMUTABLE = ("model", "method", "lora", "dataset", "hyperparameters", "evaluation", "checkpoint", "output", "resources", "storage")
+
+
+def _immutable_rule() -> str:
+    parts = []
+    for f in _IMMUTABLE:
+        parts.append(f"(has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f}))")
+    return " && ".join(parts)
+
+
+class FineTuneJobSpec(_Model):
+    """A fine-tuning run: a base model, a dataset, a method and where to write the result."""
+
+    model: ModelSpec = Field(description="The base model and task.")
+    method: Method = Field(default=Method.lora, description="full fine-tune, or a parameter-efficient adapter: lora, qlora (4-bit base, GPU only), dora.")
+    lora: LoraSpec | None = Field(default=None, description="Adapter settings; only with method lora, qlora or dora.")
+    dataset: DatasetSpec = Field(description="Training data, splits and cleaning.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Optimisation settings.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Validation, early stopping, baseline, calibration, retention.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint cadence, retention and resume.")
+    output: OutputSpec = Field(description="Where checkpoints and the final model are written.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods, GPUs, image and placement.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint, region and credentials secret.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Restarts, deadline, TTL and suspend; may change after creation.")
+
+    @model_validator(mode="after")
+    def _cross(self) -> "FineTuneJobSpec":
+        if self.lora is not None and self.method not in ADAPTER_METHODS:
+            raise ValueError("spec.lora is only valid with method lora, qlora or dora")
+        classification = self.model.task == Task.sequence_classification.value
+        if classification != (self.dataset.format == DataFormat.classification.value):
+            raise ValueError("dataset.format classification goes with model.task sequence-classification, and only with it")
+        if any(m in ("bleu", "rouge") for m in (self.evaluation.metrics or [])) and classification:
+            raise ValueError("evaluation.metrics bleu and rouge need task causal-lm")
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("!has(self.lora) || self.method in ['lora', 'qlora', 'dora']", "spec.lora is only valid with method lora, qlora or dora"),
+                cel(
+                    "(self.model.task == 'sequence-classification') == (self.dataset.format == 'classification')",
+                    "dataset.format classification goes with model.task sequence-classification, and only with it",
+                ),
+                cel(
+                    _immutable_rule(),
+                    "spec is immutable after creation except spec.runPolicy (suspend, backoffLimit, activeDeadlineSeconds, ttlSecondsAfterFinished)",
+                    reason="FieldValueForbidden",
+                ),
+            ]
+        }
+    )
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.method in ADAPTER_METHODS
+
+    @property
+    def lora_or_default(self) -> LoraSpec:
+        return self.lora or LoraSpec()
+
+
+def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
+    """Parse a custom resource's ``spec`` (camelCase) into the typed model."""
+    return FineTuneJobSpec.model_validate(spec)
