@@ -1,0 +1,273 @@
+"""Pure builders for the objects a FineTuneJob owns: a headless Service, a ConfigMap with the trainer
+config, and one Indexed batch/v1 Job per attempt. No I/O here; everything is unit-tested as dicts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from finetune_api import spec as S
+from finetune_api.spec import FineTuneJobSpec
+
+MANAGED_BY = "finetune-operator"
+LABEL_JOB = f"{S.API_GROUP}/job"
+LABEL_ATTEMPT = f"{S.API_GROUP}/attempt"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NAME = "app.kubernetes.io/name"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+CONFIG_MOUNT = "/etc/finetune"
+CONFIG_FILE = "job.yaml"
+MASTER_PORT = 29500
+METRICS_PORT = 9400
+TERMINATION_LOG = "/dev/termination-log"
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+OPTIONAL_CREDENTIAL_KEYS = ("AWS_SESSION_TOKEN",)
+
+
+@dataclass(frozen=True)
+class OperatorDefaults:
+    """Operator-wide settings that the spec does not carry."""
+
+    trainer_image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    termination_grace_seconds: int = 300
+    metrics_port: int = METRICS_PORT
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Identity of the FineTuneJob, enough to name children and point owner references at it."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 1
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{S.API_GROUP}/{S.API_VERSION}",
+            "kind": S.KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def service_name(owner: Owner) -> str:
+    return owner.name
+
+
+def config_map_name(owner: Owner) -> str:
+    return f"{owner.name}-config"
+
+
+def job_name(owner: Owner, attempt: int) -> str:
+    """One Job per attempt, so a restart never waits for the old Job's deletion to finish."""
+    return f"{owner.name}-{attempt}"
+
+
+def labels(owner: Owner, attempt: int | None = None) -> dict[str, str]:
+    out = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_NAME: "finetune-trainer", LABEL_JOB: owner.name}
+    if attempt is not None:
+        out[LABEL_ATTEMPT] = str(attempt)
+    return out
+
+
+def _meta(name: str, owner: Owner, attempt: int | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels(owner, attempt),
+        "ownerReferences": [owner.reference()],
+    }
+
+
+def build_service(owner: Owner) -> dict[str, Any]:
+    """Headless Service: gives pod 0 a stable DNS name (<job>-0.<service>) for torchrun's rendezvous."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(service_name(owner), owner),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # rank 0 must resolve before any pod is Ready
+            "selector": {LABEL_JOB: owner.name, LABEL_MANAGED_BY: MANAGED_BY},
+            "ports": [
+                {"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT},
+            ],
+        },
+    }
+
+
+def render_trainer_config(owner: Owner, spec: FineTuneJobSpec) -> str:
+    """The trainer's config is the FineTuneJob itself, with every default filled in."""
+    doc = {
+        "apiVersion": f"{S.API_GROUP}/{S.API_VERSION}",
+        "kind": S.KIND,
+        "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid, "generation": owner.generation},
+        "spec": spec.wire(),
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def build_config_map(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(config_map_name(owner), owner),
+        "data": {CONFIG_FILE: render_trainer_config(owner, spec)},
+    }
+
+
+def _env(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {"name": "FINETUNE_JOB_NAME", "value": owner.name},
+        {"name": "FINETUNE_NAMESPACE", "value": owner.namespace},
+        {"name": "FINETUNE_ATTEMPT", "value": str(attempt)},
+        {"name": "FINETUNE_METRICS_PORT", "value": str(defaults.metrics_port)},
+        {"name": "FINETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": "HF_HOME", "value": "/cache/huggingface"},
+        {"name": "FINETUNE_CACHE_DIR", "value": "/cache"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    storage = spec.storage
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    if storage.region:
+        env.append({"name": "AWS_DEFAULT_REGION", "value": storage.region})
+    if storage.credentials_secret:
+        secret = storage.credentials_secret.name
+        for key in CREDENTIAL_KEYS:
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+        for key in OPTIONAL_CREDENTIAL_KEYS:
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}})
+    reserved = {e["name"] for e in env}
+    for extra in spec.resources.env or []:
+        if extra.name not in reserved:  # the operator's own variables win
+            env.append({"name": extra.name, "value": extra.value})
+    return env
+
+
+def trainer_command(owner: Owner, spec: FineTuneJobSpec, attempt: int) -> list[str]:
+    """torchrun with a static rendezvous at pod 0 of this attempt's Job, reached through the headless
+    Service; the node rank comes from the Job's completion index (env NODE_RANK)."""
+    res = spec.resources
+    master = f"{job_name(owner, attempt)}-0.{service_name(owner)}.{owner.namespace}.svc"
+    return [
+        "torchrun",
+        f"--nnodes={res.nodes}",
+        f"--nproc-per-node={max(res.gpus_per_node, 1)}",
+        "--node-rank=$(NODE_RANK)",
+        f"--master-addr={master}",
+        f"--master-port={MASTER_PORT}",
+        "-m",
+        "finetune_trainer",
+        "--config",
+        f"{CONFIG_MOUNT}/{CONFIG_FILE}",
+    ]
+
+
+def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+    res = spec.resources
+    amounts: dict[str, str] = {}
+    if res.cpu:
+        amounts["cpu"] = res.cpu
+    if res.memory:
+        amounts["memory"] = res.memory
+    limits = dict(amounts)
+    if res.gpus_per_node > 0:
+        limits["nvidia.com/gpu"] = str(res.gpus_per_node)
+    out: dict[str, Any] = {}
+    if amounts:
+        out["requests"] = amounts
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults, *, suspend: bool = False) -> dict[str, Any]:
+    """One Indexed Job: completions = parallelism = nodes. backoffLimit 0 because a torchrun group
+    cannot continue short a member: the operator restarts the whole group instead."""
+    res = spec.resources
+    meta = _meta(job_name(owner, attempt), owner, attempt)
+    queued = bool(res.queue_name)
+    if queued:
+        meta["labels"][KUEUE_QUEUE_LABEL] = res.queue_name
+    pod_labels = labels(owner, attempt)
+    container: dict[str, Any] = {
+        "name": "trainer",
+        "image": res.image or defaults.trainer_image,
+        "imagePullPolicy": defaults.image_pull_policy,
+        "command": trainer_command(owner, spec, attempt),
+        "env": _env(owner, spec, attempt, defaults),
+        "ports": [
+            {"name": "rendezvous", "containerPort": MASTER_PORT},
+            {"name": "metrics", "containerPort": defaults.metrics_port},
+        ],
+        "resources": _resources(spec),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": service_name(owner),
+        "automountServiceAccountToken": False,  # training pods get no Kubernetes API access
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": defaults.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(owner)}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
+        ],
+    }
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in res.tolerations]
+    if res.affinity:
+        pod_spec["affinity"] = dict(res.affinity)
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    if res.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in res.image_pull_secrets]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": res.nodes,
+            "parallelism": res.nodes,
+            "backoffLimit": 0,
+            # Kueue admits a suspended Job as one gang; without Kueue the operator's suspend decides.
+            "suspend": bool(suspend or queued),
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        },
+    }

@@ -1,0 +1,105 @@
+"""Thin wrappers over the Kubernetes API calls the operator makes: exactly the verbs in the chart's RBAC."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from finetune_api import spec as S
+
+log = logging.getLogger(__name__)
+
+
+class Conflict(Exception):
+    """The FineTuneJob changed since it was read (resourceVersion precondition failed)."""
+
+
+def _core() -> client.CoreV1Api:
+    return client.CoreV1Api()
+
+
+def _batch() -> client.BatchV1Api:
+    return client.BatchV1Api()
+
+
+def _custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi()
+
+
+def create_if_absent(obj: dict[str, Any]) -> bool:
+    """Create a child; 409 AlreadyExists means an earlier (maybe interrupted) reconcile made it. Returns
+    True when this call created it."""
+    kind, ns = obj["kind"], obj["metadata"]["namespace"]
+    create = {
+        "Service": _core().create_namespaced_service,
+        "ConfigMap": _core().create_namespaced_config_map,
+        "Job": _batch().create_namespaced_job,
+    }[kind]
+    try:
+        create(ns, obj)
+        return True
+    except ApiException as exc:
+        if exc.status == 409:
+            log.debug("%s %s/%s already exists", kind, ns, obj["metadata"]["name"])
+            return False
+        raise
+
+
+def delete_job(namespace: str, name: str) -> None:
+    """Foreground deletion: the Job object stays until its pods are gone, so the next attempt is only
+    created after the old pods had their grace period to checkpoint."""
+    try:
+        _batch().delete_namespaced_job(name, namespace, body=client.V1DeleteOptions(propagation_policy="Foreground"))
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+def set_job_suspend(namespace: str, name: str, suspend: bool) -> None:
+    _batch().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+
+
+def secret_keys(namespace: str, name: str) -> set[str] | None:
+    """The key names of a Secret (never its values), or None when it does not exist."""
+    try:
+        secret = _core().read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
+
+
+def get_finetunejob(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return _custom().get_namespaced_custom_object(S.API_GROUP, S.API_VERSION, namespace, S.PLURAL, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def patch_status(namespace: str, name: str, status: dict[str, Any], resource_version: str | None) -> dict[str, Any]:
+    """Merge-patch the status subresource, guarded by resourceVersion so a stale view never wins."""
+    body: dict[str, Any] = {"status": status}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
+    try:
+        return _custom().patch_namespaced_custom_object_status(S.API_GROUP, S.API_VERSION, namespace, S.PLURAL, name, body)
+    except ApiException as exc:
+        if exc.status == 409:
+            raise Conflict(f"{namespace}/{name} changed since it was read") from exc
+        raise
+
+
+def delete_finetunejob(namespace: str, name: str) -> None:
+    try:
+        _custom().delete_namespaced_custom_object(
+            S.API_GROUP, S.API_VERSION, namespace, S.PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Background")
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise

@@ -1,0 +1,59 @@
+"""The spec model: defaults, camelCase wire format, and the cross-field rules."""
+
+import pytest
+from pydantic import ValidationError
+
+from finetune_api.spec import FineTuneJobSpec, parse_spec
+
+MINIMAL = {
+    "model": {"uri": "s3://models/tiny-llama"},
+    "dataset": {"train": "s3://data/train.jsonl"},
+    "output": {"uri": "s3://out/run-1"},
+}
+
+
+def test_minimal_spec_gets_sane_defaults():
+    spec = parse_spec(MINIMAL)
+    assert spec.method == "lora"
+    assert spec.model.task == "causal-lm"
+    assert spec.hyperparameters.learning_rate == 2e-4
+    assert spec.hyperparameters.total_epochs == 3.0
+    assert spec.dataset.split.validation == 0.1 and spec.dataset.split.seed == 42
+    assert spec.dataset.leakage_check == "fail"
+    assert spec.checkpoint.resume == "latest"
+    assert spec.resources.nodes == 1 and spec.resources.gpus_per_node == 1
+    assert spec.run_policy.backoff_limit == 3 and spec.run_policy.suspend is False
+
+
+def test_wire_format_is_camel_case_and_round_trips():
+    spec = parse_spec({**MINIMAL, "hyperparameters": {"maxSteps": 10, "gradientAccumulationSteps": 4}})
+    wire = spec.wire()
+    assert wire["hyperparameters"]["maxSteps"] == 10
+    assert wire["hyperparameters"]["gradientAccumulationSteps"] == 4
+    assert wire["runPolicy"]["backoffLimit"] == 3
+    assert "max_steps" not in wire["hyperparameters"]
+    assert FineTuneJobSpec.model_validate(wire) == spec
+
+
+BAD = [
+    ({"method": "full", "lora": {"r": 8}}, "spec.lora is only valid with method lora"),
+    ({"hyperparameters": {"epochs": 1, "maxSteps": 5}}, "not both"),
+    ({"dataset": {"train": "s3://data/x", "split": {"validation": 0.6, "test": 0.5}}}, "must be below 1"),
+    ({"model": {"uri": "s3://models/m", "labels": ["a", "b"]}}, "only valid with task sequence-classification"),
+    ({"model": {"uri": "s3://models/m", "task": "sequence-classification", "labels": ["a", "b"], "numLabels": 3},
+      "dataset": {"train": "s3://data/x", "format": "classification"}}, "must equal the number"),
+    ({"dataset": {"train": "s3://data/x", "format": "classification"}}, "classification goes with"),
+    ({"hyperparameters": {"learningRate": 0}}, "greater than 0"),
+    ({"resources": {"nodes": 0}}, "greater than or equal to 1"),
+    ({"lora": {"r": 0}}, "greater than or equal to 1"),
+    ({"model": {"uri": "http://example.com/model"}}, "String should match pattern"),
+    ({"method": "sgd"}, "Input should be"),
+    ({"hyperparameters": {"learningRat": 0.1}}, "Extra inputs are not permitted"),
+]
+
+
+@pytest.mark.parametrize("patch,message", BAD, ids=[m for _, m in BAD])
+def test_bad_specs_are_rejected_with_a_message(patch, message):
+    with pytest.raises(ValidationError) as err:
+        parse_spec({**MINIMAL, **patch})
+    assert message in str(err.value)

@@ -1,0 +1,107 @@
+"""Pure builders: the objects a FineTuneJob owns, checked field by field."""
+
+import yaml
+
+from finetune_api.spec import parse_spec
+from finetune_operator import builders as B
+
+OWNER = B.Owner(name="llama-ft", namespace="team-a", uid="u-1", generation=2)
+SPEC = {
+    "model": {"uri": "s3://models/llama"},
+    "dataset": {"train": "s3://data/train.jsonl"},
+    "output": {"uri": "s3://out/llama-ft"},
+    "resources": {"nodes": 3, "gpusPerNode": 8, "cpu": "16", "memory": "128Gi",
+                  "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "NODE_RANK", "value": "evil"}],
+                  "tolerations": [{"key": "gpu", "operator": "Exists"}], "priorityClassName": "high",
+                  "imagePullSecrets": [{"name": "regcred"}]},
+    "storage": {"endpoint": "http://minio:9000", "region": "eu-1", "credentialsSecret": {"name": "s3-creds"}},
+}
+
+
+def _job(spec=SPEC, attempt=0, **kw):
+    return B.build_job(OWNER, parse_spec(spec), attempt, B.OperatorDefaults(trainer_image="trainer:1"), **kw)
+
+
+def test_children_are_owned_and_labelled():
+    for obj in (B.build_service(OWNER), B.build_config_map(OWNER, parse_spec(SPEC)), _job()):
+        ref = obj["metadata"]["ownerReferences"][0]
+        assert ref == {"apiVersion": "finetune.io/v1alpha1", "kind": "FineTuneJob", "name": "llama-ft", "uid": "u-1",
+                       "controller": True, "blockOwnerDeletion": True}
+        assert obj["metadata"]["namespace"] == "team-a"
+        assert obj["metadata"]["labels"][B.LABEL_JOB] == "llama-ft"
+
+
+def test_headless_service_selects_the_group_before_ready():
+    svc = B.build_service(OWNER)["spec"]
+    assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"] is True
+    assert svc["selector"] == {B.LABEL_JOB: "llama-ft", B.LABEL_MANAGED_BY: "finetune-operator"}
+
+
+def test_indexed_job_shape():
+    job = _job(attempt=2)
+    assert job["metadata"]["name"] == "llama-ft-2"
+    assert job["metadata"]["labels"][B.LABEL_ATTEMPT] == "2"
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == ("Indexed", 3, 3, 0)
+    assert spec["suspend"] is False
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "llama-ft"
+    assert pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert pod["priorityClassName"] == "high"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    c = pod["containers"][0]
+    assert c["image"] == "trainer:1"
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["resources"] == {"requests": {"cpu": "16", "memory": "128Gi"},
+                              "limits": {"cpu": "16", "memory": "128Gi", "nvidia.com/gpu": "8"}}
+    assert {"name": "config", "mountPath": "/etc/finetune", "readOnly": True} in c["volumeMounts"]
+
+
+def test_torchrun_command_uses_rank_zero_dns_and_completion_index():
+    c = _job(attempt=1)["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"][:6] == ["torchrun", "--nnodes=3", "--nproc-per-node=8", "--node-rank=$(NODE_RANK)",
+                                "--master-addr=llama-ft-1-0.llama-ft.team-a.svc", "--master-port=29500"]
+    assert c["command"][6:] == ["-m", "finetune_trainer", "--config", "/etc/finetune/job.yaml"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["FINETUNE_ATTEMPT"]["value"] == "1"
+
+
+def test_credentials_only_by_secret_reference():
+    env = {e["name"]: e for e in _job()["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_ACCESS_KEY_ID"] == {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000"
+    assert env["AWS_DEFAULT_REGION"]["value"] == "eu-1"
+    assert env["NCCL_DEBUG"]["value"] == "INFO"
+    # a user variable cannot shadow the operator's own
+    assert env["NODE_RANK"].get("value") is None
+
+
+def test_cpu_only_job_has_no_gpu_limit_and_one_process():
+    spec = {**SPEC, "resources": {"nodes": 1, "gpusPerNode": 0}}
+    c = _job(spec)["spec"]["template"]["spec"]["containers"][0]
+    assert "--nproc-per-node=1" in c["command"]
+    assert c["resources"] == {}
+
+
+def test_kueue_queue_creates_suspended_labelled_job():
+    spec = {**SPEC, "resources": {"queueName": "gpu-queue"}}
+    job = _job(spec)
+    assert job["metadata"]["labels"][B.KUEUE_QUEUE_LABEL] == "gpu-queue"
+    assert job["spec"]["suspend"] is True
+
+
+def test_trainer_config_is_the_full_spec_with_defaults():
+    cm = B.build_config_map(OWNER, parse_spec(SPEC))
+    doc = yaml.safe_load(cm["data"]["job.yaml"])
+    assert doc["kind"] == "FineTuneJob" and doc["metadata"]["name"] == "llama-ft"
+    assert doc["spec"]["hyperparameters"]["learningRate"] == 2e-4
+    assert doc["spec"]["storage"]["credentialsSecret"] == {"name": "s3-creds"}
+    assert parse_spec(doc["spec"]) == parse_spec(SPEC)

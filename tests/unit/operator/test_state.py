@@ -1,0 +1,162 @@
+"""The pure state machine: each transition from observed cluster state."""
+
+from datetime import datetime, timedelta, timezone
+
+from finetune_api.spec import parse_spec
+from finetune_operator.state import JobView, Observed, PodView, decide, iso, job_view, pod_view
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+BASE = {"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t.jsonl"}, "output": {"uri": "s3://out/x"}}
+
+
+def obs(status=None, jobs=(), pods=(), spec=None, now=NOW, **kw):
+    return Observed(name="ft", namespace="ns", generation=3, status=status or {}, spec=parse_spec(spec or BASE),
+                    jobs=tuple(jobs), pods=tuple(pods), now=now, **kw)
+
+
+def cond(plan, ctype):
+    return next(c for c in plan.status["conditions"] if c["type"] == ctype)
+
+
+def running_job(attempt=0, **kw):
+    return JobView(name=f"ft-{attempt}", attempt=attempt, suspended=False, active=1, **kw)
+
+
+def test_new_job_creates_attempt_zero_and_goes_pending():
+    plan = decide(obs())
+    assert plan.create_job == 0
+    assert plan.status["phase"] == "Pending" and plan.status["reason"] == "JobCreated"
+    assert plan.status["startTime"] == iso(NOW)
+    assert plan.status["observedGeneration"] == 3
+    assert plan.status["jobName"] == "ft-0"
+    assert plan.events == [("Normal", "JobCreated", "created Job ft-0 (1 node(s) x 1 GPU)")]
+
+
+def test_all_pods_running_is_running_with_condition():
+    plan = decide(obs({"phase": "Pending", "reason": "JobCreated", "attempt": 0, "restarts": 0},
+                      jobs=[running_job()], pods=[PodView("ft-0-0", 0, 0, "Running")]))
+    assert plan.create_job is None
+    assert plan.status["phase"] == "Running"
+    c = cond(plan, "Running")
+    assert (c["status"], c["reason"], c["lastTransitionTime"], c["observedGeneration"]) == ("True", "PodsRunning", iso(NOW), 3)
+    assert plan.events[0][1] == "PodsRunning"
+
+
+def test_condition_time_moves_only_on_flip():
+    first = decide(obs({"phase": "Pending", "attempt": 0}, jobs=[running_job()], pods=[PodView("p", 0, 0, "Running")]))
+    later = decide(obs(first.status, jobs=[running_job()], pods=[PodView("p", 0, 0, "Running")], now=NOW + timedelta(minutes=5)))
+    assert cond(later, "Running")["lastTransitionTime"] == iso(NOW)
+    assert later.events == []
+
+
+def test_complete_job_succeeds():
+    running = decide(obs({"phase": "Pending", "attempt": 0}, jobs=[running_job()], pods=[PodView("p", 0, 0, "Running")]))
+    plan = decide(obs(running.status, jobs=[JobView("ft-0", 0, False, complete=True)]))
+    assert plan.status["phase"] == "Succeeded" and plan.status["completionTime"] == iso(NOW)
+    assert cond(plan, "Succeeded")["status"] == "True" and cond(plan, "Running")["status"] == "False"
+
+
+def test_pod_failure_restarts_whole_group_with_reason():
+    pod = PodView("ft-0-1", 0, 1, "Failed", exit_code=1, message="CUDA error: device-side assert")
+    plan = decide(obs({"phase": "Running", "attempt": 0, "restarts": 0}, jobs=[running_job(failed=1)], pods=[pod]))
+    assert plan.status["phase"] == "Restarting"
+    assert plan.status["restarts"] == 1 and plan.status["attempt"] == 1
+    assert plan.delete_jobs == ["ft-0"]
+    assert "CUDA error" in plan.status["message"] and "restart 1/3" in plan.status["message"]
+    assert plan.events[0][0] == "Warning"
+
+
+def test_new_attempt_waits_for_old_job_then_is_created():
+    status = {"phase": "Restarting", "reason": "PodFailed", "attempt": 1, "restarts": 1}
+    waiting = decide(obs(status, jobs=[JobView("ft-0", 0, False, deleting=True)]))
+    assert waiting.create_job is None and waiting.status["phase"] == "Restarting"
+    created = decide(obs(status))
+    assert created.create_job == 1 and created.status["phase"] == "Restarting"
+
+
+def test_backoff_limit_exceeded_fails_with_last_reason():
+    pod = PodView("ft-3-0", 3, 0, "Failed", exit_code=1, message="Traceback ...\nRuntimeError: boom")
+    plan = decide(obs({"phase": "Running", "attempt": 3, "restarts": 3}, jobs=[running_job(3, failed=1)], pods=[pod]))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "BackoffLimitExceeded"
+    assert "RuntimeError: boom" in plan.status["message"]
+    assert plan.status["completionTime"] == iso(NOW)
+
+
+def test_permanent_trainer_error_fails_at_once():
+    pod = PodView("ft-0-0", 0, 0, "Failed", exit_code=14, message="UnknownLabel: row 17 has label 'neutral' not in spec.model.labels")
+    plan = decide(obs({"phase": "Running", "attempt": 0, "restarts": 0}, jobs=[running_job(failed=1)], pods=[pod]))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "UnknownLabel"
+    assert plan.status["restarts"] == 0
+    assert "neutral" in plan.status["failureReason"]
+
+
+def test_deleted_pod_counts_as_failure_from_job_condition():
+    job = JobView("ft-0", 0, False, failed=1, failed_condition=("BackoffLimitExceeded", "Job has reached the specified backoff limit"))
+    plan = decide(obs({"phase": "Running", "attempt": 0, "restarts": 0}, jobs=[job]))
+    assert plan.status["phase"] == "Restarting" and plan.delete_jobs == ["ft-0"]
+
+
+def test_suspend_and_resume():
+    spec = {**BASE, "runPolicy": {"suspend": True}}
+    plan = decide(obs({"phase": "Running", "attempt": 0}, jobs=[running_job()], spec=spec))
+    assert plan.set_suspend == {"ft-0": True} and plan.status["phase"] == "Suspended"
+    resumed = decide(obs(plan.status, jobs=[JobView("ft-0", 0, True)]))
+    assert resumed.set_suspend == {"ft-0": False} and resumed.status["phase"] == "Pending"
+    assert resumed.status["reason"] == "Resumed"
+    assert cond(resumed, "Suspended")["status"] == "False"
+
+
+def test_suspended_at_creation_creates_nothing():
+    plan = decide(obs(spec={**BASE, "runPolicy": {"suspend": True}}))
+    assert plan.create_job is None and plan.status["phase"] == "Suspended"
+
+
+def test_kueue_job_waits_queued():
+    spec = {**BASE, "resources": {"queueName": "q"}}
+    plan = decide(obs({"phase": "Pending", "attempt": 0}, jobs=[JobView("ft-0", 0, True)], spec=spec))
+    assert plan.status["phase"] == "Pending" and plan.status["reason"] == "Queued"
+    assert plan.set_suspend == {}
+
+
+def test_deadline_exceeded():
+    spec = {**BASE, "runPolicy": {"activeDeadlineSeconds": 60}}
+    plan = decide(obs({"phase": "Running", "attempt": 0, "startTime": iso(NOW - timedelta(seconds=61))}, jobs=[running_job()], spec=spec))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "DeadlineExceeded"
+    assert plan.delete_jobs == ["ft-0"]
+
+
+def test_ttl_after_finished():
+    spec = {**BASE, "runPolicy": {"ttlSecondsAfterFinished": 30}}
+    done = {"phase": "Succeeded", "completionTime": iso(NOW - timedelta(seconds=10))}
+    early = decide(obs(done, spec=spec))
+    assert not early.delete_self and 19 <= early.requeue_after <= 20
+    late = decide(obs(done, spec=spec, now=NOW + timedelta(seconds=21)))
+    assert late.delete_self
+
+
+def test_secret_problem_fails_with_message():
+    plan = decide(obs(secret_problem=("SecretNotFound", "create it")))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "SecretNotFound"
+    assert plan.create_job is None
+
+
+def test_invalid_spec_fails():
+    o = Observed(name="ft", namespace="ns", generation=1, status={}, spec=None, spec_error="spec.x: bad", now=NOW)
+    plan = decide(o)
+    assert plan.status["phase"] == "Failed" and plan.status["message"] == "spec.x: bad"
+
+
+def test_stale_attempts_are_deleted():
+    plan = decide(obs({"phase": "Running", "attempt": 2}, jobs=[JobView("ft-1", 1, False), running_job(2)],
+                      pods=[PodView("ft-2-0", 2, 0, "Running")]))
+    assert plan.delete_jobs == ["ft-1"] and plan.status["phase"] == "Running"
+
+
+def test_views_from_api_objects():
+    job = job_view({"metadata": {"name": "ft-1", "labels": {"finetune.io/attempt": "1"}}, "spec": {"suspend": True},
+                    "status": {"failed": 1, "conditions": [{"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy", "message": "m"}]}})
+    assert job == JobView("ft-1", 1, True, failed=1, failed_condition=("PodFailurePolicy", "m"))
+    pod = pod_view({"metadata": {"name": "ft-1-0", "labels": {"finetune.io/attempt": "1"},
+                                 "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
+                    "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 13, "message": "MalformedData: 40% rows bad\n", "reason": "Error"}}}]}})
+    assert (pod.index, pod.exit_code, pod.message, pod.failed) == (0, 13, "MalformedData: 40% rows bad", True)

@@ -1,0 +1,288 @@
+"""Stage 5: checkpoints that are either complete or ignored.
+
+Layout: ``<output>/checkpoints/step-NNNNNNNN/`` holding
+
+* ``model.safetensors`` (full fine-tune) or ``adapter_model.safetensors`` (adapter methods): the
+  trainable parameters by name;
+* ``optimizer.pt``, ``scheduler.pt`` (and ``scaler.pt`` under fp16);
+* ``rng_state_rank<R>.pt`` for every rank: python, numpy, torch and cuda generator states;
+* ``trainer_state.json``: step, data position (epoch + micro-batch index within the epoch), early
+  stopping state, best metric, loss/eval history;
+* ``manifest.json``, written LAST, with every other file's size and sha256.
+
+A checkpoint is written to a local folder first and uploaded by a background thread while training
+goes on (``wait()`` joins it before the next save and at exit). Only global rank 0 writes: the other
+ranks send it their RNG states in one collective at save time. A folder without a valid manifest is an
+interrupted upload: it is never resumed from, and is deleted when the next run starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import distributed
+from .distributed import DistInfo
+from .errors import CheckpointError
+from .model import load_trainable_state_dict, trainable_state_dict
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"/checkpoints/step-(\d{8,})/")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def weights_file(is_adapter: bool) -> str:
+    return "adapter_model.safetensors" if is_adapter else "model.safetensors"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------- manager
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    step: int
+    uri: str
+
+
+class CheckpointManager:
+    """Save, list, prune and load checkpoints under ``<output>/checkpoints``."""
+
+    def __init__(self, storage: Any, output_uri: str, local_dir: str | Path, dist: DistInfo, *, keep_last: int, is_adapter: bool, join: Any):
+        self.storage = storage
+        self.join = join
+        self.root = join(output_uri, "checkpoints")
+        self.local_dir = Path(local_dir)
+        self.dist = dist
+        self.keep_last = keep_last
+        self.is_adapter = is_adapter
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_save_seconds: float | None = None
+        self.last_save_bytes: int | None = None
+        self.on_complete: Any = None  # callback(step, uri, seconds, bytes) run in the upload thread
+
+    def uri_for(self, step: int) -> str:
+        return self.join(self.root, step_dir_name(step))
+
+    # ---------------------------------------------------------------------------------- listing
+
+    def _listing(self) -> dict[int, set[str]]:
+        """step -> file names present, for every step folder under checkpoints/."""
+        try:
+            uris = self.storage.list(self.root.rstrip("/") + "/")
+        except FileNotFoundError:
+            return {}
+        out: dict[int, set[str]] = {}
+        for uri in uris:
+            m = _STEP_DIR.search(uri)
+            if m:
+                out.setdefault(int(m.group(1)), set()).add(uri[m.end():])
+        return out
+
+    def complete(self) -> list[CheckpointRef]:
+        """Checkpoints with a manifest, oldest first (content is verified on load)."""
+        return [CheckpointRef(s, self.uri_for(s)) for s, files in sorted(self._listing().items()) if MANIFEST in files]
+
+    def incomplete(self) -> list[CheckpointRef]:
+        return [CheckpointRef(s, self.uri_for(s)) for s, files in sorted(self._listing().items()) if MANIFEST not in files]
+
+    def cleanup_incomplete(self) -> list[int]:
+        """Delete step folders that have no manifest (rank 0, at start, before anything is saved)."""
+        removed = []
+        for ref in self.incomplete():
+            log.warning("removing incomplete checkpoint %s (no manifest: its upload was interrupted)", ref.uri)
+            self.storage.delete_prefix(ref.uri.rstrip("/") + "/")
+            removed.append(ref.step)
+        return removed
+
+    # ----------------------------------------------------------------------------------- saving
+
+    def save(self, step: int, *, model: Any, optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any], best_step: int | None) -> str:
+        """Collective: every rank calls it at the same step. Returns the checkpoint URI."""
+        self.wait()
+        started = time.monotonic()
+        rng_blobs = distributed.gather_objects(_to_bytes(rng_state()))
+        uri = self.uri_for(step)
+        if not self.dist.is_main:
+            return uri
+        local = self.local_dir / step_dir_name(step)
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        from safetensors.torch import save_file
+
+        save_file(trainable_state_dict(model), str(local / weights_file(self.is_adapter)))
+        torch.save(optimizer.state_dict(), local / "optimizer.pt")
+        torch.save(scheduler.state_dict(), local / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), local / "scaler.pt")
+        for rank, blob in enumerate(rng_blobs):
+            (local / f"rng_state_rank{rank}.pt").write_bytes(blob)
+        (local / TRAINER_STATE).write_text(json.dumps(state, indent=1, default=float))
+        self._thread = threading.Thread(target=self._upload, args=(step, local, uri, best_step, started), name=f"ckpt-upload-{step}", daemon=True)
+        self._thread.start()
+        return uri
+
+    def _upload(self, step: int, local: Path, uri: str, best_step: int | None, started: float) -> None:
+        try:
+            files = sorted(p for p in local.iterdir() if p.is_file())
+            manifest = {"step": step, "files": {}, "world_size": self.dist.world_size}
+            total = 0
+            for p in files:
+                manifest["files"][p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                total += p.stat().st_size
+            for p in files:
+                self.storage.upload_file(str(p), self.join(uri, p.name))
+            manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.storage.write_json(self.join(uri, MANIFEST), manifest)  # last: marks the checkpoint complete
+            shutil.rmtree(local, ignore_errors=True)
+            self.last_save_seconds = time.monotonic() - started
+            self.last_save_bytes = total
+            log.info("checkpoint %s complete (%d files, %.1f MB, %.1fs)", uri, len(files), total / 1e6, self.last_save_seconds)
+            self.prune(best_step)
+            if self.on_complete is not None:
+                self.on_complete(step, uri, self.last_save_seconds, total)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Join the upload in flight; raise CheckpointError if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            if isinstance(e, CheckpointError):
+                raise e
+            raise CheckpointError(f"checkpoint upload failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+    def prune(self, best_step: int | None) -> list[int]:
+        """Keep the newest ``keep_last`` complete checkpoints plus the best one; delete the rest."""
+        complete = [c.step for c in self.complete()]
+        keep = set(complete[-self.keep_last:])
+        if best_step is not None:
+            keep.add(best_step)
+        removed = []
+        for s in complete:
+            if s not in keep:
+                self.storage.delete_prefix(self.uri_for(s).rstrip("/") + "/")
+                removed.append(s)
+        return removed
+
+    # ---------------------------------------------------------------------------------- loading
+
+    def find_resume(self, resume: str) -> str | None:
+        """URI of the checkpoint to resume from, or None to start fresh."""
+        if resume == "none":
+            return None
+        if resume != "latest":
+            if not self.storage.exists(self.join(resume, MANIFEST)):
+                raise CheckpointError(f"checkpoint.resume {resume} has no {MANIFEST}: it is incomplete or not a checkpoint")
+            return resume
+        complete = self.complete()
+        return complete[-1].uri if complete else None
+
+    def download_verified(self, uri: str, dest: Path, names: list[str] | None = None) -> dict[str, Any]:
+        """Fetch the manifest and the listed files (all by default); check sizes and sha256."""
+        try:
+            manifest = self.storage.read_json(self.join(uri, MANIFEST))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot read {self.join(uri, MANIFEST)}: {e}") from None
+        files = manifest.get("files", {})
+        wanted = names if names is not None else list(files)
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        for name in wanted:
+            if name not in files:
+                raise CheckpointError(f"{uri}: {name} is not in the manifest")
+            path = dest / name
+            self.storage.download(self.join(uri, name), str(path))
+            meta = files[name]
+            if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+                raise CheckpointError(f"{uri}/{name} does not match its manifest (size or sha256): the checkpoint is corrupt")
+        return manifest
+
+    def load(self, uri: str, *, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> dict[str, Any]:
+        """Restore weights, optimizer, scheduler, this rank's RNG; return the trainer state."""
+        dest = self.local_dir / f"resume-rank{self.dist.rank}"
+        manifest = self.storage.read_json(self.join(uri, MANIFEST))
+        files = manifest.get("files", {})
+        rng_name = f"rng_state_rank{self.dist.rank}.pt"
+        names = [weights_file(self.is_adapter), "optimizer.pt", "scheduler.pt", TRAINER_STATE]
+        names += [n for n in ("scaler.pt",) if n in files]
+        names += [rng_name] if rng_name in files else []
+        self.download_verified(uri, dest, names)
+        from safetensors.torch import load_file
+
+        load_trainable_state_dict(model, load_file(str(dest / weights_file(self.is_adapter))))
+        optimizer.load_state_dict(torch.load(dest / "optimizer.pt", map_location="cpu", weights_only=True))
+        scheduler.load_state_dict(torch.load(dest / "scheduler.pt", map_location="cpu", weights_only=False))
+        if scaler is not None and (dest / "scaler.pt").exists():
+            scaler.load_state_dict(torch.load(dest / "scaler.pt", map_location="cpu", weights_only=True))
+        if (dest / rng_name).exists():
+            # Our own file, verified against the manifest's sha256 above; it holds numpy/python objects.
+            set_rng_state(torch.load(dest / rng_name, map_location="cpu", weights_only=False))
+        else:
+            log.warning("%s has no RNG state for rank %d (world size changed?): dropout streams will differ", uri, self.dist.rank)
+        state = json.loads((dest / TRAINER_STATE).read_text())
+        shutil.rmtree(dest, ignore_errors=True)
+        return state
+
+    def load_weights(self, uri: str, model: Any) -> None:
+        """Only the weights (used to put the best checkpoint back before the final test/export)."""
+        dest = self.local_dir / f"best-rank{self.dist.rank}"
+        self.download_verified(uri, dest, [weights_file(self.is_adapter)])
+        from safetensors.torch import load_file
+
+        load_trainable_state_dict(model, load_file(str(dest / weights_file(self.is_adapter))))
+        shutil.rmtree(dest, ignore_errors=True)

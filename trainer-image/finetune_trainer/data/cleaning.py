@@ -1,0 +1,129 @@
+"""Stage 3: text cleanup and duplicate detection.
+
+Normalisation (``preprocessing.normalize``) is Unicode NFKC (full-width letters, ligatures and the like
+folded to their plain forms), zero-width and control characters removed, line endings unified, runs of
+spaces/tabs collapsed to one space, trailing spaces cut, at most one blank line in a row, and the ends
+stripped. Newlines are kept: they carry meaning in code, lists and chat turns.
+
+Duplicates are judged on a *dedupe key*: the record's text after cleanup, casefolded, with all
+whitespace collapsed -- so "Hello  World" and "hello world" are the same example. Labels are not part
+of the key, so two rows with the same text and different labels count as duplicates (the first wins).
+
+The :class:`DuplicateIndex` is the only global state of the pipeline: a 16-byte hash per row for exact
+duplicates and a 128-value MinHash signature (512 bytes) per row for near duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+import numpy as np
+from datasketch import LeanMinHash, MinHash, MinHashLSH
+
+NUM_PERM = 128
+SHINGLE_WORDS = 5
+MINHASH_SEED = 1
+
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
+_TRAILING = re.compile(r" +\n")
+_BLANK_LINES = re.compile(r"\n{3,}")
+_ANY_SPACE = re.compile(r"\s+")
+_WORD = re.compile(r"\w+")
+
+
+def normalize_text(text: str) -> str:
+    """NFKC plus whitespace cleanup (see the module docstring)."""
+    text = unicodedata.normalize("NFKC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_ZERO_WIDTH)
+    text = _CONTROL.sub("", text)
+    text = _SPACES.sub(" ", text)
+    text = _TRAILING.sub("\n", text)
+    text = _BLANK_LINES.sub("\n\n", text)
+    return text.strip()
+
+
+def dedupe_key(text: str) -> str:
+    """The form two texts are compared in: casefolded, whitespace collapsed."""
+    return _ANY_SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def key_hash(key: str) -> bytes:
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+
+
+def shingles(key: str) -> list[bytes]:
+    """The distinct word 5-grams of ``key``; a text of fewer than 5 words is one shingle (itself)."""
+    words = _WORD.findall(key)
+    if len(words) < SHINGLE_WORDS:
+        return [" ".join(words).encode("utf-8")]
+    return sorted({" ".join(words[i : i + SHINGLE_WORDS]).encode("utf-8") for i in range(len(words) - SHINGLE_WORDS + 1)})
+
+
+def signature(key: str) -> np.ndarray:
+    """The MinHash signature of ``key``'s shingles as uint32 (the values are 32-bit; stored compactly)."""
+    mh = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED)
+    mh.update_batch(shingles(key))
+    return mh.hashvalues.astype(np.uint32)
+
+
+def _lean(sig: np.ndarray) -> LeanMinHash:
+    return LeanMinHash(seed=MINHASH_SEED, hashvalues=sig.astype(np.uint64))
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Estimated Jaccard similarity of two signatures (the fraction of equal MinHash values)."""
+    return float(np.count_nonzero(a == b)) / len(a)
+
+
+class DuplicateIndex:
+    """Exact and near-duplicate lookup over the rows added so far.
+
+    Near duplicates: two texts are near-duplicates when the *estimated Jaccard similarity of their sets
+    of word 5-grams* (shingles) is at least ``near_threshold`` (``preprocessing.dedupe.nearThreshold``).
+    Jaccard = shared shingles / all distinct shingles of the two. Intuition for the default 0.85: in a
+    100-word text one changed word alters up to 5 of its 96 shingles (J ~ 0.9, caught); in a 30-word
+    text the same edit gives J ~ 0.7 (kept). So the threshold catches boilerplate, templated rows and
+    lightly edited copies of longer texts, not paraphrases. Texts under 5 words are one shingle, so
+    they match only when equal. MinHash LSH (datasketch) proposes candidates in sub-linear time; every
+    candidate is confirmed with the signatures, which removes the LSH's false positives.
+    """
+
+    def __init__(self, near_threshold: float, near: bool = True):
+        self.near_threshold = near_threshold
+        self.near = near
+        self._exact: dict[bytes, int] = {}
+        self._signatures: list[np.ndarray] = []
+        self._lsh = MinHashLSH(threshold=near_threshold, num_perm=NUM_PERM) if near else None
+
+    def __len__(self) -> int:
+        return len(self._exact)
+
+    def exact_match(self, hash_: bytes) -> int | None:
+        """Id of the row with this key hash, if any."""
+        return self._exact.get(hash_)
+
+    def near_match(self, sig: np.ndarray) -> int | None:
+        """Id of the lowest-numbered row whose signature is at least ``near_threshold`` similar, if any."""
+        if self._lsh is None or not self._signatures:
+            return None
+        candidates = sorted(self._lsh.query(_lean(sig)))
+        for candidate in candidates:
+            if similarity(sig, self._signatures[candidate]) >= self.near_threshold:
+                return candidate
+        return None
+
+    def add(self, hash_: bytes, sig: np.ndarray | None) -> int:
+        """Add a row; returns its id (ids count up from 0 in insertion order)."""
+        row_id = len(self._signatures)
+        self._exact.setdefault(hash_, row_id)
+        if self._lsh is not None:
+            assert sig is not None
+            self._signatures.append(sig)
+            self._lsh.insert(row_id, _lean(sig), check_duplication=False)
+        else:
+            self._signatures.append(np.empty(0, dtype=np.uint32))
+        return row_id

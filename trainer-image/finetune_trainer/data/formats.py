@@ -1,0 +1,128 @@
+"""Stage 2: turn a raw row into a record of the job's format, or say why it is malformed.
+
+Records are plain dicts, the same shape for every input file type:
+
+- ``text``:              ``{"text": str}``
+- ``prompt-completion``: ``{"prompt": str, "completion": str}``
+- ``chat``:              ``{"messages": [{"role": str, "content": str}, ...]}``
+- ``classification``:    ``{"text": str, "label": str}``
+
+Column names come from ``dataset.fields``. In CSV files a chat's messages column holds the JSON list.
+Labels are kept as strings (a JSON ``1`` and a CSV ``"1"`` are the same class).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+TEXT = "text"
+PROMPT_COMPLETION = "prompt-completion"
+CHAT = "chat"
+CLASSIFICATION = "classification"
+FORMATS = (TEXT, PROMPT_COMPLETION, CHAT, CLASSIFICATION)
+LM_FORMATS = (TEXT, PROMPT_COMPLETION, CHAT)
+
+Record = dict[str, Any]
+
+
+def parse_record(row: dict[str, Any], fmt: str, fields: Any) -> Record | str:
+    """The record for ``row``, or a string saying why the row does not fit the format."""
+    if fmt == TEXT:
+        text = _string(row, fields.text)
+        return text[1:] if _is_error(text) else {"text": text}
+    if fmt == CLASSIFICATION:
+        text = _string(row, fields.text)
+        if _is_error(text):
+            return text[1:]
+        label = row.get(fields.label)
+        if label is None or label == "" or isinstance(label, (bool, dict, list)):
+            return f"missing or invalid label column {fields.label!r}"
+        if isinstance(label, float) and label.is_integer():
+            label = int(label)
+        return {"text": text, "label": str(label).strip()}
+    if fmt == PROMPT_COMPLETION:
+        prompt = _string(row, fields.prompt)
+        completion = _string(row, fields.completion)
+        for value in (prompt, completion):
+            if _is_error(value):
+                return value[1:]
+        return {"prompt": prompt, "completion": completion}
+    if fmt == CHAT:
+        return _parse_messages(row.get(fields.messages), fields.messages)
+    raise ValueError(f"unknown dataset format {fmt!r}")
+
+
+def _is_error(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("\0")
+
+
+def _string(row: dict[str, Any], column: str) -> str:
+    """The column's text, or ``"\\0<reason>"`` when it is missing or not text (numbers are accepted as text)."""
+    value = row.get(column)
+    if value is None:
+        return f"\0missing column {column!r}"
+    if isinstance(value, bool) or isinstance(value, (dict, list)):
+        return f"\0column {column!r} is a {type(value).__name__}, not text"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if not isinstance(value, str):
+        return f"\0column {column!r} is a {type(value).__name__}, not text"
+    return value
+
+
+def _parse_messages(value: Any, column: str) -> Record | str:
+    if value is None:
+        return f"missing column {column!r}"
+    if isinstance(value, str):  # CSV cells hold the JSON list
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return f"column {column!r} is not a JSON list of messages"
+    if not isinstance(value, list) or not value:
+        return f"column {column!r} must be a non-empty list of {{role, content}} messages"
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            return f"message {i} is a {type(message).__name__}, not a {{role, content}} object"
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role:
+            return f"message {i} has no role"
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            return f"message {i} content is a {type(content).__name__}, not text"
+        messages.append({"role": role, "content": content})
+    return {"messages": messages}
+
+
+# ------------------------------------------------------------------------------ record helpers
+
+
+def map_texts(record: Record, fn: Callable[[str], str]) -> Record:
+    """A copy of ``record`` with ``fn`` applied to every free-text field (never to roles or labels)."""
+    if "messages" in record:
+        return {"messages": [{"role": m["role"], "content": fn(m["content"])} for m in record["messages"]]}
+    out = dict(record)
+    for key in ("text", "prompt", "completion"):
+        if key in out:
+            out[key] = fn(out[key])
+    return out
+
+
+def is_empty(record: Record) -> bool:
+    """Nothing to learn from: no text, no completion, or no assistant content."""
+    if "messages" in record:
+        return not any(m["content"].strip() for m in record["messages"] if m["role"] == "assistant")
+    if "completion" in record:
+        return not record["completion"].strip()
+    return not record["text"].strip()
+
+
+def content_text(record: Record) -> str:
+    """All the record's text in one string, the input of dedupe and leakage keys (labels excluded)."""
+    if "messages" in record:
+        return "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"])
+    if "completion" in record:
+        return f"{record['prompt']}\n{record['completion']}"
+    return record["text"]

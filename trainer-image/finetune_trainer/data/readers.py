@@ -1,0 +1,213 @@
+"""Stage 1: read rows from JSONL, CSV or Parquet files, one at a time.
+
+A dataset URI is one file or a prefix; a prefix means every data file under it, in sorted order (so
+the row order, and everything downstream, is deterministic). Files on S3 are downloaded one at a
+time into a scratch folder and deleted after reading, so neither RAM nor disk has to hold the whole
+dataset. Rows that cannot be parsed are yielded as :class:`Malformed` so the caller counts them in
+order with the good rows; the caller decides when there are too many.
+
+Supported files: ``.jsonl``/``.ndjson``/``.json`` (JSON Lines; a ``.json`` file that starts with ``[``
+is read as one JSON array, which must fit in memory), ``.csv``/``.tsv`` (header row required), and
+``.parquet``. ``.gz`` is accepted after the JSON Lines and CSV extensions.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from finetune_trainer.errors import DatasetNotFound, MalformedData
+from finetune_trainer.storage import Storage, is_s3
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+CSV_SUFFIXES = (".csv", ".tsv")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+PARQUET_BATCH_ROWS = 1024
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents in one cell are normal here
+
+
+@dataclass(frozen=True)
+class Row:
+    """A parsed row and where it came from (``file:line`` for messages and the report)."""
+
+    data: dict[str, Any]
+    origin: str
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A row that could not be parsed, with the reason and the raw text (for the report's examples)."""
+
+    origin: str
+    reason: str
+    raw: str = ""
+
+
+def file_kind(uri: str) -> str | None:
+    """``jsonl``, ``csv``, ``parquet`` or None (not a data file) from the file name."""
+    name = uri.rsplit("/", 1)[-1].lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+        if name.endswith(PARQUET_SUFFIXES):
+            return None
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(CSV_SUFFIXES):
+        return "csv"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def data_files(storage: Storage, uri: str) -> list[str]:
+    """The data files a dataset URI stands for, sorted; DatasetNotFound when there are none."""
+    try:
+        found = storage.list(uri)
+    except FileNotFoundError as exc:
+        raise DatasetNotFound(f"dataset {uri} not found: {exc}. Check the URI and that the bucket exists.") from None
+    if not found:
+        raise DatasetNotFound(f"dataset {uri} not found: no object or file there, and no files under it as a prefix.")
+    files = [f for f in found if file_kind(f)]
+    if not files:
+        others = ", ".join(f.rsplit("/", 1)[-1] for f in found[:3])
+        raise DatasetNotFound(
+            f"dataset {uri} holds no JSONL, CSV or Parquet files ({len(found)} other files, e.g. {others}). "
+            "Data files must end in .jsonl, .json, .csv, .tsv or .parquet (optionally .gz for JSON Lines and CSV)."
+        )
+    return files
+
+
+def read_rows(storage: Storage, uri: str, scratch_dir: Path) -> Iterator[Row | Malformed]:
+    """Every row of every data file under ``uri``, in order, as Row or Malformed."""
+    for file_uri in data_files(storage, uri):
+        if is_s3(file_uri):
+            tmp = Path(tempfile.mkdtemp(prefix="download-", dir=scratch_dir))
+            try:
+                try:
+                    local = storage.download(file_uri, tmp / file_uri.rsplit("/", 1)[-1])
+                except FileNotFoundError:
+                    raise DatasetNotFound(f"dataset file {file_uri} disappeared while reading.") from None
+                yield from read_file(local, display=file_uri)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            yield from read_file(Path(file_uri), display=file_uri)
+
+
+def read_file(path: Path, display: str | None = None) -> Iterator[Row | Malformed]:
+    display = display or str(path)
+    kind = file_kind(display)
+    if kind == "jsonl":
+        yield from _read_jsonl(path, display)
+    elif kind == "csv":
+        yield from _read_csv(path, display)
+    elif kind == "parquet":
+        yield from _read_parquet(path, display)
+    else:  # pragma: no cover - data_files() filters these out
+        raise ValueError(f"not a data file: {display}")
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.name.lower().endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
+    return open(path, encoding="utf-8", errors="replace", newline="")
+
+
+def _first_char(path: Path) -> str:
+    with _open_text(path) as f:
+        while True:
+            chunk = f.read(4096)
+            if not chunk:
+                return ""
+            stripped = chunk.lstrip("\ufeff \t\r\n")
+            if stripped:
+                return stripped[0]
+
+
+def _read_jsonl(path: Path, display: str) -> Iterator[Row | Malformed]:
+    if _first_char(path) == "[":
+        yield from _read_json_array(path, display)
+        return
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.strip().lstrip("\ufeff")
+            if not line:
+                continue  # blank lines are layout, not rows
+            origin = f"{display}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield Malformed(origin, f"invalid JSON ({exc.msg} at column {exc.colno})", line)
+                continue
+            if not isinstance(obj, dict):
+                yield Malformed(origin, f"a JSON {type(obj).__name__}, not an object", line)
+                continue
+            yield Row(obj, origin)
+
+
+def _read_json_array(path: Path, display: str) -> Iterator[Row | Malformed]:
+    with _open_text(path) as f:
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise MalformedData(f"{display} is not valid JSON ({exc.msg} at line {exc.lineno}); use JSON Lines, one object per line.") from None
+    if not isinstance(items, list):
+        raise MalformedData(f"{display} holds a JSON {type(items).__name__}; expected JSON Lines or an array of objects.")
+    for index, obj in enumerate(items):
+        origin = f"{display}[{index}]"
+        if isinstance(obj, dict):
+            yield Row(obj, origin)
+        else:
+            yield Malformed(origin, f"a JSON {type(obj).__name__}, not an object", json.dumps(obj)[:200])
+
+
+def _read_csv(path: Path, display: str) -> Iterator[Row | Malformed]:
+    delimiter = "\t" if display.lower().removesuffix(".gz").endswith(".tsv") else ","
+    with _open_text(path) as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise MalformedData(f"{display}: cannot read the CSV header ({exc}).") from None
+        header = [h.lstrip("\ufeff").strip() for h in header]
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield Malformed(f"{display}:{reader.line_num}", f"CSV error: {exc}")
+                continue
+            origin = f"{display}:{reader.line_num}"
+            if not values or values == [""]:
+                continue
+            if len(values) != len(header):
+                raw = delimiter.join(values)
+                yield Malformed(origin, f"{len(values)} fields where the header has {len(header)}", raw)
+                continue
+            yield Row(dict(zip(header, values)), origin)
+
+
+def _read_parquet(path: Path, display: str) -> Iterator[Row | Malformed]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise MalformedData(f"{display} is not a readable Parquet file ({exc}).") from None
+    index = 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        for obj in batch.to_pylist():
+            yield Row(obj, f"{display}#{index}")
+            index += 1

@@ -1,0 +1,133 @@
+"""Stage 5: records -> token ids and loss labels.
+
+- ``text``: ``input_ids`` = the text with the tokenizer's special tokens, then EOS; ``labels`` = ``input_ids``.
+- ``prompt-completion``: prompt and completion are tokenised separately (as at inference, where the model
+  continues the prompt's tokens) and concatenated, then EOS; ``labels`` is -100 on every prompt token.
+- ``chat``: rendered with ``tokenizer.apply_chat_template``; ``labels`` is -100 everywhere except the
+  assistant turns (their content and the template's end-of-turn marker, so the model learns to stop).
+  Assistant spans are found by rendering the conversation prefix by prefix: turn *i* spans from the end of
+  ``render(messages[:i], add_generation_prompt=True)`` to the end of ``render(messages[:i+1])``, mapped to
+  tokens with the fast tokenizer's offsets. A template that is not prefix-stable (one that rewrites
+  earlier turns) falls back to locating the turn's content in the rendering. EOS is appended only when
+  the rendering does not already end with it.
+- ``classification``: ``input_ids`` with the tokenizer's special tokens; the integer label is added later.
+
+Sequences longer than ``hyperparameters.maxSeqLength`` are cut at the end (a truncated LM row loses its
+EOS, which is right: the text did not end there). ``length`` is the token count before truncation,
+which is what ``preprocessing.minTokens``/``maxTokens`` compare against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from finetune_trainer.data.formats import CHAT, CLASSIFICATION, PROMPT_COMPLETION, TEXT, Record
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int] | None  # None for classification
+    length: int  # tokens before truncation
+    truncated: bool
+
+    @property
+    def trainable(self) -> int:
+        """Tokens that carry loss (classification rows always do)."""
+        if self.labels is None:
+            return len(self.input_ids)
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def tokenize_batch(records: Sequence[Record], fmt: str, tokenizer: Any, max_len: int) -> list[Tokenized]:
+    if not records:
+        return []
+    if fmt == TEXT:
+        ids = _encode(tokenizer, [r["text"] for r in records], special=True)
+        return [_lm(row + _eos(tokenizer), row + _eos(tokenizer), max_len) for row in ids]
+    if fmt == PROMPT_COMPLETION:
+        prompts = _encode(tokenizer, [r["prompt"] for r in records], special=True)
+        completions = _encode(tokenizer, [r["completion"] for r in records], special=False)
+        out = []
+        for p, c in zip(prompts, completions):
+            c = c + _eos(tokenizer)
+            out.append(_lm(p + c, [IGNORE_INDEX] * len(p) + c, max_len))
+        return out
+    if fmt == CHAT:
+        return [_chat(r["messages"], tokenizer, max_len) for r in records]
+    if fmt == CLASSIFICATION:
+        texts = [r["text"] for r in records]
+        ids = _encode(tokenizer, texts, special=True)
+        out = []
+        long_rows = [i for i, row in enumerate(ids) if len(row) > max_len]
+        if long_rows:  # let the tokenizer truncate, so the closing special token ([SEP], </s>) stays
+            cut = tokenizer([texts[i] for i in long_rows], truncation=True, max_length=max_len)["input_ids"]
+            truncated = dict(zip(long_rows, cut))
+        else:
+            truncated = {}
+        for i, row in enumerate(ids):
+            final = list(truncated.get(i, row))
+            out.append(Tokenized(final, None, len(row), i in truncated))
+        return out
+    raise ValueError(f"unknown dataset format {fmt!r}")
+
+
+def _encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def _lm(input_ids: list[int], labels: list[int], max_len: int) -> Tokenized:
+    length = len(input_ids)
+    return Tokenized(input_ids[:max_len], labels[:max_len], length, length > max_len)
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
+    """Character spans of ``full`` (the whole rendering) that belong to assistant turns."""
+    spans = []
+    searched_to = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1])
+        if through.startswith(before) and full.startswith(through) and len(through) > len(before):
+            spans.append((len(before), len(through)))
+            searched_to = len(through)
+            continue
+        # Not prefix-stable: find the turn's content after the previous span.
+        start = full.find(message["content"], searched_to) if message["content"] else -1
+        if start >= 0:
+            spans.append((start, start + len(message["content"])))
+            searched_to = start + len(message["content"])
+    return spans
+
+
+def _chat(messages: list[dict[str, str]], tokenizer: Any, max_len: int) -> Tokenized:
+    full = _render(tokenizer, messages)
+    spans = assistant_char_spans(tokenizer, messages, full)
+    eos = tokenizer.eos_token
+    append_eos = bool(eos) and tokenizer.eos_token_id is not None and not full.rstrip().endswith(eos)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(enc["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for t, (start, end) in enumerate(enc["offset_mapping"]):
+        if any(s <= start < e for s, e in spans) and end > start:
+            labels[t] = input_ids[t]
+    if append_eos:
+        input_ids.append(tokenizer.eos_token_id)
+        ends_with_assistant = messages[-1]["role"] == "assistant"
+        labels.append(tokenizer.eos_token_id if ends_with_assistant else IGNORE_INDEX)
+    return _lm(input_ids, labels, max_len)
