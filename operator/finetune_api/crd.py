@@ -109,8 +109,8 @@ def model_schema(model: type) -> dict[str, Any]:
 
 
 def _object_defaults(schema: dict[str, Any], model_cls: type) -> None:
-    """Give object-typed fields that use default_factory a ``default: {}`` so the API server fills in
-    nested defaults (pydantic does not emit defaults for default_factory fields)."""
+    """Give object-typed fields that use default_factory their default object, so the API server stores
+    every effective setting (pydantic does not emit defaults for default_factory fields)."""
     for field_name, field in model_cls.model_fields.items():
         alias = field.alias or field_name
         sub = schema.get("properties", {}).get(alias)
@@ -119,7 +119,9 @@ def _object_defaults(schema: dict[str, Any], model_cls: type) -> None:
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, S._Model):
             if field.default_factory is not None:
-                sub["default"] = {}
+                # the full default object, not {}: the API server validates a default (CEL rules
+                # included) as written, before nested defaults would fill it in
+                sub["default"] = field.default_factory().wire()
             _object_defaults(sub, ann)
 
 

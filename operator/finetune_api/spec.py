@@ -48,6 +48,7 @@ class _Model(BaseModel):
         extra="forbid",
         frozen=True,
         use_enum_values=True,
+        validate_default=True,  # so defaults become plain values too (use_enum_values skips unvalidated defaults)
     )
 
     def wire(self) -> dict[str, Any]:

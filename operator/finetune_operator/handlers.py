@@ -9,6 +9,7 @@ winning, in which case the object is re-read and the reconcile runs again.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -18,9 +19,10 @@ import kopf
 from pydantic import ValidationError
 
 from finetune_api.spec import FineTuneJobSpec
-from finetune_api.status import Phase
+from finetune_api.status import TERMINAL_PHASES, Phase
 from finetune_operator import builders as B
 from finetune_operator import kube, metrics
+from finetune_operator.progress import ProgressReader, project, secret_values
 from finetune_operator.config import OperatorConfig
 from finetune_operator.state import JobView, Observed, PodView, decide
 
@@ -38,6 +40,17 @@ def _lock(uid: str) -> threading.Lock:
 def forget(uid: str) -> None:
     with _locks_guard:
         _locks.pop(uid, None)
+    _reader().forget(uid)
+
+
+_progress_reader: ProgressReader | None = None
+
+
+def _reader() -> ProgressReader:
+    global _progress_reader
+    if _progress_reader is None:
+        _progress_reader = ProgressReader(secret_values(kube.read_secret), interval=float(os.environ.get("FINETUNE_PROGRESS_INTERVAL", "15")))
+    return _progress_reader
 
 
 def spec_error(err: ValidationError) -> str:
@@ -118,6 +131,9 @@ def _reconcile_locked(body: dict[str, Any], jobs: list[JobView], pods: list[PodV
             return
         spec, error = parse(body)
         meta = body["metadata"]
+        status = body.get("status") or {}
+        active = status.get("jobName") and status.get("phase") not in TERMINAL_PHASES
+        progress = _reader().read(meta["uid"], meta["namespace"], spec) if spec is not None and active else None
         observed = Observed(
             name=meta["name"],
             namespace=meta["namespace"],
@@ -127,8 +143,13 @@ def _reconcile_locked(body: dict[str, Any], jobs: list[JobView], pods: list[PodV
             spec_error=error,
             jobs=tuple(jobs),
             pods=tuple(pods),
+            progress=progress,
         )
         plan = decide(observed)
+        if spec is not None and active and plan.phase in TERMINAL_PHASES:
+            final = _reader().read(meta["uid"], meta["namespace"], spec, force=True)  # the last word of the trainer
+            if final is not None:
+                plan.status.update(project(final))
         if plan.create_job is not None and spec is not None:
             problem = check_secret(meta["namespace"], spec)
             if problem:

@@ -73,6 +73,16 @@ def secret_keys(namespace: str, name: str) -> set[str] | None:
     return set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
 
 
+def read_secret(name: str, namespace: str):
+    """The Secret object, or None. Callers keep its values in memory only."""
+    try:
+        return _core().read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
 def get_finetunejob(namespace: str, name: str) -> dict[str, Any] | None:
     try:
         return _custom().get_namespaced_custom_object(S.API_GROUP, S.API_VERSION, namespace, S.PLURAL, name)

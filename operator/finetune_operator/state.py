@@ -17,6 +17,7 @@ from finetune_api.status import Phase, TERMINAL_PHASES
 from finetune_trainer.errors import EXIT_PREEMPTED, PERMANENT_EXIT_CODES
 
 from finetune_operator import builders as B
+from finetune_operator.progress import project as project_progress
 
 CONDITION_TYPES = ("Running", "Restarting", "Suspended", "Succeeded", "Failed")
 _PHASE_CONDITION = {
@@ -144,6 +145,7 @@ class Observed:
     jobs: tuple[JobView, ...] = ()
     pods: tuple[PodView, ...] = ()
     secret_problem: tuple[str, str] | None = None  # (reason, message)
+    progress: Any = None  # finetune_api.status.ProgressDocument from the trainer, when there is one
     now: datetime = field(default_factory=now_utc)
 
 
@@ -213,6 +215,8 @@ def decide(obs: Observed) -> Plan:
     status.setdefault("restarts", 0)
     plan = Plan(status=status)
     old_phase = old.get("phase")
+    if obs.progress is not None and old_phase not in TERMINAL_PHASES:
+        status.update(project_progress(obs.progress))
 
     def transition(phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
         changed = (old_phase, old.get("reason")) != (phase, reason)

@@ -227,7 +227,9 @@ class CheckpointManager:
             return None
         if resume != "latest":
             if not self.storage.exists(self.join(resume, MANIFEST)):
-                raise CheckpointError(f"checkpoint.resume {resume} has no {MANIFEST}: it is incomplete or not a checkpoint")
+                from .errors import InvalidConfig
+
+                raise InvalidConfig(f"checkpoint.resume {resume} has no {MANIFEST}: it is incomplete or not a checkpoint; use latest, none or a complete checkpoint")
             return resume
         complete = self.complete()
         return complete[-1].uri if complete else None

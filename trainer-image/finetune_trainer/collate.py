@@ -55,26 +55,26 @@ class Batching:
         """Micro-batches per epoch (the same on every rank)."""
         return max(1, math.ceil(self.num_rows / self.global_batch))
 
-    def rows(self, epoch: int, batch: int) -> list[int]:
-        """Row indices of micro-batch ``batch`` of ``epoch`` on this rank."""
+    def _order(self, epoch: int) -> list[int]:
         order = epoch_permutation(self.num_rows, self.seed, epoch)
         if self.world_size > 1:
             # Like DistributedSampler: wrap around so every rank gets a full, equal share.
             need = self.batches_per_epoch * self.global_batch
             order = (order * math.ceil(need / max(len(order), 1)))[:need]
+        return order
+
+    def _slice(self, order: list[int], batch: int) -> list[int]:
         start = batch * self.global_batch + self.rank * self.batch_size
         return order[start : start + self.batch_size]
 
-    def epoch_batches(self, epoch: int, start_batch: int = 0) -> "list[list[int]]":
-        order = epoch_permutation(self.num_rows, self.seed, epoch)
-        if self.world_size > 1:
-            need = self.batches_per_epoch * self.global_batch
-            order = (order * math.ceil(need / max(len(order), 1)))[:need]
-        out = []
-        for b in range(start_batch, self.batches_per_epoch):
-            s = b * self.global_batch + self.rank * self.batch_size
-            out.append(order[s : s + self.batch_size])
-        return out
+    def rows(self, epoch: int, batch: int) -> list[int]:
+        """Row indices of micro-batch ``batch`` of ``epoch`` on this rank."""
+        return self._slice(self._order(epoch), batch)
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> list[list[int]]:
+        """This rank's micro-batches of ``epoch`` from ``start_batch`` on (resume skips the consumed ones)."""
+        order = self._order(epoch)
+        return [self._slice(order, b) for b in range(start_batch, self.batches_per_epoch)]
 
 
 # ------------------------------------------------------------------------------------------- shape

@@ -78,9 +78,14 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def _model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """Everything but the labels: the metrics here compute their own loss from the logits (see evaluate_lm)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+def _model_inputs(model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything but the labels (the metrics here compute their own loss from the logits, see evaluate_lm), and
+    ``use_cache=False`` where the model has a KV cache: scoring needs none, and with a cache transformers ignores
+    packed ``position_ids`` and lets packed rows attend to each other."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        inputs["use_cache"] = False
+    return inputs
 
 
 def _batches(dataloader: Iterable[Mapping[str, Any]], max_batches: int | None) -> Iterator[Mapping[str, Any]]:
@@ -169,7 +174,7 @@ def evaluate_lm(
             batch = _to_device(batch, device)
             if "labels" not in batch:
                 raise ValueError("evaluate_lm needs 'labels' in every batch (use -100 for tokens that are not scored)")
-            logits = model(**_model_inputs(batch)).logits
+            logits = model(**_model_inputs(model, batch)).logits
             row_stats = _lm_row_stats(logits, batch["labels"])
             row_stats = _gather(accelerator, row_stats).to("cpu", torch.float64)
             loss_sum += float(row_stats[:, 0].sum())
@@ -258,7 +263,7 @@ def evaluate_classification(
             batch = _to_device(batch, device)
             if "labels" not in batch:
                 raise ValueError("evaluate_classification needs 'labels' (class ids) in every batch")
-            logits = model(**_model_inputs(batch)).logits.float()
+            logits = model(**_model_inputs(model, batch)).logits.float()
             logits, labels = _gather(accelerator, (logits, batch["labels"]))
             all_logits.append(logits.to("cpu"))
             all_labels.append(labels.to("cpu").long())
@@ -355,9 +360,10 @@ def generate_and_score(
 ) -> dict[str, float]:
     """Greedy-decode a completion for each prompt and score it against its reference with :func:`score_texts`.
 
-    Prompts are left-padded in batches (decoder-only models continue from the last position); the tokenizer's
-    padding side and pad token are restored afterwards. Only the newly generated tokens are decoded. Run it on
-    one process with the unwrapped model.
+    Prompts must be formatted as in training (chat template applied for chat data). They are left-padded in
+    batches (decoder-only models continue from the last position); the tokenizer's padding side and pad token are
+    restored afterwards. Only the newly generated tokens are decoded. Run it on one process with the unwrapped
+    model.
     """
     _check_metrics(metrics)
     if len(prompts) != len(references):
@@ -385,7 +391,7 @@ def generate_greedy(
         with _EvalMode(model):
             for start in range(0, len(prompts), batch_size):
                 chunk = list(prompts[start : start + batch_size])
-                enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, return_token_type_ids=False).to(device)
                 generated = model.generate(
                     **enc,
                     max_new_tokens=max_new_tokens,
@@ -529,7 +535,8 @@ class EarlyStopping:
     @classmethod
     def from_spec(cls, spec: Any) -> "EarlyStopping":
         """From ``spec.evaluation.early_stopping`` (the pydantic model of the same name)."""
-        return cls(metric=spec.metric, mode=str(getattr(spec.mode, "value", spec.mode)), patience=spec.patience, min_delta=spec.min_delta)
+        mode = str(getattr(spec.mode, "value", spec.mode))  # a defaulted field is still the enum member
+        return cls(metric=spec.metric, mode=mode, patience=spec.patience, min_delta=spec.min_delta)
 
     @property
     def best(self) -> float | None:

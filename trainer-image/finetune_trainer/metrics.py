@@ -55,6 +55,7 @@ class TrainerMetrics:
         self.tokens = Counter("finetune_tokens", "Real tokens trained on by this rank.", names, registry=r)
         self.data_rows = gauge("data_rows", "Data report counters.", ("kind",))
         self._stage: str | None = None
+        self._server: Any = None
         self.port = None
         if port is None:
             port = int(os.environ.get("FINETUNE_METRICS_PORT", DEFAULT_PORT))
@@ -62,13 +63,21 @@ class TrainerMetrics:
             # Several ranks of one pod share the pod's network: rank i serves port + local rank.
             port += int(os.environ.get("LOCAL_RANK", 0))
             try:
-                start_http_server(port, registry=self.registry)
+                self._server = start_http_server(port, registry=self.registry)
                 self.port = port
             except OSError as e:
                 log.warning("metrics disabled: cannot listen on port %d: %s", port, e)
 
-    def _l(self, metric: Any, **extra: str) -> Any:
-        return metric.labels(**self.labels, **extra)
+    def close(self) -> None:
+        """Stop serving (the process is about to exit; matters only when the trainer runs in-process)."""
+        if self._server is not None:
+            server, _thread = self._server
+            server.shutdown()
+            server.server_close()
+            self._server = None
+
+    def _l(self, series: Any, **extra: str) -> Any:
+        return series.labels(**self.labels, **extra)
 
     def set_stage(self, stage: str) -> None:
         if self._stage is not None:
@@ -77,7 +86,7 @@ class TrainerMetrics:
         self._stage = stage
 
     def on_step(self, *, step: int, epoch: float, loss: float, lr: float, grad_norm: float | None, tokens: int,
-                samples: int, seconds: float, padding: float | None) -> None:
+                samples: int, seconds: float, padding: float | None, **_: Any) -> None:
         self._l(self.step).set(step)
         self._l(self.epoch).set(epoch)
         self._l(self.train_loss).set(loss)

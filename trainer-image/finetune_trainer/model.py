@@ -152,6 +152,15 @@ def default_target_modules(model_type: str) -> list[str] | str:
     return DEFAULT_TARGET_MODULES.get(model_type, "all-linear")
 
 
+def check_hardware(spec: FineTuneJobSpec) -> None:
+    """Fail in the first second, not after data preparation, when the method cannot run here."""
+    if spec.method == "qlora" and not torch.cuda.is_available():
+        raise UnsupportedHardware(
+            "QLoRA needs a CUDA GPU (4-bit bitsandbytes kernels); use method lora or dora on CPU, or give the job GPUs"
+        )
+    resolve_precision(spec.hyperparameters.precision)
+
+
 def load_model(
     model_dir: str,
     spec: FineTuneJobSpec,
@@ -165,11 +174,8 @@ def load_model(
     method = spec.method
     precision = resolve_precision(spec.hyperparameters.precision)
     classification = spec.model.task == Task.sequence_classification.value
+    check_hardware(spec)
     if method == "qlora":
-        if not torch.cuda.is_available():
-            raise UnsupportedHardware(
-                "QLoRA needs a CUDA GPU (4-bit bitsandbytes kernels); use method lora or dora on CPU, or give the job GPUs"
-            )
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
@@ -223,7 +229,7 @@ def load_model(
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     if spec.hyperparameters.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_activation_checkpointing(model)
 
     target_modules = None
     if is_adapter:
@@ -233,6 +239,14 @@ def load_model(
     total = sum(p.numel() for p in model.parameters())
     log.info("model %s: %s, %d/%d parameters trainable (%.2f%%)", spec.model.uri, method, trainable, total, 100 * trainable / max(total, 1))
     return LoadedModel(model, precision, is_adapter, target_modules, trainable, total)
+
+
+def _enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant checkpointing (works with frozen inputs under LoRA); transformers 5 renamed the method."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _wrap_adapter(model: Any, spec: FineTuneJobSpec, classification: bool) -> tuple[Any, Any]:

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -94,6 +95,7 @@ class Storage:
         self.endpoint_url = endpoint_url
         self.region = region
         self._client: Any = None
+        self._client_lock = threading.Lock()
 
     @classmethod
     def from_spec(cls, storage: Any) -> "Storage":
@@ -104,22 +106,24 @@ class Storage:
 
     @property
     def client(self) -> Any:
-        if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            config = Config(
-                connect_timeout=CONNECT_TIMEOUT_S,
-                read_timeout=READ_TIMEOUT_S,
-                retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-                # MinIO and most S3-compatible stores only do path-style addressing.
-                s3={"addressing_style": "path"} if self.endpoint_url else None,
-                max_pool_connections=32,
-            )
-            self._client = boto3.session.Session().client(
-                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
-            )
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._make_client()
         return self._client
+
+    def _make_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+            # MinIO and most S3-compatible stores only do path-style addressing.
+            s3={"addressing_style": "path"} if self.endpoint_url else None,
+            max_pool_connections=32,
+        )
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
 
     @property
     def endpoint_name(self) -> str:
@@ -133,6 +137,7 @@ class Storage:
     @contextlib.contextmanager
     def _s3_errors(self, action: str, uri: str) -> Iterator[None]:
         """Translate botocore failures into errors a user can act on."""
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import (
             ClientError,
             ConnectionClosedError,
@@ -160,6 +165,16 @@ class Storage:
                     f"credentials may {action} bucket {bucket}."
                 ) from None
             raise
+        except S3UploadFailedError as exc:  # upload_file wraps the ClientError into its message
+            text = str(exc)
+            if any(code in text for code in ("NoSuchBucket", "404")):
+                raise FileNotFoundError(f"cannot write {uri}: the bucket does not exist at {self.endpoint_name}") from None
+            if any(code in text for code in _AUTH_CODES):
+                raise S3AuthError(
+                    f"the object store at {self.endpoint_name} rejected the upload to {uri}. Check AWS_ACCESS_KEY_ID and "
+                    f"AWS_SECRET_ACCESS_KEY (storage.credentialsSecret) and that they may write there."
+                ) from None
+            raise
         except (NoCredentialsError, PartialCredentialsError):
             raise S3AuthError(
                 f"no S3 credentials found to {action} {uri} at {self.endpoint_name}: set AWS_ACCESS_KEY_ID and "
@@ -176,7 +191,8 @@ class Storage:
     def exists(self, uri: str) -> bool:
         """True when ``uri`` is an object/file, or a prefix/directory with at least one object under it."""
         if not is_s3(uri):
-            return Path(uri).exists()
+            path = Path(uri)
+            return path.is_file() or (path.is_dir() and any(p.is_file() for p in path.rglob("*")))
         bucket, key = split_s3(uri)
         if key and not key.endswith("/"):
             try:

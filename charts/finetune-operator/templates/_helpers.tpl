@@ -82,17 +82,18 @@ when all namespaces are watched, or into one Role per entry of watchNamespaces.
 Each rule lists exactly the verbs the operator uses; no wildcards.
 */}}
 {{- define "finetune-operator.namespacedRules" -}}
-# The custom resources: watch them, and patch for Kopf's finalizer and progress annotations.
+# The custom resources: watch them, patch for Kopf's finalizer and progress annotations, and delete
+# a finished job once spec.runPolicy.ttlSecondsAfterFinished has passed.
 - apiGroups: ["finetune.io"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: ["finetune.io"]
   resources: ["finetunejobs/status"]
   verbs: ["get", "patch"]
-# The training group: one indexed batch Job per FineTuneJob.
+# The training group: one indexed batch Job per FineTuneJob; patched to set spec.suspend.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Headless Service for torchrun rendezvous and the ConfigMap holding the rendered job config.
 - apiGroups: [""]
   resources: ["services", "configmaps"]
@@ -101,10 +102,8 @@ Each rule lists exactly the verbs the operator uses; no wildcards.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-- apiGroups: [""]
-  resources: ["pods/log"]
-  verbs: ["get"]
-# Validate that storage.credentialsSecret exists and has the expected keys (values are never logged).
+# Validate that storage.credentialsSecret exists and has the expected keys, and read progress.json
+# from the job's S3 output with it (values stay in memory: never logged, never in status).
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]

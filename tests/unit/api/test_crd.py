@@ -46,7 +46,7 @@ def test_printer_columns_and_status_subresource():
 def test_defaults_and_rules_reach_the_schema():
     spec = crd.spec_schema()
     hp = spec["properties"]["hyperparameters"]
-    assert hp["default"] == {}
+    assert hp["default"]["learningRate"] == 2e-4 and hp["default"]["seed"] == 42
     assert hp["properties"]["learningRate"]["default"] == 2e-4
     assert hp["properties"]["learningRate"]["exclusiveMinimum"] is True
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]

@@ -26,74 +26,70 @@ LM_FORMATS = (TEXT, PROMPT_COMPLETION, CHAT)
 Record = dict[str, Any]
 
 
+class _Unfit(Exception):
+    """A row does not fit the format; the message says why."""
+
+
 def parse_record(row: dict[str, Any], fmt: str, fields: Any) -> Record | str:
     """The record for ``row``, or a string saying why the row does not fit the format."""
-    if fmt == TEXT:
-        text = _string(row, fields.text)
-        return text[1:] if _is_error(text) else {"text": text}
-    if fmt == CLASSIFICATION:
-        text = _string(row, fields.text)
-        if _is_error(text):
-            return text[1:]
-        label = row.get(fields.label)
-        if label is None or label == "" or isinstance(label, (bool, dict, list)):
-            return f"missing or invalid label column {fields.label!r}"
-        if isinstance(label, float) and label.is_integer():
-            label = int(label)
-        return {"text": text, "label": str(label).strip()}
-    if fmt == PROMPT_COMPLETION:
-        prompt = _string(row, fields.prompt)
-        completion = _string(row, fields.completion)
-        for value in (prompt, completion):
-            if _is_error(value):
-                return value[1:]
-        return {"prompt": prompt, "completion": completion}
-    if fmt == CHAT:
-        return _parse_messages(row.get(fields.messages), fields.messages)
+    try:
+        if fmt == TEXT:
+            return {"text": _string(row, fields.text)}
+        if fmt == CLASSIFICATION:
+            return {"text": _string(row, fields.text), "label": _label(row, fields.label)}
+        if fmt == PROMPT_COMPLETION:
+            return {"prompt": _string(row, fields.prompt), "completion": _string(row, fields.completion)}
+        if fmt == CHAT:
+            return {"messages": _messages(row.get(fields.messages), fields.messages)}
+    except _Unfit as unfit:
+        return str(unfit)
     raise ValueError(f"unknown dataset format {fmt!r}")
 
 
-def _is_error(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith("\0")
-
-
 def _string(row: dict[str, Any], column: str) -> str:
-    """The column's text, or ``"\\0<reason>"`` when it is missing or not text (numbers are accepted as text)."""
+    """The column's text (numbers are accepted as text)."""
     value = row.get(column)
     if value is None:
-        return f"\0missing column {column!r}"
-    if isinstance(value, bool) or isinstance(value, (dict, list)):
-        return f"\0column {column!r} is a {type(value).__name__}, not text"
-    if isinstance(value, (int, float)):
+        raise _Unfit(f"missing column {column!r}")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    if not isinstance(value, str):
-        return f"\0column {column!r} is a {type(value).__name__}, not text"
-    return value
+    raise _Unfit(f"column {column!r} is a {type(value).__name__}, not text")
 
 
-def _parse_messages(value: Any, column: str) -> Record | str:
+def _label(row: dict[str, Any], column: str) -> str:
+    label = row.get(column)
+    if label is None or label == "" or isinstance(label, (bool, dict, list)):
+        raise _Unfit(f"missing or invalid label column {column!r}")
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)  # 1.0 from a float column is class "1"
+    return str(label).strip()
+
+
+def _messages(value: Any, column: str) -> list[dict[str, str]]:
     if value is None:
-        return f"missing column {column!r}"
+        raise _Unfit(f"missing column {column!r}")
     if isinstance(value, str):  # CSV cells hold the JSON list
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            return f"column {column!r} is not a JSON list of messages"
+            raise _Unfit(f"column {column!r} is not a JSON list of messages") from None
     if not isinstance(value, list) or not value:
-        return f"column {column!r} must be a non-empty list of {{role, content}} messages"
+        raise _Unfit(f"column {column!r} must be a non-empty list of {{role, content}} messages")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
-            return f"message {i} is a {type(message).__name__}, not a {{role, content}} object"
+            raise _Unfit(f"message {i} is a {type(message).__name__}, not a {{role, content}} object")
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not role:
-            return f"message {i} has no role"
+            raise _Unfit(f"message {i} has no role")
         if content is None:
             content = ""
         if not isinstance(content, str):
-            return f"message {i} content is a {type(content).__name__}, not text"
+            raise _Unfit(f"message {i} content is a {type(content).__name__}, not text")
         messages.append({"role": role, "content": content})
-    return {"messages": messages}
+    return messages
 
 
 # ------------------------------------------------------------------------------ record helpers

@@ -86,9 +86,9 @@ def data_files(storage: Storage, uri: str) -> list[str]:
     return files
 
 
-def read_rows(storage: Storage, uri: str, scratch_dir: Path) -> Iterator[Row | Malformed]:
-    """Every row of every data file under ``uri``, in order, as Row or Malformed."""
-    for file_uri in data_files(storage, uri):
+def read_rows(storage: Storage, uri: str, scratch_dir: Path, files: list[str] | None = None) -> Iterator[Row | Malformed]:
+    """Every row of every data file under ``uri`` (or of ``files``, from :func:`data_files`), in order."""
+    for file_uri in files if files is not None else data_files(storage, uri):
         if is_s3(file_uri):
             tmp = Path(tempfile.mkdtemp(prefix="download-", dir=scratch_dir))
             try:

@@ -7,9 +7,10 @@
   assistant turns (their content and the template's end-of-turn marker, so the model learns to stop).
   Assistant spans are found by rendering the conversation prefix by prefix: turn *i* spans from the end of
   ``render(messages[:i], add_generation_prompt=True)`` to the end of ``render(messages[:i+1])``, mapped to
-  tokens with the fast tokenizer's offsets. A template that is not prefix-stable (one that rewrites
-  earlier turns) falls back to locating the turn's content in the rendering. EOS is appended only when
-  the rendering does not already end with it.
+  tokens with the fast tokenizer's offsets (a slow tokenizer tokenises the pieces between span
+  boundaries separately). A template that is not prefix-stable (one that rewrites earlier turns) falls
+  back to locating the turn's content in the rendering. EOS is appended only when the rendering does not
+  already end with it (most templates close every turn with the model's end-of-turn token).
 - ``classification``: ``input_ids`` with the tokenizer's special tokens; the integer label is added later.
 
 Sequences longer than ``hyperparameters.maxSeqLength`` are cut at the end (a truncated LM row loses its
@@ -118,16 +119,23 @@ def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]], full: s
 def _chat(messages: list[dict[str, str]], tokenizer: Any, max_len: int) -> Tokenized:
     full = _render(tokenizer, messages)
     spans = assistant_char_spans(tokenizer, messages, full)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = list(enc["input_ids"])
+        labels = [
+            token if end > start and any(s <= start < e for s, e in spans) else IGNORE_INDEX
+            for token, (start, end) in zip(input_ids, enc["offset_mapping"])
+        ]
+    else:  # no offsets: tokenise the pieces between span boundaries separately
+        input_ids, labels = [], []
+        cuts = sorted({0, len(full), *(b for span in spans for b in span)})
+        for start, end in zip(cuts, cuts[1:]):
+            piece = tokenizer(full[start:end], add_special_tokens=False)["input_ids"]
+            trained = any(s <= start < e for s, e in spans)
+            input_ids += piece
+            labels += piece if trained else [IGNORE_INDEX] * len(piece)
     eos = tokenizer.eos_token
-    append_eos = bool(eos) and tokenizer.eos_token_id is not None and not full.rstrip().endswith(eos)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for t, (start, end) in enumerate(enc["offset_mapping"]):
-        if any(s <= start < e for s, e in spans) and end > start:
-            labels[t] = input_ids[t]
-    if append_eos:
+    if eos and tokenizer.eos_token_id is not None and not full.rstrip().endswith(eos):
         input_ids.append(tokenizer.eos_token_id)
-        ends_with_assistant = messages[-1]["role"] == "assistant"
-        labels.append(tokenizer.eos_token_id if ends_with_assistant else IGNORE_INDEX)
+        labels.append(tokenizer.eos_token_id if messages[-1]["role"] == "assistant" else IGNORE_INDEX)
     return _lm(input_ids, labels, max_len)

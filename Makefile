@@ -1,0 +1,43 @@
+# finetune-operator — developer entry points. `make demo` and `make test` are all a newcomer needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+
+.PHONY: setup tools crds demo down test test-unit lint-chart clean
+
+## setup: create .venv and install the project with its test extras (pinned by constraints.txt)
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+## tools: build (once, cached outside the repo) kube-apiserver, controller-manager, scheduler, etcd, kwok, helm, minio
+tools: setup
+	$(PY) -m finetune_devcluster build
+
+## crds: regenerate crds/ from the spec model (operator/finetune_api/spec.py)
+crds: setup
+	$(PY) -m finetune_api.crd > crds/finetune.io_finetunejobs.yaml
+
+## demo: start the local control plane + S3, install the operator with helm, run the example jobs
+demo: tools
+	$(PY) -m finetune_devcluster demo
+
+## down: stop everything `make demo` started
+down:
+	$(PY) -m finetune_devcluster down
+
+## test: every test (unit, chart, control plane, trainer); what CI runs
+test: tools
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## test-unit: the pure tests only (no binaries needed)
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,234 @@
+"""``python -m finetune_devcluster up|down|status|env|build`` (also the ``finetune-devcluster`` script).
+
+up      start the control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok + fake GPU
+        nodes) and a local S3 server in the background, then print the environment to use them.
+        A second ``up`` reports the running one.
+down    stop everything ``up`` started and remove its state.
+status  what is running (exit 0: all up, 1: nothing up, 2: some component down).
+env     print ``export`` lines for the running cluster: ``eval "$(python -m finetune_devcluster env)"``.
+build   build (or find) every pinned binary; ``--into DIR`` also copies them there (for FINETUNE_BIN_DIR).
+
+State lives in ``${FINETUNE_STATE:-~/.local/state/finetune-devcluster}``: ``cluster/`` (certs,
+kubeconfig, etcd data, logs/, cluster.json with pids) and ``s3/`` (data, s3.log, s3.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import shlex
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from . import tools
+from .cluster import ClusterError, LocalCluster
+from .s3 import LocalS3, S3Error
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("FINETUNE_STATE") or Path.home() / ".local" / "state" / "finetune-devcluster").expanduser()
+
+
+def _cluster_dir() -> Path:
+    return state_dir() / "cluster"
+
+
+def _s3_dir() -> Path:
+    return state_dir() / "s3"
+
+
+@contextmanager
+def _locked() -> Iterator[None]:
+    state_dir().mkdir(parents=True, exist_ok=True)
+    with open(state_dir() / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _attach_cluster() -> LocalCluster | None:
+    try:
+        return LocalCluster.attach(_cluster_dir())
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _attach_s3() -> LocalS3 | None:
+    try:
+        return LocalS3.attach(_s3_dir())
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def env_lines(cluster: LocalCluster | None, s3: LocalS3 | None) -> list[str]:
+    out = []
+    if cluster is not None:
+        out.append(f"export KUBECONFIG={shlex.quote(str(cluster.kubeconfig))}")
+        k = tools.find("kubectl")
+        h = tools.find("helm")
+        dirs = list(dict.fromkeys(str(p.parent) for p in (k, h) if p))
+        if dirs:
+            out.append(f'export PATH={shlex.quote(os.pathsep.join(dirs))}:"$PATH"')
+    if s3 is not None:
+        for k, v in s3.env({}).items():
+            out.append(f"export {k}={shlex.quote(v)}")
+    return out
+
+
+# --------------------------------------------------------------------------------------- up steps
+# ``up`` runs these in order; each returns what it started (or found running). Further steps (e.g.
+# installing the operator's chart with helm into the new cluster) go into UP_STEPS after "s3".
+
+
+def up_cluster(args: argparse.Namespace, ctx: dict) -> None:
+    existing = _attach_cluster()
+    if existing is not None:
+        alive = existing.running()
+        if alive and all(alive.values()):
+            print(f"cluster already running: {existing.server} (state {existing.workdir})")
+            ctx["cluster"] = existing
+            return
+        print(f"stale cluster state in {existing.workdir} (running: {alive}); cleaning it up", file=sys.stderr)
+        existing.stop()
+    shutil.rmtree(_cluster_dir(), ignore_errors=True)
+    t0 = time.monotonic()
+    c = LocalCluster(
+        nodes=args.nodes, workdir=_cluster_dir(), gpus_per_node=args.gpus_per_node, detach=True, keep_workdir=True
+    )
+    c.start()
+    print(f"cluster up in {time.monotonic() - t0:.1f}s: {c.server}, nodes {', '.join(c.node_names)}")
+    ctx["cluster"] = c
+
+
+def up_s3(args: argparse.Namespace, ctx: dict) -> None:
+    if args.no_s3:
+        return
+    existing = _attach_s3()
+    if existing is not None:
+        if existing.running():
+            print(f"s3 already running: {existing.endpoint_url} ({existing.backend})")
+            ctx["s3"] = existing
+            return
+        existing.stop()
+    shutil.rmtree(_s3_dir(), ignore_errors=True)
+    s3 = LocalS3(_s3_dir(), backend=args.s3_backend, detach=True, keep_workdir=True)
+    s3.start()
+    for b in args.bucket or []:
+        s3.create_bucket(b)
+    print(f"s3 up: {s3.endpoint_url} ({s3.backend}); buckets: {', '.join(args.bucket or []) or '-'}")
+    ctx["s3"] = s3
+
+
+UP_STEPS = [("cluster", up_cluster), ("s3", up_s3)]
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    ctx: dict = {}
+    with _locked():
+        for name, step in UP_STEPS:
+            try:
+                step(args, ctx)
+            except (ClusterError, S3Error, tools.ToolError) as e:
+                print(f"up: step {name!r} failed:\n{e}", file=sys.stderr)
+                print(f"logs kept in {state_dir()}; run 'down' to clean up", file=sys.stderr)
+                return 1
+    print("\n# to use it:")
+    print("\n".join(env_lines(ctx.get("cluster"), ctx.get("s3"))))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    with _locked():
+        s3, c = _attach_s3(), _attach_cluster()
+        if s3 is not None:
+            s3.stop()
+            print("s3 stopped")
+        if c is not None:
+            c.stop()
+            print("cluster stopped")
+        if s3 is None and c is None:
+            print("nothing running")
+        shutil.rmtree(_s3_dir(), ignore_errors=True)
+        shutil.rmtree(_cluster_dir(), ignore_errors=True)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    c, s3 = _attach_cluster(), _attach_s3()
+    if c is None and s3 is None:
+        print(f"not running (state {state_dir()})")
+        return 1
+    ok = True
+    if c is not None:
+        alive = c.running()
+        ok &= all(alive.values())
+        print(f"cluster {c.server} kubeconfig {c.kubeconfig}")
+        for n, up in alive.items():
+            print(f"  {n:<24} {'running' if up else 'DOWN'} (pid {c.components[n].pid})")
+        if all(alive.values()):
+            code, nodes = c.request("GET", "/api/v1/nodes")
+            if code == 200:
+                for n in nodes["items"]:
+                    ready = {x["type"]: x["status"] for x in n["status"].get("conditions", [])}.get("Ready")
+                    gpus = n["status"].get("allocatable", {}).get("nvidia.com/gpu", "0")
+                    print(f"  node {n['metadata']['name']:<19} Ready={ready} gpus={gpus}")
+    if s3 is not None:
+        up = s3.running()
+        ok &= up
+        print(f"s3 {s3.endpoint_url} ({s3.backend}) {'running' if up else 'DOWN'}")
+    return 0 if ok else 2
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    c, s3 = _attach_cluster(), _attach_s3()
+    if c is None and s3 is None:
+        print("# finetune-devcluster is not running; run: python -m finetune_devcluster up", file=sys.stderr)
+        return 1
+    print("\n".join(env_lines(c, s3)))
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    names = args.tools or list(tools.TOOLS)
+    t0 = time.monotonic()
+    try:
+        paths = tools.ensure_all(names, verbose=args.verbose)
+    except tools.ToolError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    for n, p in paths.items():
+        print(f"{n:<24} {p}")
+        if args.into:
+            dest = Path(args.into).expanduser()
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, dest / n)
+    print(f"done in {time.monotonic() - t0:.0f}s" + (f"; copied into {args.into}" if args.into else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="finetune-devcluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start cluster + S3 in the background")
+    up.add_argument("--nodes", type=int, default=2, help="fake GPU nodes (default 2)")
+    up.add_argument("--gpus-per-node", type=int, default=8)
+    up.add_argument("--no-s3", action="store_true", help="do not start the S3 server")
+    up.add_argument("--s3-backend", choices=["minio", "moto"], default=None, help="default: $FINETUNE_S3_BACKEND or minio")
+    up.add_argument("--bucket", action="append", help="create this bucket (repeatable)")
+    sub.add_parser("down", help="stop everything")
+    sub.add_parser("status", help="show what is running")
+    sub.add_parser("env", help="print export lines")
+    b = sub.add_parser("build", help="build/find all pinned binaries")
+    b.add_argument("tools", nargs="*", help=f"subset of {', '.join(tools.TOOLS)}")
+    b.add_argument("--into", help="also copy the binaries into this folder")
+    b.add_argument("-v", "--verbose", action="store_true", help="stream go's output")
+    args = p.parse_args(argv)
+    return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "env": cmd_env, "build": cmd_build}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Pinned binaries for the local control plane, built from source with Go and cached outside the repo.
+
+``ensure(name)`` returns the path of one executable, looking in this order:
+
+1. ``$FINETUNE_BIN_DIR/<name>`` (a folder of prebuilt binaries, e.g. filled by ``build --into``),
+2. ``$KUBEBUILDER_ASSETS/<name>`` (the envtest layout: kube-apiserver, etcd, kubectl),
+3. the cache ``${FINETUNE_CACHE:-~/.cache/finetune-operator}/bin/<bundle>-<version>/<name>``,
+4. otherwise it builds the whole bundle the tool belongs to into the cache and returns it.
+
+Tools that come out of one Go module are built by one ``go build`` invocation (a *bundle*), so they
+share compilation and linking runs in parallel: the control plane (kube-apiserver,
+kube-controller-manager, kube-scheduler, kubectl and etcd) from ``gotools/k8s``; kwok, helm and minio with
+``go install <module>@<version>``. A build holds an exclusive file lock on the bundle, so parallel
+pytest workers or CLI calls build it once; the others wait and reuse it. A finished bundle folder has
+a ``.stamp`` naming its recipe (versions, flags, hash of go.mod/go.sum); a folder with a missing or
+different stamp is rebuilt.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+K8S_VERSION = "v1.33.13"
+ETCD_VERSION = "v3.5.21"
+KWOK_VERSION = "v0.7.0"
+HELM_VERSION = "v3.19.5"
+# MinIO publishes no semver tags; this is the module proxy's pseudo-version of master on 2026-02-12.
+MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"
+
+GOTOOLS = Path(__file__).resolve().parent / "gotools"
+
+
+class ToolError(RuntimeError):
+    """A binary could not be found or built. The message carries the Go output."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    name: str
+    version: str
+    tools: tuple[str, ...]
+    # (argv, cwd or None) for each go command; output lands in $OUTDIR, which _build substitutes.
+    commands: Callable[[Path], list[tuple[list[str], Path | None]]] = field(compare=False)
+    # renames applied in the output folder after the build (go names a .../server/v3 binary "server")
+    renames: tuple[tuple[str, str], ...] = ()
+    # extra recipe input (files whose content changes the build)
+    inputs: tuple[Path, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-{self.version}"
+
+    def recipe(self) -> str:
+        h = hashlib.sha256()
+        argvs = [argv for argv, _cwd in self.commands(Path("$OUTDIR"))]
+        h.update(json.dumps([self.key, self.tools, self.renames, argvs]).encode())
+        for p in self.inputs:
+            h.update(p.name.encode())
+            h.update(p.read_bytes() if p.exists() else b"<missing>")
+        return h.hexdigest()[:16]
+
+
+_COMMON = ["-trimpath"]
+
+
+def _k8s_ldflags() -> str:
+    major, minor = K8S_VERSION.lstrip("v").split(".")[:2]
+    pairs = {
+        "gitVersion": K8S_VERSION,
+        "gitMajor": major,
+        "gitMinor": minor,
+        "gitTreeState": "clean",
+        "gitCommit": "0000000000000000000000000000000000000000",
+        "buildDate": "1970-01-01T00:00:00Z",
+    }
+    xs = [f"-X k8s.io/{pkg}.{k}={v}" for pkg in ("component-base/version", "client-go/pkg/version") for k, v in pairs.items()]
+    return " ".join(["-s", "-w", *xs])
+
+
+def _k8s_cmds(out: Path) -> list[tuple[list[str], Path | None]]:
+    return [
+        (
+            [
+                "go", "build", *_COMMON, f"-ldflags={_k8s_ldflags()}", "-o", f"{out}/",
+                "k8s.io/kubernetes/cmd/kube-apiserver",
+                "k8s.io/kubernetes/cmd/kube-controller-manager",
+                "k8s.io/kubernetes/cmd/kube-scheduler",
+                "k8s.io/kubernetes/cmd/kubectl",
+                "go.etcd.io/etcd/server/v3",
+            ],
+            GOTOOLS / "k8s",
+        )
+    ]
+
+
+def _install(pkgs: Iterable[str], version: str, ldflags: str = "-s -w") -> Callable[[Path], list]:
+    def cmds(out: Path) -> list[tuple[list[str], Path | None]]:
+        # GOBIN is set by _build; go install with @version runs outside any module.
+        return [(["go", "install", *_COMMON, f"-ldflags={ldflags}", *[f"{p}@{version}" for p in pkgs]], None)]
+
+    return cmds
+
+
+BUNDLES: dict[str, Bundle] = {
+    b.name: b
+    for b in (
+        Bundle(
+            "k8s",
+            K8S_VERSION,
+            ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd"),
+            _k8s_cmds,
+            renames=(("server", "etcd"),),
+            inputs=(GOTOOLS / "k8s" / "go.mod", GOTOOLS / "k8s" / "go.sum"),
+        ),
+        Bundle(
+            "kwok",
+            KWOK_VERSION,
+            ("kwok",),
+            _install(["sigs.k8s.io/kwok/cmd/kwok"], KWOK_VERSION, f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={KWOK_VERSION}"),
+        ),
+        Bundle(
+            "helm",
+            HELM_VERSION,
+            ("helm",),
+            _install(
+                ["helm.sh/helm/v3/cmd/helm"],
+                HELM_VERSION,
+                f"-s -w -X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"
+                " -X helm.sh/helm/v3/internal/version.metadata="
+                " -X helm.sh/helm/v3/internal/version.gitTreeState=clean",
+            ),
+        ),
+        Bundle("minio", MINIO_VERSION, ("minio",), _install(["github.com/minio/minio"], MINIO_VERSION)),
+    )
+}
+TOOLS: dict[str, Bundle] = {t: b for b in BUNDLES.values() for t in b.tools}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune-operator").expanduser()
+
+
+def bundle_dir(bundle: str | Bundle) -> Path:
+    b = BUNDLES[bundle] if isinstance(bundle, str) else bundle
+    return cache_dir() / "bin" / b.key
+
+
+def _executable(p: Path) -> bool:
+    return p.is_file() and os.access(p, os.X_OK)
+
+
+def _override(name: str) -> Path | None:
+    for var in ("FINETUNE_BIN_DIR", "KUBEBUILDER_ASSETS"):
+        d = os.environ.get(var)
+        if d and _executable(Path(d).expanduser() / name):
+            return Path(d).expanduser() / name
+    return None
+
+
+def _cached(b: Bundle) -> bool:
+    d = bundle_dir(b)
+    stamp = d / ".stamp"
+    try:
+        ok = json.loads(stamp.read_text()).get("recipe") == b.recipe()
+    except (OSError, ValueError):
+        return False
+    return ok and all(_executable(d / t) for t in b.tools)
+
+
+def _log(msg: str) -> None:
+    print(f"[finetune-devcluster] {msg}", file=sys.stderr, flush=True)
+
+
+def _go() -> str:
+    go = shutil.which("go")
+    if not go:
+        raise ToolError(
+            "Go toolchain not found on PATH: the local control plane is built from source with Go >= 1.24. "
+            "Install Go (https://go.dev/dl/), or point FINETUNE_BIN_DIR / KUBEBUILDER_ASSETS at prebuilt "
+            "binaries (kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok, helm, minio)."
+        )
+    return go
+
+
+def _build(b: Bundle, verbose: bool) -> None:
+    go = _go()
+    final = bundle_dir(b)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{b.key}.tmp-", dir=final.parent))
+    env = dict(os.environ)
+    env["GOBIN"] = str(tmp)
+    env.setdefault("CGO_ENABLED", "0")
+    env["GOFLAGS"] = (env.get("GOFLAGS", "") + " -buildvcs=false").strip()
+    t0 = time.monotonic()
+    _log(f"building {b.key} ({', '.join(b.tools)}) into {final} - a cold build takes several minutes")
+    try:
+        for argv, cwd in b.commands(tmp):
+            argv = [go, *argv[1:]]
+            try:
+                proc = subprocess.run(
+                    argv,
+                    cwd=cwd,
+                    env=env,
+                    stdout=None if verbose else subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            except OSError as e:
+                raise ToolError(f"could not run {argv[0]}: {e}") from e
+            if proc.returncode != 0:
+                out = (proc.stdout or "(output shown above)")[-6000:]
+                raise ToolError(
+                    f"building {b.key} failed (exit {proc.returncode}).\n"
+                    f"command: {' '.join(argv)}\ncwd: {cwd or os.getcwd()}\n"
+                    f"GOPROXY={_goenv(go, 'GOPROXY')}\n--- go output (tail) ---\n{out}"
+                )
+        for src, dst in b.renames:
+            if (tmp / src).exists():
+                (tmp / src).replace(tmp / dst)
+        missing = [t for t in b.tools if not _executable(tmp / t)]
+        if missing:
+            raise ToolError(f"building {b.key}: go succeeded but did not produce {missing} in {tmp}: {os.listdir(tmp)}")
+        took = time.monotonic() - t0
+        (tmp / ".stamp").write_text(
+            json.dumps({"recipe": b.recipe(), "bundle": b.key, "built": time.time(), "seconds": round(took, 1)})
+        )
+        tmp.chmod(0o755)
+        if final.exists():
+            old = final.with_name(f".{b.key}.old-{os.getpid()}")
+            final.replace(old)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.replace(final)
+        _log(f"built {b.key} in {took:.0f}s")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _goenv(go: str, var: str) -> str:
+    try:
+        return subprocess.run([go, "env", var], capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception:  # noqa: BLE001 - only decorates an error message
+        return "?"
+
+
+def ensure_bundle(bundle: str, verbose: bool = False) -> Path:
+    """Build (once, under a file lock) and return the cache folder of a bundle."""
+    b = BUNDLES[bundle]
+    d = bundle_dir(b)
+    if _cached(b):
+        return d
+    d.parent.mkdir(parents=True, exist_ok=True)
+    lock = d.parent / f".{b.key}.lock"
+    with open(lock, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log(f"waiting for another process building {b.key}")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        if not _cached(b):
+            _build(b, verbose)
+    return d
+
+
+def find(name: str) -> Path | None:
+    """Like ``ensure`` but never builds: the override or cached binary, else None."""
+    b = TOOLS.get(name)
+    if b is None:
+        return None
+    found = _override(name)
+    if found:
+        return found
+    return bundle_dir(b) / name if _cached(b) else None
+
+
+def ensure(name: str, verbose: bool = False) -> Path:
+    """Path to the executable ``name`` (see the module docstring for the lookup order)."""
+    if name not in TOOLS:
+        raise ToolError(f"unknown tool {name!r}; known: {sorted(TOOLS)}")
+    found = _override(name)
+    if found:
+        return found
+    return ensure_bundle(TOOLS[name].name, verbose) / name
+
+
+def ensure_all(names: Iterable[str] | None = None, verbose: bool = False) -> dict[str, Path]:
+    """Ensure several tools; each bundle is built at most once."""
+    return {n: ensure(n, verbose) for n in (names or TOOLS)}
+
+
+def describe() -> list[dict[str, str]]:
+    """One row per tool: name, version, where it would come from, whether it is ready."""
+    rows = []
+    for name, b in TOOLS.items():
+        o = _override(name)
+        rows.append(
+            {
+                "tool": name,
+                "bundle": b.key,
+                "path": str(o or bundle_dir(b) / name),
+                "state": "override" if o else ("cached" if _cached(b) else "not built"),
+            }
+        )
+    return rows

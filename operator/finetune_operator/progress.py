@@ -1,0 +1,171 @@
+"""Training progress from the trainer into the FineTuneJob status.
+
+Mechanism: rank 0 of the trainer writes ``<output>/progress.json`` (a
+:class:`finetune_api.status.ProgressDocument`); the operator reads it while the job is active and once
+more when it finishes, and projects it into ``status.progress`` and friends.
+
+Cost per job is bounded: at most one small GET per ``interval`` seconds (default 15) per active job,
+conditional on the ETag so an unchanged document costs a 304, with a short timeout; nothing is read
+for finished jobs after their final read. Credentials come from the job's ``storage.credentialsSecret``
+and live only in memory, never in logs or status.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from finetune_api.spec import FineTuneJobSpec
+from finetune_api.status import ProgressDocument
+
+log = logging.getLogger(__name__)
+
+MAX_CHECKPOINTS_IN_STATUS = 5
+
+
+def progress_uri(spec: FineTuneJobSpec) -> str:
+    return spec.output.uri.rstrip("/") + "/progress.json"
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f" eta {h}h{m:02d}m" if h else f" eta {m}m{s:02d}s"
+
+
+def project(doc: ProgressDocument) -> dict[str, Any]:
+    """The status fields a progress document sets (pure)."""
+    percent = None
+    if doc.total_steps:
+        percent = round(100.0 * min(doc.step, doc.total_steps) / doc.total_steps, 1)
+    text = f"{doc.step}/{doc.total_steps} ({percent}%)" if doc.total_steps else (doc.stage or None)
+    progress = {
+        "step": doc.step,
+        "totalSteps": doc.total_steps,
+        "percent": percent,
+        "text": text,
+        "epoch": round(doc.epoch, 3) if doc.epoch is not None else None,
+        "etaSeconds": round(doc.eta_seconds, 1) if doc.eta_seconds is not None else None,
+        "trainLoss": doc.train_loss,
+        "evalLoss": doc.eval_loss,
+        "learningRate": doc.learning_rate,
+        "bestMetric": doc.best_metric,
+        "bestMetricName": doc.best_metric_name,
+        "stage": doc.stage,
+        "updatedAt": doc.updated_at,
+    }
+    out: dict[str, Any] = {"progress": {k: v for k, v in progress.items() if v is not None}}
+    if doc.latest_checkpoint:
+        out["latestCheckpoint"] = doc.latest_checkpoint
+    if doc.checkpoints:
+        out["checkpoints"] = [c.wire() for c in doc.checkpoints[-MAX_CHECKPOINTS_IN_STATUS:]]
+    if doc.model_uri:
+        out["modelUri"] = doc.model_uri
+    if doc.data:
+        out["data"] = doc.data.wire()
+    if doc.gain:
+        out["gain"] = doc.gain.wire()
+    return out
+
+
+@dataclass
+class _Entry:
+    fetched_at: float = 0.0
+    etag: str | None = None
+    doc: ProgressDocument | None = None
+
+
+Credentials = Callable[[str, str], "dict[str, str] | None"]  # (namespace, secret) -> AWS_* values
+
+
+class ProgressReader:
+    """Reads progress documents with per-job throttling and ETag caching."""
+
+    def __init__(self, credentials: Credentials, interval: float = 15.0, timeout: float = 5.0):
+        self.credentials = credentials
+        self.interval = interval
+        self.timeout = timeout
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            self._entries.pop(uid, None)
+
+    def read(self, uid: str, namespace: str, spec: FineTuneJobSpec, *, force: bool = False) -> ProgressDocument | None:
+        """The latest document, fetching it when the last fetch is older than ``interval`` (or forced)."""
+        with self._lock:
+            entry = self._entries.setdefault(uid, _Entry())
+        if not force and time.monotonic() - entry.fetched_at < self.interval:
+            return entry.doc
+        entry.fetched_at = time.monotonic()
+        try:
+            raw, etag = self._get(namespace, spec, entry.etag)
+        except Exception as exc:  # progress is best-effort: never fail a reconcile over it
+            log.info("progress for %s/%s not readable yet: %s", namespace, progress_uri(spec), type(exc).__name__)
+            return entry.doc
+        if raw is not None:
+            try:
+                entry.doc = ProgressDocument.model_validate(json.loads(raw))
+                entry.etag = etag
+            except ValueError as exc:
+                log.warning("ignoring malformed progress document %s: %s", progress_uri(spec), exc)
+        return entry.doc
+
+    def _get(self, namespace: str, spec: FineTuneJobSpec, etag: str | None) -> tuple[bytes | None, str | None]:
+        uri = progress_uri(spec)
+        if not uri.startswith("s3://"):
+            path = Path(uri)
+            return (path.read_bytes(), None) if path.exists() else (None, None)
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import ClientError
+
+        creds: dict[str, str] = {}
+        if spec.storage.credentials_secret:
+            creds = self.credentials(namespace, spec.storage.credentials_secret.name) or {}
+        client = boto3.client(
+            "s3",
+            endpoint_url=spec.storage.endpoint,
+            region_name=spec.storage.region or "us-east-1",
+            aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=creds.get("AWS_SESSION_TOKEN"),
+            config=Config(connect_timeout=self.timeout, read_timeout=self.timeout, retries={"max_attempts": 1}),
+        )
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if etag:
+            kwargs["IfNoneMatch"] = etag
+        try:
+            obj = client.get_object(**kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("304", "NotModified"):
+                return None, etag
+            if code in ("NoSuchKey", "404"):
+                return None, None
+            raise
+        return obj["Body"].read(), obj.get("ETag")
+
+
+def secret_values(read_secret: Callable[[str, str], Any]) -> Credentials:
+    """Adapt a ``read_namespaced_secret``-like call to the AWS_* values the reader needs."""
+
+    def get(namespace: str, name: str) -> dict[str, str] | None:
+        secret = read_secret(name, namespace)
+        if secret is None:
+            return None
+        data = secret.data or {}
+        return {k: base64.b64decode(v).decode() for k, v in data.items() if k.startswith("AWS_")}
+
+    return get

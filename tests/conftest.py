@@ -1,0 +1,120 @@
+"""Fixtures shared by all tests.
+
+``cluster``   a running :class:`finetune_devcluster.LocalCluster` for the whole session (etcd,
+              kube-apiserver, controller-manager, scheduler, kwok, 2 fake nodes with 8 nvidia.com/gpu each).
+              It never skips: if the binaries cannot be built or the cluster does not start, every test
+              using it errors with the reason. Subprocesses must get ``env=cluster.env()`` (KUBECONFIG).
+              End pods with ``cluster.pod_succeed(ns, name)`` / ``cluster.pod_fail(ns, name, code, msg)``.
+              ``FINETUNE_TEST_CLUSTER=running`` reuses the cluster of ``python -m finetune_devcluster up``
+              instead of starting one (fast local iteration).
+``kube``      a ``kubernetes.client.ApiClient`` for it, as cluster admin.
+``namespace`` a fresh namespace per test (its ``default`` ServiceAccount exists), deleted afterwards.
+``s3``        a running :class:`finetune_devcluster.LocalS3` (MinIO unless ``FINETUNE_S3_BACKEND=moto``).
+
+Tests using ``cluster``/``kube``/``namespace`` are marked ``cluster`` and tests using ``s3`` are marked
+``s3`` automatically, so ``-m "not cluster"`` deselects them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from typing import Iterator
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Also declared in pyproject.toml; repeated so the markers exist when pytest runs with another rootdir.
+    for line in (
+        "cluster: needs the local control plane (kube-apiserver, kwok)",
+        "s3: needs the local S3 server",
+        "slow: takes more than a few seconds",
+    ):
+        config.addinivalue_line("markers", line)
+
+
+_CLUSTER_FIXTURES = {"cluster", "kube", "namespace"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & _CLUSTER_FIXTURES and not item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.cluster)
+        if "s3" in names and not item.get_closest_marker("s3"):
+            item.add_marker(pytest.mark.s3)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator["LocalCluster"]:  # noqa: F821
+    from finetune_devcluster.cluster import LocalCluster
+
+    if os.environ.get("FINETUNE_TEST_CLUSTER") == "running":
+        from finetune_devcluster.__main__ import _cluster_dir
+
+        c = LocalCluster.attach(_cluster_dir())
+        down = [n for n, up in c.running().items() if not up]
+        if down:
+            raise RuntimeError(f"FINETUNE_TEST_CLUSTER=running but {down} are not running in {c.workdir}")
+        c.wait_ready(timeout=60)
+        yield c
+        return
+    c = LocalCluster(nodes=int(os.environ.get("FINETUNE_TEST_NODES", "2")))
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="session")
+def kube(cluster):
+    api = cluster.api_client()
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+def _ns_name(nodeid: str) -> str:
+    base = re.sub(r"[^a-z0-9-]+", "-", nodeid.split("::")[-1].lower()).strip("-")[:40].strip("-") or "t"
+    return f"{base}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest, cluster, kube) -> Iterator[str]:
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    core = client.CoreV1Api(kube)
+    name = _ns_name(request.node.nodeid)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"finetune.io/test": "true"})))
+    # Pods are rejected until the ServiceAccount controller has made "default" in the namespace.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            core.read_namespaced_service_account("default", name)
+            break
+        except ApiException as e:
+            if e.status != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    try:
+        yield name
+    finally:
+        try:
+            core.delete_namespace(name)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator["LocalS3"]:  # noqa: F821
+    from finetune_devcluster.s3 import LocalS3
+
+    with LocalS3() as server:
+        yield server

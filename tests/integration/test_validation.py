@@ -1,0 +1,97 @@
+"""Bad input is rejected by the API server itself (schema + CEL rules), with a message a person can act
+on; the same table is checked against the pydantic model, so the two definitions cannot drift."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from finetune_api.spec import parse_spec
+
+pytestmark = pytest.mark.cluster
+
+GOOD = {
+    "model": {"uri": "s3://models/tiny"},
+    "dataset": {"train": "s3://data/train.jsonl"},
+    "output": {"uri": "s3://out/run"},
+}
+
+
+def with_(path: str, value):
+    spec = copy.deepcopy(GOOD)
+    node = spec
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return spec
+
+
+CLASSIFY = {"model": {"uri": "s3://models/m", "task": "sequence-classification"}, "dataset": {"train": "s3://data/x", "format": "classification"}, "output": {"uri": "s3://out/x"}}
+
+# (id, spec, text the API server's message must contain)
+BAD_SPECS = [
+    ("method-enum", with_("method", "adam"), 'Unsupported value: "adam"'),
+    ("task-enum", with_("model.task", "translation"), 'Unsupported value: "translation"'),
+    ("format-enum", with_("dataset.format", "xml"), 'Unsupported value: "xml"'),
+    ("leakage-enum", with_("dataset.leakageCheck", "ignore"), 'Unsupported value: "ignore"'),
+    ("precision-enum", with_("hyperparameters.precision", "int3"), 'Unsupported value: "int3"'),
+    ("lr-positive", with_("hyperparameters.learningRate", 0), "should be greater than 0"),
+    ("warmup-ratio", with_("hyperparameters.warmupRatio", 1.0), "should be less than 1"),
+    ("nodes-min", with_("resources.nodes", 0), "should be greater than or equal to 1"),
+    ("lora-rank", with_("lora", {"r": 0}), "should be greater than or equal to 1"),
+    ("model-uri", with_("model.uri", "ftp://models/x"), "should match"),
+    ("train-uri", with_("dataset.train", "data/train.jsonl"), "should match"),
+    ("output-uri", with_("output.uri", "gs://bucket/out"), "should match"),
+    ("missing-output", {k: v for k, v in GOOD.items() if k != "output"}, "Required value"),
+    ("unknown-field", with_("hyperparameters.learningRat", 0.1), 'unknown field "spec.hyperparameters.learningRat"'),
+    ("lora-with-full", {**with_("method", "full"), "lora": {"r": 8}}, "spec.lora is only valid with method lora, qlora or dora"),
+    ("epochs-and-steps", with_("hyperparameters", {"epochs": 1, "maxSteps": 10}), "set hyperparameters.epochs or hyperparameters.maxSteps, not both"),
+    ("split-sum", with_("dataset.split", {"validation": 0.5, "test": 0.5}), "dataset.split.validation + dataset.split.test must be below 1"),
+    ("labels-without-classification", with_("model.labels", ["pos", "neg"]), "only valid with task sequence-classification"),
+    ("classification-format-mismatch", with_("dataset.format", "classification"), "classification goes with model.task sequence-classification"),
+    ("numlabels-mismatch", {**CLASSIFY, "model": {**CLASSIFY["model"], "labels": ["a", "b"], "numLabels": 3}}, "model.numLabels must equal the number of model.labels"),
+    ("secret-name", with_("storage.credentialsSecret", {"name": "Bad_Name"}), "should match"),
+    ("endpoint-url", with_("storage.endpoint", "minio:9000"), "should match"),
+]
+
+
+def manifest(name: str, spec: dict) -> dict:
+    return {"apiVersion": "finetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+
+
+@pytest.mark.parametrize("case_id,spec,message", BAD_SPECS, ids=[c[0] for c in BAD_SPECS])
+def test_api_server_rejects_bad_spec(kubectl, crd_installed, namespace, case_id, spec, message):
+    proc = kubectl.run("create", "-n", namespace, "-f", "-", input=json.dumps(manifest(case_id, spec)), check=False)
+    assert proc.returncode != 0, f"{case_id} was accepted"
+    assert message in proc.stderr, proc.stderr
+    # and the typed model refuses it too (the operator and the trainer use that one)
+    with pytest.raises(ValidationError):
+        parse_spec(spec)
+
+
+def test_good_spec_is_accepted_with_defaults_filled_in(kubectl, crd_installed, namespace):
+    kubectl.run("create", "-n", namespace, "-f", "-", input=json.dumps(manifest("good", GOOD)))
+    stored = kubectl.get("ftj", "good", namespace)["spec"]
+    assert stored["method"] == "lora"
+    assert stored["hyperparameters"]["learningRate"] == 0.0002
+    assert stored["dataset"]["split"] == {"validation": 0.1, "test": 0.1, "seed": 42, "stratify": True}
+    assert stored["runPolicy"]["backoffLimit"] == 3
+    assert parse_spec(stored) == parse_spec(GOOD)
+
+
+def test_spec_is_immutable_except_run_policy(kubectl, crd_installed, namespace):
+    kubectl.run("create", "-n", namespace, "-f", "-", input=json.dumps(manifest("frozen", GOOD)))
+    proc = kubectl.run("patch", "ftj", "frozen", "-n", namespace, "--type=merge", "-p",
+                       '{"spec":{"model":{"uri":"s3://models/other"}}}', check=False)
+    assert proc.returncode != 0 and "spec is immutable after creation except spec.runPolicy" in proc.stderr
+    proc = kubectl.run("patch", "ftj", "frozen", "-n", namespace, "--type=merge", "-p",
+                       '{"spec":{"lora":{"r":4}}}', check=False)
+    assert proc.returncode != 0 and "immutable" in proc.stderr
+    kubectl.run("patch", "ftj", "frozen", "-n", namespace, "--type=merge", "-p",
+                '{"spec":{"runPolicy":{"suspend":true,"backoffLimit":5,"activeDeadlineSeconds":600}}}')
+    stored = kubectl.get("ftj", "frozen", namespace)["spec"]["runPolicy"]
+    assert stored["suspend"] is True and stored["backoffLimit"] == 5

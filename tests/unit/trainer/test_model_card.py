@@ -1,0 +1,264 @@
+"""Model card: the JSON and the README carry the numbers they were given, follow the Hugging Face card layout,
+and still render when every optional part is missing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from finetune_api.spec import parse_spec
+from finetune_trainer.model_card import build_model_card, fmt
+
+SECTIONS = [
+    "## Model details",
+    "## Training data",
+    "### Data report",
+    "## Training procedure",
+    "### Hyperparameters",
+    "## Evaluation",
+    "## Calibration",
+    "## Retention (catastrophic forgetting)",
+    "## Limitations",
+]
+
+
+def _front_matter(readme: str) -> dict:
+    assert readme.startswith("---\n")
+    head, _, _ = readme[4:].partition("\n---\n")
+    return yaml.safe_load(head)
+
+
+@pytest.fixture
+def classification_spec():
+    return parse_spec(
+        {
+            "model": {"uri": "hf://acme/tiny-bert", "task": "sequence-classification", "labels": ["neg", "pos|x", "neu"]},
+            "method": "lora",
+            "lora": {"r": 8, "alpha": 16},
+            "dataset": {"train": "s3://data-bucket/train.jsonl", "format": "classification"},
+            "hyperparameters": {"learningRate": 0.00031, "epochs": 2},
+            "evaluation": {
+                "earlyStopping": {"metric": "f1_macro", "mode": "max", "patience": 2},
+                "retention": {"dataset": "/data/general.jsonl"},
+            },
+            "output": {"uri": "s3://out-bucket/jobs/a"},
+        }
+    )
+
+
+def _full_card(spec, **overrides):
+    args = dict(
+        job_name="sentiment-a",
+        spec=spec,
+        data_report={"rows": {"train": 1234, "validation": 150, "test": 149}, "dropped": {"exact_duplicates": 56}},
+        baseline={"eval_loss": 1.0986, "accuracy": 0.3412, "f1_macro": 0.2101, "ece": 0.0456, "eval_samples": 150.0},
+        final_eval={
+            "eval_loss": 0.4567, "accuracy": 0.8123, "f1_macro": 0.7951, "ece": 0.0812, "eval_samples": 150.0,
+            "per_class": {"neg": {"precision": 0.9, "recall": 0.85, "f1": 0.874, "support": 70}},
+        },
+        test_eval={
+            "eval_loss": 0.4821, "accuracy": 0.8011, "f1_macro": 0.7813, "ece": 0.0342, "eval_samples": 1490.0,
+            "per_class": {
+                "neg": {"precision": 0.9137, "recall": 0.8642, "f1": 0.8883, "support": 710},
+                "pos|x": {"precision": 0.7021, "recall": 0.7513, "f1": 0.7259, "support": 600},
+                "neu": {"precision": 0.5123, "recall": 0.4011, "f1": 0.4499, "support": 180},
+            },
+        },
+        calibration={"temperature": 1.734, "ece_before": 0.0812, "ece_after": 0.0231, "nll_before": 0.4567, "nll_after": 0.4102},
+        retention={"loss_before": 2.1, "loss_after": 2.2, "relative_increase": 0.047619, "threshold": 0.1, "passed": True},
+        best_checkpoint={"step": 300, "value": 0.7951, "uri": "s3://out-bucket/jobs/a/checkpoints/step-00000300"},
+        training={"global_step": 450, "train_loss": 0.3921, "runtime_s": 1234.5, "stopped_early": True},
+        majority_baseline={"accuracy": 0.4667, "f1_macro": 0.2121, "majority_class": 0.0},
+    )
+    args.update(overrides)
+    return build_model_card(**args)
+
+
+def test_card_contains_the_numbers_it_was_given(classification_spec):
+    card, readme = _full_card(classification_spec)
+
+    for number in [
+        "1.0986", "0.3412", "0.2101",  # baseline
+        "0.4567", "0.8123", "0.7951",  # final validation
+        "0.4821", "0.8011", "0.7813", "1490",  # test
+        "0.9137", "0.8642", "0.8883", "710", "0.4499",  # per class
+        "1.7340", "0.0812", "0.0231", "0.4102",  # calibration
+        "2.1000", "2.2000", "+4.76%", "+10.00%",  # retention
+        "1234", "56", "00000300", "0.3921", "1234.5",  # data report, best checkpoint, training
+        "0.4667",  # majority class
+        "| `learningRate` | 0.00031 |",  # learning rate
+    ]:
+        assert number in readme, number
+    # Change = fine-tuned - base on validation: 0.7951 - 0.2101.
+    assert "+0.5850 (+278.44%)" in readme
+    assert "| Loss | 1.0986 | — | 0.4567 | -0.6419 (-58.43%) | 0.4821 |" in readme
+    assert "F1 (macro) on the test set: **0.7813**" in readme
+    assert "pos\\|x" in readme  # a '|' in a label cannot break the table
+
+    assert card["evaluation"]["test"]["f1_macro"] == 0.7813
+    assert card["evaluation"]["final"] == {
+        "eval_loss": 0.4567, "accuracy": 0.8123, "f1_macro": 0.7951, "ece": 0.0812, "eval_samples": 150.0,
+    }
+    assert card["evaluation"]["gain"]["f1_macro"]["delta"] == pytest.approx(0.585)
+    assert card["evaluation"]["gain"]["eval_loss"]["improved"] is True
+    assert card["evaluation"]["perClass"]["neu"]["support"] == 180
+    assert card["calibration"]["temperature"] == 1.734
+    assert card["retention"]["passed"] is True
+    assert card["dataReport"]["rows"]["train"] == 1234
+    assert card["adapter"]["r"] == 8
+    assert card["hyperparameters"]["learningRate"] == 0.00031
+    json.dumps(card, allow_nan=False)
+
+
+def test_readme_follows_hugging_face_card_conventions(classification_spec):
+    _, readme = _full_card(classification_spec)
+    meta = _front_matter(readme)
+    assert meta["base_model"] == "acme/tiny-bert"
+    assert meta["library_name"] == "peft"
+    assert meta["pipeline_tag"] == "text-classification"
+    assert {"finetune-operator", "lora", "sequence-classification"} <= set(meta["tags"])
+    results = meta["model-index"][0]["results"][0]
+    assert results["dataset"]["split"] == "test"
+    assert {m["type"]: m["value"] for m in results["metrics"]}["accuracy"] == 0.8011
+    positions = [readme.index(s) for s in SECTIONS]
+    assert positions == sorted(positions)
+    assert "### Per class (test set)" in readme
+
+
+def test_card_renders_with_no_optional_parts():
+    spec = parse_spec(
+        {
+            "model": {"uri": "s3://models/llama-tiny"},
+            "method": "full",
+            "dataset": {"train": "/data/train.jsonl"},
+            "evaluation": {"baseline": False},
+            "output": {"uri": "/out"},
+        }
+    )
+    card, readme = build_model_card(
+        job_name="lm-b",
+        spec=spec,
+        data_report={},
+        baseline=None,
+        final_eval={"eval_loss": 2.3456, "perplexity": 10.4392, "token_accuracy": 0.4123, "eval_tokens": 5120.0},
+        test_eval=None,
+        calibration=None,
+        retention=None,
+        best_checkpoint=None,
+        training={},
+    )
+    for section in SECTIONS:
+        assert section in readme, section
+    meta = _front_matter(readme)
+    assert meta["base_model"] == "s3://models/llama-tiny"
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert meta["model-index"][0]["results"][0]["dataset"]["split"] == "validation"
+    assert "| Loss | 2.3456 | — |" in readme and "10.4392" in readme and "5120" in readme
+    assert "Loss on the validation set: **2.3456**." in readme
+    assert "No test set was evaluated." in readme
+    assert "No data report was recorded." in readme
+    assert "Not applicable to causal language models." in readme
+    assert "Not measured: no evaluation.retention dataset was configured." in readme
+    limitations = readme.split("## Limitations")[1]
+    assert "No test-set evaluation was run" in limitations
+    assert "gain from fine-tuning is unknown" in limitations
+    assert "Catastrophic forgetting was not measured" in limitations
+    assert "Method." not in readme and "Task." not in readme  # spec defaults are enums; shown as plain values
+    assert "`epochs` | 3 (default)" in readme
+    assert card["evaluation"]["baseline"] is None and card["evaluation"]["test"] is None
+    assert card["evaluation"]["gain"] == {}
+    assert card["task"] == "causal-lm" and card["method"] == "full"
+    json.dumps(card, allow_nan=False)
+
+
+def test_card_reports_problems_as_limitations(classification_spec):
+    card, readme = _full_card(
+        classification_spec,
+        test_eval={"accuracy": 0.41, "f1_macro": 0.2, "eval_samples": 50.0, "perplexity": math.inf},
+        calibration={"temperature": 0.9, "ece_before": 0.2, "ece_after": 0.12, "nll_before": 1.1, "nll_after": 1.0},
+        retention={"loss_before": 2.0, "loss_after": 2.5, "relative_increase": 0.25, "threshold": 0.1, "passed": False},
+    )
+    limitations = readme.split("## Limitations")[1]
+    assert "does not beat always predicting the most frequent class (0.4667)" in limitations
+    assert "small (50 examples)" in limitations
+    assert "expected calibration error is 0.1200" in limitations
+    assert "Retention check failed: loss on general data rose by +25.00% (allowed +10.00%)" in limitations
+    assert "| 2.0000 | 2.5000 | +25.00% | +10.00% | **failed** |" in readme
+    assert card["evaluation"]["test"]["perplexity"] is None  # inf is not JSON
+    assert "inf" in readme
+    json.dumps(card, allow_nan=False)
+
+
+def test_long_data_report_is_truncated_in_the_readme_only(classification_spec):
+    report = {"files": {f"part-{i:03d}.jsonl": i for i in range(100)}}
+    card, readme = _full_card(classification_spec, data_report=report)
+    assert "…and 40 more in `data-report.json`." in readme
+    assert len(card["dataReport"]["files"]) == 100
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(None, "—"), (True, "yes"), (7, "7"), (3.0, "3"), (0.123456, "0.1235"), (12345.67, "12345.7"), (2.5e-05, "2.5e-05"),
+     (float("nan"), "nan"), (float("inf"), "inf")],
+)
+def test_fmt(value, text):
+    assert fmt(value) == text
+
+
+def test_fmt_real_keeps_decimals():
+    assert fmt(2.0, real=True) == "2.0000"
+
+
+# The shape data/prepare.py writes (trimmed), and the way train.py calls the builder: best checkpoint as a URI,
+# the majority-class baseline inside the baseline dict.
+PIPELINE_REPORT = {
+    "format": "classification",
+    "inputs": {"train": {"uri": "s3://data-bucket/train.jsonl", "rows_read": 125, "rows_kept": 120}},
+    "total": {
+        "rows_read": 125, "malformed": 0, "empty": 2, "exact_duplicates": 5, "near_duplicates": 3, "rows_kept": 115,
+        "truncated": 4, "tokens": 14400, "trainable_tokens": 14400, "pii_total": 9, "pii": {"EMAIL": 7, "PHONE": 2},
+    },
+    "leakage": {"policy": "drop", "validation": {"exact": 1, "near": 2, "total": 3}, "test": {"exact": 0, "near": 1, "total": 1}},
+    "classes": {"labels": ["neg", "pos"], "train": {"counts": {"neg": 61, "pos": 31}, "imbalance_ratio": 1.967741935}},
+    "final_sizes": {"train": 92, "validation": 12, "test": 11, "retention": None},
+}
+
+
+def test_card_from_the_data_pipeline_report_and_train_loop_arguments():
+    spec = parse_spec(
+        {
+            "model": {"uri": "/models/base", "task": "sequence-classification"},
+            "dataset": {"train": "s3://data-bucket/train.jsonl", "format": "classification"},
+            "output": {"uri": "/out"},
+        }
+    )
+    card, readme = build_model_card(
+        job_name="clf",
+        spec=spec,
+        data_report=PIPELINE_REPORT,
+        baseline={"accuracy": 0.5, "f1_macro": 0.4, "majority": {"accuracy": 0.6667, "f1_macro": 0.4, "majority_class": 0.0}},
+        final_eval={"accuracy": 0.75, "f1_macro": 0.7},
+        test_eval=None,
+        calibration=None,
+        retention=None,
+        best_checkpoint="/out/checkpoints/step-00000040",
+        training={"steps": 40, "stopped_early": False, "history": [{"step": 1, "loss": 0.7}] * 3},
+    )
+    report = readme.split("### Data report")[1].split("## Training procedure")[0]
+    for text in ["| train | 92 |", "| validation | 12 |", "| Rows read | 125 |", "| Exact duplicates | 5 |",
+                 "| PII redacted | 9 |", "EMAIL 7, PHONE 2", "validation: 1 exact, 2 near; test: 0 exact, 1 near",
+                 "| neg | 61 |", "| pos | 31 |", "1.9677", "data-report.json"]:
+        assert text in report, text
+    assert "retention" not in report  # a split that does not exist is not listed
+    assert "| Labels | neg, pos |" in readme and card["labels"] == ["neg", "pos"]  # derived from the data
+    assert "/out/checkpoints/step-00000040" in readme
+    assert "| Accuracy | 0.5000 | 0.6667 | 0.7500 | +0.2500 (+50.00%) | — |" in readme
+    assert card["evaluation"]["majorityBaseline"]["accuracy"] == 0.6667
+    assert "majority" not in card["evaluation"]["baseline"]
+    assert card["bestCheckpoint"] == {"uri": "/out/checkpoints/step-00000040"}
+    assert "`history` | 3 items" in readme
+    assert "Confidence scores were not calibrated" in readme
+    json.dumps(card, allow_nan=False)

@@ -1,0 +1,196 @@
+"""End-to-end runs of the trainer on CPU with real models: a tiny Llama (prompt-completion, LoRA) and
+the pretrained MiniLM BERT (sentiment classification)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune_trainer.checkpoint import sha256_file
+from helpers_assets import assets, checkpoint_state, lm_spec, run_trainer, write_config  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+def _progress(out):
+    return json.loads((out / "progress.json").read_text())
+
+
+def test_causal_lm_lora_writes_model_progress_and_verified_checkpoints(assets, tmp_path):
+    out = tmp_path / "out"
+    spec = lm_spec(assets, str(out), hyperparameters={"maxSteps": 12, "learningRate": 0.02}, output={"mergeAdapter": True},
+                   evaluation={"metrics": ["bleu", "rouge"],
+                               "retention": {"dataset": assets["lm_data"], "maxLossIncrease": 0.5, "action": "warn"}})
+    r = run_trainer(write_config(tmp_path / "job.yaml", spec, name="tiny-lm"), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    # Checkpoints every 3 steps, keepLast 2 (no early stopping, so no extra "best" one).
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-00000009", "step-00000012"]
+    for name in ckpts:
+        manifest = json.loads((out / "checkpoints" / name / "manifest.json").read_text())
+        on_disk = {p.name for p in (out / "checkpoints" / name).iterdir()} - {"manifest.json"}
+        assert set(manifest["files"]) == on_disk == {
+            "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_rank0.pt", "trainer_state.json"}
+        for fname, meta in manifest["files"].items():
+            path = out / "checkpoints" / name / fname
+            assert path.stat().st_size == meta["size"] and sha256_file(path) == meta["sha256"]
+    state = checkpoint_state(out, 12)
+    assert [h["step"] for h in state["history"]] == list(range(1, 13))
+    # 128 train rows / batch 4 = 32 micro-batches per epoch; 12 steps x 2 accumulation = 24 consumed.
+    assert (state["epoch"], state["batch"]) == (0, 24)
+    assert [e["step"] for e in state["evals"]] == [4, 8, 12]
+
+    progress = _progress(out)
+    assert progress["stage"] == "done"
+    assert progress["step"] == progress["totalSteps"] == 12
+    assert progress["modelUri"] == str(out / "model")
+    assert progress["latestCheckpoint"] == str(out / "checkpoints" / "step-00000012")
+    assert [c["step"] for c in progress["checkpoints"]] == [9, 12]
+    assert progress["data"]["rowsRead"] == 160 and progress["data"]["reportUri"] == str(out / "data-report.json")
+    assert json.loads((out / "data-report.json").read_text())
+    gain = progress["gain"]
+    assert gain["metric"] == "eval_loss" and gain["final"] < gain["baseline"] - 0.1
+    test = progress["evaluation"]["test"]
+    assert test["eval_loss"] > 0 and test["generation_samples"] == 16  # greedy completions of the 16 test prompts
+    assert 0 <= test["bleu"] <= 100 and 0 <= test["rouge_l"] <= 1
+
+    model = out / "model"
+    for f in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "model_card.json", "README.md"):
+        assert (model / f).exists(), f
+    adapter = load_file(str(model / "adapter_model.safetensors"))
+    lora_b = [t for n, t in adapter.items() if "lora_B" in n]
+    assert lora_b and all(float(t.abs().sum()) > 0 for t in lora_b)  # LoRA B starts at zero: training moved it
+    # The exported adapter is the final checkpoint's weights.
+    ckpt = load_file(str(out / "checkpoints" / "step-00000012" / "adapter_model.safetensors"))
+    layer = "base_model.model.model.layers.1.mlp.down_proj.lora_B"
+    assert torch.equal(adapter[f"{layer}.weight"], ckpt[f"{layer}.default.weight"])
+
+    # Retention: the same loss measured on the base model (before) and the fine-tuned one (after).
+    retention = progress["evaluation"]["retention"]
+    assert retention["loss_after"] < retention["loss_before"] and retention["passed"] is True
+
+    # mergeAdapter: a plain transformers model whose logits equal base + adapter.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(model / "merged")).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["llama"]), str(model)).eval()
+    ids = torch.tensor([[2, 4, 5, 6, 10, 11, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(assets["llama"]).eval()(input_ids=ids).logits
+    assert not torch.allclose(base, merged(input_ids=ids).logits, atol=1e-3)
+
+
+def test_minilm_classification_beats_its_baseline_on_held_out_data(assets, tmp_path):
+    out = tmp_path / "out"
+    spec = {
+        "model": {"uri": assets["minilm"], "task": "sequence-classification"},
+        "method": "lora",
+        "dataset": {"train": assets["sentiment"], "format": "classification", "split": {"validation": 0.2, "test": 0.2},
+                    "leakageCheck": "off", "preprocessing": {"dedupe": {"near": False}, "redactPii": False}},
+        "hyperparameters": {"epochs": 2, "learningRate": 0.002, "batchSize": 16, "maxSeqLength": 32, "warmupRatio": 0.0, "seed": 3},
+        "evaluation": {"strategy": "epoch"},
+        "checkpoint": {"everySteps": 100},
+        "output": {"uri": str(out)},
+    }
+    r = run_trainer(write_config(tmp_path / "job.yaml", spec, name="sentiment"), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    progress = _progress(out)
+    ev = progress["evaluation"]
+    # Base encoder + untrained head is a coin flip; so is always answering the majority class.
+    assert ev["baseline"]["accuracy"] < 0.7 and ev["baseline"]["majority"]["accuracy"] < 0.7
+    assert ev["test"]["accuracy"] >= 0.9  # the held-out test split, evaluated once with the final model
+    assert ev["test"]["eval_samples"] == 48
+    assert progress["gain"]["metric"] == "accuracy"
+    assert progress["gain"]["final"] - progress["gain"]["baseline"] > 0.3
+    assert 0 < ev["calibration"]["temperature"] and ev["calibration"]["ece_after"] <= ev["calibration"]["ece_before"]
+    config = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert "classifier" in (config.get("modules_to_save") or [])  # the new head is trained in full
+
+
+def test_early_stopping_on_a_diverging_run_keeps_and_uses_the_best_checkpoint(assets, tmp_path):
+    out = tmp_path / "out"
+    spec = lm_spec(assets, str(out), method="full", lora=None,
+                   hyperparameters={"maxSteps": 30, "learningRate": 1.0, "lrScheduler": "constant", "maxGradNorm": 100.0},
+                   evaluation={"everySteps": 1, "earlyStopping": {"metric": "eval_loss", "mode": "min", "patience": 2}},
+                   checkpoint={"everySteps": 100, "keepLast": 1})
+    r = run_trainer(write_config(tmp_path / "job.yaml", spec), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    progress = _progress(out)
+    stopped = progress["step"]
+    assert stopped < 30
+    state = checkpoint_state(out, stopped)
+    assert state["stopped_early"] is True
+    evals = [e["eval_loss"] for e in state["evals"]]
+    best = min(evals)
+    best_step = state["evals"][evals.index(best)]["step"]
+    assert best_step < stopped and all(e >= best for e in evals[evals.index(best) + 1:])
+    assert state["best_step"] == best_step and progress["bestMetric"] == pytest.approx(best)
+    # keepLast 1 keeps the newest checkpoint plus the best one.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{best_step:08d}", f"step-{stopped:08d}"]
+    # The exported model is the best checkpoint, not the diverged last one.
+    assert progress["evaluation"]["final"]["eval_loss"] == pytest.approx(best, rel=1e-5)
+    assert not math.isclose(progress["evaluation"]["final"]["eval_loss"], evals[-1], rel_tol=1e-3)
+    final = load_file(str(out / "model" / "model.safetensors"))
+    best_ckpt = load_file(str(out / "checkpoints" / f"step-{best_step:08d}" / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(final[name], best_ckpt[name])
+
+
+# ----------------------------------------------------------------------------------------- model.py
+
+
+def _spec(assets, **overrides):
+    from finetune_api.spec import FineTuneJobSpec
+
+    from helpers_assets import deep_update
+
+    base = {"model": {"uri": assets["llama"]}, "dataset": {"train": "/d.jsonl"}, "output": {"uri": "/o"}}
+    return FineTuneJobSpec.model_validate(deep_update(base, overrides))
+
+
+def test_lora_defaults_per_architecture_dora_dropout_and_checkpointing(assets):
+    from finetune_trainer.model import load_model, load_tokenizer
+
+    spec = _spec(assets, method="dora", hyperparameters={"dropout": 0.25, "gradientCheckpointing": True})
+    loaded = load_model(assets["llama"], spec, tokenizer=load_tokenizer(assets["llama"], spec))
+    assert loaded.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    names = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in names)  # DoRA's magnitude vectors
+    assert all("lora_" in n for n in names)  # base frozen
+    assert {n.split(".")[-4] for n in names if "lora_A" in n} == set(loaded.target_modules)
+    assert loaded.model.base_model.model.config.attention_dropout == 0.25
+    assert loaded.model.base_model.model.is_activation_checkpointing
+    assert loaded.precision == "fp32"
+    loaded.model.train()
+    ids = torch.tensor([[2, 4, 5, 6, 7]])
+    loaded.model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    grads = [p.grad for n, p in loaded.model.named_parameters() if "lora_B" in n]  # A gets none while B is 0
+    assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_bert_classification_head_is_new_and_fully_trainable_under_lora(assets):
+    from finetune_trainer.model import load_model, load_tokenizer
+
+    spec = _spec(assets, model={"uri": assets["minilm"], "task": "sequence-classification"}, dataset={"format": "classification"})
+    loaded = load_model(assets["minilm"], spec, labels=["neg", "neu", "pos"], tokenizer=load_tokenizer(assets["minilm"], spec))
+    config = loaded.model.base_model.model.config
+    assert config.num_labels == 3 and config.id2label == {0: "neg", 1: "neu", 2: "pos"} and config.label2id["pos"] == 2
+    assert loaded.target_modules == ["query", "key", "value", "dense"]
+    trainable = [n for n, p in loaded.model.named_parameters() if p.requires_grad]
+    assert any("classifier" in n and "lora" not in n for n in trainable)
+    assert not any("word_embeddings" in n for n in trainable)
+
+
+def test_unknown_architecture_falls_back_to_all_linear():
+    from finetune_trainer.model import default_target_modules
+
+    assert default_target_modules("some-new-arch") == "all-linear"
+    assert default_target_modules("gpt2") == ["c_attn", "c_proj", "c_fc"]

@@ -1,0 +1,682 @@
+"""Stage 4: the training run, top to bottom.
+
+    config -> data -> model -> baseline -> [train step, eval, checkpoint]* -> best model -> test -> export
+
+:func:`run` reads like that list. The loop is ours (not ``transformers.Trainer``) because the guarantees
+the operator relies on live in it: exact resume (the data order is a pure function of seed and epoch,
+see :mod:`.collate`; weights, optimizer, scheduler and every rank's RNG come back from the checkpoint),
+a clean checkpoint-and-exit on SIGTERM, and only rank 0 touching shared storage. accelerate provides
+the process group (DDP from the torchrun environment), mixed precision and gradient sync.
+
+Gradient accumulation: a window of ``gradientAccumulationSteps`` micro-batches is one optimizer step.
+The loss of each micro-batch is summed and divided by the window's total count of loss tokens (LM) or
+rows (classification; sum of class weights when weighted), so every token weighs the same however the
+rows fall into micro-batches, and the logged step loss is the window's mean token loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from finetune_api.spec import Task
+
+from . import distributed
+from .checkpoint import CheckpointManager
+from .collate import IGNORE_INDEX, Batching, ClassificationCollator, PaddedLMCollator, label_tokens, make_collator, token_counts
+from .config import JobConfig
+from .distributed import DistInfo, dist_info
+from .errors import EXIT_PREEMPTED, CheckpointError, InvalidConfig
+from .metrics import TrainerMetrics
+from .model import check_hardware, load_model, load_tokenizer, resolve_model_dir, resolve_precision
+from .progress import ProgressWriter
+
+log = logging.getLogger(__name__)
+
+# What evaluation computes on the validation set, i.e. what early stopping can monitor.
+LM_METRICS = ("eval_loss", "perplexity", "token_accuracy")
+CLASSIFICATION_METRICS = ("eval_loss", "accuracy", "f1_macro", "precision_macro", "recall_macro", "ece")
+
+
+class Preempted(Exception):
+    """SIGTERM was handled: a checkpoint is written, exit with errors.EXIT_PREEMPTED."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+# ------------------------------------------------------------------------------------- preemption
+
+
+class SigtermFlag:
+    """SIGTERM during training sets a flag the loop checks after each step; before/after it, we exit now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.in_loop = False
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, getattr(self, "_previous", None) or signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        if not self.in_loop:
+            raise Preempted("SIGTERM before training started")
+        log.warning("SIGTERM: finishing the current step, then checkpointing and exiting")
+
+
+# --------------------------------------------------------------------------------- trainer state
+
+
+@dataclass
+class TrainerState:
+    """Everything besides tensors that a resumed run needs to continue exactly (trainer_state.json)."""
+
+    step: int = 0
+    epoch: int = 0  # epoch the next micro-batch comes from
+    batch: int = 0  # index of the next micro-batch within that epoch
+    total_steps: int = 0
+    stopped_early: bool = False
+    early_stopping: dict[str, Any] | None = None
+    best_metric: float | None = None
+    best_step: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per optimizer step
+    evals: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation
+    baseline: dict[str, Any] | None = None
+    retention_before: float | None = None
+    checkpoint_metrics: dict[str, float | None] = field(default_factory=dict)  # step -> monitored metric
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainerState":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _storage_for(spec: Any) -> tuple[Any, Any]:
+    from .storage import Storage, join
+
+    return Storage.from_spec(spec.storage), join
+
+
+def _prepare_data(spec: Any, storage: Any, tokenizer: Any, cache_dir: Path) -> Any:
+    from .data import prepare_data
+
+    return prepare_data(spec, storage, tokenizer, cache_dir=cache_dir)
+
+
+def _rows(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
+    cols = dataset[indices]
+    keys = list(cols)
+    return [{k: cols[k][i] for k in keys} for i in range(len(indices))]
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, dataset: Any, columns: list[str]):
+        self.dataset = dataset
+        self.columns = [c for c in columns if c in dataset.column_names]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.dataset[int(i)]
+        return {c: row[c] for c in self.columns}
+
+
+def eval_loader(dataset: Any, *, classification: bool, batch_size: int, pad_token_id: int, max_samples: int | None = None) -> Any:
+    """Padded, unshuffled batches (every rank evaluates the whole set: results agree without collectives)."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    if max_samples is not None and len(dataset) > max_samples:
+        dataset = dataset.select(range(max_samples))
+    collate = ClassificationCollator(pad_token_id) if classification else PaddedLMCollator(pad_token_id)
+    cols = ["input_ids", "label"] if classification else ["input_ids", "labels"]
+    return torch.utils.data.DataLoader(_ListDataset(dataset, cols), batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _public(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An eval result without tensors (logits/labels), fit for JSON."""
+    if result is None:
+        return None
+    return {k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}
+
+
+# ---------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, config: JobConfig, *, work_dir: str | Path | None = None):
+        self.config = config
+        self.spec = config.spec
+        self.hp = config.spec.hyperparameters
+        self.dist: DistInfo = dist_info()
+        self.classification = self.spec.model.task == Task.sequence_classification.value
+        self.storage, self.join = _storage_for(self.spec)
+        self.output = config.output_uri
+        self.work_dir = Path(work_dir or os.environ.get("FINETUNE_WORK_DIR", "/tmp/finetune-work")) / config.name
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = TrainerMetrics(config.name, self.dist.rank)
+        self.progress = ProgressWriter(self.storage, self.output, enabled=self.dist.is_main, join=self.join)
+        self.sigterm = SigtermFlag()
+        self.state = TrainerState()
+        es = self.spec.evaluation.early_stopping
+        self.monitor = es.metric if es else "eval_loss"
+        self.monitor_mode = es.mode if es else "min"
+        known = CLASSIFICATION_METRICS if self.classification else LM_METRICS
+        if self.monitor not in known:
+            raise InvalidConfig(f"evaluation.earlyStopping.metric {self.monitor!r} is not computed for this task; use one of {', '.join(known)}")
+
+    # ------------------------------------------------------------------------------------ stages
+
+    def _stage(self, stage: str, **fields: Any) -> None:
+        log.info("stage: %s", stage)
+        self.metrics.set_stage(stage)
+        self.progress.stage(stage, **fields)
+
+    def run(self) -> dict[str, Any]:
+        self.sigterm.install()
+        try:
+            return self._run()
+        finally:
+            self.sigterm.restore()
+            self.metrics.close()
+
+    def _run(self) -> dict[str, Any]:
+        from accelerate import Accelerator
+        from transformers import set_seed
+
+        check_hardware(self.spec)
+        precision = resolve_precision(self.hp.precision)
+        self.accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not torch.cuda.is_available())
+        set_seed(self.hp.seed)
+
+        self._stage("preparing-data")
+        model_dir = resolve_model_dir(self.spec.model.uri, self.storage, self.dist, cache_dir=os.environ.get("FINETUNE_CACHE_DIR"))
+        self.tokenizer = load_tokenizer(model_dir, self.spec)
+        # Every rank prepares the same (deterministic) data; separate folders so local ranks never write the same file.
+        self.data = _prepare_data(self.spec, self.storage, self.tokenizer, self.work_dir / f"data-rank{self.dist.rank}")
+        self._publish_data_report()
+
+        self._stage("loading-model")
+        set_seed(self.hp.seed)  # the new head / adapter init does not depend on what data prep consumed
+        loaded = load_model(model_dir, self.spec, labels=self.data.labels, tokenizer=self.tokenizer, dist=self.dist)
+        self.loaded = loaded
+        self.num_labels = len(self.data.labels) if self.data.labels else self.spec.model.num_labels
+        self._build_optimization(loaded.model)
+
+        self.checkpoints = CheckpointManager(
+            self.storage, self.output, self.work_dir / "checkpoints", self.dist,
+            keep_last=self.spec.checkpoint.keep_last, is_adapter=loaded.is_adapter, join=self.join,
+        )
+        self.checkpoints.on_complete = self._on_checkpoint_complete
+        resumed_from = self._maybe_resume()
+        if resumed_from is None:
+            # Different dropout streams per rank; a resumed run gets each rank's own stream back instead.
+            torch.manual_seed(self.hp.seed + 1000 * self.dist.rank)
+
+        if resumed_from is None and (self.spec.evaluation.baseline or self._retention_loader() is not None):
+            self._baseline()
+
+        self._stage("training", total_steps=self.state.total_steps, best_metric_name=self.monitor)
+        self._train()
+        self.checkpoints.wait()
+
+        return self._finish()
+
+    # --------------------------------------------------------------------------------- data report
+
+    def _publish_data_report(self) -> None:
+        report_uri = self.join(self.output, "data-report.json")
+        summary = self.data.summary(report_uri)
+        summary_dict = summary.model_dump() if hasattr(summary, "model_dump") else dict(summary)
+        summary_dict["report_uri"] = report_uri
+        self.metrics.on_data(summary_dict)
+        if self.dist.is_main:
+            self.storage.write_json(report_uri, self.data.report)
+            self.progress.set_data(summary_dict)
+        try:
+            from .data import format_report
+
+            for line in format_report(self.data.report).splitlines():
+                log.info("data: %s", line)
+        except Exception:  # noqa: BLE001 - the report is informative only
+            pass
+
+    # -------------------------------------------------------------------------------- optimization
+
+    def _build_optimization(self, model: Any) -> None:
+        from transformers import get_scheduler
+
+        hp = self.hp
+        self.batching = Batching(len(self.data.train), hp.batch_size, self.dist.world_size, self.dist.rank, hp.seed)
+        self.accum = hp.gradient_accumulation_steps
+        self.steps_per_epoch = math.ceil(self.batching.batches_per_epoch / self.accum)
+        self.state.total_steps = hp.max_steps or max(1, math.ceil(hp.total_epochs * self.steps_per_epoch))
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate)
+        self.scheduler = get_scheduler(
+            hp.lr_scheduler, optimizer,
+            num_warmup_steps=int(round(hp.warmup_ratio * self.state.total_steps)),
+            num_training_steps=self.state.total_steps,
+        )
+        # The scheduler is stepped by us, once per optimizer step: accelerate's wrapper would step it
+        # world_size times per step.
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.raw_model = self.accelerator.unwrap_model(self.model)
+        self.collate = make_collator(classification=self.classification, packing=hp.packing, pad_token_id=self.tokenizer.pad_token_id)
+        self.class_weights = None
+        if self.classification and self.data.class_weights and self.spec.dataset.preprocessing.class_weights:
+            self.class_weights = torch.tensor(self.data.class_weights, dtype=torch.float32, device=self.accelerator.device)
+        from .evaluate import EarlyStopping
+
+        es = self.spec.evaluation.early_stopping
+        self.early_stopping = EarlyStopping.from_spec(es) if es else None
+        self.val_loader = eval_loader(self.data.validation, classification=self.classification, batch_size=hp.batch_size,
+                                      pad_token_id=self.tokenizer.pad_token_id, max_samples=self.spec.evaluation.max_eval_samples)
+        self.metrics.set_total_steps(self.state.total_steps)
+
+    @property
+    def _scaler(self) -> Any:
+        return getattr(self.accelerator, "scaler", None)
+
+    # ------------------------------------------------------------------------------------- resume
+
+    def _maybe_resume(self) -> str | None:
+        resume = self.spec.checkpoint.resume
+        if self.dist.is_main and resume == "latest":
+            self.checkpoints.cleanup_incomplete()
+        distributed.barrier()
+        if resume == "none":
+            return None
+        if resume == "latest":
+            candidates = [c.uri for c in reversed(self.checkpoints.complete())]
+        else:
+            candidates = [self.checkpoints.find_resume(resume)]
+        total_steps = self.state.total_steps
+        for uri in candidates:
+            try:
+                state = self.checkpoints.load(uri, model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self._scaler)
+            except CheckpointError as e:
+                if resume != "latest":
+                    raise
+                log.warning("skipping checkpoint %s: %s", uri, e.message)
+                continue
+            self.state = TrainerState.from_dict(state)
+            if self.state.total_steps != total_steps:
+                log.warning("planned steps changed from %d to %d (data changed?)", self.state.total_steps, total_steps)
+                self.state.total_steps = total_steps
+            if self.early_stopping is not None and self.state.early_stopping:
+                self.early_stopping.load_state_dict(self.state.early_stopping)
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", uri, self.state.step, self.state.epoch, self.state.batch)
+            for c in self.checkpoints.complete():
+                self.progress.add_checkpoint(c.step, c.uri, self.state.checkpoint_metrics.get(str(c.step)))
+            self.progress.update(force=True, step=self.state.step, total_steps=self.state.total_steps, best_metric=_finite(self.state.best_metric))
+            return uri
+        return None
+
+    # ----------------------------------------------------------------------------------- evaluate
+
+    def evaluate(self, loader: Any = None, **kwargs: Any) -> dict[str, Any]:
+        from .evaluate import evaluate_classification, evaluate_lm
+
+        loader = loader if loader is not None else self.val_loader
+        with self.accelerator.autocast():
+            if self.classification:
+                return evaluate_classification(self.raw_model, loader, num_labels=self.num_labels, label_names=self.data.labels, **kwargs)
+            return evaluate_lm(self.raw_model, loader)
+
+    def _retention_loader(self) -> Any:
+        if self.spec.evaluation.retention is None or getattr(self.data, "retention", None) is None:
+            return None
+        return eval_loader(self.data.retention, classification=self.classification, batch_size=self.hp.batch_size,
+                           pad_token_id=self.tokenizer.pad_token_id, max_samples=self.spec.evaluation.max_eval_samples)
+
+    def _baseline(self) -> None:
+        self._stage("baseline")
+        baseline: dict[str, Any] = {}
+        if self.spec.evaluation.baseline and self.val_loader is not None:
+            baseline = _public(self.evaluate()) or {}
+            if self.classification:
+                from .evaluate import majority_baseline
+
+                train_labels = [int(x) for x in self.data.train["label"]]
+                eval_labels = [int(x) for x in self.data.validation["label"]]
+                baseline["majority"] = majority_baseline(train_labels, eval_labels, self.num_labels)
+            log.info("baseline: %s", {k: v for k, v in baseline.items() if isinstance(v, float)})
+        retention = self._retention_loader()
+        if retention is not None:
+            self.state.retention_before = float(self.evaluate(retention)["eval_loss"])
+        self.state.baseline = baseline or None
+
+    # -------------------------------------------------------------------------------------- train
+
+    def _loss(self, batch: dict[str, torch.Tensor], denominator: float) -> torch.Tensor:
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if not self.classification:
+            # No KV cache: with one, transformers skips the packed-row detection that keeps attention per row.
+            inputs["use_cache"] = False
+        logits = self.model(**inputs).logits.float()
+        if self.classification:
+            return F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum") / denominator
+        shifted = labels[..., 1:].reshape(-1)
+        return F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]), shifted, ignore_index=IGNORE_INDEX, reduction="sum") / denominator
+
+    def _denominator(self, batches: list[dict[str, torch.Tensor]]) -> float:
+        if not self.classification:
+            return float(max(1, sum(label_tokens(b) for b in batches)))
+        if self.class_weights is not None:
+            return float(sum(self.class_weights[b["labels"]].sum().item() for b in batches)) or 1.0
+        return float(sum(int(b["labels"].numel()) for b in batches))
+
+    def _windows(self) -> Any:
+        """(epoch, first micro-batch index, [row index lists]) for every remaining optimizer step, forever."""
+        epoch, batch = self.state.epoch, self.state.batch
+        while True:
+            remaining = self.batching.epoch_batches(epoch, start_batch=batch)
+            for i in range(0, len(remaining), self.accum):
+                yield epoch, batch + i, remaining[i : i + self.accum]
+            epoch, batch = epoch + 1, 0
+
+    def _optimizer_step(self, window: list[list[int]]) -> dict[str, Any]:
+        """Forward/backward over one accumulation window, clip, step. Returns what the step measured."""
+        t0 = time.monotonic()
+        device = self.accelerator.device
+        self.model.train()
+        batches = [{k: v.to(device) for k, v in self.collate(_rows(self.data.train, rows)).items()} for rows in window]
+        denominator = self._denominator(batches)
+        window_loss = torch.zeros((), device=device)
+        real = total = 0
+        for i, batch in enumerate(batches):
+            # Gradients are all-reduced once per window, on its last micro-batch.
+            sync = contextlib.nullcontext() if i == len(batches) - 1 else self.accelerator.no_sync(self.model)
+            with sync, self.accelerator.autocast():
+                loss = self._loss(batch, denominator)
+                self.accelerator.backward(loss)
+            window_loss += loss.detach()
+            r, t = token_counts(batch)
+            real, total = real + r, total + t
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.hp.max_grad_norm)
+        self.optimizer.step()
+        if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss": float(self.accelerator.reduce(window_loss, reduction="mean").item()),
+            "grad_norm": _finite(grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm),
+            "tokens": real,
+            "padding": (1 - real / total) if total else None,
+            "samples": sum(len(rows) for rows in window),
+            "seconds": time.monotonic() - t0,
+        }
+
+    def _train(self) -> None:
+        st, ev = self.state, self.spec.evaluation
+        if st.step >= st.total_steps or st.stopped_early:
+            log.info("training already finished at step %d", st.step)
+            return
+        per_epoch = self.batching.batches_per_epoch
+        self.progress.start_clock(st.step)
+        self.sigterm.in_loop = True
+        try:
+            for epoch, first, window in self._windows():
+                measured = self._optimizer_step(window)
+
+                # Bookkeeping: the data position is the next micro-batch to read (what resume skips to).
+                st.step += 1
+                st.epoch, st.batch = (epoch + 1, 0) if first + len(window) >= per_epoch else (epoch, first + len(window))
+                epoch_done = st.batch == 0
+                lr = float(self.scheduler.get_last_lr()[0])
+                fractional_epoch = st.epoch + st.batch / per_epoch
+                st.history.append({"step": st.step, "loss": measured["loss"], "lr": lr, "grad_norm": measured["grad_norm"],
+                                   "epoch": round(fractional_epoch, 4)})
+                self.metrics.on_step(step=st.step, epoch=fractional_epoch, lr=lr, **measured)
+                self.progress.update(step=st.step, epoch=fractional_epoch, train_loss=_finite(measured["loss"]), learning_rate=lr)
+                log.info("step %d/%d epoch %.2f loss %.4f lr %.3g", st.step, st.total_steps, fractional_epoch, measured["loss"], lr)
+
+                # Evaluate, then decide whether to checkpoint and whether to stop.
+                last = st.step >= st.total_steps
+                due = (ev.strategy == "steps" and st.step % ev.every_steps == 0) or (ev.strategy == "epoch" and epoch_done)
+                new_best = self._eval_step() if self.val_loader is not None and (due or last) else False
+                stop_early = self.early_stopping is not None and self.early_stopping.should_stop
+                preempt = distributed.any_rank(self.sigterm.requested)
+                keep_best = new_best and self.early_stopping is not None
+                if st.step % self.spec.checkpoint.every_steps == 0 or last or stop_early or preempt or keep_best:
+                    st.stopped_early = stop_early
+                    self._save()
+                if preempt:
+                    self.checkpoints.wait()
+                    self._stage("preempted", step=st.step)
+                    raise Preempted(f"SIGTERM: checkpointed at step {st.step}")
+                if stop_early:
+                    es = self.early_stopping
+                    log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4g at step %s)",
+                             st.step, self.monitor, es.patience, es.best, es.best_step)
+                    return
+                if last:
+                    return
+        finally:
+            self.sigterm.in_loop = False
+
+    def _eval_step(self) -> bool:
+        st = self.state
+        result = _public(self.evaluate()) or {}
+        value = result.get(self.monitor)
+        entry = {"step": st.step, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
+        st.evals.append(entry)
+        new_best = False
+        if self.early_stopping is not None:
+            new_best = self.early_stopping.update_from(result, st.step)
+            st.early_stopping = self.early_stopping.state_dict()
+            st.best_metric, st.best_step = self.early_stopping.best, self.early_stopping.best_step
+        elif value is not None and not (isinstance(value, float) and math.isnan(value)):
+            better = st.best_metric is None or (value < st.best_metric if self.monitor_mode == "min" else value > st.best_metric)
+            if better:
+                st.best_metric, st.best_step, new_best = float(value), st.step, True
+        self.metrics.on_eval(result, best_name=self.monitor, best=st.best_metric)
+        self.progress.update(force=True, eval_loss=_finite(result.get("eval_loss")), best_metric=_finite(st.best_metric), best_metric_name=self.monitor)
+        log.info("eval at step %d: %s", st.step, {k: round(v, 4) for k, v in entry.items() if isinstance(v, float)})
+        return new_best
+
+    def _save(self) -> None:
+        st = self.state
+        last_eval = st.evals[-1] if st.evals else {}
+        st.checkpoint_metrics[str(st.step)] = _finite(last_eval.get(self.monitor)) if last_eval.get("step") == st.step else None
+        best_step = st.best_step if self.early_stopping is not None else None
+        self.checkpoints.save(st.step, model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
+                              scaler=self._scaler, state=st.to_dict(), best_step=best_step)
+
+    def _on_checkpoint_complete(self, step: int, uri: str, seconds: float, nbytes: int) -> None:
+        self.metrics.on_checkpoint(step, seconds, nbytes)
+        kept = {c.step for c in self.checkpoints.complete()}
+        self.progress.add_checkpoint(step, uri, self.state.checkpoint_metrics.get(str(step)), kept_steps=kept)
+
+    # ------------------------------------------------------------------------------------- finish
+
+    def _finish(self) -> dict[str, Any]:
+        st = self.state
+        es = self.early_stopping
+        best_uri = None
+        if es is not None and es.best_step is not None:
+            best_uri = self.checkpoints.uri_for(es.best_step)
+            if es.best_step != st.step:
+                log.info("restoring the best checkpoint (step %d, %s %.4g)", es.best_step, self.monitor, es.best)
+                self.checkpoints.load_weights(best_uri, self.raw_model)
+
+        self._stage("testing")
+        final_eval = _public(self.evaluate(return_logits=False)) if self.val_loader is not None else None
+        calibration = None
+        temperature = 1.0
+        if self.classification and self.spec.evaluation.calibration and self.val_loader is not None:
+            from .evaluate import calibrate
+
+            val = self.evaluate(return_logits=True)
+            calibration = calibrate(val["logits"], val["labels"])
+            temperature = calibration["temperature"]
+        test_loader = eval_loader(self.data.test, classification=self.classification, batch_size=self.hp.batch_size, pad_token_id=self.tokenizer.pad_token_id)
+        test_eval = None
+        if test_loader is not None:
+            kwargs = {"temperature": temperature} if self.classification else {}
+            test_eval = _public(self.evaluate(test_loader, **kwargs))
+        generation = self._generation_metrics()
+        if generation and test_eval is not None:
+            test_eval.update(generation)
+        retention = None
+        retention_loader = self._retention_loader()
+        if retention_loader is not None and st.retention_before is not None:
+            from .evaluate import retention_check
+
+            after = float(self.evaluate(retention_loader)["eval_loss"])
+            retention = retention_check(st.retention_before, after, self.spec.evaluation.retention)
+            if not retention["passed"]:
+                log.warning("retention check failed: loss %.4f -> %.4f", retention["loss_before"], retention["loss_after"])
+
+        gain = None
+        gain_metric = "accuracy" if self.classification and self.monitor == "eval_loss" else self.monitor
+        gain_mode = "max" if gain_metric in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "token_accuracy") else self.monitor_mode
+        if st.baseline and final_eval and gain_metric in st.baseline and gain_metric in final_eval:
+            from .evaluate import gain as compute_gain
+
+            gain = compute_gain(st.baseline, final_eval, gain_metric, gain_mode)
+            self.progress.set_gain(gain_metric, _finite(gain["baseline"]), _finite(gain["final"]))
+
+        summary = {
+            "job": self.config.name,
+            "steps": st.step,
+            "total_steps": st.total_steps,
+            "stopped_early": st.stopped_early,
+            "best_step": st.best_step,
+            "best_metric": st.best_metric,
+            "monitor": self.monitor,
+            "baseline": st.baseline,
+            "final_eval": final_eval,
+            "test_eval": test_eval,
+            "calibration": calibration,
+            "retention": retention,
+            "gain": gain,
+            "history": st.history,
+            "evals": st.evals,
+        }
+        # Replicas must end identical; the checksum in every rank's log makes a divergence visible.
+        checksum = sum(float(p.detach().double().sum()) for p in self.raw_model.parameters() if p.requires_grad)
+        log.info("final trainable parameter checksum %.12e", checksum)
+        model_uri = self.join(self.output, "model")
+        self.progress.update(force=True, evaluation={
+            "baseline": st.baseline, "final": final_eval, "test": test_eval, "calibration": calibration, "retention": retention,
+        })
+        if self.dist.is_main:
+            self._stage("saving")
+            self._export(model_uri, summary, best_uri)
+        distributed.barrier()
+        self._stage("done", model_uri=model_uri)
+        summary["model_uri"] = model_uri
+        return summary
+
+    def _generation_metrics(self) -> dict[str, float] | None:
+        """BLEU / ROUGE-L of greedy completions on the test set (evaluation.metrics), rank 0 only.
+
+        Prompts and references are recovered from the tokenised rows: the prompt is everything before
+        the first scored token, the reference the first scored span (a completion or assistant turn).
+        """
+        wanted = [m for m in (self.spec.evaluation.metrics or []) if m in ("bleu", "rouge")]
+        if self.classification or not wanted or self.data.test is None or not self.dist.is_main:
+            return None
+        from .evaluate import generate_and_score
+
+        prompts, references = [], []
+        limit = self.spec.evaluation.max_eval_samples or 64
+        for row in self.data.test.select(range(min(limit, len(self.data.test)))):
+            ids, labels = list(row["input_ids"]), list(row["labels"])
+            first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), None)
+            if not first:  # no prompt (plain text rows) or nothing scored
+                continue
+            end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+            prompts.append(self.tokenizer.decode(ids[:first], skip_special_tokens=True))
+            references.append(self.tokenizer.decode(ids[first:end], skip_special_tokens=True).strip())
+        if not prompts:
+            log.warning("evaluation.metrics %s need prompt/completion or chat rows; skipped", wanted)
+            return None
+        with self.accelerator.autocast():
+            scores = generate_and_score(self.raw_model, self.tokenizer, prompts, references, metrics=wanted,
+                                        max_new_tokens=min(128, self.hp.max_seq_length), batch_size=self.hp.batch_size)
+        log.info("generation metrics on %d test prompts: %s", len(prompts), scores)
+        return scores
+
+    def _export(self, model_uri: str, summary: dict[str, Any], best_uri: str | None) -> None:
+        local = self.work_dir / "model"
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        model = self.raw_model
+        model.save_pretrained(str(local), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(local))
+        if self.loaded.is_adapter and self.spec.output.merge_adapter:
+            self._export_merged(local / "merged")
+        best = None
+        if best_uri is not None:
+            best = {"uri": best_uri, "step": self.state.best_step, "metric": self.monitor, "value": self.state.best_metric}
+        training = {k: summary[k] for k in ("steps", "total_steps", "stopped_early", "best_step", "best_metric", "monitor", "gain", "history", "evals")}
+        try:
+            from .model_card import build_model_card
+
+            card, markdown = build_model_card(
+                job_name=self.config.name, spec=self.spec, data_report=self.data.report, baseline=summary["baseline"],
+                final_eval=summary["final_eval"] or {}, test_eval=summary["test_eval"], calibration=summary["calibration"],
+                retention=summary["retention"], best_checkpoint=best, training=training,
+            )
+        except Exception:  # noqa: BLE001 - a broken card must not throw away a finished training run
+            log.exception("could not build the model card; writing a minimal one")
+            card = {"jobName": self.config.name, "baseModel": self.spec.model.uri, "method": self.spec.method,
+                    **{k: _public(v) if isinstance(v, dict) else v for k, v in summary.items() if k != "history"}}
+            markdown = f"# {self.config.name}\n\nFine-tuned from {self.spec.model.uri} with {self.spec.method}.\n"
+        import json
+
+        (local / "model_card.json").write_text(json.dumps(card, indent=1, default=str))
+        (local / "README.md").write_text(markdown)
+        self.storage.delete_prefix(model_uri.rstrip("/") + "/")
+        self.storage.upload_dir(str(local), model_uri)
+        shutil.rmtree(local, ignore_errors=True)
+
+    def _export_merged(self, dest: Path) -> None:
+        """Base weights + adapter folded in, as a plain transformers model (reloaded unquantized for QLoRA)."""
+        import copy
+
+        if self.spec.method == "qlora":
+            log.warning("mergeAdapter with qlora: merging into the 4-bit base is lossy; reload in full precision to merge offline")
+            return
+        merged = copy.deepcopy(self.raw_model).merge_and_unload()
+        merged.save_pretrained(str(dest), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(dest))
+
+
+def run(config: JobConfig) -> dict[str, Any]:
+    return Trainer(config).run()
