@@ -20,6 +20,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -127,7 +128,7 @@ def run(jobs: int, out: Path) -> dict:
         core.delete_namespace("bench-baseline")
 
         # ---- operator
-        op = OperatorProcess(str(cluster.kubeconfig), out.parent)
+        op = OperatorProcess(str(cluster.kubeconfig), Path(tempfile.mkdtemp(prefix="bench-operator-")))
         op.start()
         proc = psutil.Process(op.proc.pid)
         peak = {"rss": proc.memory_info().rss}
@@ -179,6 +180,7 @@ def run(jobs: int, out: Path) -> dict:
             "peak_rss_mb": peak["rss"] / 2**20,
         }
         op.stop()
+        result["operator"]["log"] = str(op.log_path)
         b, o = result["baseline"], result["operator"]
         result["ratios_operator_over_baseline"] = {
             "all_running": (o["all_running_s"] / b["all_running_s"]) if o["all_running_s"] and b["all_running_s"] else None,

@@ -48,6 +48,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.s3)
 
 
+_BUILD_ERRORS: dict[str, Exception] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the binaries the selected tests need before any test starts, so a cold build (minutes) is
+    not charged to the first test's timeout. A failure is reported by the fixtures, not here, so tests
+    that need no binaries still run."""
+    if session.config.option.collectonly:
+        return
+    need: set[str] = set()
+    for item in session.items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & _CLUSTER_FIXTURES and os.environ.get("FINETUNE_TEST_CLUSTER") != "running":
+            # helm too: the chart tests call tools.ensure("helm") inside a test
+            need |= {"kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd", "kwok", "helm"}
+        if "s3" in names and (os.environ.get("FINETUNE_S3_BACKEND") or "minio") == "minio":
+            need.add("minio")
+    if not need:
+        return
+    from finetune_devcluster import tools
+
+    for name in sorted(need):
+        try:
+            tools.ensure(name)
+        except tools.ToolError as e:
+            _BUILD_ERRORS[name] = e
+
+
+def _raise_build_errors(*names: str) -> None:
+    for n in names:
+        if n in _BUILD_ERRORS:
+            raise RuntimeError(f"cannot build {n}: {_BUILD_ERRORS[n]}")
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator["LocalCluster"]:  # noqa: F821
     from finetune_devcluster.cluster import LocalCluster
@@ -62,6 +96,7 @@ def cluster() -> Iterator["LocalCluster"]:  # noqa: F821
         c.wait_ready(timeout=60)
         yield c
         return
+    _raise_build_errors("kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd", "kwok")
     c = LocalCluster(nodes=int(os.environ.get("FINETUNE_TEST_NODES", "2")))
     c.start()
     try:
@@ -116,5 +151,6 @@ def namespace(request: pytest.FixtureRequest, cluster, kube) -> Iterator[str]:
 def s3() -> Iterator["LocalS3"]:  # noqa: F821
     from finetune_devcluster.s3 import LocalS3
 
+    _raise_build_errors("minio")
     with LocalS3() as server:
         yield server

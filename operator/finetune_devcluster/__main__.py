@@ -1,7 +1,8 @@
 """``python -m finetune_devcluster up|down|status|env|build`` (also the ``finetune-devcluster`` script).
 
 up      start the control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok + fake GPU
-        nodes) and a local S3 server in the background, then print the environment to use them.
+        nodes) and a local S3 server in the background, then print the environment to use them
+        (progress on stderr, ``export`` lines on stdout, so ``eval "$(... up)"`` works).
         A second ``up`` reports the running one.
 down    stop everything ``up`` started and remove its state.
 status  what is running (exit 0: all up, 1: nothing up, 2: some component down).
@@ -89,7 +90,7 @@ def up_cluster(args: argparse.Namespace, ctx: dict) -> None:
     if existing is not None:
         alive = existing.running()
         if alive and all(alive.values()):
-            print(f"cluster already running: {existing.server} (state {existing.workdir})")
+            print(f"cluster already running: {existing.server} (state {existing.workdir})", file=sys.stderr)
             ctx["cluster"] = existing
             return
         print(f"stale cluster state in {existing.workdir} (running: {alive}); cleaning it up", file=sys.stderr)
@@ -100,7 +101,7 @@ def up_cluster(args: argparse.Namespace, ctx: dict) -> None:
         nodes=args.nodes, workdir=_cluster_dir(), gpus_per_node=args.gpus_per_node, detach=True, keep_workdir=True
     )
     c.start()
-    print(f"cluster up in {time.monotonic() - t0:.1f}s: {c.server}, nodes {', '.join(c.node_names)}")
+    print(f"cluster up in {time.monotonic() - t0:.1f}s: {c.server}, nodes {', '.join(c.node_names)}", file=sys.stderr)
     ctx["cluster"] = c
 
 
@@ -110,7 +111,7 @@ def up_s3(args: argparse.Namespace, ctx: dict) -> None:
     existing = _attach_s3()
     if existing is not None:
         if existing.running():
-            print(f"s3 already running: {existing.endpoint_url} ({existing.backend})")
+            print(f"s3 already running: {existing.endpoint_url} ({existing.backend})", file=sys.stderr)
             ctx["s3"] = existing
             return
         existing.stop()
@@ -119,7 +120,7 @@ def up_s3(args: argparse.Namespace, ctx: dict) -> None:
     s3.start()
     for b in args.bucket or []:
         s3.create_bucket(b)
-    print(f"s3 up: {s3.endpoint_url} ({s3.backend}); buckets: {', '.join(args.bucket or []) or '-'}")
+    print(f"s3 up: {s3.endpoint_url} ({s3.backend}); buckets: {', '.join(args.bucket or []) or '-'}", file=sys.stderr)
     ctx["s3"] = s3
 
 
@@ -136,7 +137,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 print(f"up: step {name!r} failed:\n{e}", file=sys.stderr)
                 print(f"logs kept in {state_dir()}; run 'down' to clean up", file=sys.stderr)
                 return 1
-    print("\n# to use it:")
+    print("# to use it: eval \"$(python -m finetune_devcluster env)\"")
     print("\n".join(env_lines(ctx.get("cluster"), ctx.get("s3"))))
     return 0
 

@@ -375,7 +375,7 @@ class LocalCluster:
                 {
                     "apiVersion": "kubescheduler.config.k8s.io/v1",
                     "kind": "KubeSchedulerConfiguration",
-                    "clientConnection": {"kubeconfig": str(kc["scheduler"])},
+                    "clientConnection": {"kubeconfig": str(kc["scheduler"]), "qps": 100, "burst": 200},
                     "leaderElection": {"leaderElect": False},
                 }
             )
@@ -432,6 +432,8 @@ class LocalCluster:
                 f"--cluster-signing-cert-file={pki.ca.cert}",
                 f"--cluster-signing-key-file={pki.ca.key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--kube-api-qps=100",  # defaults (20/30) throttle hundreds of Jobs (bench/operator_scale.py)
+                "--kube-api-burst=200",
                 "--v=1",
             ],
             "kube-scheduler": [

@@ -44,6 +44,7 @@ log = logging.getLogger("finetune_devcluster.procnode")
 
 NODE_LABEL = "finetune.io/node-type"
 METRICS_PORT_ANNOTATION = "finetune.io/metrics-port"
+TAINT_KEY = "finetune.io/process-node"
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.\-]*)\)")
 _SVC_HOST = re.compile(r"\b[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.svc(\.cluster\.local)?\b")
 
@@ -118,7 +119,7 @@ class ProcessNode:
 
     def __init__(self, api, name: str = "process-node-0", workdir: str | Path | None = None, *, cpu: str = "16",
                  memory: str = "64Gi", gpus: int = 0, pods: int = 50, path_prepend: list[str] | None = None,
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, taint: bool = False):
         from kubernetes import client
 
         self.api = api
@@ -129,6 +130,8 @@ class ProcessNode:
         self.capacity = {"cpu": cpu, "memory": memory, "pods": str(pods), "nvidia.com/gpu": str(gpus), "ephemeral-storage": "100Gi"}
         self.path_prepend = path_prepend if path_prepend is not None else [str(Path(sys.executable).parent)]
         self.extra_env = extra_env or {}
+        # With a taint only pods that tolerate it land here (a cluster that also has kwok nodes).
+        self.taints = [{"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"}] if taint else []
         self._running: dict[str, _Running] = {}
         self._group_ports: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -149,7 +152,7 @@ class ProcessNode:
                     "kubernetes.io/arch": "amd64",
                 },
             },
-            "spec": {},
+            "spec": {"taints": self.taints} if self.taints else {},
         }
 
     def _node_status(self) -> dict[str, Any]:
@@ -185,7 +188,7 @@ class ProcessNode:
         node = self.core.read_node(self.name)
         taints = [t for t in (node.spec.taints or []) if not t.key.startswith("node.kubernetes.io/")]
         if len(taints) != len(node.spec.taints or []):
-            self.core.patch_node(self.name, {"spec": {"taints": [t.to_dict() for t in taints] or None}})
+            self.core.patch_node(self.name, {"spec": {"taints": [self.api.sanitize_for_serialization(t) for t in taints] or None}})
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(10):

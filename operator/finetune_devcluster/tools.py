@@ -200,8 +200,9 @@ def _build(b: Bundle, verbose: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{b.key}.tmp-", dir=final.parent))
     env = dict(os.environ)
     env["GOBIN"] = str(tmp)
-    env.setdefault("CGO_ENABLED", "0")
-    env["GOFLAGS"] = (env.get("GOFLAGS", "") + " -buildvcs=false").strip()
+    env["CGO_ENABLED"] = "0"  # static binaries; no C toolchain needed
+    env["GOFLAGS"] = "-buildvcs=false"  # a user's -mod=vendor etc. must not leak into pinned builds
+    env["GOWORK"] = "off"  # nor a go.work above the module
     t0 = time.monotonic()
     _log(f"building {b.key} ({', '.join(b.tools)}) into {final} - a cold build takes several minutes")
     try:

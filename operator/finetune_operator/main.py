@@ -55,7 +55,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.label_selectors["pods"] = f"{B.LABEL_MANAGED_BY}={B.MANAGED_BY}"
     settings.posting.reporting_component = "finetune-operator"
     settings.posting.event_name_prefix = "finetune-"
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = 8
     try:
         k8s_config.load_incluster_config()
     except k8s_config.ConfigException:
@@ -105,31 +105,26 @@ def _run(body: Mapping[str, Any], handler: str, ftj_jobs: kopf.Index, ftj_pods: 
 # ----------------------------------------------------------------------------------------- handlers
 
 
-@kopf.on.create(*FTJ)
-def on_create(body: kopf.Body, ftj_jobs: kopf.Index, ftj_pods: kopf.Index, **_: Any) -> None:
-    _run(body, "create", ftj_jobs, ftj_pods)
+@kopf.on.event(*FTJ)
+def on_event(type: str | None, body: kopf.Body, ftj_jobs: kopf.Index, ftj_pods: kopf.Index, **_: Any) -> None:
+    """Every change of a FineTuneJob, and every existing one when the operator starts (type None).
 
-
-@kopf.on.resume(*FTJ)
-def on_resume(body: kopf.Body, ftj_jobs: kopf.Index, ftj_pods: kopf.Index, **_: Any) -> None:
-    _run(body, "resume", ftj_jobs, ftj_pods)
-
-
-@kopf.on.update(*FTJ, field="spec")
-def on_update(body: kopf.Body, ftj_jobs: kopf.Index, ftj_pods: kopf.Index, **_: Any) -> None:
-    _run(body, "update", ftj_jobs, ftj_pods)
+    Level-triggered on purpose: the reconcile reads the whole state each time, so no per-handler
+    progress has to be persisted on the object (no annotation patches, no finalizer blocking deletion)
+    and an operator killed at any point converges when it starts again."""
+    if type == "DELETED":
+        meta = body["metadata"]
+        # Children carry owner references: the garbage collector removes them.
+        _phases.pop((meta["namespace"], meta["name"]), None)
+        handlers.forget(meta["uid"])
+        return
+    _run(body, "event" if type else "startup", ftj_jobs, ftj_pods)
 
 
 @kopf.timer(*FTJ, interval=CONFIG.resync_seconds, initial_delay=CONFIG.resync_seconds)
 def resync(body: kopf.Body, ftj_jobs: kopf.Index, ftj_pods: kopf.Index, **_: Any) -> None:
+    """Periodic resync: deadlines, TTLs, progress from the trainer, and a retry of anything that failed."""
     _run(body, "timer", ftj_jobs, ftj_pods)
-
-
-@kopf.on.delete(*FTJ, optional=True)
-def on_delete(namespace: str, name: str, uid: str, **_: Any) -> None:
-    # Children carry owner references: the garbage collector removes them. Nothing blocks deletion.
-    _phases.pop((namespace, name), None)
-    handlers.forget(uid)
 
 
 def _child_event(namespace: str, labels: Mapping[str, str], handler: str, ftj_bodies: kopf.Index,

@@ -5,8 +5,9 @@ Mechanism: rank 0 of the trainer writes ``<output>/progress.json`` (a
 more when it finishes, and projects it into ``status.progress`` and friends.
 
 Cost per job is bounded: at most one small GET per ``interval`` seconds (default 15) per active job,
-conditional on the ETag so an unchanged document costs a 304, with a short timeout; nothing is read
-for finished jobs after their final read. Credentials come from the job's ``storage.credentialsSecret``
+conditional on the ETag so an unchanged document costs a 304, with a short timeout, on a pool of 4
+threads shared by all jobs (so it never slows reconciles down); nothing is read for finished jobs
+after their final read. Credentials come from the job's ``storage.credentialsSecret``
 and live only in memory, never in logs or status.
 """
 
@@ -17,6 +18,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -79,69 +81,112 @@ def project(doc: ProgressDocument) -> dict[str, Any]:
 
 @dataclass
 class _Entry:
-    fetched_at: float = 0.0
+    fetched_at: float = float("-inf")
     etag: str | None = None
     doc: ProgressDocument | None = None
+    inflight: bool = False
 
 
 Credentials = Callable[[str, str], "dict[str, str] | None"]  # (namespace, secret) -> AWS_* values
 
 
 class ProgressReader:
-    """Reads progress documents with per-job throttling and ETag caching."""
+    """Reads progress documents with per-job throttling and ETag caching.
 
-    def __init__(self, credentials: Credentials, interval: float = 15.0, timeout: float = 5.0):
+    A reconcile never waits on the object store: ``read`` returns the cached document at once and, when
+    it is older than ``interval``, refreshes it on a small background pool; the next reconcile (timer or
+    event) publishes the new value. Only ``force=True`` (the final read when a job finishes) is synchronous.
+    """
+
+    def __init__(self, credentials: Credentials, interval: float = 15.0, timeout: float = 3.0, workers: int = 4):
         self.credentials = credentials
         self.interval = interval
         self.timeout = timeout
         self._entries: dict[str, _Entry] = {}
+        self._clients: dict[tuple, Any] = {}
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="progress")
+        self._pending: set[Future] = set()
 
     def forget(self, uid: str) -> None:
         with self._lock:
             self._entries.pop(uid, None)
 
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait for in-flight refreshes (tests)."""
+        with self._lock:
+            pending = list(self._pending)
+        wait(pending, timeout=timeout)
+
     def read(self, uid: str, namespace: str, spec: FineTuneJobSpec, *, force: bool = False) -> ProgressDocument | None:
-        """The latest document, fetching it when the last fetch is older than ``interval`` (or forced)."""
         with self._lock:
             entry = self._entries.setdefault(uid, _Entry())
-        if not force and time.monotonic() - entry.fetched_at < self.interval:
-            return entry.doc
-        entry.fetched_at = time.monotonic()
+            due = time.monotonic() - entry.fetched_at >= self.interval
+            start = (force or due) and not entry.inflight
+            if start:
+                entry.inflight = True
+                entry.fetched_at = time.monotonic()
+        if start and force:
+            self._refresh(entry, namespace, spec)
+        elif start:
+            future = self._pool.submit(self._refresh, entry, namespace, spec)
+            with self._lock:
+                self._pending.add(future)
+            future.add_done_callback(lambda f: self._discard(f))
+        return entry.doc
+
+    def _discard(self, future: Future) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def _refresh(self, entry: _Entry, namespace: str, spec: FineTuneJobSpec) -> None:
         try:
             raw, etag = self._get(namespace, spec, entry.etag)
-        except Exception as exc:  # progress is best-effort: never fail a reconcile over it
-            log.info("progress for %s/%s not readable yet: %s", namespace, progress_uri(spec), type(exc).__name__)
-            return entry.doc
-        if raw is not None:
-            try:
+            if raw is not None:
                 entry.doc = ProgressDocument.model_validate(json.loads(raw))
                 entry.etag = etag
-            except ValueError as exc:
-                log.warning("ignoring malformed progress document %s: %s", progress_uri(spec), exc)
-        return entry.doc
+        except ValueError as exc:
+            log.warning("ignoring malformed progress document %s: %s", progress_uri(spec), exc)
+        except Exception as exc:  # progress is best-effort: never fail a reconcile over it
+            log.info("progress %s not readable yet: %s", progress_uri(spec), type(exc).__name__)
+        finally:
+            entry.inflight = False
+
+    def _client(self, spec: FineTuneJobSpec, creds: dict[str, str]) -> Any:
+        key = (spec.storage.endpoint, spec.storage.region, creds.get("AWS_ACCESS_KEY_ID"), creds.get("AWS_SECRET_ACCESS_KEY"))
+        with self._lock:
+            client = self._clients.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=spec.storage.endpoint,
+                region_name=spec.storage.region or "us-east-1",
+                aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
+                aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
+                aws_session_token=creds.get("AWS_SESSION_TOKEN"),
+                config=Config(connect_timeout=self.timeout, read_timeout=self.timeout, retries={"max_attempts": 1},
+                              s3={"addressing_style": "path"} if spec.storage.endpoint else None),
+            )
+            with self._lock:
+                if len(self._clients) > 64:  # credentials rotate; keep the cache bounded
+                    self._clients.clear()
+                self._clients[key] = client
+        return client
 
     def _get(self, namespace: str, spec: FineTuneJobSpec, etag: str | None) -> tuple[bytes | None, str | None]:
         uri = progress_uri(spec)
         if not uri.startswith("s3://"):
             path = Path(uri)
             return (path.read_bytes(), None) if path.exists() else (None, None)
-        import boto3
-        from botocore.config import Config
         from botocore.exceptions import ClientError
 
         creds: dict[str, str] = {}
         if spec.storage.credentials_secret:
             creds = self.credentials(namespace, spec.storage.credentials_secret.name) or {}
-        client = boto3.client(
-            "s3",
-            endpoint_url=spec.storage.endpoint,
-            region_name=spec.storage.region or "us-east-1",
-            aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
-            aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
-            aws_session_token=creds.get("AWS_SESSION_TOKEN"),
-            config=Config(connect_timeout=self.timeout, read_timeout=self.timeout, retries={"max_attempts": 1}),
-        )
+        client = self._client(spec, creds)
         bucket, _, key = uri[len("s3://"):].partition("/")
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
         if etag:
@@ -149,7 +194,7 @@ class ProgressReader:
         try:
             obj = client.get_object(**kwargs)
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
+            code = str(exc.response.get("Error", {}).get("Code"))
             if code in ("304", "NotModified"):
                 return None, etag
             if code in ("NoSuchKey", "404"):

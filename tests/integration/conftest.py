@@ -59,6 +59,7 @@ class OperatorProcess:
             "FINETUNE_RESYNC_SECONDS": "2",
             "FINETUNE_TRAINER_IMAGE": "finetune-trainer:test",
             "FINETUNE_TERMINATION_GRACE_SECONDS": "5",
+            "MALLOC_ARENA_MAX": "2",  # as in operator/Dockerfile
         }
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen([sys.executable, "-m", "finetune_operator"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -86,7 +86,7 @@ def test_operator_works_under_the_charts_rbac(cluster, kubectl, release, operato
         kubectl.run("patch", "ftj", "rbac", "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
         (pod,) = running_pods(kubectl, namespace, "rbac", 0, 1)
         # a failure (delete + create jobs), then success, then TTL (delete finetunejobs)
-        cluster.pod_fail(namespace, pod["metadata"]["name"], exit_code=1, message="boom")
+        cluster.pod_fail(namespace, pod["metadata"]["name"], exit_code=1, message="boom", wait=False)
         wait_for("restart", lambda: status(kubectl, namespace, "rbac").get("restarts") == 1)
         (pod,) = running_pods(kubectl, namespace, "rbac", 1, 1)
         cluster.pod_succeed(namespace, pod["metadata"]["name"])

@@ -43,7 +43,7 @@ def pods_of(kubectl, ns, name, attempt=None):
 
 def running_pods(kubectl, ns, name, attempt, n):
     def ready():
-        pods = [p for p in pods_of(kubectl, ns, name, attempt) if p["status"].get("phase") == "Running"]
+        pods = [p for p in pods_of(kubectl, ns, name, attempt) if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
         return pods if len(pods) == n else None
 
     return wait_for(f"{n} running pod(s) of {name} attempt {attempt}", ready, timeout=60)
@@ -95,7 +95,7 @@ def test_pods_succeed_then_job_succeeds_with_completion_time(kubectl, operator, 
 def test_pod_failure_restarts_group_then_fails_after_backoff_limit(kubectl, operator, namespace, cluster):
     kubectl.create(ftj("flaky", namespace, runPolicy={"backoffLimit": 1}))
     (pod,) = running_pods(kubectl, namespace, "flaky", 0, 1)
-    cluster.pod_fail(namespace, pod["metadata"]["name"], exit_code=1, message="RuntimeError: NCCL timeout")
+    cluster.pod_fail(namespace, pod["metadata"]["name"], exit_code=1, message="RuntimeError: NCCL timeout", wait=False)
     st = wait_for("restart", lambda: (s := status(kubectl, namespace, "flaky")).get("restarts") == 1 and s)
     assert st["attempt"] == 1
     assert "NCCL timeout" in st["failureReason"]
@@ -103,7 +103,7 @@ def test_pod_failure_restarts_group_then_fails_after_backoff_limit(kubectl, oper
     (pod,) = running_pods(kubectl, namespace, "flaky", 1, 1)
     wait_for("old job deleted", lambda: kubectl.get("job", "flaky-0", namespace) is None)
     wait_phase(kubectl, namespace, "flaky", "Running")
-    cluster.pod_fail(namespace, pod["metadata"]["name"], exit_code=1, message="RuntimeError: NCCL timeout again")
+    cluster.pod_fail(namespace, pod["metadata"]["name"], exit_code=1, message="RuntimeError: NCCL timeout again", wait=False)
     st = wait_phase(kubectl, namespace, "flaky", "Failed")
     assert st["reason"] == "BackoffLimitExceeded"
     assert "NCCL timeout again" in st["message"]
@@ -115,7 +115,7 @@ def test_pod_failure_restarts_group_then_fails_after_backoff_limit(kubectl, oper
 def test_permanent_trainer_error_fails_without_retry(kubectl, operator, namespace, cluster):
     kubectl.create(ftj("badlabel", namespace))
     (pod,) = running_pods(kubectl, namespace, "badlabel", 0, 1)
-    cluster.pod_fail(namespace, pod["metadata"]["name"], exit_code=14, message="UnknownLabel: row 3 has label 'meh', not in spec.model.labels")
+    cluster.pod_fail(namespace, pod["metadata"]["name"], exit_code=14, message="UnknownLabel: row 3 has label 'meh', not in spec.model.labels", wait=False)
     st = wait_phase(kubectl, namespace, "badlabel", "Failed")
     assert st["reason"] == "UnknownLabel"
     assert "'meh'" in st["message"] and st["restarts"] == 0

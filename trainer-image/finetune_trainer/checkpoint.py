@@ -36,7 +36,7 @@ import torch
 
 from . import distributed
 from .distributed import DistInfo
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidConfig
 from .model import load_trainable_state_dict, trainable_state_dict
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,10 @@ class CheckpointManager:
             for p in files:
                 manifest["files"][p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
                 total += p.stat().st_size
+            if self.storage.exists(uri):
+                # Re-saving a step (a resumed run reaching it again): drop the old manifest with the old
+                # files so the folder is never "complete" with mismatched contents.
+                self.storage.delete_prefix(uri.rstrip("/") + "/")
             for p in files:
                 self.storage.upload_file(str(p), self.join(uri, p.name))
             manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -227,8 +231,6 @@ class CheckpointManager:
             return None
         if resume != "latest":
             if not self.storage.exists(self.join(resume, MANIFEST)):
-                from .errors import InvalidConfig
-
                 raise InvalidConfig(f"checkpoint.resume {resume} has no {MANIFEST}: it is incomplete or not a checkpoint; use latest, none or a complete checkpoint")
             return resume
         complete = self.complete()

@@ -23,7 +23,7 @@ import torch
 from finetune_api.spec import FineTuneJobSpec, Task
 
 from .distributed import DistInfo
-from .errors import ModelNotFound, UnsupportedHardware
+from .errors import CheckpointError, InvalidConfig, ModelNotFound, UnsupportedHardware
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def load_model(
     if classification:
         num_labels = len(labels) if labels else spec.model.num_labels
         if not num_labels:
-            raise ModelNotFound("sequence-classification needs labels: set model.labels or model.numLabels")
+            raise InvalidConfig("sequence-classification needs labels: set model.labels or model.numLabels")
         names = labels or [str(i) for i in range(num_labels)]
         config.num_labels = num_labels
         config.id2label = {i: n for i, n in enumerate(names)}
@@ -275,8 +275,6 @@ def _wrap_adapter(model: Any, spec: FineTuneJobSpec, classification: bool) -> tu
     try:
         model = get_peft_model(model, config)
     except ValueError as e:
-        from .errors import InvalidConfig
-
         raise InvalidConfig(f"lora.targetModules {targets!r} do not fit model type {model.config.model_type}: {str(e).splitlines()[0][:200]}") from None
     return model, targets
 
@@ -291,8 +289,6 @@ def load_trainable_state_dict(model: Any, state: dict[str, torch.Tensor]) -> Non
     expected = {n for n, p in params.items() if p.requires_grad}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        from .errors import CheckpointError
-
         raise CheckpointError(
             f"checkpoint weights do not match the model: {len(missing)} missing (e.g. {sorted(missing)[:2]}), "
             f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})"

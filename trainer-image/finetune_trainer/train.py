@@ -36,7 +36,7 @@ from .checkpoint import CheckpointManager
 from .collate import IGNORE_INDEX, Batching, ClassificationCollator, PaddedLMCollator, label_tokens, make_collator, token_counts
 from .config import JobConfig
 from .distributed import DistInfo, dist_info
-from .errors import EXIT_PREEMPTED, CheckpointError, InvalidConfig
+from .errors import EXIT_PREEMPTED, CheckpointError, InvalidConfig, TrainerError
 from .metrics import TrainerMetrics
 from .model import check_hardware, load_model, load_tokenizer, resolve_model_dir, resolve_precision
 from .progress import ProgressWriter
@@ -203,6 +203,13 @@ class Trainer:
         self.sigterm.install()
         try:
             return self._run()
+        except Preempted:
+            raise
+        except Exception as e:
+            # Tell the operator which stage failed; __main__ still writes the termination message.
+            line = e.line() if isinstance(e, TrainerError) else f"{type(e).__name__}: {str(e).strip()[:300]}"
+            self.progress.update(force=True, stage="failed", failureReason=line)
+            raise
         finally:
             self.sigterm.restore()
             self.metrics.close()
@@ -323,6 +330,7 @@ class Trainer:
         else:
             candidates = [self.checkpoints.find_resume(resume)]
         total_steps = self.state.total_steps
+        chosen = None
         for uri in candidates:
             try:
                 state = self.checkpoints.load(uri, model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self._scaler)
@@ -331,18 +339,24 @@ class Trainer:
                     raise
                 log.warning("skipping checkpoint %s: %s", uri, e.message)
                 continue
-            self.state = TrainerState.from_dict(state)
-            if self.state.total_steps != total_steps:
-                log.warning("planned steps changed from %d to %d (data changed?)", self.state.total_steps, total_steps)
-                self.state.total_steps = total_steps
-            if self.early_stopping is not None and self.state.early_stopping:
-                self.early_stopping.load_state_dict(self.state.early_stopping)
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", uri, self.state.step, self.state.epoch, self.state.batch)
-            for c in self.checkpoints.complete():
-                self.progress.add_checkpoint(c.step, c.uri, self.state.checkpoint_metrics.get(str(c.step)))
-            self.progress.update(force=True, step=self.state.step, total_steps=self.state.total_steps, best_metric=_finite(self.state.best_metric))
-            return uri
-        return None
+            chosen = uri
+            break
+        # Every rank must continue from the same step, or DDP would deadlock or silently diverge.
+        if len(set(distributed.gather_objects(chosen))) > 1:
+            raise CheckpointError("ranks could not agree on a checkpoint to resume from (a download failed on some ranks); retrying")
+        if chosen is None:
+            return None
+        self.state = TrainerState.from_dict(state)
+        if self.state.total_steps != total_steps:
+            log.warning("planned steps changed from %d to %d (data changed?)", self.state.total_steps, total_steps)
+            self.state.total_steps = total_steps
+        if self.early_stopping is not None and self.state.early_stopping:
+            self.early_stopping.load_state_dict(self.state.early_stopping)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", chosen, self.state.step, self.state.epoch, self.state.batch)
+        for c in self.checkpoints.complete():
+            self.progress.add_checkpoint(c.step, c.uri, self.state.checkpoint_metrics.get(str(c.step)))
+        self.progress.update(force=True, step=self.state.step, total_steps=self.state.total_steps, best_metric=_finite(self.state.best_metric))
+        return chosen
 
     # ----------------------------------------------------------------------------------- evaluate
 
@@ -645,6 +659,8 @@ class Trainer:
         if best_uri is not None:
             best = {"uri": best_uri, "step": self.state.best_step, "metric": self.monitor, "value": self.state.best_metric}
         training = {k: summary[k] for k in ("steps", "total_steps", "stopped_early", "best_step", "best_metric", "monitor", "gain", "history", "evals")}
+        training.update(precision=self.loaded.precision, target_modules=self.loaded.target_modules, world_size=self.dist.world_size,
+                        trainable_params=self.loaded.trainable_params, total_params=self.loaded.total_params)
         try:
             from .model_card import build_model_card
 

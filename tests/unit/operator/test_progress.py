@@ -40,10 +40,21 @@ def test_running_job_status_carries_progress():
 def test_reader_throttles_and_reads_local_output(tmp_path):
     spec = parse_spec({"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t"}, "output": {"uri": str(tmp_path)}})
     reader = ProgressReader(credentials=lambda ns, name: None, interval=3600)
-    assert reader.read("uid", "ns", spec) is None  # nothing written yet
+    assert reader.read("uid", "ns", spec) is None  # nothing cached: starts a background refresh
+    reader.flush()
     (tmp_path / "progress.json").write_text(json.dumps(DOC))
     assert reader.read("uid", "ns", spec) is None  # throttled: the last read was just now
+    reader.flush()
     doc = reader.read("uid", "ns", spec, force=True)
     assert doc.step == 120
     (tmp_path / "progress.json").write_text("{not json")
     assert reader.read("uid", "ns", spec, force=True).step == 120  # a torn write never wipes what we had
+
+
+def test_reader_refreshes_in_background_once_due(tmp_path):
+    spec = parse_spec({"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t"}, "output": {"uri": str(tmp_path)}})
+    (tmp_path / "progress.json").write_text(json.dumps(DOC))
+    reader = ProgressReader(credentials=lambda ns, name: None, interval=0)
+    reader.read("uid", "ns", spec)
+    reader.flush()
+    assert reader.read("uid", "ns", spec).step == 120

@@ -1,20 +1,12 @@
 """Entry point for trainer subprocesses in tests (plain, kill -9, SIGTERM, torchrun).
 
-Same as ``python -m finetune_trainer`` except that it first installs the test stand-ins for modules
-that have not landed yet (see helpers_fakes).
+Same as ``python -m finetune_trainer``, plus one test-only knob: FT_TEST_STEP_SLEEP=<seconds> slows
+every optimizer step so a test can act (kill -9, SIGTERM, scrape metrics) while training runs.
 """
 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import helpers_fakes  # noqa: E402
-
-helpers_fakes.install()
-
-# Test-only pacing: FT_TEST_STEP_SLEEP=<seconds> slows every optimizer step so a test can act
-# (kill -9, SIGTERM, scrape metrics) while training is in progress.
 _sleep = float(os.environ.get("FT_TEST_STEP_SLEEP", "0") or 0)
 if _sleep > 0:
     import time

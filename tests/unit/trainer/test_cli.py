@@ -3,6 +3,8 @@ and on stderr, and the reason's own exit code."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -78,14 +80,19 @@ def test_qlora_on_cpu_fails_fast_with_unsupported_hardware(assets, tmp_path, ter
     assert main(["--config", str(write_config(tmp_path / "job.yaml", spec))]) == errors.UnsupportedHardware.exit_code == 20
     line = termination_log.read_text()
     assert line.startswith("UnsupportedHardware: QLoRA needs a CUDA GPU") and line.count("\n") == 1
-    assert not (tmp_path / "out").exists()  # failed before data preparation wrote anything
+    # Failed before data preparation: the only output is the progress document saying so.
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["progress.json"]
+    assert json.loads((tmp_path / "out" / "progress.json").read_text())["stage"] == "failed"
 
 
 def test_missing_model_is_model_not_found(assets, tmp_path, termination_log, monkeypatch):
     monkeypatch.setenv("FINETUNE_WORK_DIR", str(tmp_path / "work"))
     spec = lm_spec(assets, str(tmp_path / "out"), model={"uri": str(tmp_path / "no-model")})
     assert main(["--config", str(write_config(tmp_path / "job.yaml", spec))]) == errors.ModelNotFound.exit_code
-    assert termination_log.read_text().startswith(f"ModelNotFound: {tmp_path / 'no-model'} is not a model folder")
+    line = termination_log.read_text().strip()
+    assert line.startswith(f"ModelNotFound: {tmp_path / 'no-model'} is not a model folder")
+    progress = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert progress["stage"] == "failed" and progress["failureReason"] == line
 
 
 def test_unexpected_exception_leaves_a_reason_and_exits_1(tmp_path, termination_log, monkeypatch, capsys):

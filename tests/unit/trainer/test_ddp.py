@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,15 +30,20 @@ def _per_rank(pattern: str, log: str) -> dict[str, list[str]]:
     return out
 
 
-def test_two_process_ddp_on_cpu(assets, tmp_path):
-    out = tmp_path / "out"
-    spec = lm_spec(assets, str(out), hyperparameters={"maxSteps": 6}, checkpoint={"everySteps": 3, "keepLast": 3})
-    config = write_config(tmp_path / "job.yaml", spec)
+def _torchrun(config, tmp_path) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(RUNNER), "--config", str(config)]
     r = subprocess.run(cmd, env=trainer_env(tmp_path), capture_output=True, text=True, timeout=300)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
+    return log
+
+
+def test_two_process_ddp_on_cpu_trains_in_lockstep_and_resumes_on_every_rank(assets, tmp_path):
+    out = tmp_path / "out"
+    spec = lm_spec(assets, str(out), hyperparameters={"maxSteps": 6}, checkpoint={"everySteps": 3, "keepLast": 3})
+    config = write_config(tmp_path / "job.yaml", spec)
+    log = _torchrun(config, tmp_path)
 
     losses = _per_rank(r"step \d+/6 epoch [\d.]+ loss ([\d.]+)", log)
     assert set(losses) == {"0", "1"} and len(losses["0"]) == 6
@@ -56,3 +62,12 @@ def test_two_process_ddp_on_cpu(assets, tmp_path):
     assert (state["epoch"], state["batch"]) == (0, 12)
     progress = json.loads((out / "progress.json").read_text())
     assert progress["stage"] == "done" and progress["step"] == 6
+
+    # Lose everything after step 3 (as if the group died then) and run again: both ranks resume from
+    # step 3 and recompute steps 4-6 to the same losses and the same final weights.
+    shutil.rmtree(ckpt)
+    resumed = _torchrun(config, tmp_path)
+    assert _per_rank(r"resumed from \S+step-00000003 at step (\d+)", resumed) == {"0": ["3"], "1": ["3"]}
+    again = _per_rank(r"step \d+/6 epoch [\d.]+ loss ([\d.]+)", resumed)
+    assert again["0"] == again["1"] == losses["0"][3:]
+    assert _per_rank(r"final trainable parameter checksum (\S+)", resumed) == checksums

@@ -5,12 +5,13 @@ so this also checks that every RNG stream comes back, not just weights and optim
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,7 +40,7 @@ def reference(assets, tmp_path_factory):
     assert r.returncode == 0, r.stderr[-3000:]
     state = checkpoint_state(out, STEPS)
     assert [s for s, _ in _losses(state)] == list(range(1, STEPS + 1))
-    return _losses(state)
+    return SimpleNamespace(losses=_losses(state), out=out)
 
 
 def _start(config: Path, tmp: Path, sleep: float) -> subprocess.Popen:
@@ -56,7 +57,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def _resumed_step(stderr: str) -> int:
-    line = next(l for l in stderr.splitlines() if "resumed from" in l)
+    line = next(x for x in stderr.splitlines() if "resumed from" in x)
     return int(line.split(" at step ")[1].split()[0])
 
 
@@ -81,8 +82,8 @@ def test_kill9_then_resume_reproduces_the_losses(assets, reference, tmp_path):
     assert "step-00000010" not in r.stderr.split("resumed from")[1].splitlines()[0]
     assert "removing incomplete checkpoint" in r.stderr
     # After the resume, steps resumed+1.. were computed again by the second process, and match exactly.
-    assert _losses(checkpoint_state(out, STEPS)) == reference
-    steps_logged = [int(l.split("step ")[1].split("/")[0]) for l in r.stderr.splitlines() if "] INFO finetune_trainer.train: step " in l]
+    assert _losses(checkpoint_state(out, STEPS)) == reference.losses
+    steps_logged = [int(x.split("step ")[1].split("/")[0]) for x in r.stderr.splitlines() if "] INFO finetune_trainer.train: step " in x]
     assert steps_logged[0] == resumed + 1
 
 
@@ -105,4 +106,17 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(assets, reference, tm
     r = run_trainer(config, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _resumed_step(r.stderr) == stopped
-    assert _losses(checkpoint_state(out, STEPS)) == reference
+    assert _losses(checkpoint_state(out, STEPS)) == reference.losses
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(assets, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference.out, out)
+    shutil.rmtree(out / "model")
+    newest = out / "checkpoints" / f"step-{STEPS:08d}" / "adapter_model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-8] + b"garbage!")  # same size, wrong sha256
+    r = run_trainer(write_config(tmp_path / "job.yaml", _spec(assets, out)), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"skipping checkpoint {out}/checkpoints/step-{STEPS:08d}" in r.stderr and "does not match its manifest" in r.stderr
+    assert _resumed_step(r.stderr) == STEPS - 4
+    assert _losses(checkpoint_state(out, STEPS)) == reference.losses  # steps 13-16 recomputed from step 12

@@ -94,7 +94,7 @@ def test_minilm_classification_beats_its_baseline_on_held_out_data(assets, tmp_p
         "model": {"uri": assets["minilm"], "task": "sequence-classification"},
         "method": "lora",
         "dataset": {"train": assets["sentiment"], "format": "classification", "split": {"validation": 0.2, "test": 0.2},
-                    "leakageCheck": "off", "preprocessing": {"dedupe": {"near": False}, "redactPii": False}},
+                    "leakageCheck": "off", "preprocessing": {"dedupe": {"near": False}, "redactPii": False, "classWeights": True}},
         "hyperparameters": {"epochs": 2, "learningRate": 0.002, "batchSize": 16, "maxSeqLength": 32, "warmupRatio": 0.0, "seed": 3},
         "evaluation": {"strategy": "epoch"},
         "checkpoint": {"everySteps": 100},
@@ -142,6 +142,44 @@ def test_early_stopping_on_a_diverging_run_keeps_and_uses_the_best_checkpoint(as
     best_ckpt = load_file(str(out / "checkpoints" / f"step-{best_step:08d}" / "model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(final[name], best_ckpt[name])
+
+
+def test_accumulation_and_packing_do_not_change_the_optimisation(assets, tmp_path):
+    """One packed batch of 8 rows == two padded micro-batches of 4 accumulated: every loss token weighs the same."""
+    histories = []
+    for name, hp in (("packed", {"batchSize": 8, "gradientAccumulationSteps": 1, "packing": True}),
+                     ("padded", {"batchSize": 4, "gradientAccumulationSteps": 2, "packing": False})):
+        out = tmp_path / name
+        spec = lm_spec(assets, str(out), lora={"dropout": 0.0}, checkpoint={"everySteps": 100},
+                       hyperparameters={"maxSteps": 5, "dropout": 0.0, **hp})
+        r = run_trainer(write_config(tmp_path / f"{name}.yaml", spec), tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        histories.append([h["loss"] for h in checkpoint_state(out, 5)["history"]])
+    packed, padded = histories
+    assert packed == pytest.approx(padded, rel=1e-5, abs=1e-6)
+    assert packed[-1] < packed[0] - 0.1  # and it does train
+
+
+def test_weighted_classification_loss_is_the_weighted_mean_over_the_whole_window():
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from finetune_trainer.train import Trainer
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(7, 3), torch.tensor([0, 1, 2, 2, 1, 0, 2])
+    trainer = Trainer.__new__(Trainer)  # only the loss pieces, no run
+    trainer.classification = True
+    trainer.class_weights = torch.tensor([1.0, 4.0, 0.5])
+    trainer.model = lambda input_ids, **_: SimpleNamespace(logits=logits[input_ids])
+    window = [{"input_ids": torch.arange(0, 4), "labels": labels[:4]}, {"input_ids": torch.arange(4, 7), "labels": labels[4:]}]
+    denominator = trainer._denominator(window)
+    total = sum(trainer._loss(b, denominator) for b in window)
+    torch.testing.assert_close(total, F.cross_entropy(logits, labels, weight=trainer.class_weights))
+    trainer.class_weights = None
+    total = sum(trainer._loss(b, trainer._denominator(window)) for b in window)
+    torch.testing.assert_close(total, F.cross_entropy(logits, labels))
 
 
 # ----------------------------------------------------------------------------------------- model.py
