@@ -72,20 +72,25 @@ def plain_job(i: int) -> dict:
 
 
 def watch_running(list_fn, kwargs, is_running, key, n: int, created: dict[str, float], timeout: float) -> dict[str, float]:
-    """Record the first time each object is seen running (client clock)."""
+    """Record the first time each object is seen running (client clock). Re-watches when the server
+    closes the stream, until ``n`` objects were seen or ``timeout`` passed."""
     seen: dict[str, float] = {}
-    w = watch.Watch()
     deadline = time.monotonic() + timeout
-    for ev in w.stream(list_fn, timeout_seconds=int(timeout), **kwargs):
-        obj = ev["object"]
-        name = key(obj)
-        if name and name not in seen and is_running(obj):
-            seen[name] = time.monotonic()
-            if len(seen) >= n:
-                break
-        if time.monotonic() > deadline:
-            break
-    w.stop()
+    while len(seen) < n and time.monotonic() < deadline:
+        w = watch.Watch()
+        try:
+            for ev in w.stream(list_fn, timeout_seconds=max(1, int(deadline - time.monotonic())), **kwargs):
+                obj = ev["object"]
+                name = key(obj)
+                if name and name not in seen and is_running(obj):
+                    seen[name] = time.monotonic()
+                    if len(seen) >= n:
+                        break
+        except Exception as exc:  # a dropped stream: watch again
+            print(f"watch restarted: {exc!r}", file=sys.stderr)
+            time.sleep(0.5)
+        finally:
+            w.stop()
     return seen
 
 
@@ -98,7 +103,13 @@ def run(jobs: int, out: Path) -> dict:
         core, batch, custom = client.CoreV1Api(), client.BatchV1Api(), client.CustomObjectsApi()
         env = cluster.env()
         subprocess.run(["kubectl", "apply", "--server-side", "-f", str(ROOT / "crds" / "finetune.io_finetunejobs.yaml")], env=env, check=True, capture_output=True)
-        subprocess.run(["kubectl", "wait", "--for=condition=Established", "crd/finetunejobs.finetune.io"], env=env, check=True, capture_output=True)
+        for _ in range(60):  # the CRD may take a moment to be served
+            if subprocess.run(["kubectl", "wait", "--for=condition=Established", "--timeout=5s", "crd/finetunejobs.finetune.io"],
+                              env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        else:
+            raise RuntimeError("the FineTuneJob CRD never became Established")
         for ns in ("bench-baseline", "bench-operator"):
             core.create_namespace({"metadata": {"name": ns}})
         time.sleep(2)

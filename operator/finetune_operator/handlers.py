@@ -15,7 +15,6 @@ import time
 from collections import defaultdict
 from typing import Any, Iterable, Mapping
 
-import kopf
 from pydantic import ValidationError
 
 from finetune_api.spec import FineTuneJobSpec
@@ -162,7 +161,7 @@ def _reconcile_locked(body: dict[str, Any], jobs: list[JobView], pods: list[PodV
             if fresh is None:
                 return
             body = fresh
-    raise kopf.TemporaryError("status kept changing under the reconcile; will retry", delay=2)
+    raise kube.Conflict(f"{body['metadata']['namespace']}/{body['metadata']['name']} kept changing under the reconcile; the next event or resync retries")
 
 
 def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Any, config: OperatorConfig) -> None:
@@ -177,7 +176,7 @@ def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Any, config
         if int(plan.status.get("restarts") or 0) > int(old_status.get("restarts") or 0):
             metrics.RESTARTS.inc()
     for event_type, reason, message in plan.events:
-        kopf.event(body, type=event_type, reason=reason, message=message)
+        kube.post_event(body, event_type, reason, message)
         log.info("%s/%s: %s: %s", ns, name, reason, message)
     for job_name in plan.delete_jobs:
         kube.delete_job(ns, job_name)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+from datetime import datetime, timezone
+import threading
 from typing import Any
 
 from kubernetes import client
@@ -17,16 +20,32 @@ class Conflict(Exception):
     """The FineTuneJob changed since it was read (resourceVersion precondition failed)."""
 
 
+_api: client.ApiClient | None = None
+_api_lock = threading.Lock()
+
+
+def api_client() -> client.ApiClient:
+    """One shared client (thread-safe connection pool): a new ApiClient per call would mean a new TLS
+    context and handshake per request, which costs both latency and memory at scale."""
+    global _api
+    with _api_lock:
+        if _api is None:
+            cfg = client.Configuration.get_default_copy()
+            cfg.connection_pool_maxsize = 16
+            _api = client.ApiClient(cfg)
+        return _api
+
+
 def _core() -> client.CoreV1Api:
-    return client.CoreV1Api()
+    return client.CoreV1Api(api_client())
 
 
 def _batch() -> client.BatchV1Api:
-    return client.BatchV1Api()
+    return client.BatchV1Api(api_client())
 
 
 def _custom() -> client.CustomObjectsApi:
-    return client.CustomObjectsApi()
+    return client.CustomObjectsApi(api_client())
 
 
 def create_if_absent(obj: dict[str, Any]) -> bool:
@@ -113,3 +132,35 @@ def delete_finetunejob(namespace: str, name: str) -> None:
     except ApiException as exc:
         if exc.status != 404:
             raise
+
+
+def post_event(body: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+    """A core/v1 Event on the FineTuneJob (what `kubectl describe ftj` shows)."""
+    meta = body["metadata"]
+    now = datetime.now(timezone.utc)
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": f"{S.API_GROUP}/{S.API_VERSION}",
+            "kind": S.KIND,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "type": event_type,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": "finetune-operator"},
+        "reportingComponent": "finetune-operator",
+        "reportingInstance": os.environ.get("HOSTNAME", "finetune-operator"),
+        "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "count": 1,
+    }
+    try:
+        _core().create_namespaced_event(meta["namespace"], event)
+    except ApiException as exc:  # an event is advisory: never fail a reconcile over it
+        log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason)

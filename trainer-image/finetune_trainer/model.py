@@ -70,12 +70,16 @@ def resolve_model_dir(uri: str, storage: Any, dist: DistInfo, *, cache_dir: str 
     if marker.exists():
         return str(local)
     if dist.is_local_main:
-        files = storage.list(uri.rstrip("/") + "/")
-        if not any(f.rstrip("/").endswith("/config.json") for f in files):
-            raise ModelNotFound(f"{uri} holds no config.json; point model.uri at a Hugging Face model folder")
+        prefix = uri.rstrip("/") + "/"
+        try:
+            files = storage.list(prefix)
+        except FileNotFoundError:
+            files = []
+        if prefix + "config.json" not in files:
+            raise ModelNotFound(f"{uri} holds no config.json; point model.uri at the S3 prefix of a Hugging Face model folder")
         log.info("downloading %s (%d files) to %s", uri, len(files), local)
         local.mkdir(parents=True, exist_ok=True)
-        storage.download_prefix(uri.rstrip("/") + "/", str(local), workers=8)
+        storage.download_prefix(prefix, str(local), workers=8)
         marker.write_text(uri)
     else:
         deadline = time.monotonic() + _DOWNLOAD_WAIT_S

@@ -142,7 +142,7 @@ class _ListDataset(torch.utils.data.Dataset):
 
 
 def eval_loader(dataset: Any, *, classification: bool, batch_size: int, pad_token_id: int, max_samples: int | None = None) -> Any:
-    """Padded, unshuffled batches (every rank evaluates the whole set: results agree without collectives)."""
+    """Padded, unshuffled batches of ``dataset`` (None when there is nothing to evaluate)."""
     if dataset is None or len(dataset) == 0:
         return None
     if max_samples is not None and len(dataset) > max_samples:
@@ -308,8 +308,7 @@ class Trainer:
 
         es = self.spec.evaluation.early_stopping
         self.early_stopping = EarlyStopping.from_spec(es) if es else None
-        self.val_loader = eval_loader(self.data.validation, classification=self.classification, batch_size=hp.batch_size,
-                                      pad_token_id=self.tokenizer.pad_token_id, max_samples=self.spec.evaluation.max_eval_samples)
+        self.val_loader = self._eval_loader(self.data.validation, max_samples=self.spec.evaluation.max_eval_samples)
         self.metrics.set_total_steps(self.state.total_steps)
 
     @property
@@ -360,20 +359,30 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- evaluate
 
+    def _eval_loader(self, dataset: Any, max_samples: int | None = None) -> Any:
+        """Padded eval batches; under DDP each rank takes a shard and the metrics are gathered (exactly, see evaluate)."""
+        loader = eval_loader(dataset, classification=self.classification, batch_size=self.hp.batch_size,
+                             pad_token_id=self.tokenizer.pad_token_id, max_samples=max_samples)
+        if loader is not None and self.dist.distributed:
+            loader = self.accelerator.prepare(loader)  # no sampler generator: does not touch any RNG
+        return loader
+
     def evaluate(self, loader: Any = None, **kwargs: Any) -> dict[str, Any]:
+        """Collective under DDP: every rank calls it and gets the same, global result."""
         from .evaluate import evaluate_classification, evaluate_lm
 
         loader = loader if loader is not None else self.val_loader
+        accelerator = self.accelerator if self.dist.distributed else None
         with self.accelerator.autocast():
             if self.classification:
-                return evaluate_classification(self.raw_model, loader, num_labels=self.num_labels, label_names=self.data.labels, **kwargs)
-            return evaluate_lm(self.raw_model, loader)
+                return evaluate_classification(self.raw_model, loader, num_labels=self.num_labels, label_names=self.data.labels,
+                                               accelerator=accelerator, **kwargs)
+            return evaluate_lm(self.raw_model, loader, accelerator=accelerator)
 
     def _retention_loader(self) -> Any:
         if self.spec.evaluation.retention is None or getattr(self.data, "retention", None) is None:
             return None
-        return eval_loader(self.data.retention, classification=self.classification, batch_size=self.hp.batch_size,
-                           pad_token_id=self.tokenizer.pad_token_id, max_samples=self.spec.evaluation.max_eval_samples)
+        return self._eval_loader(self.data.retention, max_samples=self.spec.evaluation.max_eval_samples)
 
     def _baseline(self) -> None:
         self._stage("baseline")
@@ -557,7 +566,7 @@ class Trainer:
             val = self.evaluate(return_logits=True)
             calibration = calibrate(val["logits"], val["labels"])
             temperature = calibration["temperature"]
-        test_loader = eval_loader(self.data.test, classification=self.classification, batch_size=self.hp.batch_size, pad_token_id=self.tokenizer.pad_token_id)
+        test_loader = self._eval_loader(self.data.test)
         test_eval = None
         if test_loader is not None:
             kwargs = {"temperature": temperature} if self.classification else {}

@@ -112,7 +112,7 @@ def test_upload_failure_surfaces_as_checkpoint_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_s3_model_data_and_output_through_moto(tmp_path):
+def test_s3_model_data_and_output_through_moto(tmp_path, monkeypatch):
     """Base model, data and every output on an S3 endpoint (moto server); a second run resumes from S3."""
     import socket
     from pathlib import Path
@@ -156,6 +156,18 @@ def test_s3_model_data_and_output_through_moto(tmp_path):
         r = run_trainer(config, tmp_path, **creds)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "resumed from s3://results/job/checkpoints/step-00000004 at step 4" in r.stderr
+
+        from finetune_trainer.distributed import DistInfo
+        from finetune_trainer.errors import ModelNotFound
+        from finetune_trainer.model import resolve_model_dir
+        from finetune_trainer.storage import Storage
+
+        for key, value in creds.items():
+            monkeypatch.setenv(key, value)
+        storage = Storage(endpoint_url=endpoint, region="us-east-1")
+        for missing in ("s3://models/nothing-here", "s3://no-such-bucket/tiny"):
+            with pytest.raises(ModelNotFound, match="holds no config.json"):
+                resolve_model_dir(missing, storage, DistInfo(), cache_dir=tmp_path / "cache2")
         assert "training already finished at step 4" in r.stderr
     finally:
         server.stop()

@@ -132,3 +132,16 @@ def test_hub_model_without_network_is_model_not_found_with_a_hint(tmp_path, term
     line = termination_log.read_text()
     assert line.startswith("ModelNotFound: cannot load the tokenizer from hf://no-such-org/no-such-model")
     assert "need network from the pods" in line
+
+
+def test_reads_the_config_the_operator_renders(tmp_path):
+    """Contract with the operator: its ConfigMap's job.yaml (manifest with every default filled in) loads as is."""
+    from finetune_api.spec import FineTuneJobSpec
+    from finetune_operator.builders import Owner, render_trainer_config
+
+    spec = FineTuneJobSpec.model_validate(_minimal("s3://bucket-a/out"))
+    path = tmp_path / "job.yaml"
+    path.write_text(render_trainer_config(Owner(name="llama-support", namespace="team-a", uid="u-1", generation=3), spec))
+    config = load_config(path)
+    assert config.name == "llama-support"
+    assert config.spec == spec and config.output_uri == "s3://bucket-a/out"

@@ -30,6 +30,24 @@ def _per_rank(pattern: str, log: str) -> dict[str, list[str]]:
     return out
 
 
+def _single_process_baseline(spec, assets) -> float:
+    """The base model's validation loss computed here, in one process, with the same data preparation."""
+    from finetune_api.spec import FineTuneJobSpec
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_trainer.data import prepare_data
+    from finetune_trainer.evaluate import evaluate_lm
+    from finetune_trainer.storage import Storage
+    from finetune_trainer.train import eval_loader
+
+    parsed = FineTuneJobSpec.model_validate(spec)
+    tokenizer = AutoTokenizer.from_pretrained(assets["llama"])
+    data = prepare_data(parsed, Storage(), tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(assets["llama"])
+    loader = eval_loader(data.validation, classification=False, batch_size=4, pad_token_id=tokenizer.pad_token_id)
+    return evaluate_lm(model, loader)["eval_loss"]
+
+
 def _torchrun(config, tmp_path) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(RUNNER), "--config", str(config)]
@@ -50,6 +68,13 @@ def test_two_process_ddp_on_cpu_trains_in_lockstep_and_resumes_on_every_rank(ass
     assert losses["0"] == losses["1"]  # the logged loss is the all-reduced mean
     checksums = _per_rank(r"final trainable parameter checksum (\S+)", log)
     assert checksums["0"] == checksums["1"]  # replicas trained on different rows but stayed identical
+
+    # Evaluation is sharded across the ranks and gathered: both ranks report the single-process numbers.
+    baselines = _per_rank(r"baseline: \{'eval_loss': ([\d.]+)", log)
+    assert baselines["0"] == baselines["1"]
+    assert float(baselines["0"][0]) == pytest.approx(_single_process_baseline(spec, assets), rel=1e-9)
+    evals = _per_rank(r"eval at step (\d+: \{'eval_loss': [\d.]+)", log)
+    assert evals["0"] == evals["1"] and len(evals["0"]) == 2
 
     ckpt = out / "checkpoints" / "step-00000006"
     manifest = json.loads((ckpt / "manifest.json").read_text())

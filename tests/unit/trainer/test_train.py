@@ -48,6 +48,13 @@ def test_causal_lm_lora_writes_model_progress_and_verified_checkpoints(assets, t
     progress = _progress(out)
     assert progress["stage"] == "done"
     assert progress["step"] == progress["totalSteps"] == 12
+    # Contract with the operator: the document parses and projects into the FineTuneJob status.
+    from finetune_api.status import ProgressDocument
+    from finetune_operator.progress import project
+
+    status = project(ProgressDocument.model_validate(progress))
+    assert status["progress"]["text"] == "12/12 (100.0%)" and status["modelUri"] == str(out / "model")
+    assert status["gain"]["metric"] == "eval_loss" and [c["step"] for c in status["checkpoints"]] == [9, 12]
     assert progress["modelUri"] == str(out / "model")
     assert progress["latestCheckpoint"] == str(out / "checkpoints" / "step-00000012")
     assert [c["step"] for c in progress["checkpoints"]] == [9, 12]
