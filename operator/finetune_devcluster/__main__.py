@@ -1,9 +1,13 @@
 """``python -m finetune_devcluster up|down|status|env|build`` (also the ``finetune-devcluster`` script).
 
 up      start the control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok + fake GPU
-        nodes) and a local S3 server in the background, then print the environment to use them
-        (progress on stderr, ``export`` lines on stdout, so ``eval "$(... up)"`` works).
-        A second ``up`` reports the running one.
+        nodes), a local S3 server, a process node (runs pods as local processes) and the operator
+        (installed with its Helm chart, running with the chart's ServiceAccount) in the background,
+        then print the environment to use them (progress on stderr, ``export`` lines on stdout, so
+        ``eval "$(... up)"`` works). A second ``up`` reports the running one.
+demo    ``up`` with only the process node, the demo models/datasets uploaded to S3, examples/*.yaml
+        applied and watched until they finish; prints the model URIs and baseline-vs-final metrics.
+procnode  run a process node in the foreground.
 down    stop everything ``up`` started and remove its state.
 status  what is running (exit 0: all up, 1: nothing up, 2: some component down).
 env     print ``export`` lines for the running cluster: ``eval "$(python -m finetune_devcluster env)"``.
@@ -116,7 +120,7 @@ def up_s3(args: argparse.Namespace, ctx: dict) -> None:
             return
         existing.stop()
     shutil.rmtree(_s3_dir(), ignore_errors=True)
-    s3 = LocalS3(_s3_dir(), backend=args.s3_backend, detach=True, keep_workdir=True)
+    s3 = LocalS3(_s3_dir(), backend=args.s3_backend, detach=True, keep_workdir=True, port=args.s3_port)
     s3.start()
     for b in args.bucket or []:
         s3.create_bucket(b)
@@ -124,7 +128,29 @@ def up_s3(args: argparse.Namespace, ctx: dict) -> None:
     ctx["s3"] = s3
 
 
-UP_STEPS = [("cluster", up_cluster), ("s3", up_s3)]
+def up_procnode(args: argparse.Namespace, ctx: dict) -> None:
+    if args.no_procnode:
+        return
+    from . import stack
+
+    pid = stack.start_procnode(ctx["cluster"], state_dir())
+    print(f"process node up (pid {pid}): pods bound to it run as local processes; log {state_dir() / 'procnode.log'}", file=sys.stderr)
+
+
+def up_operator(args: argparse.Namespace, ctx: dict) -> None:
+    if args.no_operator:
+        return
+    from . import stack
+
+    pid = stack.start_operator(ctx["cluster"], state_dir())
+    s3 = ctx.get("s3")
+    if s3 is not None:
+        stack.ensure_secret(ctx["cluster"], "default", s3.access_key, s3.secret_key)
+    print(f"operator installed with helm ({stack.RELEASE} in {stack.OPERATOR_NS}) and running as its ServiceAccount "
+          f"(pid {pid}); metrics http://127.0.0.1:8080/metrics; log {state_dir() / 'operator.log'}", file=sys.stderr)
+
+
+UP_STEPS = [("cluster", up_cluster), ("s3", up_s3), ("procnode", up_procnode), ("operator", up_operator)]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -143,7 +169,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    from . import stack
+
     with _locked():
+        for name in ("operator", "procnode"):
+            if stack.stop(state_dir(), name):
+                print(f"{name} stopped")
         s3, c = _attach_s3(), _attach_cluster()
         if s3 is not None:
             s3.stop()
@@ -211,6 +242,42 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """up (with only the process node) + demo data in S3 + examples/*.yaml applied + watched to the end."""
+    from . import stack
+
+    args.nodes, args.no_s3, args.no_operator, args.no_procnode = 0, False, False, False
+    code = cmd_up(args)
+    if code:
+        return code
+    c, s3 = _attach_cluster(), _attach_s3()
+    kwok = [n for n in c.node_names]
+    if kwok:
+        print(f"note: this cluster also has kwok nodes {kwok}; `make down` first for a process-node-only demo", file=sys.stderr)
+    if s3.port != stack.DEMO_S3_PORT:
+        print(f"error: S3 runs on port {s3.port}, but examples/ name http://127.0.0.1:{stack.DEMO_S3_PORT}: free that port and re-run", file=sys.stderr)
+        return 1
+    print("uploading the demo models and datasets to S3 ...", file=sys.stderr)
+    uris = stack.seed(s3, state_dir())
+    print("  " + "\n  ".join(f"{k}: {v}" for k, v in uris.items()), file=sys.stderr)
+    names = []
+    for path in sorted(stack.EXAMPLES.glob("*.yaml")):
+        out = c.kubectl("apply", "-f", str(path), check=False)
+        print((out.stdout or out.stderr).strip(), file=sys.stderr)
+        if out.returncode == 0:
+            names.append(out.stdout.split()[0].split("/")[-1])
+    print(f"watching {', '.join(names)} (kubectl get ftj -w shows the same) ...", file=sys.stderr)
+    objs = stack.watch(c, names)
+    print(stack.summary(objs, s3, state_dir()))
+    return 0 if all(o["status"]["phase"] == "Succeeded" for o in objs.values()) else 1
+
+
+def cmd_procnode(args: argparse.Namespace) -> int:
+    from . import stack
+
+    return stack.run_procnode(args.name, args.workdir, taint=args.taint)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="finetune-devcluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -220,6 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-s3", action="store_true", help="do not start the S3 server")
     up.add_argument("--s3-backend", choices=["minio", "moto"], default=None, help="default: $FINETUNE_S3_BACKEND or minio")
     up.add_argument("--bucket", action="append", help="create this bucket (repeatable)")
+    up.add_argument("--s3-port", type=int, default=9000, help="S3 port when free (default 9000, which examples/ use)")
+    up.add_argument("--no-procnode", action="store_true", help="no process node (pods only on kwok nodes)")
+    up.add_argument("--no-operator", action="store_true", help="do not install and start the operator")
+    demo = sub.add_parser("demo", help="up + demo data + examples/*.yaml run to completion")
+    demo.add_argument("--gpus-per-node", type=int, default=0)
+    demo.add_argument("--s3-backend", choices=["minio", "moto"], default=None)
+    demo.add_argument("--bucket", action="append", default=["finetune-demo"])
+    demo.add_argument("--s3-port", type=int, default=9000)
+    pn = sub.add_parser("procnode", help="run a process node in the foreground (up starts one in the background)")
+    pn.add_argument("--name", default="process-node-0")
+    pn.add_argument("--workdir", default=str(state_dir() / "procnode"))
+    pn.add_argument("--taint", action="store_true", help="only pods tolerating finetune.io/process-node land here")
     sub.add_parser("down", help="stop everything")
     sub.add_parser("status", help="show what is running")
     sub.add_parser("env", help="print export lines")
@@ -228,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--into", help="also copy the binaries into this folder")
     b.add_argument("-v", "--verbose", action="store_true", help="stream go's output")
     args = p.parse_args(argv)
-    return {"up": cmd_up, "down": cmd_down, "status": cmd_status, "env": cmd_env, "build": cmd_build}[args.cmd](args)
+    commands = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "env": cmd_env, "build": cmd_build,
+                "demo": cmd_demo, "procnode": cmd_procnode}
+    return commands[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,17 @@ class S3Error(RuntimeError):
     pass
 
 
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 class LocalS3:
     def __init__(
         self,
@@ -45,7 +56,9 @@ class LocalS3:
         detach: bool = False,
         keep_workdir: bool = False,
         startup_timeout: float = 60.0,
+        port: int | None = None,
     ) -> None:
+        self.preferred_port = port  # used when free (the demo's examples name http://127.0.0.1:9000)
         self.backend = backend or os.environ.get("FINETUNE_S3_BACKEND") or "minio"
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
@@ -106,8 +119,8 @@ class LocalS3:
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv0 = [str(tools.ensure("minio"))] if self.backend == "minio" else [sys.executable, "-m", "moto.server"]
         err: Exception | None = None
-        for _ in range(attempts):
-            self.port = free_port()
+        for attempt in range(attempts):
+            self.port = self.preferred_port if attempt == 0 and self.preferred_port and _port_free(self.preferred_port) else free_port()
             if self.backend == "minio":
                 data = self.workdir / "data"
                 data.mkdir(exist_ok=True)

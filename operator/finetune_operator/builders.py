@@ -133,6 +133,7 @@ def _env(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDe
         {"name": "FINETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
         {"name": "HF_HOME", "value": "/cache/huggingface"},
         {"name": "FINETUNE_CACHE_DIR", "value": "/cache"},
+        {"name": "FINETUNE_WORK_DIR", "value": "/tmp/work"},
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]

@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 
 
 def plain(value: Any) -> Any:
-    """Detach a Kopf body view into plain dicts/lists (index values outlive the event)."""
+    """Detach a Kopf body view into plain dicts/lists (index values outlive the event), without
+    metadata.managedFields, which nothing here reads and which is the bulk of a status-patched object."""
     if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items() if k != "managedFields"}
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
@@ -88,17 +89,17 @@ async def _heartbeat() -> None:
 
 
 @kopf.index("batch", "v1", "jobs", labels=CHILDREN)
-def ftj_jobs(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict:
+async def ftj_jobs(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict:
     return {(namespace, labels.get(B.LABEL_JOB)): job_view(plain(body))}
 
 
 @kopf.index("v1", "pods", labels=CHILDREN)
-def ftj_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict:
+async def ftj_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict:
     return {(namespace, labels.get(B.LABEL_JOB)): pod_view(plain(body))}
 
 
 @kopf.index(*FTJ)
-def ftj_bodies(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+async def ftj_bodies(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
     snapshot = plain(body)
     _phases[(namespace, name)] = (snapshot.get("status") or {}).get("phase")
     return {(namespace, name): snapshot}

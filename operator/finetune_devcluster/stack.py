@@ -1,0 +1,200 @@
+"""The rest of the local stack on top of the control plane and S3: the operator installed with its
+Helm chart, a process node that really runs training pods, demo data in S3, and the demo itself.
+
+The chart is installed for real (CRD, ServiceAccount, RBAC, Service) with ``replicaCount=0``: the local
+nodes cannot run container images, so the operator runs as a local process authenticated with the
+chart's own ServiceAccount token — exactly the rights it has in a real cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import tools
+from .cluster import LocalCluster, _alive
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "finetune-operator"
+EXAMPLES = REPO / "examples"
+RELEASE, OPERATOR_NS = "finetune-operator", "finetune-system"
+DEMO_BUCKET = "finetune-demo"
+DEMO_S3_PORT = 9000
+SECRET = "s3-credentials"
+
+
+# ---------------------------------------------------------------------------- background processes
+
+
+def _pidfile(state: Path, name: str) -> Path:
+    return state / f"{name}.pid"
+
+
+def running(state: Path, name: str) -> int | None:
+    try:
+        pid = int(_pidfile(state, name).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if _alive(pid, "python") else None
+
+
+def spawn(state: Path, name: str, argv: list[str], env: dict[str, str]) -> int:
+    """Start a detached background process (it outlives this CLI); its pid goes to <state>/<name>.pid."""
+    state.mkdir(parents=True, exist_ok=True)
+    log = open(state / f"{name}.log", "ab")
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, cwd=REPO)
+    _pidfile(state, name).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def stop(state: Path, name: str, timeout: float = 30) -> bool:
+    pid = running(state, name)
+    _pidfile(state, name).unlink(missing_ok=True)
+    if pid is None:
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(pid, "python"):
+            time.sleep(0.2)
+        if _alive(pid, "python"):
+            os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+# ------------------------------------------------------------------------------------- operator
+
+
+def helm(cluster: LocalCluster, *args: str) -> str:
+    proc = subprocess.run([str(tools.ensure("helm")), *args], env=cluster.env(), capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def install_chart(cluster: LocalCluster) -> None:
+    """helm upgrade --install: re-running is safe."""
+    helm(cluster, "upgrade", "--install", RELEASE, str(CHART), "-n", OPERATOR_NS, "--create-namespace",
+         "--set", "replicaCount=0", "--wait", "--timeout", "120s")
+
+
+def service_account_kubeconfig(cluster: LocalCluster, path: Path) -> Path:
+    sa = json.loads(cluster.kubectl("get", "deployment", "-n", OPERATOR_NS, "-l", f"app.kubernetes.io/instance={RELEASE}",
+                                    "-o", "json").stdout)["items"][0]["spec"]["template"]["spec"]["serviceAccountName"]
+    token = cluster.kubectl("create", "token", sa, "-n", OPERATOR_NS, "--duration=720h").stdout.strip()
+    path.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters: [{{name: local, cluster: {{server: '{cluster.server}', certificate-authority: '{cluster.ca_file}'}}}}]\n"
+        f"users: [{{name: {sa}, user: {{token: '{token}'}}}}]\n"
+        f"contexts: [{{name: operator, context: {{cluster: local, user: {sa}}}}}]\ncurrent-context: operator\n"
+    )
+    path.chmod(0o600)
+    return path
+
+
+def start_operator(cluster: LocalCluster, state: Path, *, metrics_port: int = 8080) -> int:
+    pid = running(state, "operator")
+    if pid:
+        return pid
+    install_chart(cluster)
+    kubeconfig = service_account_kubeconfig(cluster, state / "operator.kubeconfig")
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FINETUNE_METRICS_PORT": str(metrics_port),
+           "FINETUNE_RESYNC_SECONDS": "5", "FINETUNE_PROGRESS_INTERVAL": "5", "MALLOC_ARENA_MAX": "2"}
+    return spawn(state, "operator", [sys.executable, "-m", "finetune_operator"], env)
+
+
+def start_procnode(cluster: LocalCluster, state: Path, name: str = "process-node-0") -> int:
+    pid = running(state, "procnode")
+    if pid:
+        return pid
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    return spawn(state, "procnode", [sys.executable, "-m", "finetune_devcluster", "procnode", "--name", name,
+                                     "--workdir", str(state / "procnode")], env)
+
+
+def run_procnode(name: str, workdir: str, taint: bool = False) -> int:
+    """Foreground process node (what ``start_procnode`` runs in the background)."""
+    import logging
+
+    from kubernetes import config
+
+    from .procnode import ProcessNode
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    node = ProcessNode(config.new_client_from_config(os.environ.get("KUBECONFIG")), name=name, workdir=workdir, taint=taint).start()
+    stopped = {"flag": False}
+
+    def on_term(*_: Any) -> None:
+        stopped["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    while not stopped["flag"]:
+        time.sleep(0.5)
+    node.stop()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- demo
+
+
+def ensure_secret(cluster: LocalCluster, namespace: str, access_key: str, secret_key: str) -> None:
+    manifest = cluster.kubectl("create", "secret", "generic", SECRET, "-n", namespace,
+                               f"--from-literal=AWS_ACCESS_KEY_ID={access_key}", f"--from-literal=AWS_SECRET_ACCESS_KEY={secret_key}",
+                               "--dry-run=client", "-o", "yaml").stdout
+    cluster.kubectl("apply", "-f", "-", input=manifest)
+
+
+def seed(s3: Any, state: Path) -> dict[str, str]:
+    from .assets import seed_bucket
+
+    return seed_bucket(s3.client(), DEMO_BUCKET, state / "assets")
+
+
+def watch(cluster: LocalCluster, names: list[str], namespace: str = "default", timeout: float = 1800) -> dict[str, dict]:
+    """Print the FineTuneJob table while the jobs run; return their final objects."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        table = cluster.kubectl("get", "ftj", "-n", namespace, *names, check=False).stdout.strip()
+        if table != last:
+            print(table, flush=True)
+            last = table
+        objs = {n: json.loads(cluster.kubectl("get", "ftj", n, "-n", namespace, "-o", "json").stdout) for n in names}
+        if all((o.get("status") or {}).get("phase") in ("Succeeded", "Failed") for o in objs.values()):
+            return objs
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"jobs still running after {timeout:.0f}s:\n{table}")
+        time.sleep(3)
+
+
+def summary(objs: dict[str, dict], s3: Any, state: Path) -> str:
+    lines = []
+    for name, obj in objs.items():
+        st = obj.get("status") or {}
+        lines.append(f"\n{name}: {st.get('phase')} ({st.get('reason')}) {st.get('message', '')}")
+        if st.get("modelUri"):
+            lines.append(f"  model:       {st['modelUri']}")
+        gain = st.get("gain") or {}
+        if gain:
+            lines.append(f"  {gain.get('metric')}: baseline {gain.get('baseline')} -> final {gain.get('final')}")
+        data = st.get("data") or {}
+        if data:
+            lines.append("  data:        " + ", ".join(f"{k}={v}" for k, v in data.items() if k != "reportUri"))
+        if st.get("latestCheckpoint"):
+            lines.append(f"  checkpoint:  {st['latestCheckpoint']}")
+    lines.append(f"\nS3 (MinIO):  {s3.endpoint_url}  bucket {DEMO_BUCKET}  (AWS_ACCESS_KEY_ID={s3.access_key})")
+    lines.append(f"operator:    http://127.0.0.1:8080/metrics  (log {state / 'operator.log'})")
+    lines.append(f"trainer:     pod sandboxes and logs under {state / 'procnode'}")
+    lines.append("kubectl:     eval \"$(python -m finetune_devcluster env)\"; kubectl get ftj; kubectl describe ftj <name>")
+    lines.append("stop:        make down")
+    return "\n".join(lines)
