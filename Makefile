@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 
-.PHONY: setup tools crds demo down test test-unit lint-chart clean
+.PHONY: setup tools crds demo down test test-unit clean
 
 ## setup: create .venv and install the project with its test extras (pinned by constraints.txt)
 setup: $(VENV)/.installed

@@ -223,6 +223,15 @@ class ProcessNode:
             self._threads.append(t)
         return self
 
+    def pid_of(self, namespace: str, pod: str) -> int | None:
+        """The pid of the process running a pod (its process group leader), or None."""
+        with self._lock:
+            for run in self._running.values():
+                meta = run.pod["metadata"]
+                if (meta["namespace"], meta["name"]) == (namespace, pod) and run.proc.poll() is None:
+                    return run.proc.pid
+        return None
+
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
@@ -351,10 +360,12 @@ class ProcessNode:
         termination_file.touch()
         mounts[termination_path] = termination_file
 
+        # One pass, longest mount first, at path boundaries only: a host path that itself contains a
+        # mount path (a sandbox under /tmp, say) must not be rewritten again.
+        pattern = re.compile(r"(?<![\w.\-/])(" + "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True)) + r")(?=/|$|[^\w.\-])")
+
         def rewrite(value: str) -> str:
-            for mount in sorted(mounts, key=len, reverse=True):
-                if mount in value:
-                    value = value.replace(mount, str(mounts[mount]))
+            value = pattern.sub(lambda m: str(mounts[m.group(1)]), value)
             return _SVC_HOST.sub("127.0.0.1", value)
 
         env = self._resolve_env(pod, container)

@@ -138,7 +138,11 @@ BUNDLES: dict[str, Bundle] = {
                 HELM_VERSION,
                 f"-s -w -X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"
                 " -X helm.sh/helm/v3/internal/version.metadata="
-                " -X helm.sh/helm/v3/internal/version.gitTreeState=clean",
+                " -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+                # as helm's own Makefile does: the Kubernetes version `helm template`/`lint` assume
+                # (without it, v1.20, which fails the chart's kubeVersion: >=1.28)
+                f" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={K8S_VERSION.split('.')[1]}"
+                f" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor={K8S_VERSION.split('.')[1]}",
             ),
         ),
         Bundle("minio", MINIO_VERSION, ("minio",), _install(["github.com/minio/minio"], MINIO_VERSION)),

@@ -44,8 +44,13 @@ def _fmt_eta(seconds: float | None) -> str:
     return f" eta {h}h{m:02d}m" if h else f" eta {m}m{s:02d}s"
 
 
+def _r(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
 def project(doc: ProgressDocument) -> dict[str, Any]:
-    """The status fields a progress document sets (pure)."""
+    """The status fields a progress document sets (pure). Numbers are rounded to 4 significant digits:
+    status is for people and `kubectl get`, the full values stay in progress.json."""
     percent = None
     if doc.total_steps:
         percent = round(100.0 * min(doc.step, doc.total_steps) / doc.total_steps, 1)
@@ -57,10 +62,10 @@ def project(doc: ProgressDocument) -> dict[str, Any]:
         "text": text,
         "epoch": round(doc.epoch, 3) if doc.epoch is not None else None,
         "etaSeconds": round(doc.eta_seconds, 1) if doc.eta_seconds is not None else None,
-        "trainLoss": doc.train_loss,
-        "evalLoss": doc.eval_loss,
-        "learningRate": doc.learning_rate,
-        "bestMetric": doc.best_metric,
+        "trainLoss": _r(doc.train_loss),
+        "evalLoss": _r(doc.eval_loss),
+        "learningRate": _r(doc.learning_rate),
+        "bestMetric": _r(doc.best_metric),
         "bestMetricName": doc.best_metric_name,
         "stage": doc.stage,
         "updatedAt": doc.updated_at,
@@ -75,7 +80,8 @@ def project(doc: ProgressDocument) -> dict[str, Any]:
     if doc.data:
         out["data"] = doc.data.wire()
     if doc.gain:
-        out["gain"] = doc.gain.wire()
+        gain = doc.gain.wire()
+        out["gain"] = {k: _r(v) if isinstance(v, float) else v for k, v in gain.items()}
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import Phase, TERMINAL_PHASES
-from finetune_trainer.errors import EXIT_PREEMPTED, PERMANENT_EXIT_CODES
+from finetune_trainer.errors import EXIT_PREEMPTED, PERMANENT_EXIT_CODES, TrainerError
 
 from finetune_operator import builders as B
 from finetune_operator.progress import project as project_progress
@@ -165,22 +165,49 @@ class Plan:
         return self.status.get("phase")
 
 
-def _first_failure(pods: list[PodView], job: JobView | None) -> tuple[str, str, int | None]:
-    """(reason, message, exit code) of the group's failure, preferring the trainer's own words."""
+TRAINER_REASONS = {cls.reason: cls for cls in TrainerError.__subclasses__()}
+
+
+def _trainer_line(message: str) -> tuple[str, str] | None:
+    """The trainer's own ``Reason: message`` line, wherever it is in a termination message (under
+    torchrun the log tail also carries the launcher's summary around it)."""
+    for line in reversed([l.strip() for l in message.splitlines() if l.strip()]):
+        head = line.split(":", 1)[0]
+        if head in TRAINER_REASONS:
+            return head, line
+    return None
+
+
+def _meaningful_last_line(message: str) -> str:
+    lines = [l.strip() for l in message.splitlines() if l.strip().strip("=-") and not l.strip().startswith(("[", "time", "host", "rank", "exitcode", "error_file", "traceback"))]
+    return lines[-1] if lines else message.strip()[:200]
+
+
+def _first_failure(pods: list[PodView], job: JobView | None) -> tuple[str, str, int | None, bool]:
+    """(reason, message, exit code, permanent) of the group's failure, preferring the trainer's own words.
+
+    Permanence comes from the trainer's reason when there is one (torchrun exits 1 whatever its worker's
+    exit code was), else from the exit code."""
     failed = sorted((p for p in pods if p.failed), key=lambda p: (p.index if p.index is not None else 1 << 30, p.name))
     for pod in failed:
         if pod.message:
-            line = pod.message.splitlines()[-1].strip() if pod.exit_code else pod.message.splitlines()[0]
-            reason = line.split(":", 1)[0] if ":" in line and line.split(":", 1)[0].isidentifier() else "TrainerFailed"
-            return reason, f"pod {pod.name} (exit code {pod.exit_code}): {line}", pod.exit_code
+            found = _trainer_line(pod.message)
+            if found:
+                reason, line = found
+                return reason, f"pod {pod.name} (exit code {pod.exit_code}): {line}", pod.exit_code, TRAINER_REASONS[reason].permanent
+    for pod in failed:
+        if pod.message:
+            line = _meaningful_last_line(pod.message)
+            permanent = pod.exit_code is not None and pod.exit_code in PERMANENT_EXIT_CODES
+            return "TrainerFailed", f"pod {pod.name} (exit code {pod.exit_code}): {line}", pod.exit_code, permanent
     if failed:
         pod = failed[0]
         what = pod.reason or "Error"
-        return "PodFailed", f"pod {pod.name} failed ({what}, exit code {pod.exit_code})", pod.exit_code
+        return "PodFailed", f"pod {pod.name} failed ({what}, exit code {pod.exit_code})", pod.exit_code, False
     if job and job.failed_condition:
         reason, message = job.failed_condition
-        return "PodFailed", f"job {job.name}: {reason}: {message or 'a pod failed or was deleted'}", None
-    return "PodFailed", "a training pod failed or was deleted", None
+        return "PodFailed", f"job {job.name}: {reason}: {message or 'a pod failed or was deleted'}", None, False
+    return "PodFailed", "a training pod failed or was deleted", None, False
 
 
 def _set_phase(status: dict[str, Any], phase: str, reason: str, message: str, now: datetime, generation: int) -> None:
@@ -302,9 +329,9 @@ def decide(obs: Observed) -> Plan:
 
     failed = job.failed_condition is not None or job.failed > 0 or any(p.failed for p in pods)
     if failed:
-        reason, message, code = _first_failure(pods, job)
+        reason, message, code, permanent = _first_failure(pods, job)
         status["failureReason"] = message
-        if code is not None and code in PERMANENT_EXIT_CODES:
+        if permanent:
             return fail(reason, f"{message} (permanent: not retried)")
         restarts = int(status.get("restarts", 0))
         limit = spec.run_policy.backoff_limit

@@ -60,6 +60,7 @@ class OperatorProcess:
             "FINETUNE_TRAINER_IMAGE": "finetune-trainer:test",
             "FINETUNE_TERMINATION_GRACE_SECONDS": "5",
             "MALLOC_ARENA_MAX": "2",  # as in operator/Dockerfile
+            "FINETUNE_PROGRESS_INTERVAL": "2",
         }
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen([sys.executable, "-m", "finetune_operator"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -33,7 +33,13 @@ def status(kubectl, ns, name) -> dict:
 
 
 def wait_phase(kubectl, ns, name, phase, timeout=60) -> dict:
-    return wait_for(f"{name} phase {phase}", lambda: (s := status(kubectl, ns, name)).get("phase") == phase and s, timeout=timeout)
+    def reached():
+        s = status(kubectl, ns, name)
+        if s.get("phase") in ("Succeeded", "Failed") and s.get("phase") != phase:  # finished otherwise: say why now
+            raise RuntimeError(f"{name} ended {s.get('phase')} ({s.get('reason')}): {s.get('message')}")
+        return s.get("phase") == phase and s
+
+    return wait_for(f"{name} phase {phase}", reached, timeout=timeout)
 
 
 def pods_of(kubectl, ns, name, attempt=None):

@@ -160,3 +160,31 @@ def test_views_from_api_objects():
                                  "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
                     "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 13, "message": "MalformedData: 40% rows bad\n", "reason": "Error"}}}]}})
     assert (pod.index, pod.exit_code, pod.message, pod.failed) == (0, 13, "MalformedData: 40% rows bad", True)
+
+
+TORCHRUN_TAIL = """InvalidConfig: cannot read config /etc/finetune/job.yaml: No such file or directory
+E1121 12:53:25.491000 6542 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 11)
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+finetune_trainer FAILED
+============================================================"""
+
+
+def test_trainer_reason_found_inside_torchrun_output_and_is_permanent():
+    # torchrun exits 1 whatever its worker's code was: the reason line decides permanence
+    pod = PodView("ft-0-0", 0, 0, "Failed", exit_code=1, message=TORCHRUN_TAIL)
+    plan = decide(obs({"phase": "Running", "attempt": 0, "restarts": 0}, jobs=[running_job(failed=1)], pods=[pod]))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "InvalidConfig"
+    assert "cannot read config" in plan.status["message"] and plan.status["restarts"] == 0
+
+
+def test_transient_trainer_reason_is_retried():
+    pod = PodView("ft-0-0", 0, 0, "Failed", exit_code=1, message="S3EndpointError: could not reach http://minio:9000")
+    plan = decide(obs({"phase": "Running", "attempt": 0, "restarts": 0}, jobs=[running_job(failed=1)], pods=[pod]))
+    assert plan.status["phase"] == "Restarting" and plan.status["reason"] == "S3EndpointError"
+
+
+def test_unknown_crash_message_skips_launcher_decoration():
+    pod = PodView("ft-0-0", 0, 0, "Failed", exit_code=1, message="RuntimeError: NCCL timeout\n====\nfoo FAILED\n-----")
+    plan = decide(obs({"phase": "Running", "attempt": 0, "restarts": 0}, jobs=[running_job(failed=1)], pods=[pod]))
+    assert plan.status["reason"] == "TrainerFailed" and plan.status["failureReason"].endswith("foo FAILED")

@@ -1,0 +1,151 @@
+"""End to end: kubectl apply -> the operator's real pod spec runs the real trainer (as local processes on
+the process node) -> a fine-tuned model in MinIO, with progress, data report and gain in the status.
+
+The FineTuneJobs are the ones in examples/, pointed at this test's S3 server and pinned to the
+(tainted) process node so that no kwok node fakes them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from finetune_devcluster.assets import seed_bucket
+from finetune_devcluster.procnode import NODE_LABEL, TAINT_KEY, ProcessNode
+from tests.integration.conftest import ROOT
+from tests.integration.kubeutil import wait_for
+from tests.integration.test_operator import events_for, pods_of, status, wait_phase
+
+pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
+BUCKET = "e2e"
+
+
+@pytest.fixture(scope="module")
+def procnode(cluster, tmp_path_factory):
+    node = ProcessNode(cluster.api_client(), name="e2e-proc-0", workdir=tmp_path_factory.mktemp("procnode"), taint=True,
+                       extra_env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}).start()
+
+    def ready():
+        conditions = json.loads(cluster.kubectl("get", "node", node.name, "-o", "json").stdout)["status"]["conditions"]
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    wait_for("process node Ready", ready, timeout=30)
+    yield node
+    node.stop()
+    cluster.kubectl("delete", "node", node.name, check=False)
+
+
+@pytest.fixture(scope="module")
+def data(s3, tmp_path_factory):
+    return seed_bucket(s3.client(), BUCKET, tmp_path_factory.mktemp("assets"))
+
+
+def example(file: str, name: str, namespace: str, s3, **overrides) -> dict:
+    manifest = yaml.safe_load((ROOT / "examples" / file).read_text())
+    text = json.dumps(manifest).replace("s3://finetune-demo/runs/", f"s3://{BUCKET}/runs/{namespace}/").replace("s3://finetune-demo/", f"s3://{BUCKET}/")
+    manifest = json.loads(text)
+    manifest["metadata"] = {"name": name, "namespace": namespace}
+    spec = manifest["spec"]
+    spec["output"]["uri"] = f"s3://{BUCKET}/runs/{namespace}/{name}"
+    spec["storage"]["endpoint"] = s3.endpoint_url
+    spec["resources"].update(nodeSelector={NODE_LABEL: "process"}, tolerations=[{"key": TAINT_KEY, "operator": "Exists"}])
+    for key, value in overrides.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return manifest
+
+
+def secret(kubectl, namespace: str, s3, secret_key: str | None = None) -> None:
+    kubectl.run("create", "secret", "generic", "s3-credentials", "-n", namespace,
+                f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
+                f"--from-literal=AWS_SECRET_ACCESS_KEY={secret_key or s3.secret_key}")
+
+
+def keys(s3, prefix: str) -> list[str]:
+    out = s3.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for o in out.get("Contents", [])]
+
+
+def read_json(s3, key: str) -> dict:
+    return json.loads(s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+def test_classification_happy_path(kubectl, operator, procnode, s3, data, namespace):
+    secret(kubectl, namespace, s3)
+    kubectl.create(example("sentiment-classification.yaml", "sentiment", namespace, s3))
+    st = wait_phase(kubectl, namespace, "sentiment", "Succeeded", timeout=600)
+    run = f"runs/{namespace}/sentiment"
+    # progress, model and reports made it back into the status...
+    assert st["progress"]["step"] > 0 and st["progress"]["stage"] == "done"
+    assert st["modelUri"] == f"s3://{BUCKET}/{run}/model"
+    assert st["gain"]["metric"] == "accuracy" and st["gain"]["final"] > st["gain"]["baseline"] + 0.1
+    assert st["data"]["exactDuplicates"] == 6 and st["data"]["piiRedacted"] == 3
+    assert st["latestCheckpoint"].startswith(f"s3://{BUCKET}/{run}/checkpoints/step-")
+    # ...and the objects are really in MinIO
+    model = keys(s3, f"{run}/model/")
+    assert f"{run}/model/adapter_model.safetensors" in model and f"{run}/model/model_card.json" in model
+    report = read_json(s3, f"{run}/data-report.json")
+    assert report["total"]["exact_duplicates"] == 6 and report["total"]["rows_read"] >= 400
+    card = read_json(s3, f"{run}/model/model_card.json")
+    assert json.dumps(card).count("accuracy") >= 2
+    reasons = {e["reason"] for e in events_for(kubectl, namespace, "sentiment")}
+    assert {"JobCreated", "PodsRunning", "Completed"} <= reasons
+
+
+def test_two_node_causal_lm_forms_one_distributed_group(kubectl, operator, procnode, s3, data, namespace):
+    secret(kubectl, namespace, s3)
+    kubectl.create(example("instruction-tuning-2-nodes.yaml", "lm2", namespace, s3))
+    st = wait_phase(kubectl, namespace, "lm2", "Succeeded", timeout=600)
+    pods = pods_of(kubectl, namespace, "lm2", 0)
+    assert len(pods) == 2 and all(p["status"]["phase"] == "Succeeded" for p in pods)
+    assert all(p["spec"]["nodeName"] == procnode.name for p in pods)
+    assert st["progress"]["step"] == st["progress"]["totalSteps"] == 40
+    assert st["gain"]["final"] < st["gain"]["baseline"]  # eval loss went down
+    manifest = read_json(s3, st["latestCheckpoint"].removeprefix(f"s3://{BUCKET}/") + "/manifest.json")
+    assert manifest["world_size"] == 2 and manifest["step"] == 40  # one group of two ranks
+    assert all(f["size"] > 0 and len(f["sha256"]) == 64 for f in manifest["files"].values())
+
+
+def test_killed_trainer_resumes_from_checkpoint_with_continuous_steps(kubectl, operator, procnode, s3, data, namespace):
+    secret(kubectl, namespace, s3)
+    kubectl.create(example("sentiment-classification.yaml", "killed", namespace, s3,
+                           hyperparameters={"epochs": 4}, evaluation={"earlyStopping": None}))
+    run = f"runs/{namespace}/killed"
+    wait_for("first checkpoint", lambda: f"{run}/checkpoints/step-00000010/manifest.json" in keys(s3, f"{run}/checkpoints/"), timeout=600, interval=0.5)
+    (pod,) = [p for p in pods_of(kubectl, namespace, "killed", 0)]
+    leader = procnode.pid_of(namespace, pod["metadata"]["name"])
+    workers = [c for c in psutil.Process(leader).children(recursive=True) if "finetune_trainer" in " ".join(c.cmdline())]
+    assert workers, "no trainer process under torchrun"
+    for w in workers:
+        os.kill(w.pid, signal.SIGKILL)
+    st = wait_for("restart", lambda: (s := status(kubectl, namespace, "killed")).get("restarts") == 1 and s, timeout=120)
+    assert st["attempt"] == 1
+    st = wait_phase(kubectl, namespace, "killed", "Succeeded", timeout=600)
+    assert st["restarts"] == 1
+    final = read_json(s3, st["latestCheckpoint"].removeprefix(f"s3://{BUCKET}/") + "/trainer_state.json")
+    steps = [h["step"] for h in final["history"]]
+    assert steps == list(range(1, final["step"] + 1))  # resumed at the next step: no gap, no repeat
+
+
+def test_missing_dataset_fails_with_the_trainers_reason(kubectl, operator, procnode, s3, data, namespace):
+    secret(kubectl, namespace, s3)
+    kubectl.create(example("sentiment-classification.yaml", "nodata", namespace, s3,
+                           dataset={"train": f"s3://{BUCKET}/datasets/nope/train.jsonl"}))
+    st = wait_phase(kubectl, namespace, "nodata", "Failed", timeout=300)
+    assert st["reason"] == "DatasetNotFound"
+    assert "datasets/nope/train.jsonl" in st["message"] and st["restarts"] == 0
+
+
+def test_wrong_s3_credentials_fail_with_a_clear_reason(kubectl, operator, procnode, s3, data, namespace):
+    secret(kubectl, namespace, s3, secret_key="not-the-secret")
+    kubectl.create(example("sentiment-classification.yaml", "badcreds", namespace, s3))
+    st = wait_phase(kubectl, namespace, "badcreds", "Failed", timeout=300)
+    assert st["reason"] == "S3AuthError"
+    assert "not-the-secret" not in json.dumps(kubectl.get("ftj", "badcreds", namespace))
+    assert st["restarts"] == 0
