@@ -147,7 +147,7 @@ def up_operator(args: argparse.Namespace, ctx: dict) -> None:
     if s3 is not None:
         stack.ensure_secret(ctx["cluster"], "default", s3.access_key, s3.secret_key)
     print(f"operator installed with helm ({stack.RELEASE} in {stack.OPERATOR_NS}) and running as its ServiceAccount "
-          f"(pid {pid}); metrics http://127.0.0.1:8080/metrics; log {state_dir() / 'operator.log'}", file=sys.stderr)
+          f"(pid {pid}); metrics http://127.0.0.1:{(state_dir() / 'operator.port').read_text().strip()}/metrics; log {state_dir() / 'operator.log'}", file=sys.stderr)
 
 
 UP_STEPS = [("cluster", up_cluster), ("s3", up_s3), ("procnode", up_procnode), ("operator", up_operator)]

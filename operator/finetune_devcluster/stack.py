@@ -107,7 +107,12 @@ def start_operator(cluster: LocalCluster, state: Path, *, metrics_port: int = 80
         return pid
     install_chart(cluster)
     kubeconfig = service_account_kubeconfig(cluster, state / "operator.kubeconfig")
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FINETUNE_METRICS_PORT": str(metrics_port),
+    from .s3 import _port_free
+    from .cluster import free_port
+
+    port = metrics_port if _port_free(metrics_port) else free_port()
+    (state / "operator.port").write_text(f"{port}\n")
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FINETUNE_METRICS_PORT": str(port),
            "FINETUNE_RESYNC_SECONDS": "5", "FINETUNE_PROGRESS_INTERVAL": "5", "MALLOC_ARENA_MAX": "2"}
     return spawn(state, "operator", [sys.executable, "-m", "finetune_operator"], env)
 
@@ -193,7 +198,8 @@ def summary(objs: dict[str, dict], s3: Any, state: Path) -> str:
         if st.get("latestCheckpoint"):
             lines.append(f"  checkpoint:  {st['latestCheckpoint']}")
     lines.append(f"\nS3 (MinIO):  {s3.endpoint_url}  bucket {DEMO_BUCKET}  (AWS_ACCESS_KEY_ID={s3.access_key})")
-    lines.append(f"operator:    http://127.0.0.1:8080/metrics  (log {state / 'operator.log'})")
+    port = (state / "operator.port").read_text().strip() if (state / "operator.port").exists() else "8080"
+    lines.append(f"operator:    http://127.0.0.1:{port}/metrics  (log {state / 'operator.log'})")
     lines.append(f"trainer:     pod sandboxes and logs under {state / 'procnode'}")
     lines.append("kubectl:     eval \"$(python -m finetune_devcluster env)\"; kubectl get ftj; kubectl describe ftj <name>")
     lines.append("stop:        make down")

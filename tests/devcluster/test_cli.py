@@ -45,11 +45,14 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
     state = tmp_path / "state"
     up = cli(state, "up", "--nodes", "1", "--bucket", "models")
     assert "cluster up" in up.stderr and "s3 up" in up.stderr
+    assert "process node up" in up.stderr and "operator installed with helm" in up.stderr
     env = exports(up.stdout)
     assert env["KUBECONFIG"] == str(state / "cluster" / "kubeconfig")
     pids = json.loads((state / "cluster" / "cluster.json").read_text())["pids"]
     pids["s3"] = json.loads((state / "s3" / "s3.json").read_text())["pid"]
     assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "s3"}
+    for name in ("operator", "procnode"):  # background processes of the stack, started with the chart installed
+        pids[name] = int((state / f"{name}.pid").read_text())
     assert all(alive(p) for p in pids.values())
 
     again = cli(state, "up")
@@ -65,7 +68,7 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
         [str(Path(env["PATH"].split(":")[0]) / "kubectl"), "get", "nodes", "-o", "name"],
         env=kenv, capture_output=True, text=True, timeout=60, check=True,
     ).stdout.split()
-    assert nodes == ["node/kwok-node-0"]
+    assert nodes == ["node/kwok-node-0", "node/process-node-0"]
     s3 = boto3.client(
         "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"],
@@ -75,6 +78,7 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
 
     down = cli(state, "down")
     assert "cluster stopped" in down.stdout and "s3 stopped" in down.stdout
+    assert "operator stopped" in down.stdout and "procnode stopped" in down.stdout
     assert not any(alive(p) for p in pids.values())
     assert cli(state, "status", check=False).returncode == 1
     assert not (state / "cluster").exists() and not (state / "s3").exists()
