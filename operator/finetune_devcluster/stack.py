@@ -87,18 +87,24 @@ def install_chart(cluster: LocalCluster) -> None:
          "--set", "replicaCount=0", "--wait", "--timeout", "120s")
 
 
-def service_account_kubeconfig(cluster: LocalCluster, path: Path) -> Path:
-    sa = json.loads(cluster.kubectl("get", "deployment", "-n", OPERATOR_NS, "-l", f"app.kubernetes.io/instance={RELEASE}",
-                                    "-o", "json").stdout)["items"][0]["spec"]["template"]["spec"]["serviceAccountName"]
-    token = cluster.kubectl("create", "token", sa, "-n", OPERATOR_NS, "--duration=720h").stdout.strip()
+def token_kubeconfig(cluster: LocalCluster, service_account: str, namespace: str, path: Path, duration: str = "720h") -> Path:
+    """A kubeconfig that authenticates as a ServiceAccount (a token from the TokenRequest API)."""
+    token = cluster.kubectl("create", "token", service_account, "-n", namespace, f"--duration={duration}").stdout.strip()
     path.write_text(
         "apiVersion: v1\nkind: Config\n"
         f"clusters: [{{name: local, cluster: {{server: '{cluster.server}', certificate-authority: '{cluster.ca_file}'}}}}]\n"
-        f"users: [{{name: {sa}, user: {{token: '{token}'}}}}]\n"
-        f"contexts: [{{name: operator, context: {{cluster: local, user: {sa}}}}}]\ncurrent-context: operator\n"
+        f"users: [{{name: {service_account}, user: {{token: '{token}'}}}}]\n"
+        f"contexts: [{{name: sa, context: {{cluster: local, user: {service_account}}}}}]\ncurrent-context: sa\n"
     )
     path.chmod(0o600)
     return path
+
+
+def service_account_kubeconfig(cluster: LocalCluster, path: Path) -> Path:
+    """Credentials of the ServiceAccount the chart made for the operator."""
+    sa = json.loads(cluster.kubectl("get", "deployment", "-n", OPERATOR_NS, "-l", f"app.kubernetes.io/instance={RELEASE}",
+                                    "-o", "json").stdout)["items"][0]["spec"]["template"]["spec"]["serviceAccountName"]
+    return token_kubeconfig(cluster, sa, OPERATOR_NS, path)
 
 
 def start_operator(cluster: LocalCluster, state: Path, *, metrics_port: int = 8080) -> int:

@@ -4,11 +4,10 @@ ServiceAccount token: everything it does must be allowed by the chart's RBAC, an
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
-
 import pytest
 
 from finetune_devcluster import tools
+from finetune_devcluster.stack import token_kubeconfig
 from tests.integration.conftest import ROOT, OperatorProcess
 from tests.integration.kubeutil import wait_for
 from tests.integration.test_operator import ftj, running_pods, status, wait_phase
@@ -30,17 +29,6 @@ def release(cluster, kubectl, crd_installed):
          "--set", "image.tag=test", "--set", "resyncSeconds=2")
     yield
     helm(cluster, "uninstall", RELEASE, "-n", NS)
-
-
-def sa_kubeconfig(cluster, kubectl, sa: str, path: Path) -> Path:
-    token = kubectl.run("create", "token", sa, "-n", NS, "--duration=1h").stdout.strip()
-    path.write_text(
-        "apiVersion: v1\nkind: Config\n"
-        f"clusters: [{{name: c, cluster: {{server: '{cluster.server}', certificate-authority: '{cluster.ca_file}'}}}}]\n"
-        f"users: [{{name: u, user: {{token: '{token}'}}}}]\n"
-        "contexts: [{name: c, context: {cluster: c, user: u}}]\ncurrent-context: c\n"
-    )
-    return path
 
 
 def can_i(kubectl, who: str, verb: str, resource: str, namespace: str) -> bool:
@@ -70,7 +58,7 @@ def test_chart_installs_least_privilege_rbac(kubectl, release, namespace):
 
 def test_operator_works_under_the_charts_rbac(cluster, kubectl, release, operator, namespace, tmp_path):
     dep = kubectl.get("deployment", f"{RELEASE}-finetune-operator", NS)
-    kubeconfig = sa_kubeconfig(cluster, kubectl, dep["spec"]["template"]["spec"]["serviceAccountName"], tmp_path / "sa.kubeconfig")
+    kubeconfig = token_kubeconfig(cluster, dep["spec"]["template"]["spec"]["serviceAccountName"], NS, tmp_path / "sa.kubeconfig")
     operator.stop()  # one operator at a time
     restricted = OperatorProcess(str(kubeconfig), tmp_path)
     try:
