@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -149,3 +150,63 @@ def test_wrong_s3_credentials_fail_with_a_clear_reason(kubectl, operator, procno
     assert st["reason"] == "S3AuthError"
     assert "not-the-secret" not in json.dumps(kubectl.get("ftj", "badcreds", namespace))
     assert st["restarts"] == 0
+
+
+def _wait_checkpoint(s3, run: str, step: int = 10) -> None:
+    wait_for(f"checkpoint {step}", lambda: f"{run}/checkpoints/step-{step:08d}/manifest.json" in keys(s3, f"{run}/checkpoints/"),
+             timeout=600, interval=0.5)
+
+
+def _continuous(s3, st: dict) -> list[int]:
+    final = read_json(s3, st["latestCheckpoint"].removeprefix(f"s3://{BUCKET}/") + "/trainer_state.json")
+    steps = [h["step"] for h in final["history"]]
+    assert steps == list(range(1, final["step"] + 1)), steps
+    return steps
+
+
+def test_deleted_pod_restarts_the_group_and_resumes(kubectl, operator, procnode, s3, data, namespace):
+    secret(kubectl, namespace, s3)
+    kubectl.create(example("sentiment-classification.yaml", "podgone", namespace, s3,
+                           hyperparameters={"epochs": 4}, evaluation={"earlyStopping": None}))
+    _wait_checkpoint(s3, f"runs/{namespace}/podgone")
+    (pod,) = pods_of(kubectl, namespace, "podgone", 0)
+    kubectl.run("delete", "pod", pod["metadata"]["name"], "-n", namespace, "--wait=false")
+    st = wait_for("restart", lambda: (s := status(kubectl, namespace, "podgone")).get("restarts") == 1 and s, timeout=120)
+    st = wait_phase(kubectl, namespace, "podgone", "Succeeded", timeout=600)
+    assert st["restarts"] == 1 and st["attempt"] == 1
+    _continuous(s3, st)
+
+
+def test_suspend_mid_training_checkpoints_and_resume_continues(kubectl, operator, procnode, s3, data, namespace):
+    secret(kubectl, namespace, s3)
+    kubectl.create(example("sentiment-classification.yaml", "paused", namespace, s3,
+                           hyperparameters={"epochs": 4}, evaluation={"earlyStopping": None}))
+    run = f"runs/{namespace}/paused"
+    _wait_checkpoint(s3, run)
+    kubectl.run("patch", "ftj", "paused", "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    wait_phase(kubectl, namespace, "paused", "Suspended")
+    wait_for("pods gone", lambda: pods_of(kubectl, namespace, "paused") == [], timeout=120)
+    # SIGTERM made the trainer checkpoint at the step it was on, not only at the every-10 marks
+    progress = read_json(s3, f"{run}/progress.json")
+    assert progress["stage"] == "preempted"
+    kubectl.run("patch", "ftj", "paused", "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    st = wait_phase(kubectl, namespace, "paused", "Succeeded", timeout=600)
+    assert st["restarts"] == 0
+    _continuous(s3, st)
+
+
+def test_operator_restarted_during_training_keeps_status_updating(kubectl, operator, procnode, s3, data, namespace):
+    secret(kubectl, namespace, s3)
+    kubectl.create(example("sentiment-classification.yaml", "opgone", namespace, s3,
+                           hyperparameters={"epochs": 4}, evaluation={"earlyStopping": None}))
+    _wait_checkpoint(s3, f"runs/{namespace}/opgone")
+    operator.kill()
+    try:
+        time.sleep(3)
+    finally:
+        operator.start()
+    before = status(kubectl, namespace, "opgone").get("progress", {}).get("step", 0)
+    st = wait_phase(kubectl, namespace, "opgone", "Succeeded", timeout=600)
+    assert st["progress"]["step"] > before and st["progress"]["stage"] == "done"
+    assert st["restarts"] == 0
+    assert len(kubectl.items("jobs", namespace)) == 1
