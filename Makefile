@@ -15,9 +15,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 	touch $@
 
-## tools: build (once, cached outside the repo) kube-apiserver, controller-manager, scheduler, etcd, kwok, helm, minio
+## tools: build (once, cached outside the repo) kube-apiserver, controller-manager, scheduler, etcd, kwok, helm, minio;
+## install Debian's prometheus if missing
 tools: setup
 	$(PY) -m finetune_devcluster build
+	@command -v prometheus >/dev/null || { echo "installing prometheus (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
 ## crds: regenerate crds/ from the spec model (operator/finetune_api/spec.py)
 crds: setup

@@ -119,7 +119,7 @@ class ProcessNode:
 
     def __init__(self, api, name: str = "process-node-0", workdir: str | Path | None = None, *, cpu: str = "16",
                  memory: str = "64Gi", gpus: int = 0, pods: int = 50, path_prepend: list[str] | None = None,
-                 extra_env: dict[str, str] | None = None, taint: bool = False):
+                 extra_env: dict[str, str] | None = None, taint: bool = False, targets_file: str | Path | None = None):
         from kubernetes import client
 
         self.api = api
@@ -132,6 +132,9 @@ class ProcessNode:
         self.extra_env = extra_env or {}
         # With a taint only pods that tolerate it land here (a cluster that also has kwok nodes).
         self.taints = [{"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"}] if taint else []
+        # Prometheus file_sd: one target per running pod that exposes metrics (kept current here).
+        self.targets_file = Path(targets_file) if targets_file else None
+        self._metrics: dict[str, dict[str, Any]] = {}
         self._running: dict[str, _Running] = {}
         self._group_ports: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -396,6 +399,8 @@ class ProcessNode:
             self._running[uid] = run
         log.info("started %s/%s: %s (pid %d)", ns, name, " ".join(argv), proc.pid)
         self.core.patch_namespaced_pod(name, ns, {"metadata": {"annotations": {METRICS_PORT_ANNOTATION: str(metrics_port)}}})
+        if "FINETUNE_METRICS_PORT" in env:
+            self._publish(uid, {"targets": [f"127.0.0.1:{metrics_port}"], "labels": {"namespace": ns, "pod": name}})
         self._patch_status(pod, {
             "phase": "Running",
             "startTime": started,
@@ -456,6 +461,21 @@ class ProcessNode:
         run.done.set()
         with self._lock:
             self._running.pop(uid, None)
+        self._publish(uid, None)
+
+    def _publish(self, uid: str, target: dict[str, Any] | None) -> None:
+        if self.targets_file is None:
+            return
+        import json
+
+        with self._lock:
+            if target is None:
+                self._metrics.pop(uid, None)
+            else:
+                self._metrics[uid] = target
+            tmp = self.targets_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(list(self._metrics.values())))
+            tmp.replace(self.targets_file)  # atomic: Prometheus never reads half a file
 
     def _terminate(self, run: _Running, grace: float) -> None:
         if run.proc.poll() is None:

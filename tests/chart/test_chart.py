@@ -471,10 +471,16 @@ def test_schema_rejects_bad_values(helm: str, values: dict[str, Any] | None, ext
     assert "schema" in proc.stderr and message in proc.stderr, proc.stderr
 
 
-def test_grafana_dashboard_is_reserved(helm: str) -> None:
-    proc = render_raw(helm, {"grafana": {"dashboard": {"enabled": True}}})
-    assert proc.returncode != 0
-    assert "grafana.dashboard.enabled" in proc.stderr
+def test_grafana_dashboard_configmap_behind_toggle(helm: str) -> None:
+    assert of_kind(render(helm), "ConfigMap") == []
+    cm = one(render(helm, {"grafana": {"dashboard": {"enabled": True, "namespace": "monitoring"}}}), "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1" and cm["metadata"]["namespace"] == "monitoring"
+    dashboard = json.loads(cm["data"]["finetune-operator.json"])
+    titles = [p["title"] for p in dashboard["panels"]]
+    for needed in ("Jobs by phase", "Progress (%)", "Train loss", "Eval loss", "Learning rate", "Tokens/s (all ranks)",
+                   "Checkpoint save time", "Group restarts", "Data report (rows)"):
+        assert needed in titles
+    assert all(p["targets"][0]["expr"] for p in dashboard["panels"])
 
 
 def test_schema_is_draft07_closed_and_matches_values() -> None:

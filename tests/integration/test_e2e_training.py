@@ -30,7 +30,8 @@ BUCKET = "e2e"
 
 @pytest.fixture(scope="module")
 def procnode(cluster, tmp_path_factory):
-    node = ProcessNode(cluster.api_client(), name="e2e-proc-0", workdir=tmp_path_factory.mktemp("procnode"), taint=True,
+    work = tmp_path_factory.mktemp("procnode")
+    node = ProcessNode(cluster.api_client(), name="e2e-proc-0", workdir=work, taint=True, targets_file=work / "targets.json",
                        extra_env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}).start()
 
     def ready():
@@ -210,3 +211,32 @@ def test_operator_restarted_during_training_keeps_status_updating(kubectl, opera
     assert st["progress"]["step"] > before and st["progress"]["stage"] == "done"
     assert st["restarts"] == 0
     assert len(kubectl.items("jobs", namespace)) == 1
+
+
+@pytest.fixture(scope="module")
+def prometheus(procnode, operator, tmp_path_factory):
+    from finetune_devcluster.prometheus import LocalPrometheus
+
+    prom = LocalPrometheus(str(procnode.targets_file), [f"127.0.0.1:{operator.port}"], tmp_path_factory.mktemp("prometheus")).start()
+    yield prom
+    prom.stop()
+
+
+def test_every_dashboard_panel_query_returns_data(kubectl, operator, procnode, s3, data, namespace, prometheus):
+    dashboard = json.loads((ROOT / "charts" / "finetune-operator" / "dashboards" / "finetune-operator.json").read_text())
+    start = time.time()
+    secret(kubectl, namespace, s3)
+    kubectl.create(example("sentiment-classification.yaml", "watched", namespace, s3, evaluation={"earlyStopping": None}))
+    # the trainer pod is discovered (file_sd kept by the process node) and scraped while it trains
+    wait_for("trainer target", lambda: any(t["labels"].get("pod", "").startswith("watched-0-") and t["health"] == "up"
+                                           for t in prometheus.targets()), timeout=300)
+    wait_phase(kubectl, namespace, "watched", "Succeeded", timeout=600)
+    time.sleep(3)
+    empty = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            if not prometheus.query_range(target["expr"], start, time.time()):
+                empty.append(f'{panel["title"]}: {target["expr"]}')
+    assert empty == []
+    loss = prometheus.query_range('max by (job) (finetune_train_loss{rank="0", job="watched"})', start, time.time())
+    assert loss and all(float(v) > 0 for _, v in loss[0]["values"])

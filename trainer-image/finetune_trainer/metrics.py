@@ -48,6 +48,7 @@ class TrainerMetrics:
         self.gpu_memory_allocated = gauge("gpu_memory_allocated_bytes", "torch.cuda.memory_allocated on this rank.")
         self.gpu_memory_reserved = gauge("gpu_memory_reserved_bytes", "torch.cuda.memory_reserved on this rank.")
         self.gpu_memory_peak = gauge("gpu_memory_peak_bytes", "torch.cuda.max_memory_allocated on this rank.")
+        self.process_rss = gauge("process_resident_memory_bytes", "Resident memory of this rank's process (the memory that matters on CPU).")
         self.checkpoint_seconds = gauge("checkpoint_save_seconds", "Seconds the last checkpoint took to write and upload.")
         self.checkpoint_bytes = gauge("checkpoint_save_bytes", "Bytes of the last checkpoint.")
         self.checkpoint_step = gauge("checkpoint_step", "Step of the newest complete checkpoint.")
@@ -102,7 +103,12 @@ class TrainerMetrics:
         self._gpu_memory()
 
     def _gpu_memory(self) -> None:
+        import resource
+
         import torch
+
+        # ru_maxrss is in KiB on Linux: the peak, which is what sizing a pod needs
+        self._l(self.process_rss).set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
         if torch.cuda.is_available():
             self._l(self.gpu_memory_allocated).set(torch.cuda.memory_allocated())

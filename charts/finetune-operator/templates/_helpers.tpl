@@ -132,9 +132,6 @@ RBAC rules that are cluster-scoped whatever is watched: Kopf scans CRDs and list
 Checks the schema cannot express. Included from the Deployment so it runs on every render.
 */}}
 {{- define "finetune-operator.validate" -}}
-{{- if .Values.grafana.dashboard.enabled }}
-{{- fail "grafana.dashboard.enabled: the Grafana dashboard is not shipped in this chart version yet; leave it false" }}
-{{- end }}
 {{- if gt (int .Values.replicaCount) 1 }}
 {{- fail "replicaCount: the operator runs standalone (no Kopf peering); use 1, or 0 to pause it" }}
 {{- end }}
