@@ -150,7 +150,19 @@ def up_operator(args: argparse.Namespace, ctx: dict) -> None:
           f"(pid {pid}); metrics http://127.0.0.1:{(state_dir() / 'operator.port').read_text().strip()}/metrics; log {state_dir() / 'operator.log'}", file=sys.stderr)
 
 
-UP_STEPS = [("cluster", up_cluster), ("s3", up_s3), ("procnode", up_procnode), ("operator", up_operator)]
+def up_prometheus(args: argparse.Namespace, ctx: dict) -> None:
+    if args.no_operator:
+        return
+    from . import stack
+
+    started = stack.start_prometheus(state_dir())
+    if started is None:
+        print("prometheus not installed (apt-get install prometheus): metrics are not scraped", file=sys.stderr)
+        return
+    print(f"prometheus up (pid {started[0]}): http://127.0.0.1:{started[1]} scrapes the operator and the trainer pods", file=sys.stderr)
+
+
+UP_STEPS = [("cluster", up_cluster), ("s3", up_s3), ("procnode", up_procnode), ("operator", up_operator), ("prometheus", up_prometheus)]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -172,7 +184,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     from . import stack
 
     with _locked():
-        for name in ("operator", "procnode"):
+        for name in ("prometheus", "operator", "procnode"):
             if stack.stop(state_dir(), name):
                 print(f"{name} stopped")
         s3, c = _attach_s3(), _attach_cluster()
@@ -275,7 +287,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_procnode(args: argparse.Namespace) -> int:
     from . import stack
 
-    return stack.run_procnode(args.name, args.workdir, taint=args.taint)
+    return stack.run_procnode(args.name, args.workdir, taint=args.taint, targets_file=args.targets_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     pn.add_argument("--name", default="process-node-0")
     pn.add_argument("--workdir", default=str(state_dir() / "procnode"))
     pn.add_argument("--taint", action="store_true", help="only pods tolerating finetune.io/process-node land here")
+    pn.add_argument("--targets-file", default=None, help="keep a Prometheus file_sd list of the pods' metrics endpoints here")
     sub.add_parser("down", help="stop everything")
     sub.add_parser("status", help="show what is running")
     sub.add_parser("env", help="print export lines")

@@ -37,6 +37,8 @@ def _port_free(port: int) -> bool:
     import socket
 
     with socket.socket() as s:
+        # servers bind with SO_REUSEADDR: sockets of a just-stopped server in TIME_WAIT don't block them
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True

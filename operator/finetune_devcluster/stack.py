@@ -36,12 +36,16 @@ def _pidfile(state: Path, name: str) -> Path:
     return state / f"{name}.pid"
 
 
+def _marker(name: str) -> str:
+    return "prometheus" if name == "prometheus" else "python"
+
+
 def running(state: Path, name: str) -> int | None:
     try:
         pid = int(_pidfile(state, name).read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return pid if _alive(pid, "python") else None
+    return pid if _alive(pid, _marker(name)) else None
 
 
 def spawn(state: Path, name: str, argv: list[str], env: dict[str, str]) -> int:
@@ -62,9 +66,9 @@ def stop(state: Path, name: str, timeout: float = 30) -> bool:
     try:
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _alive(pid, "python"):
+        while time.monotonic() < deadline and _alive(pid, _marker(name)):
             time.sleep(0.2)
-        if _alive(pid, "python"):
+        if _alive(pid, _marker(name)):
             os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
@@ -129,10 +133,37 @@ def start_procnode(cluster: LocalCluster, state: Path, name: str = "process-node
         return pid
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
     return spawn(state, "procnode", [sys.executable, "-m", "finetune_devcluster", "procnode", "--name", name,
-                                     "--workdir", str(state / "procnode")], env)
+                                     "--workdir", str(state / "procnode"), "--targets-file", str(state / "targets.json")], env)
 
 
-def run_procnode(name: str, workdir: str, taint: bool = False) -> int:
+def start_prometheus(state: Path) -> tuple[int, int] | None:
+    """Debian's prometheus, scraping the operator and (file_sd from the process node) the trainer pods.
+    None when prometheus is not installed."""
+    import shutil
+
+    import yaml
+
+    from .cluster import free_port
+    from .prometheus import config
+    from .s3 import _port_free
+
+    if not shutil.which("prometheus"):
+        return None
+    port_file = state / "prometheus.port"
+    pid = running(state, "prometheus")
+    if pid and port_file.exists():
+        return pid, int(port_file.read_text())
+    operator_port = (state / "operator.port").read_text().strip() if (state / "operator.port").exists() else "8080"
+    cfg = state / "prometheus.yml"
+    cfg.write_text(yaml.safe_dump(config(str(state / "targets.json"), [f"127.0.0.1:{operator_port}"], interval="5s")))
+    port = 9090 if _port_free(9090) else free_port()
+    port_file.write_text(f"{port}\n")
+    pid = spawn(state, "prometheus", [shutil.which("prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={state / 'prometheus-data'}",
+                                      f"--web.listen-address=127.0.0.1:{port}"], dict(os.environ))
+    return pid, port
+
+
+def run_procnode(name: str, workdir: str, taint: bool = False, targets_file: str | None = None) -> int:
     """Foreground process node (what ``start_procnode`` runs in the background)."""
     import logging
 
@@ -141,7 +172,8 @@ def run_procnode(name: str, workdir: str, taint: bool = False) -> int:
     from .procnode import ProcessNode
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    node = ProcessNode(config.new_client_from_config(os.environ.get("KUBECONFIG")), name=name, workdir=workdir, taint=taint).start()
+    node = ProcessNode(config.new_client_from_config(os.environ.get("KUBECONFIG")), name=name, workdir=workdir, taint=taint,
+                       targets_file=targets_file).start()
     stopped = {"flag": False}
 
     def on_term(*_: Any) -> None:
@@ -206,6 +238,9 @@ def summary(objs: dict[str, dict], s3: Any, state: Path) -> str:
     lines.append(f"\nS3 (MinIO):  {s3.endpoint_url}  bucket {DEMO_BUCKET}  (AWS_ACCESS_KEY_ID={s3.access_key})")
     port = (state / "operator.port").read_text().strip() if (state / "operator.port").exists() else "8080"
     lines.append(f"operator:    http://127.0.0.1:{port}/metrics  (log {state / 'operator.log'})")
+    if (state / "prometheus.port").exists():
+        lines.append(f"prometheus:  http://127.0.0.1:{(state / 'prometheus.port').read_text().strip()}  "
+                     "(e.g. finetune_train_loss, finetune_eval, finetune_tokens_per_second, finetune_operator_jobs)")
     lines.append(f"trainer:     pod sandboxes and logs under {state / 'procnode'}")
     lines.append("kubectl:     eval \"$(python -m finetune_devcluster env)\"; kubectl get ftj; kubectl describe ftj <name>")
     lines.append("stop:        make down")

@@ -43,15 +43,22 @@ def alive(pid: int) -> bool:
 
 def test_up_is_idempotent_and_down_stops_everything(tmp_path):
     state = tmp_path / "state"
+    try:
+        _up_to_down(state)
+    finally:  # never leak a background stack when an assertion fails
+        cli(state, "down", check=False)
+
+
+def _up_to_down(state: Path) -> None:
     up = cli(state, "up", "--nodes", "1", "--bucket", "models")
     assert "cluster up" in up.stderr and "s3 up" in up.stderr
-    assert "process node up" in up.stderr and "operator installed with helm" in up.stderr
+    assert "process node up" in up.stderr and "operator installed with helm" in up.stderr and "prometheus up" in up.stderr
     env = exports(up.stdout)
     assert env["KUBECONFIG"] == str(state / "cluster" / "kubeconfig")
     pids = json.loads((state / "cluster" / "cluster.json").read_text())["pids"]
     pids["s3"] = json.loads((state / "s3" / "s3.json").read_text())["pid"]
     assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "s3"}
-    for name in ("operator", "procnode"):  # background processes of the stack, started with the chart installed
+    for name in ("operator", "procnode", "prometheus"):  # background processes of the stack
         pids[name] = int((state / f"{name}.pid").read_text())
     assert all(alive(p) for p in pids.values())
 
@@ -78,7 +85,7 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path):
 
     down = cli(state, "down")
     assert "cluster stopped" in down.stdout and "s3 stopped" in down.stdout
-    assert "operator stopped" in down.stdout and "procnode stopped" in down.stdout
+    assert "operator stopped" in down.stdout and "procnode stopped" in down.stdout and "prometheus stopped" in down.stdout
     assert not any(alive(p) for p in pids.values())
     assert cli(state, "status", check=False).returncode == 1
     assert not (state / "cluster").exists() and not (state / "s3").exists()
