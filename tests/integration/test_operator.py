@@ -251,3 +251,18 @@ def test_kubectl_explain_describes_fields(kubectl, crd_installed):
     assert "Peak learning rate" in out
     out = kubectl.run("explain", "ftj.spec.dataset.leakageCheck").stdout
     assert "validation/test example" in out
+
+
+def test_lost_node_restarts_the_group_elsewhere(kubectl, operator, namespace, cluster):
+    kubectl.create(ftj("lostnode", namespace, runPolicy={"backoffLimit": 2}))
+    (pod,) = running_pods(kubectl, namespace, "lostnode", 0, 1)
+    node = pod["spec"]["nodeName"]
+    try:
+        kubectl.run("delete", "node", node, "--wait=false")  # the machine is gone
+        st = wait_for("restart after node loss", lambda: (s := status(kubectl, namespace, "lostnode")).get("restarts") == 1 and s, timeout=120)
+        assert st["phase"] in ("Restarting", "Pending", "Running")
+        (pod,) = running_pods(kubectl, namespace, "lostnode", 1, 1)
+        assert pod["spec"]["nodeName"] != node
+        wait_phase(kubectl, namespace, "lostnode", "Running")
+    finally:
+        cluster.create_nodes()  # bring the node back for the other tests
