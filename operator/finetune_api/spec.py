@@ -305,6 +305,15 @@ class LRScheduler(str, Enum):
     polynomial = "polynomial"
 
 
+class DistributedStrategy(str, Enum):
+    auto = "auto"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+FSDP_AUTO_MIN_PARAMS = 1_000_000_000  # auto shards full fine-tunes of models at least this large
+
+
 class Hyperparameters(_Model):
     """Optimisation settings. Defaults suit a LoRA fine-tune of a 1-8B model."""
 
@@ -326,6 +335,16 @@ class Hyperparameters(_Model):
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory by recomputing activations.")
     precision: Precision = Field(default=Precision.auto, description="auto picks bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU.")
     seed: int = Field(default=42, ge=0, description="Seed for initialisation, shuffling and dropout.")
+    distributed_strategy: DistributedStrategy = Field(
+        default=DistributedStrategy.auto,
+        description=(
+            "How several processes share the work. ddp: every process holds the whole model and optimizer "
+            "(data parallel). fsdp: parameters, gradients and optimizer state are sharded across processes "
+            "(FSDP2), so a full fine-tune fits in a fraction of the per-GPU memory; method full only. auto: "
+            "fsdp for full fine-tunes of models with at least 1B parameters run on more than one process, "
+            "ddp otherwise."
+        ),
+    )
 
     @model_validator(mode="after")
     def _length(self) -> "Hyperparameters":
@@ -517,6 +536,9 @@ def _immutable_rule() -> str:
     return " && ".join(parts)
 
 
+_FSDP_FULL_ONLY = "hyperparameters.distributedStrategy fsdp needs method full (adapters train few parameters: use ddp or auto)"
+
+
 class FineTuneJobSpec(_Model):
     """A fine-tuning run: a base model, a dataset, a method and where to write the result."""
 
@@ -541,6 +563,8 @@ class FineTuneJobSpec(_Model):
             raise ValueError("dataset.format classification goes with model.task sequence-classification, and only with it")
         if any(m in ("bleu", "rouge") for m in (self.evaluation.metrics or [])) and classification:
             raise ValueError("evaluation.metrics bleu and rouge need task causal-lm")
+        if self.hyperparameters.distributed_strategy == DistributedStrategy.fsdp.value and self.method != Method.full.value:
+            raise ValueError(_FSDP_FULL_ONLY)
         return self
 
     model_config = ConfigDict(
@@ -550,6 +574,11 @@ class FineTuneJobSpec(_Model):
                 cel(
                     "(self.model.task == 'sequence-classification') == (self.dataset.format == 'classification')",
                     "dataset.format classification goes with model.task sequence-classification, and only with it",
+                ),
+                cel(
+                    "!has(self.hyperparameters) || !has(self.hyperparameters.distributedStrategy) "
+                    "|| self.hyperparameters.distributedStrategy != 'fsdp' || self.method == 'full'",
+                    _FSDP_FULL_ONLY,
                 ),
                 cel(
                     _immutable_rule(),

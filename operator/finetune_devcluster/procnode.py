@@ -14,8 +14,10 @@ pod spec is what executes:
 What a node on one machine must do differently, and does:
 * cluster DNS: a ``*.svc`` / ``*.svc.cluster.local`` host in an argument resolves to 127.0.0.1;
 * ports: each pod group gets its own torchrun rendezvous port (``--master-port`` is rewritten per
-  group) and each pod its own metrics port (env ``FINETUNE_METRICS_PORT``), published on the pod as
-  annotation ``finetune.io/metrics-port`` so Prometheus can find it; the pod IP is 127.0.0.1.
+  group) and each pod its own block of metrics ports (env ``FINETUNE_METRICS_PORT`` is the block's
+  first port; local rank i of the pod's ``--nproc-per-node`` processes serves on it + i), published
+  on the pod as annotation ``finetune.io/metrics-port`` (the base) and, one target per local rank,
+  in the Prometheus file_sd targets file; the pod IP is 127.0.0.1.
 
 Status goes back to the API server like a kubelet's: Pending -> Running (conditions, containerStatuses,
 startTime, podIP) -> Succeeded/Failed with exit code, reason and termination message (falling back to
@@ -47,6 +49,7 @@ METRICS_PORT_ANNOTATION = "finetune.io/metrics-port"
 TAINT_KEY = "finetune.io/process-node"
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.\-]*)\)")
 _SVC_HOST = re.compile(r"\b[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.svc(\.cluster\.local)?\b")
+_NPROC = re.compile(r"--nproc[-_]per[-_]node(?:=(.*))?")
 
 
 def now() -> str:
@@ -57,6 +60,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port_block(count: int, attempts: int = 100) -> int:
+    """The first of ``count`` consecutive ports free on this machine (a pod's ranks serve base + i)."""
+    count = max(count, 1)
+    for _ in range(attempts):
+        base = free_port()
+        if base + count - 1 <= 65535 and all(_port_free(base + i) for i in range(1, count)):
+            return base
+    raise RuntimeError(f"no block of {count} consecutive free ports found")
+
+
+def local_processes(argv: list[str]) -> int:
+    """How many processes a pod's command runs on this node: torchrun's ``--nproc-per-node``
+    (``=N`` or ``N`` as the next argument, either spelling), else 1 (also for ``gpu``/``auto``)."""
+    for i, arg in enumerate(argv):
+        m = _NPROC.fullmatch(arg)
+        if not m:
+            continue
+        value = m.group(1) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else "")
+        return int(value) if value.isdigit() and int(value) > 0 else 1
+    return 1
 
 
 def expand(value: str, env: dict[str, str]) -> str:
@@ -132,7 +166,8 @@ class ProcessNode:
         self.extra_env = extra_env or {}
         # With a taint only pods that tolerate it land here (a cluster that also has kwok nodes).
         self.taints = [{"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"}] if taint else []
-        # Prometheus file_sd: one target per running pod that exposes metrics (kept current here).
+        # Prometheus file_sd: one target group per running pod that exposes metrics, a target per
+        # local rank (kept current here).
         self.targets_file = Path(targets_file) if targets_file else None
         self._metrics: dict[str, dict[str, Any]] = {}
         self._running: dict[str, _Running] = {}
@@ -373,11 +408,15 @@ class ProcessNode:
 
         env = self._resolve_env(pod, container)
         group = f"{ns}/{spec.get('subdomain') or name}/{(meta.get('labels') or {}).get('finetune.io/attempt', '')}"
-        metrics_port = free_port()
         env = {k: rewrite(v) for k, v in env.items()}
+        command = (container.get("command") or []) + (container.get("args") or [])
+        # Local rank i serves metrics on FINETUNE_METRICS_PORT + i: give the pod as many consecutive
+        # ports as it runs processes (set before expanding the command, which may use the variable).
+        procs = local_processes([expand(a, env) for a in command])
+        metrics_port = free_port_block(procs)
         if "FINETUNE_METRICS_PORT" in env:
             env["FINETUNE_METRICS_PORT"] = str(metrics_port)
-        argv = [expand(a, env) for a in (container.get("command") or []) + (container.get("args") or [])]
+        argv = [expand(a, env) for a in command]
         argv = [rewrite(a) for a in argv]
         argv = [f"--master-port={self._group_port(group)}" if a.startswith("--master-port=") else a for a in argv]
         if not argv:
@@ -400,7 +439,7 @@ class ProcessNode:
         log.info("started %s/%s: %s (pid %d)", ns, name, " ".join(argv), proc.pid)
         self.core.patch_namespaced_pod(name, ns, {"metadata": {"annotations": {METRICS_PORT_ANNOTATION: str(metrics_port)}}})
         if "FINETUNE_METRICS_PORT" in env:
-            self._publish(uid, {"targets": [f"127.0.0.1:{metrics_port}"], "labels": {"namespace": ns, "pod": name}})
+            self._publish(uid, {"targets": [f"127.0.0.1:{metrics_port + i}" for i in range(procs)], "labels": {"namespace": ns, "pod": name}})
         self._patch_status(pod, {
             "phase": "Running",
             "startTime": started,

@@ -20,7 +20,11 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_MOUNT = "/etc/finetune"
 CONFIG_FILE = "job.yaml"
 MASTER_PORT = 29500
+# The trainer serves Prometheus metrics on every rank: local rank i of a pod on METRICS_PORT + i.
 METRICS_PORT = 9400
+METRICS_PORT_NAME = "metrics"
+# torchrun runs max(gpusPerNode, 1) processes per pod; the spec caps gpusPerNode at 16.
+MAX_PROCS_PER_NODE = 16
 TERMINATION_LOG = "/dev/termination-log"
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_CREDENTIAL_KEYS = ("AWS_SESSION_TOKEN",)
@@ -85,8 +89,32 @@ def _meta(name: str, owner: Owner, attempt: int | None = None) -> dict[str, Any]
     }
 
 
+def procs_per_node(spec: FineTuneJobSpec) -> int:
+    """torchrun's --nproc-per-node: one process per GPU, one when the pod has none."""
+    return max(spec.resources.gpus_per_node, 1)
+
+
+def metrics_port_name(local_rank: int) -> str:
+    """Container port name of a local rank's metrics: ``metrics`` for local rank 0 (the name a
+    PodMonitor has always used), ``metrics-<i>`` for the others; at most 10 characters (limit 15)."""
+    return METRICS_PORT_NAME if local_rank == 0 else f"{METRICS_PORT_NAME}-{local_rank}"
+
+
+def metrics_container_ports(base: int, procs: int) -> list[dict[str, Any]]:
+    """One named containerPort per local rank (rank i listens on base + i, see
+    finetune_trainer.metrics), so a PodMonitor scrapes every rank, not only local rank 0.
+    Empty when the trainer's metrics are off (base 0)."""
+    if base <= 0:
+        return []
+    return [{"name": metrics_port_name(i), "containerPort": base + i} for i in range(procs)]
+
+
 def build_service(owner: Owner) -> dict[str, Any]:
-    """Headless Service: gives pod 0 a stable DNS name (<job>-0.<service>) for torchrun's rendezvous."""
+    """Headless Service: gives pod 0 a stable DNS name (<job>-0.<service>) for torchrun's rendezvous.
+
+    Its ``metrics`` port is informational only (a headless Service load-balances nothing and nothing
+    scrapes through it: the chart's PodMonitor finds every rank's port on the pods themselves), so
+    it lists local rank 0's port alone."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -97,7 +125,7 @@ def build_service(owner: Owner) -> dict[str, Any]:
             "selector": {LABEL_JOB: owner.name, LABEL_MANAGED_BY: MANAGED_BY},
             "ports": [
                 {"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT},
-                {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT},
+                {"name": METRICS_PORT_NAME, "port": METRICS_PORT, "targetPort": METRICS_PORT},
             ],
         },
     }
@@ -163,7 +191,7 @@ def trainer_command(owner: Owner, spec: FineTuneJobSpec, attempt: int) -> list[s
     return [
         "torchrun",
         f"--nnodes={res.nodes}",
-        f"--nproc-per-node={max(res.gpus_per_node, 1)}",
+        f"--nproc-per-node={procs_per_node(spec)}",
         "--node-rank=$(NODE_RANK)",
         f"--master-addr={master}",
         f"--master-port={MASTER_PORT}",
@@ -209,7 +237,7 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Opera
         "env": _env(owner, spec, attempt, defaults),
         "ports": [
             {"name": "rendezvous", "containerPort": MASTER_PORT},
-            {"name": "metrics", "containerPort": defaults.metrics_port},
+            *metrics_container_ports(defaults.metrics_port, procs_per_node(spec)),
         ],
         "resources": _resources(spec),
         "terminationMessagePath": TERMINATION_LOG,

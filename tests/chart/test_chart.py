@@ -436,7 +436,6 @@ def test_pod_monitor_off_by_default_and_on_when_enabled(helm: str) -> None:
     assert monitor["spec"]["selector"] == {"matchLabels": TRAINER_POD_LABEL}
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
-    assert endpoint["port"] == "metrics"
     assert endpoint["path"] == "/metrics"
 
     # The operator's own pod must not be scraped as a trainer.
@@ -445,6 +444,49 @@ def test_pod_monitor_off_by_default_and_on_when_enabled(helm: str) -> None:
 
     namespaced = render(helm, {"watchNamespaces": ["team-a"], "metrics": {"podMonitor": {"enabled": True}}})
     assert one(namespaced, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+
+
+def _scraped_port_names(endpoint: dict[str, Any], names: list[str]) -> list[str]:
+    """The container port names a PodMetricsEndpoint keeps, as Prometheus evaluates it: the
+    operator's own filter when `port` is set, then the relabelings' keep/drop on the port name
+    (Prometheus anchors relabel regexes: fullmatch)."""
+    kept = [n for n in names if "port" not in endpoint or re.fullmatch(endpoint["port"], n)]
+    for rule in endpoint.get("relabelings") or []:
+        if rule.get("sourceLabels") != ["__meta_kubernetes_pod_container_port_name"] or rule["action"] not in ("keep", "drop"):
+            continue
+        match = [n for n in kept if re.fullmatch(rule["regex"], n)]
+        kept = match if rule["action"] == "keep" else [n for n in kept if n not in match]
+    return kept
+
+
+def test_pod_monitor_scrapes_every_local_rank(helm: str) -> None:
+    """The operator declares one metrics port per local rank (metrics, metrics-1, ...); the PodMonitor
+    must scrape all of them and nothing else (never torchrun's rendezvous port)."""
+    from finetune_operator import builders as B
+
+    user_rule = {"action": "replace", "targetLabel": "cluster", "replacement": "eu-1"}
+    docs = render(helm, {"metrics": {"podMonitor": {"enabled": True, "relabelings": [user_rule]}}})
+    (endpoint,) = one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert "port" not in endpoint and "targetPort" not in endpoint and "portNumber" not in endpoint
+    assert endpoint["honorLabels"] is True  # the trainers' `job` label (FineTuneJob name) is what the dashboard groups by
+    keep, endpoint_label, *user = endpoint["relabelings"]
+    assert keep == {"action": "keep", "sourceLabels": ["__meta_kubernetes_pod_container_port_name"], "regex": "metrics(-[0-9]+)?"}
+    assert endpoint_label == {"action": "replace", "sourceLabels": ["__meta_kubernetes_pod_container_port_name"], "targetLabel": "endpoint"}
+    assert user == [user_rule]  # the user's own relabelings come after the port filter
+
+    for procs in (1, 2, 8, B.MAX_PROCS_PER_NODE):
+        declared = [{"name": "rendezvous", "containerPort": B.MASTER_PORT}, *B.metrics_container_ports(B.METRICS_PORT, procs)]
+        names = [p["name"] for p in declared]
+        assert _scraped_port_names(endpoint, names) == [B.metrics_port_name(i) for i in range(procs)]
+    assert _scraped_port_names(endpoint, ["metrics-", "metricsx", "metrics-1-2", "xmetrics", "http-metrics"]) == []
+
+
+def test_pod_monitor_port_name_and_honor_labels_are_configurable(helm: str) -> None:
+    docs = render(helm, {"metrics": {"podMonitor": {"enabled": True, "port": "prom.m", "honorLabels": False}}})
+    (endpoint,) = one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert endpoint["honorLabels"] is False
+    assert endpoint["relabelings"][0]["regex"] == r"prom\.m(-[0-9]+)?"  # the name is quoted, not a regex
+    assert _scraped_port_names(endpoint, ["prom.m", "prom.m-3", "promxm", "metrics"]) == ["prom.m", "prom.m-3"]
 
 
 # -------------------------------------------------------------------------------------------- schema
@@ -462,8 +504,10 @@ def test_pod_monitor_off_by_default_and_on_when_enabled(helm: str) -> None:
         ({"watchNamespaces": ["Team_A"]}, [], "/watchNamespaces/0"),
         ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, [], "/metrics/serviceMonitor/enabled"),
         ({"metrics": {"port": 70000}}, [], "/metrics/port"),
+        ({"metrics": {"podMonitor": {"honorLabels": "yes"}}}, [], "/metrics/podMonitor/honorLabels"),
     ],
-    ids=["replicaCount-string", "replicaCount-2", "unknown-top-level-key", "bad-pullPolicy", "unknown-image-key", "bad-logLevel", "bad-namespace", "enabled-not-bool", "port-out-of-range"],
+    ids=["replicaCount-string", "replicaCount-2", "unknown-top-level-key", "bad-pullPolicy", "unknown-image-key", "bad-logLevel", "bad-namespace", "enabled-not-bool", "port-out-of-range",
+         "honorLabels-not-bool"],
 )
 def test_schema_rejects_bad_values(helm: str, values: dict[str, Any] | None, extra: list[str], message: str) -> None:
     proc = render_raw(helm, values, *extra)

@@ -114,6 +114,20 @@ def test_two_node_causal_lm_forms_one_distributed_group(kubectl, operator, procn
     assert all(f["size"] > 0 and len(f["sha256"]) == 64 for f in manifest["files"].values())
 
 
+def test_two_node_full_fine_tune_is_sharded_with_fsdp(kubectl, operator, procnode, s3, data, namespace):
+    secret(kubectl, namespace, s3)
+    kubectl.create(example("full-fine-tune-fsdp.yaml", "fsdp", namespace, s3))
+    st = wait_phase(kubectl, namespace, "fsdp", "Succeeded", timeout=600)
+    assert st["progress"]["step"] == st["progress"]["totalSteps"] == 20
+    assert st["gain"]["final"] < st["gain"]["baseline"]  # eval loss went down
+    run = f"runs/{namespace}/fsdp"
+    manifest = read_json(s3, st["latestCheckpoint"].removeprefix(f"s3://{BUCKET}/") + "/manifest.json")
+    assert manifest["world_size"] == 2 and "model.safetensors" in manifest["files"]  # full weights, gathered to rank 0
+    card = read_json(s3, f"{run}/model/model_card.json")
+    assert '"distributed_strategy": "fsdp"' in json.dumps(card)
+    assert f"{run}/model/model.safetensors" in keys(s3, f"{run}/model/")
+
+
 def test_killed_trainer_resumes_from_checkpoint_with_continuous_steps(kubectl, operator, procnode, s3, data, namespace):
     secret(kubectl, namespace, s3)
     kubectl.create(example("sentiment-classification.yaml", "killed", namespace, s3,

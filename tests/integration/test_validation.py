@@ -56,6 +56,8 @@ BAD_SPECS = [
     ("numlabels-mismatch", {**CLASSIFY, "model": {**CLASSIFY["model"], "labels": ["a", "b"], "numLabels": 3}}, "model.numLabels must equal the number of model.labels"),
     ("secret-name", with_("storage.credentialsSecret", {"name": "Bad_Name"}), "should match"),
     ("endpoint-url", with_("storage.endpoint", "minio:9000"), "should match"),
+    ("strategy-enum", with_("hyperparameters.distributedStrategy", "zero3"), 'Unsupported value: "zero3"'),
+    ("fsdp-with-lora", with_("hyperparameters.distributedStrategy", "fsdp"), "distributedStrategy fsdp needs method full"),
 ]
 
 

@@ -2,8 +2,9 @@
 
 Exit codes are the contract with the operator: 0 done; a :class:`~finetune_trainer.errors.TrainerError`'s
 own code (its one-line ``Reason: message`` also goes to the termination-message file, which Kubernetes
-copies into the pod status); :data:`~finetune_trainer.errors.EXIT_PREEMPTED` (143) after a clean
-checkpoint on SIGTERM; 1 for anything unexpected (with the traceback on stderr).
+copies into the pod status); :data:`~finetune_trainer.errors.EXIT_PREEMPTED` (143) on SIGTERM, after a
+clean checkpoint when training had started (a ``Preempted: ...`` line in the termination message
+says which); 1 for anything unexpected (with the traceback on stderr).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run(config)
         except Preempted as e:
-            print(f"Preempted: {e}", file=sys.stderr, flush=True)
-            return EXIT_PREEMPTED
+            # Not a failure, but the pod's termination message should still say why it stopped.
+            return fail(" ".join(f"Preempted: {e}".split()), EXIT_PREEMPTED)
         return 0
     except TrainerError as e:
         return fail(e.line(), e.exit_code)

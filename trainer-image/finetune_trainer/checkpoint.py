@@ -12,7 +12,8 @@ Layout: ``<output>/checkpoints/step-NNNNNNNN/`` holding
 
 A checkpoint is written to a local folder first and uploaded by a background thread while training
 goes on (``wait()`` joins it before the next save and at exit). Only global rank 0 writes: the other
-ranks send it their RNG states in one collective at save time. A folder without a valid manifest is an
+ranks send it their RNG states in one collective at save time (and, under FSDP, their shards of the
+weights and optimizer state: see :class:`.parallel.ModelState`). A folder without a valid manifest is an
 interrupted upload: it is never resumed from, and is deleted when the next run starts.
 """
 
@@ -37,7 +38,6 @@ import torch
 from . import distributed
 from .distributed import DistInfo
 from .errors import CheckpointError, InvalidConfig
-from .model import load_trainable_state_dict, trainable_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,13 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------------------- saving
 
-    def save(self, step: int, *, model: Any, optimizer: Any, scheduler: Any, scaler: Any, state: dict[str, Any], best_step: int | None) -> str:
+    def save(self, step: int, *, model_state: Any, scheduler: Any, scaler: Any, state: dict[str, Any], best_step: int | None) -> str:
         """Collective: every rank calls it at the same step. Returns the checkpoint URI."""
         self.wait()
         started = time.monotonic()
+        # Under FSDP gathering the full weights and optimizer state is itself a collective.
+        weights = model_state.gather_weights()
+        optimizer_state = model_state.gather_optimizer()
         rng_blobs = distributed.gather_objects(_to_bytes(rng_state()))
         uri = self.uri_for(step)
         if not self.dist.is_main:
@@ -161,8 +164,9 @@ class CheckpointManager:
         local.mkdir(parents=True)
         from safetensors.torch import save_file
 
-        save_file(trainable_state_dict(model), str(local / weights_file(self.is_adapter)))
-        torch.save(optimizer.state_dict(), local / "optimizer.pt")
+        save_file(weights, str(local / weights_file(self.is_adapter)))
+        torch.save(optimizer_state, local / "optimizer.pt")
+        del weights, optimizer_state
         torch.save(scheduler.state_dict(), local / "scheduler.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), local / "scaler.pt")
@@ -256,20 +260,29 @@ class CheckpointManager:
                 raise CheckpointError(f"{uri}/{name} does not match its manifest (size or sha256): the checkpoint is corrupt")
         return manifest
 
-    def load(self, uri: str, *, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> dict[str, Any]:
-        """Restore weights, optimizer, scheduler, this rank's RNG; return the trainer state."""
+    def load(self, uri: str, *, model_state: Any, scheduler: Any, scaler: Any) -> dict[str, Any]:
+        """Restore weights, optimizer, scheduler, this rank's RNG; return the trainer state.
+
+        Collective under FSDP: rank 0 alone downloads weights and optimizer state and broadcasts them.
+        """
         dest = self.local_dir / f"resume-rank{self.dist.rank}"
-        manifest = self.storage.read_json(self.join(uri, MANIFEST))
+        try:
+            manifest = self.storage.read_json(self.join(uri, MANIFEST))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot read {self.join(uri, MANIFEST)}: {e}") from None
         files = manifest.get("files", {})
         rng_name = f"rng_state_rank{self.dist.rank}.pt"
-        names = [weights_file(self.is_adapter), "optimizer.pt", "scheduler.pt", TRAINER_STATE]
+        heavy = [weights_file(self.is_adapter), "optimizer.pt"]
+        names = ["scheduler.pt", TRAINER_STATE]
+        names += heavy if (self.dist.is_main or not model_state.sharded) else []
         names += [n for n in ("scaler.pt",) if n in files]
         names += [rng_name] if rng_name in files else []
         self.download_verified(uri, dest, names)
         from safetensors.torch import load_file
 
-        load_trainable_state_dict(model, load_file(str(dest / weights_file(self.is_adapter))))
-        optimizer.load_state_dict(torch.load(dest / "optimizer.pt", map_location="cpu", weights_only=True))
+        have = (dest / heavy[0]).exists()
+        model_state.restore_weights(load_file(str(dest / heavy[0])) if have else None)
+        model_state.restore_optimizer(torch.load(dest / "optimizer.pt", map_location="cpu", weights_only=True) if have else None)
         scheduler.load_state_dict(torch.load(dest / "scheduler.pt", map_location="cpu", weights_only=False))
         if scaler is not None and (dest / "scaler.pt").exists():
             scaler.load_state_dict(torch.load(dest / "scaler.pt", map_location="cpu", weights_only=True))
@@ -277,16 +290,20 @@ class CheckpointManager:
             # Our own file, verified against the manifest's sha256 above; it holds numpy/python objects.
             set_rng_state(torch.load(dest / rng_name, map_location="cpu", weights_only=False))
         else:
-            log.warning("%s has no RNG state for rank %d (world size changed?): dropout streams will differ", uri, self.dist.rank)
+            log.warning("%s has no RNG state for rank %d (it was written by fewer ranks): this rank's dropout stream starts fresh", uri, self.dist.rank)
         state = json.loads((dest / TRAINER_STATE).read_text())
+        state.setdefault("world_size", manifest.get("world_size"))
         shutil.rmtree(dest, ignore_errors=True)
         return state
 
-    def load_weights(self, uri: str, model: Any) -> None:
-        """Only the weights (used to put the best checkpoint back before the final test/export)."""
+    def load_weights(self, uri: str, model_state: Any) -> None:
+        """Only the weights (used to put the best checkpoint back before the final test/export); collective under FSDP."""
         dest = self.local_dir / f"best-rank{self.dist.rank}"
-        self.download_verified(uri, dest, [weights_file(self.is_adapter)])
-        from safetensors.torch import load_file
+        weights = None
+        if self.dist.is_main or not model_state.sharded:
+            self.download_verified(uri, dest, [weights_file(self.is_adapter)])
+            from safetensors.torch import load_file
 
-        load_trainable_state_dict(model, load_file(str(dest / weights_file(self.is_adapter))))
+            weights = load_file(str(dest / weights_file(self.is_adapter)))
+        model_state.restore_weights(weights)
         shutil.rmtree(dest, ignore_errors=True)

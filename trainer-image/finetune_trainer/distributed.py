@@ -92,3 +92,17 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_reduce_sum(value: float) -> float:
+    """The sum of ``value`` over all ranks, on every rank (float64)."""
+    if not _initialized():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())

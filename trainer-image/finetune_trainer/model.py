@@ -172,7 +172,10 @@ def load_model(
     labels: list[str] | None = None,
     tokenizer: Any = None,
     dist: DistInfo | None = None,
+    empty: bool = False,
 ) -> LoadedModel:
+    """The model to train. ``empty``: the right architecture on the meta device, no weights read
+    (FSDP ranks other than 0 do this; rank 0's weights reach them when the model is sharded)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     method = spec.method
@@ -226,7 +229,12 @@ def load_model(
 
     auto = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(model_dir, **kwargs)
+        if empty:
+            with torch.device("meta"):
+                model = auto.from_config(config, trust_remote_code=trust, dtype=kwargs["dtype"])
+            log.info("model built on the meta device: its weights come from rank 0 when it is sharded")
+        else:
+            model = auto.from_pretrained(model_dir, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise ModelNotFound(_load_failure(spec.model.uri, "model", e)) from None
 
@@ -243,6 +251,21 @@ def load_model(
     total = sum(p.numel() for p in model.parameters())
     log.info("model %s: %s, %d/%d parameters trainable (%.2f%%)", spec.model.uri, method, trainable, total, 100 * trainable / max(total, 1))
     return LoadedModel(model, precision, is_adapter, target_modules, trainable, total)
+
+
+def count_parameters(model_dir: str, spec: FineTuneJobSpec) -> int:
+    """Parameters of the base model, from its config alone (instantiated on the meta device: no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    trust = spec.model.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
+        auto = AutoModelForSequenceClassification if spec.model.task == Task.sequence_classification.value else AutoModelForCausalLM
+        with torch.device("meta"):
+            model = auto.from_config(config, trust_remote_code=trust)
+    except Exception as e:  # noqa: BLE001
+        raise ModelNotFound(_load_failure(spec.model.uri, "model config", e)) from None
+    return sum(p.numel() for p in model.parameters())
 
 
 def _enable_activation_checkpointing(model: Any) -> None:

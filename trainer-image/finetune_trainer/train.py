@@ -38,7 +38,7 @@ from .config import JobConfig
 from .distributed import DistInfo, dist_info
 from .errors import EXIT_PREEMPTED, CheckpointError, InvalidConfig, TrainerError
 from .metrics import TrainerMetrics
-from .model import check_hardware, load_model, load_tokenizer, resolve_model_dir, resolve_precision
+from .model import check_hardware, load_model, load_tokenizer, resolve_model_dir
 from .progress import ProgressWriter
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,13 @@ LM_METRICS = ("eval_loss", "perplexity", "token_accuracy")
 CLASSIFICATION_METRICS = ("eval_loss", "accuracy", "f1_macro", "precision_macro", "recall_macro", "ece")
 
 
-class Preempted(Exception):
-    """SIGTERM was handled: a checkpoint is written, exit with errors.EXIT_PREEMPTED."""
+class Preempted(BaseException):
+    """SIGTERM was handled: a checkpoint is written, exit with errors.EXIT_PREEMPTED.
+
+    A BaseException, like KeyboardInterrupt: it can be raised by the signal handler anywhere (inside a
+    library call during data preparation or model loading), and no ``except Exception`` on the way up
+    may turn it into a failure such as ModelNotFound.
+    """
 
     exit_code = EXIT_PREEMPTED
 
@@ -97,6 +102,7 @@ class TrainerState:
     baseline: dict[str, Any] | None = None
     retention_before: float | None = None
     checkpoint_metrics: dict[str, float | None] = field(default_factory=dict)  # step -> monitored metric
+    world_size: int | None = None  # processes that wrote this state (a resume on another count remaps the position)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -108,6 +114,22 @@ class TrainerState:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+HISTORY_LIMIT = 2000  # entries of per-step (and per-eval) history kept in trainer_state.json and the model card
+
+
+def thin_history(entries: list[dict[str, Any]], limit: int) -> None:
+    """Keep ``entries`` under ``limit`` in place: the newest ``limit // 2`` stay, older ones are halved.
+
+    Repeated halving of the older part keeps the whole curve's shape at a resolution that falls with age,
+    so trainer_state.json (rewritten at every checkpoint) stays small on runs of any length. It is a pure
+    function of the entries, so a resumed run thins exactly like an uninterrupted one.
+    """
+    if len(entries) <= limit:
+        return
+    keep = limit // 2
+    older, recent = entries[:-keep], entries[-keep:]
+    entries[:] = older[::2] + recent
 
 
 def _storage_for(spec: Any) -> tuple[Any, Any]:
@@ -204,6 +226,8 @@ class Trainer:
         try:
             return self._run()
         except Preempted:
+            if self.progress.doc.stage != "preempted":  # stopped before the loop (the loop reports its own)
+                self.progress.update(force=True, stage="preempted")
             raise
         except Exception as e:
             # Tell the operator which stage failed; __main__ still writes the termination message.
@@ -215,12 +239,12 @@ class Trainer:
             self.metrics.close()
 
     def _run(self) -> dict[str, Any]:
-        from accelerate import Accelerator
         from transformers import set_seed
 
+        from .model import count_parameters
+        from .parallel import FSDP, choose_strategy, make_accelerator
+
         check_hardware(self.spec)
-        precision = resolve_precision(self.hp.precision)
-        self.accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not torch.cuda.is_available())
         set_seed(self.hp.seed)
 
         self._stage("preparing-data")
@@ -231,10 +255,19 @@ class Trainer:
         self._publish_data_report()
 
         self._stage("loading-model")
+        # The strategy depends on the model's size (counted from its config), and under FSDP only rank 0
+        # reads the weights. The process group is joined only after loading (creating the Accelerator
+        # does that under torchrun); nothing before this point is a collective.
+        self.strategy = choose_strategy(self.hp.distributed_strategy, method=self.spec.method, world_size=self.dist.world_size,
+                                        total_params=count_parameters(model_dir, self.spec) if self.dist.distributed else 0)
+        if self.dist.distributed:
+            log.info("distributed strategy: %s over %d processes", self.strategy, self.dist.world_size)
         set_seed(self.hp.seed)  # the new head / adapter init does not depend on what data prep consumed
-        loaded = load_model(model_dir, self.spec, labels=self.data.labels, tokenizer=self.tokenizer, dist=self.dist)
+        loaded = load_model(model_dir, self.spec, labels=self.data.labels, tokenizer=self.tokenizer, dist=self.dist,
+                            empty=self.strategy == FSDP and not self.dist.is_main)
         self.loaded = loaded
         self.num_labels = len(self.data.labels) if self.data.labels else self.spec.model.num_labels
+        self.accelerator = make_accelerator(loaded.precision)
         self._build_optimization(loaded.model)
 
         self.checkpoints = CheckpointManager(
@@ -280,11 +313,16 @@ class Trainer:
     def _build_optimization(self, model: Any) -> None:
         from transformers import get_scheduler
 
+        from .parallel import FSDP, ModelState, shard
+
         hp = self.hp
+        if self.strategy == FSDP:
+            model = shard(model, self.loaded.precision, is_main=self.dist.is_main)  # before the optimizer: sharding replaces the parameters
         self.batching = Batching(len(self.data.train), hp.batch_size, self.dist.world_size, self.dist.rank, hp.seed)
         self.accum = hp.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(self.batching.batches_per_epoch / self.accum)
         self.state.total_steps = hp.max_steps or max(1, math.ceil(hp.total_epochs * self.steps_per_epoch))
+        self.state.world_size = self.dist.world_size
         decay, no_decay = [], []
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -298,8 +336,12 @@ class Trainer:
         )
         # The scheduler is stepped by us, once per optimizer step: accelerate's wrapper would step it
         # world_size times per step.
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.strategy == FSDP:
+            self.model, self.optimizer = model, self.accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.raw_model = self.accelerator.unwrap_model(self.model)
+        self.model_state = ModelState(self.strategy, self.model, self.raw_model, self.optimizer, is_main=self.dist.is_main)
         self.collate = make_collator(classification=self.classification, packing=hp.packing, pad_token_id=self.tokenizer.pad_token_id)
         self.class_weights = None
         if self.classification and self.data.class_weights and self.spec.dataset.preprocessing.class_weights:
@@ -332,7 +374,7 @@ class Trainer:
         chosen = None
         for uri in candidates:
             try:
-                state = self.checkpoints.load(uri, model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self._scaler)
+                state = self.checkpoints.load(uri, model_state=self.model_state, scheduler=self.scheduler, scaler=self._scaler)
             except CheckpointError as e:
                 if resume != "latest":
                     raise
@@ -346,9 +388,13 @@ class Trainer:
         if chosen is None:
             return None
         self.state = TrainerState.from_dict(state)
-        if self.state.total_steps != total_steps:
+        saved_world = self.state.world_size or self.dist.world_size
+        if saved_world != self.dist.world_size:
+            total_steps = self._remap_position(saved_world)
+        elif self.state.total_steps != total_steps:
             log.warning("planned steps changed from %d to %d (data changed?)", self.state.total_steps, total_steps)
-            self.state.total_steps = total_steps
+        self.state.total_steps = total_steps
+        self.state.world_size = self.dist.world_size
         if self.early_stopping is not None and self.state.early_stopping:
             self.early_stopping.load_state_dict(self.state.early_stopping)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", chosen, self.state.step, self.state.epoch, self.state.batch)
@@ -356,6 +402,31 @@ class Trainer:
             self.progress.add_checkpoint(c.step, c.uri, self.state.checkpoint_metrics.get(str(c.step)))
         self.progress.update(force=True, step=self.state.step, total_steps=self.state.total_steps, best_metric=_finite(self.state.best_metric))
         return chosen
+
+    def _remap_position(self, saved_world: int) -> int:
+        """Continue a run checkpointed by ``saved_world`` processes on this many; returns the new total steps.
+
+        The epoch's row order does not depend on the world size (see :mod:`.collate`), only how it is cut
+        into global micro-batches does. So the rows consumed so far are a prefix of that order, and the new
+        position is the first new-size micro-batch that starts at or before the end of that prefix: at most
+        ``batchSize x worldSize - 1`` rows are seen once more, none is skipped. The optimizer and weights
+        carry over as they are; the loss curve is not bit-identical to an uninterrupted run (the global batch
+        changed), and every rank the old group did not have starts a fresh dropout stream.
+        """
+        st, b = self.state, self.batching
+        rows_done = st.batch * self.hp.batch_size * saved_world
+        new_batch = rows_done // b.global_batch
+        old = (st.epoch, st.batch)
+        st.epoch, st.batch = (st.epoch + 1, 0) if new_batch >= b.batches_per_epoch else (st.epoch, new_batch)
+        if self.hp.max_steps:
+            total = self.hp.max_steps
+        else:
+            done_epochs = st.epoch + st.batch / b.batches_per_epoch
+            total = st.step + max(0, math.ceil((self.hp.total_epochs - done_epochs) * self.steps_per_epoch))
+        log.warning("world size changed from %d to %d: data position (epoch %d, micro-batch %d) -> (epoch %d, micro-batch %d), "
+                    "%d rows repeated; total steps %d -> %d", saved_world, self.dist.world_size, *old, st.epoch, st.batch,
+                    rows_done - st.batch * b.global_batch if st.batch else 0, st.total_steps, total)
+        return total
 
     # ----------------------------------------------------------------------------------- evaluate
 
@@ -442,14 +513,14 @@ class Trainer:
         real = total = 0
         for i, batch in enumerate(batches):
             # Gradients are all-reduced once per window, on its last micro-batch.
-            sync = contextlib.nullcontext() if i == len(batches) - 1 else self.accelerator.no_sync(self.model)
+            sync = contextlib.nullcontext() if i == len(batches) - 1 else self.model_state.no_sync(self.accelerator)
             with sync, self.accelerator.autocast():
                 loss = self._loss(batch, denominator)
                 self.accelerator.backward(loss)
             window_loss += loss.detach()
             r, t = token_counts(batch)
             real, total = real + r, total + t
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.hp.max_grad_norm)
+        grad_norm = self.model_state.clip_grad_norm(self.accelerator, self.hp.max_grad_norm)
         self.optimizer.step()
         if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
             self.scheduler.step()
@@ -483,6 +554,7 @@ class Trainer:
                 fractional_epoch = st.epoch + st.batch / per_epoch
                 st.history.append({"step": st.step, "loss": measured["loss"], "lr": lr, "grad_norm": measured["grad_norm"],
                                    "epoch": round(fractional_epoch, 4)})
+                thin_history(st.history, HISTORY_LIMIT)
                 self.metrics.on_step(step=st.step, epoch=fractional_epoch, lr=lr, **measured)
                 self.progress.update(step=st.step, epoch=fractional_epoch, train_loss=_finite(measured["loss"]), learning_rate=lr)
                 log.info("step %d/%d epoch %.2f loss %.4f lr %.3g", st.step, st.total_steps, fractional_epoch, measured["loss"], lr)
@@ -517,6 +589,7 @@ class Trainer:
         value = result.get(self.monitor)
         entry = {"step": st.step, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
         st.evals.append(entry)
+        thin_history(st.evals, HISTORY_LIMIT)
         new_best = False
         if self.early_stopping is not None:
             new_best = self.early_stopping.update_from(result, st.step)
@@ -536,7 +609,7 @@ class Trainer:
         last_eval = st.evals[-1] if st.evals else {}
         st.checkpoint_metrics[str(st.step)] = _finite(last_eval.get(self.monitor)) if last_eval.get("step") == st.step else None
         best_step = st.best_step if self.early_stopping is not None else None
-        self.checkpoints.save(st.step, model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
+        self.checkpoints.save(st.step, model_state=self.model_state, scheduler=self.scheduler,
                               scaler=self._scaler, state=st.to_dict(), best_step=best_step)
 
     def _on_checkpoint_complete(self, step: int, uri: str, seconds: float, nbytes: int) -> None:
@@ -554,7 +627,7 @@ class Trainer:
             best_uri = self.checkpoints.uri_for(es.best_step)
             if es.best_step != st.step:
                 log.info("restoring the best checkpoint (step %d, %s %.4g)", es.best_step, self.monitor, es.best)
-                self.checkpoints.load_weights(best_uri, self.raw_model)
+                self.checkpoints.load_weights(best_uri, self.model_state)
 
         self._stage("testing")
         final_eval = _public(self.evaluate(return_logits=False)) if self.val_loader is not None else None
@@ -611,15 +684,16 @@ class Trainer:
             "evals": st.evals,
         }
         # Replicas must end identical; the checksum in every rank's log makes a divergence visible.
-        checksum = sum(float(p.detach().double().sum()) for p in self.raw_model.parameters() if p.requires_grad)
-        log.info("final trainable parameter checksum %.12e", checksum)
+        log.info("final trainable parameter checksum %.12e", self.model_state.checksum())
         model_uri = self.join(self.output, "model")
         self.progress.update(force=True, evaluation={
             "baseline": st.baseline, "final": final_eval, "test": test_eval, "calibration": calibration, "retention": retention,
         })
+        full_weights = self.model_state.gather_full_model()  # a collective under FSDP, None otherwise
         if self.dist.is_main:
             self._stage("saving")
-            self._export(model_uri, summary, best_uri)
+            self._export(model_uri, summary, best_uri, full_weights)
+        del full_weights
         distributed.barrier()
         self._stage("done", model_uri=model_uri)
         summary["model_uri"] = model_uri
@@ -632,7 +706,8 @@ class Trainer:
         the first scored token, the reference the first scored span (a completion or assistant turn).
         """
         wanted = [m for m in (self.spec.evaluation.metrics or []) if m in ("bleu", "rouge")]
-        if self.classification or not wanted or self.data.test is None or not self.dist.is_main:
+        # Under FSDP every forward is a collective, so every rank generates (the same prompts); else rank 0 alone.
+        if self.classification or not wanted or self.data.test is None or not (self.dist.is_main or self.model_state.sharded):
             return None
         from .evaluate import generate_and_score
 
@@ -655,12 +730,15 @@ class Trainer:
         log.info("generation metrics on %d test prompts: %s", len(prompts), scores)
         return scores
 
-    def _export(self, model_uri: str, summary: dict[str, Any], best_uri: str | None) -> None:
+    def _export(self, model_uri: str, summary: dict[str, Any], best_uri: str | None, full_weights: dict[str, Any] | None = None) -> None:
         local = self.work_dir / "model"
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True)
         model = self.raw_model
-        model.save_pretrained(str(local), safe_serialization=True)
+        if full_weights is not None:  # FSDP: the shards were gathered to this rank
+            model.save_pretrained(str(local), state_dict=full_weights, safe_serialization=True)
+        else:
+            model.save_pretrained(str(local), safe_serialization=True)
         self.tokenizer.save_pretrained(str(local))
         if self.loaded.is_adapter and self.spec.output.merge_adapter:
             self._export_merged(local / "merged")
@@ -669,6 +747,7 @@ class Trainer:
             best = {"uri": best_uri, "step": self.state.best_step, "metric": self.monitor, "value": self.state.best_metric}
         training = {k: summary[k] for k in ("steps", "total_steps", "stopped_early", "best_step", "best_metric", "monitor", "gain", "history", "evals")}
         training.update(precision=self.loaded.precision, target_modules=self.loaded.target_modules, world_size=self.dist.world_size,
+                        distributed_strategy=self.strategy,
                         trainable_params=self.loaded.trainable_params, total_params=self.loaded.total_params)
         try:
             from .model_card import build_model_card

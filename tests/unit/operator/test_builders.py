@@ -1,5 +1,8 @@
 """Pure builders: the objects a FineTuneJob owns, checked field by field."""
 
+import re
+
+import pytest
 import yaml
 
 from finetune_api.spec import parse_spec
@@ -89,6 +92,48 @@ def test_cpu_only_job_has_no_gpu_limit_and_one_process():
     c = _job(spec)["spec"]["template"]["spec"]["containers"][0]
     assert "--nproc-per-node=1" in c["command"]
     assert c["resources"] == {}
+    assert c["ports"] == [{"name": "rendezvous", "containerPort": 29500}, {"name": "metrics", "containerPort": 9400}]
+
+
+def test_every_local_rank_declares_its_metrics_port():
+    """Local rank i serves metrics on 9400 + i (finetune_trainer.metrics): one named port each, so the
+    PodMonitor scrapes all ranks of a pod, not only local rank 0."""
+    c = _job()["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert len(ports) == len(c["ports"])  # names are unique
+    assert ports == {"rendezvous": 29500, "metrics": 9400, **{f"metrics-{i}": 9400 + i for i in range(1, 8)}}
+    assert f"--nproc-per-node={sum(1 for n in ports if n.startswith('metrics'))}" in c["command"]
+
+
+def test_metrics_port_names_are_valid_for_the_most_gpus_a_pod_may_have():
+    limit = B.MAX_PROCS_PER_NODE
+    with pytest.raises(Exception, match="16"):  # the spec's own cap: no pod runs more local ranks
+        parse_spec({**SPEC, "resources": {"gpusPerNode": limit + 1}})
+    spec = {**SPEC, "resources": {"nodes": 1, "gpusPerNode": limit}}
+    c = _job(spec)["spec"]["template"]["spec"]["containers"][0]
+    metrics = [p for p in c["ports"] if p["name"] != "rendezvous"]
+    assert [p["containerPort"] for p in metrics] == list(range(9400, 9400 + limit))
+    names = [p["name"] for p in metrics]
+    assert names[0] == "metrics" and names[-1] == f"metrics-{limit - 1}"
+    assert len(set(names)) == limit
+    # IANA_SVC_NAME: at most 15 characters, lowercase alphanumerics and '-', a letter, no '--', no edge '-'
+    for name in names:
+        assert len(name) <= 15 and re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name) and "--" not in name, name
+        assert re.search("[a-z]", name)
+    # the PodMonitor's default port-name regex (charts/finetune-operator/values.yaml) matches them all, and nothing else
+    assert all(re.fullmatch(r"metrics(-[0-9]+)?", n) for n in names)
+    assert not re.fullmatch(r"metrics(-[0-9]+)?", "rendezvous")
+
+
+def test_metrics_off_declares_no_metrics_port():
+    job = B.build_job(OWNER, parse_spec(SPEC), 0, B.OperatorDefaults(metrics_port=0))
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["ports"] == [{"name": "rendezvous", "containerPort": 29500}]
+
+
+def test_headless_service_lists_rank_zero_metrics_only():
+    ports = B.build_service(OWNER)["spec"]["ports"]
+    assert ports == [{"name": "rendezvous", "port": 29500, "targetPort": 29500}, {"name": "metrics", "port": 9400, "targetPort": 9400}]
 
 
 def test_kueue_queue_creates_suspended_labelled_job():

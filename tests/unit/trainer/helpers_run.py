@@ -1,16 +1,22 @@
 """Entry point for trainer subprocesses in tests (plain, kill -9, SIGTERM, torchrun).
 
-Same as ``python -m finetune_trainer``, plus one test-only knob: FT_TEST_STEP_SLEEP=<seconds> slows
-every optimizer step so a test can act (kill -9, SIGTERM, scrape metrics) while training runs.
+Same as ``python -m finetune_trainer``, plus test-only knobs that slow one phase down so a test can
+act (kill -9, SIGTERM, scrape metrics) while it runs:
+
+* FT_TEST_STEP_SLEEP=<seconds>: after every optimizer step;
+* FT_TEST_PREP_SLEEP=<seconds>: in data preparation, before each batch of rows is tokenised (after the
+  staged Arrow file is opened), logging ``test: data preparation paused`` first;
+* FT_TEST_TOKENIZER_SLEEP=<seconds>: inside ``AutoTokenizer.from_pretrained`` (stage preparing-data,
+  before the data is read), logging ``test: tokenizer loading paused`` first.
 """
 
+import logging
 import os
 import sys
+import time
 
 _sleep = float(os.environ.get("FT_TEST_STEP_SLEEP", "0") or 0)
 if _sleep > 0:
-    import time
-
     from finetune_trainer.metrics import TrainerMetrics
 
     _on_step = TrainerMetrics.on_step
@@ -20,6 +26,33 @@ if _sleep > 0:
         time.sleep(_sleep)
 
     TrainerMetrics.on_step = _slow_on_step
+
+_prep_sleep = float(os.environ.get("FT_TEST_PREP_SLEEP", "0") or 0)
+if _prep_sleep > 0:
+    from finetune_trainer.data import prepare as _prepare
+
+    _tokenize_batch = _prepare.tokenize_batch
+
+    def _slow_tokenize_batch(*args, **kw):
+        if args and args[0]:  # a real batch, not the final empty flush
+            logging.getLogger("finetune_trainer.test").info("test: data preparation paused for %.1fs", _prep_sleep)
+            time.sleep(_prep_sleep)
+        return _tokenize_batch(*args, **kw)
+
+    _prepare.tokenize_batch = _slow_tokenize_batch
+
+_tokenizer_sleep = float(os.environ.get("FT_TEST_TOKENIZER_SLEEP", "0") or 0)
+if _tokenizer_sleep > 0:
+    from transformers import AutoTokenizer
+
+    _from_pretrained = AutoTokenizer.from_pretrained.__func__
+
+    def _slow_from_pretrained(cls, *args, **kw):
+        logging.getLogger("finetune_trainer.test").info("test: tokenizer loading paused for %.1fs", _tokenizer_sleep)
+        time.sleep(_tokenizer_sleep)
+        return _from_pretrained(cls, *args, **kw)
+
+    AutoTokenizer.from_pretrained = classmethod(_slow_from_pretrained)
 
 from finetune_trainer.__main__ import main  # noqa: E402
 

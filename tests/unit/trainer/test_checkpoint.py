@@ -10,6 +10,7 @@ import torch
 from finetune_trainer.checkpoint import CheckpointManager, sha256_file
 from finetune_trainer.distributed import DistInfo
 from finetune_trainer.errors import CheckpointError, InvalidConfig
+from finetune_trainer.parallel import ModelState
 from finetune_trainer.storage import Storage, join
 
 
@@ -34,8 +35,12 @@ def _setup(tmp_path, keep_last=2):
     return model, opt, _Sched(), mgr
 
 
+def _ms(model, opt):
+    return ModelState("single", model, model, opt, is_main=True)
+
+
 def _save(mgr, model, opt, sched, step, best=None):
-    uri = mgr.save(step, model=model, optimizer=opt, scheduler=sched, scaler=None, state={"step": step}, best_step=best)
+    uri = mgr.save(step, model_state=_ms(model, opt), scheduler=sched, scaler=None, state={"step": step}, best_step=best)
     mgr.wait()
     return uri
 
@@ -60,8 +65,8 @@ def test_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_path):
     model2, opt2, sched2, _ = _setup(tmp_path / "other")
     with torch.no_grad():
         model2.weight.zero_()
-    state = mgr.load(mgr.uri_for(1), model=model2, optimizer=opt2, scheduler=sched2, scaler=None)
-    assert state == {"step": 1} and sched2.n == 7
+    state = mgr.load(mgr.uri_for(1), model_state=_ms(model2, opt2), scheduler=sched2, scaler=None)
+    assert state == {"step": 1, "world_size": 1} and sched2.n == 7
     assert all(torch.equal(model2.state_dict()[k], want[k]) for k in want)
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert torch.equal(torch.rand(3), expected_next)
@@ -92,7 +97,7 @@ def test_a_file_that_does_not_match_its_manifest_is_refused(tmp_path):
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="does not match its manifest"):
-        mgr.load(mgr.uri_for(3), model=model, optimizer=opt, scheduler=sched, scaler=None)
+        mgr.load(mgr.uri_for(3), model_state=_ms(model, opt), scheduler=sched, scaler=None)
 
 
 def test_upload_failure_surfaces_as_checkpoint_error(tmp_path, monkeypatch):
@@ -102,7 +107,7 @@ def test_upload_failure_surfaces_as_checkpoint_error(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(mgr.storage, "upload_file", broken)
-    mgr.save(1, model=model, optimizer=opt, scheduler=sched, scaler=None, state={}, best_step=None)
+    mgr.save(1, model_state=_ms(model, opt), scheduler=sched, scaler=None, state={}, best_step=None)
     with pytest.raises(CheckpointError, match="disk full"):
         mgr.wait()
     assert not (tmp_path / "out/checkpoints/step-00000001/manifest.json").exists()

@@ -107,6 +107,18 @@ def test_unexpected_exception_leaves_a_reason_and_exits_1(tmp_path, termination_
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_preemption_exits_143_with_a_one_line_reason(tmp_path, termination_log, monkeypatch, capsys):
+    import finetune_trainer.train as train
+
+    def preempted(config):
+        raise train.Preempted("SIGTERM before training started")
+
+    monkeypatch.setattr(train, "run", preempted)
+    assert main(["--config", str(write_config(tmp_path / "job.yaml", _minimal()))]) == errors.EXIT_PREEMPTED == 143
+    assert termination_log.read_text() == "Preempted: SIGTERM before training started\n"
+    assert "Preempted: SIGTERM before training started" in capsys.readouterr().err
+
+
 def test_cuda_out_of_memory_becomes_out_of_memory(tmp_path, termination_log, monkeypatch):
     import torch
 
