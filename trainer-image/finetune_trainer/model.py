@@ -130,6 +130,23 @@ def resolve_precision(requested: str) -> str:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def attention_implementation(precision: str) -> str | None:
+    """The attention kernel: flash-attention 2 where it can run, else None (transformers' default:
+    PyTorch's SDPA where the architecture supports it, eager attention otherwise).
+
+    With packing, a micro-batch is one long row whose ``position_ids`` restart at every original row.
+    Flash-attention turns that into variable-length attention over each original row (no wasted
+    compute); SDPA gets a block-diagonal mask instead and computes the whole square, masked. So the
+    varlen kernel is used whenever the ``flash_attn`` package is installed, the GPU is CUDA and the
+    compute precision is 16-bit (which flash-attention requires).
+    """
+    import importlib.util
+
+    if torch.cuda.is_available() and precision in ("bf16", "fp16") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
 @dataclass
 class LoadedModel:
     model: Any  # the (possibly peft-wrapped) model to train
@@ -208,6 +225,8 @@ def load_model(
         config.pad_token_id = tokenizer.pad_token_id
 
     kwargs: dict[str, Any] = {"config": config, "trust_remote_code": trust}
+    if attention_implementation(precision):
+        kwargs["attn_implementation"] = attention_implementation(precision)
     is_adapter = spec.is_adapter
     if method == "qlora":
         from transformers import BitsAndBytesConfig
@@ -231,7 +250,7 @@ def load_model(
     try:
         if empty:
             with torch.device("meta"):
-                model = auto.from_config(config, trust_remote_code=trust, dtype=kwargs["dtype"])
+                model = auto.from_config(config, trust_remote_code=trust, **{k: v for k, v in kwargs.items() if k in ("dtype", "attn_implementation")})
             log.info("model built on the meta device: its weights come from rank 0 when it is sharded")
         else:
             model = auto.from_pretrained(model_dir, **kwargs)
@@ -249,7 +268,8 @@ def load_model(
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %s, %d/%d parameters trainable (%.2f%%)", spec.model.uri, method, trainable, total, 100 * trainable / max(total, 1))
+    log.info("model %s: %s, %d/%d parameters trainable (%.2f%%), attention %s", spec.model.uri, method, trainable, total,
+             100 * trainable / max(total, 1), getattr(model.config, "_attn_implementation", None) or "default")
     return LoadedModel(model, precision, is_adapter, target_modules, trainable, total)
 
 

@@ -53,3 +53,22 @@ def test_thin_history_stays_bounded_over_a_long_run_and_spans_it():
     steps = [e["step"] for e in entries]
     assert steps[0] == 1 and steps[-1] == 100_000 and steps == sorted(steps)
     assert steps[-1000:] == list(range(99_001, 100_001))  # the recent half at full resolution
+
+
+def test_flash_attention_only_where_it_can_run(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from finetune_trainer.model import attention_implementation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert attention_implementation("bf16") is None  # CPU: transformers' default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    assert attention_implementation("bf16") == "flash_attention_2"
+    assert attention_implementation("fp16") == "flash_attention_2"
+    assert attention_implementation("fp32") is None  # flash-attention needs 16-bit inputs
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    assert attention_implementation("bf16") is None  # not installed: transformers' default (SDPA)
