@@ -14,8 +14,10 @@
 :class:`ModelState` is the one place that knows the difference when state leaves or enters the model:
 checkpoint save/resume, putting the best checkpoint back, export, and the final checksum. Under FSDP
 each of those is a collective (every rank calls it) built on ``torch.distributed.checkpoint.state_dict``:
-full, CPU-offloaded state dicts gathered to rank 0, which alone writes them (the same files as DDP
-writes, so a checkpoint does not depend on the strategy that wrote it), and on load rank 0 reads them
+full, CPU-offloaded state dicts gathered to rank 0, which alone writes them. Every strategy writes
+the same files (full weights by name; optimizer state keyed by parameter name, the layout of
+``torch.distributed.checkpoint``), so a checkpoint does not depend on the strategy or the number of
+processes that wrote it, and on load rank 0 reads them
 and broadcasts (``broadcast_from_rank0``), so no other rank downloads or holds a full copy.
 """
 
@@ -148,9 +150,15 @@ class ModelState:
         names = self._trainable_names()
         return {n: t.contiguous() for n, t in full.items() if n in names}
 
+    def _param_names(self) -> list[str]:
+        """Parameter names in the optimizer's own order (param_groups, then params): index -> name."""
+        by_id = {id(p): n for n, p in self.raw_model.named_parameters()}
+        return [by_id[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+
     def gather_optimizer(self) -> dict[str, Any] | None:
+        """Optimizer state keyed by parameter name (torch.distributed.checkpoint's layout), whatever the strategy."""
         if not self.sharded:
-            return self.optimizer.state_dict() if self.is_main else None
+            return optimizer_state_by_name(self.optimizer.state_dict(), self._param_names()) if self.is_main else None
         state = _dcp().get_optimizer_state_dict(self.model, self.optimizer, options=self._full_options())
         return state if self.is_main else None
 
@@ -181,7 +189,7 @@ class ModelState:
     def restore_optimizer(self, state: dict[str, Any] | None) -> None:
         if not self.sharded:
             assert state is not None
-            self.optimizer.load_state_dict(state)
+            self.optimizer.load_state_dict(optimizer_state_by_index(state, self._param_names()))
             return
         _dcp().set_optimizer_state_dict(self.model, self.optimizer, state if self.is_main else {},
                                         options=self._full_options(broadcast_from_rank0=True))
@@ -217,6 +225,30 @@ class ModelState:
         if self.sharded:
             total = distributed.all_reduce_sum(total)
         return total
+
+
+def optimizer_state_by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` (parameters by index) -> the same keyed by parameter name."""
+    return {
+        "state": {names[i]: v for i, v in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def optimizer_state_by_index(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse, for ``optimizer.load_state_dict``; a state already keyed by index passes through."""
+    if all(isinstance(k, int) for k in state["state"]) and all(isinstance(i, int) for g in state["param_groups"] for i in g["params"]):
+        return state
+    index = {n: i for i, n in enumerate(names)}
+    missing = [n for g in state["param_groups"] for n in g["params"] if n not in index]
+    if missing or len(index) != sum(len(g["params"]) for g in state["param_groups"]):
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"checkpoint optimizer state does not match the model's parameters (e.g. {missing[:2]})")
+    return {
+        "state": {index[n]: v for n, v in state["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 class _fsdp_no_sync:

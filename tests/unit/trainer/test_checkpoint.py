@@ -176,3 +176,17 @@ def test_s3_model_data_and_output_through_moto(tmp_path, monkeypatch):
         assert "training already finished at step 4" in r.stderr
     finally:
         server.stop()
+
+
+def test_optimizer_state_is_stored_by_parameter_name_and_old_index_keyed_files_still_load(tmp_path):
+    model, opt, sched, mgr = _setup(tmp_path)
+    _save(mgr, model, opt, sched, 2)
+    stored = torch.load(tmp_path / "out/checkpoints/step-00000002/optimizer.pt", weights_only=True)
+    assert set(stored["state"]) == {"weight", "bias"}  # the layout torch.distributed.checkpoint (FSDP) uses
+    assert stored["param_groups"][0]["params"] == ["weight", "bias"]
+    model2, opt2, sched2, _ = _setup(tmp_path / "other")
+    ms = _ms(model2, opt2)
+    ms.restore_optimizer(opt.state_dict())  # a checkpoint written before the switch (keyed by index)
+    assert torch.equal(opt2.state_dict()["state"][1]["exp_avg"], opt.state_dict()["state"][1]["exp_avg"])
+    with pytest.raises(CheckpointError, match="optimizer state does not match"):
+        ms.restore_optimizer({"state": {}, "param_groups": [{**stored["param_groups"][0], "params": ["weight", "other"]}]})

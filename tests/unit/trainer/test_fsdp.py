@@ -127,3 +127,16 @@ def test_resume_on_fewer_processes_continues_at_the_same_row_of_the_epoch(assets
     final = json.loads((out / "checkpoints" / "step-00000013" / "trainer_state.json").read_text())
     assert (final["epoch"], final["batch"], final["world_size"]) == (1, 0, 1)  # exactly one epoch consumed
     assert "rng_state_rank1.pt" not in json.loads((out / "checkpoints" / "step-00000013" / "manifest.json").read_text())["files"]
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp(assets, tmp_path):
+    """Checkpoints do not depend on the strategy: a run restarted as FSDP continues a DDP run's steps."""
+    out = tmp_path / "out"
+    ddp_log = _torchrun(write_config(tmp_path / "ddp.yaml", _full_spec(assets, out, "ddp")), tmp_path)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    fsdp_log = _torchrun(write_config(tmp_path / "fsdp.yaml", _full_spec(assets, out, "fsdp")), tmp_path)
+    assert "distributed strategy: fsdp over 2 processes" in fsdp_log
+    assert _rank0(r"resumed from \S+step-00000002 at step (\d+)", fsdp_log) == ["2"]
+    step = r"step \d+/4 epoch [\d.]+ loss ([\d.]+)"
+    ddp_losses = [float(x) for x in _rank0(step, ddp_log)]
+    assert [float(x) for x in _rank0(step, fsdp_log)] == pytest.approx(ddp_losses[2:], rel=1e-4)
