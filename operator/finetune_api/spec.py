@@ -406,8 +406,10 @@ class EvaluationSpec(_Model):
         default=None,
         max_length=MAX_LIST,
         description=(
-            "Extra metrics. Always computed: loss and perplexity (LM) or accuracy, precision/recall/F1 "
-            "(classification). Optional: bleu, rouge (on generated samples, LM only)."
+            "Extra metrics. Always computed: loss, perplexity and token accuracy (LM) or accuracy, "
+            "precision/recall/F1 (classification). Optional, LM with prompt-completion or chat data: bleu and "
+            "rouge (ROUGE-L F1, reported as rouge_l) of greedy completions, at every evaluation on up to 32 "
+            "validation prompts and once on the test set; earlyStopping.metric may then be bleu or rouge_l."
         ),
         json_schema_extra={"items": {"type": "string", "enum": ["bleu", "rouge", "token_accuracy"]}},
     )
@@ -416,6 +418,13 @@ class EvaluationSpec(_Model):
     baseline: bool = Field(default=True, description="Evaluate the base model before training so the report shows the gain.")
     retention: RetentionSpec | None = Field(default=None, description="Catastrophic-forgetting check.")
     max_eval_samples: int | None = Field(default=None, ge=1, description="Cap on validation rows per evaluation.")
+    use_best_model: bool = Field(
+        default=True,
+        description=(
+            "Test and export the weights of the best evaluation (by earlyStopping.metric, else eval_loss) "
+            "instead of the last step's; the best checkpoint is kept besides the last keepLast ones. Needs validation data."
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------- checkpoint

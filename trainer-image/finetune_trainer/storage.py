@@ -164,6 +164,12 @@ class Storage:
                     f"are valid for this endpoint, that storage.endpoint/storage.region are right, and that the "
                     f"credentials may {action} bucket {bucket}."
                 ) from None
+            if (isinstance(status, int) and status >= 500) or code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"):
+                # The store is there but failing or throttling after botocore's own retries: worth a group restart.
+                raise S3EndpointError(
+                    f"the object store at {self.endpoint_name} kept failing to {action} {uri} ({code or status}); "
+                    f"it may be overloaded or unhealthy"
+                ) from None
             raise
         except S3UploadFailedError as exc:  # upload_file wraps the ClientError into its message
             text = str(exc)

@@ -17,6 +17,7 @@ rows fall into micro-batches, and the logged step loss is the window's mean toke
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # What evaluation computes on the validation set, i.e. what early stopping can monitor.
 LM_METRICS = ("eval_loss", "perplexity", "token_accuracy")
+GENERATION_METRICS = {"bleu": "bleu", "rouge": "rouge_l"}  # evaluation.metrics entry -> the key it reports
+GENERATION_EVAL_SAMPLES = 32  # validation prompts completed at each evaluation when bleu/rouge are asked for
 CLASSIFICATION_METRICS = ("eval_loss", "accuracy", "f1_macro", "precision_macro", "recall_macro", "ece")
 
 
@@ -210,7 +213,8 @@ class Trainer:
         es = self.spec.evaluation.early_stopping
         self.monitor = es.metric if es else "eval_loss"
         self.monitor_mode = es.mode if es else "min"
-        known = CLASSIFICATION_METRICS if self.classification else LM_METRICS
+        self.generation = [m for m in (self.spec.evaluation.metrics or []) if m in GENERATION_METRICS]
+        known = CLASSIFICATION_METRICS if self.classification else LM_METRICS + tuple(GENERATION_METRICS[m] for m in self.generation)
         if self.monitor not in known:
             raise InvalidConfig(f"evaluation.earlyStopping.metric {self.monitor!r} is not computed for this task; use one of {', '.join(known)}")
 
@@ -248,7 +252,7 @@ class Trainer:
         set_seed(self.hp.seed)
 
         self._stage("preparing-data")
-        model_dir = resolve_model_dir(self.spec.model.uri, self.storage, self.dist, cache_dir=os.environ.get("FINETUNE_CACHE_DIR"))
+        model_dir = self.model_dir = resolve_model_dir(self.spec.model.uri, self.storage, self.dist, cache_dir=os.environ.get("FINETUNE_CACHE_DIR"))
         self.tokenizer = load_tokenizer(model_dir, self.spec)
         # Every rank prepares the same (deterministic) data; separate folders so local ranks never write the same file.
         self.data = _prepare_data(self.spec, self.storage, self.tokenizer, self.work_dir / f"data-rank{self.dist.rank}")
@@ -565,7 +569,7 @@ class Trainer:
                 new_best = self._eval_step() if self.val_loader is not None and (due or last) else False
                 stop_early = self.early_stopping is not None and self.early_stopping.should_stop
                 preempt = distributed.any_rank(self.sigterm.requested)
-                keep_best = new_best and self.early_stopping is not None
+                keep_best = new_best and self._use_best
                 if st.step % self.spec.checkpoint.every_steps == 0 or last or stop_early or preempt or keep_best:
                     st.stopped_early = stop_early
                     self._save()
@@ -586,6 +590,10 @@ class Trainer:
     def _eval_step(self) -> bool:
         st = self.state
         result = _public(self.evaluate()) or {}
+        if self.generation:
+            # Scored on rank 0 (every rank under FSDP); the decision to stop must be the same everywhere.
+            scores = distributed.broadcast_object(self._generation_metrics(self.data.validation, GENERATION_EVAL_SAMPLES))
+            result.update(scores or {})
         value = result.get(self.monitor)
         entry = {"step": st.step, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
         st.evals.append(entry)
@@ -608,7 +616,7 @@ class Trainer:
         st = self.state
         last_eval = st.evals[-1] if st.evals else {}
         st.checkpoint_metrics[str(st.step)] = _finite(last_eval.get(self.monitor)) if last_eval.get("step") == st.step else None
-        best_step = st.best_step if self.early_stopping is not None else None
+        best_step = st.best_step if self._use_best else None
         self.checkpoints.save(st.step, model_state=self.model_state, scheduler=self.scheduler,
                               scaler=self._scaler, state=st.to_dict(), best_step=best_step)
 
@@ -619,14 +627,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- finish
 
+    @property
+    def _use_best(self) -> bool:
+        """Keep the best checkpoint and finish with its weights (evaluation.useBestModel, with validation data)."""
+        return self.spec.evaluation.use_best_model and self.val_loader is not None
+
     def _finish(self) -> dict[str, Any]:
         st = self.state
-        es = self.early_stopping
         best_uri = None
-        if es is not None and es.best_step is not None:
-            best_uri = self.checkpoints.uri_for(es.best_step)
-            if es.best_step != st.step:
-                log.info("restoring the best checkpoint (step %d, %s %.4g)", es.best_step, self.monitor, es.best)
+        if self._use_best and st.best_step is not None:
+            best_uri = self.checkpoints.uri_for(st.best_step)
+            if st.best_step != st.step:
+                log.info("restoring the best checkpoint (step %d, %s %.4g)", st.best_step, self.monitor, st.best_metric)
                 self.checkpoints.load_weights(best_uri, self.model_state)
 
         self._stage("testing")
@@ -644,7 +656,7 @@ class Trainer:
         if test_loader is not None:
             kwargs = {"temperature": temperature} if self.classification else {}
             test_eval = _public(self.evaluate(test_loader, **kwargs))
-        generation = self._generation_metrics()
+        generation = self._generation_metrics(self.data.test, self.spec.evaluation.max_eval_samples or 64) if self.generation else None
         if generation and test_eval is not None:
             test_eval.update(generation)
         retention = None
@@ -699,21 +711,21 @@ class Trainer:
         summary["model_uri"] = model_uri
         return summary
 
-    def _generation_metrics(self) -> dict[str, float] | None:
-        """BLEU / ROUGE-L of greedy completions on the test set (evaluation.metrics), rank 0 only.
+    def _generation_metrics(self, dataset: Any, limit: int) -> dict[str, float] | None:
+        """BLEU / ROUGE-L of greedy completions on up to ``limit`` rows of ``dataset`` (evaluation.metrics).
+
+        Rank 0 only (every rank under FSDP, where each forward is a collective).
 
         Prompts and references are recovered from the tokenised rows: the prompt is everything before
         the first scored token, the reference the first scored span (a completion or assistant turn).
         """
-        wanted = [m for m in (self.spec.evaluation.metrics or []) if m in ("bleu", "rouge")]
-        # Under FSDP every forward is a collective, so every rank generates (the same prompts); else rank 0 alone.
-        if self.classification or not wanted or self.data.test is None or not (self.dist.is_main or self.model_state.sharded):
+        wanted = self.generation
+        if self.classification or not wanted or dataset is None or not (self.dist.is_main or self.model_state.sharded):
             return None
         from .evaluate import generate_and_score
 
         prompts, references = [], []
-        limit = self.spec.evaluation.max_eval_samples or 64
-        for row in self.data.test.select(range(min(limit, len(self.data.test)))):
+        for row in dataset.select(range(min(limit, len(dataset)))):
             ids, labels = list(row["input_ids"]), list(row["labels"])
             first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), None)
             if not first:  # no prompt (plain text rows) or nothing scored
@@ -727,7 +739,7 @@ class Trainer:
         with self.accelerator.autocast():
             scores = generate_and_score(self.raw_model, self.tokenizer, prompts, references, metrics=wanted,
                                         max_new_tokens=min(128, self.hp.max_seq_length), batch_size=self.hp.batch_size)
-        log.info("generation metrics on %d test prompts: %s", len(prompts), scores)
+        log.info("generation metrics on %d %s prompts: %s", len(prompts), "test" if dataset is self.data.test else "validation", scores)
         return scores
 
     def _export(self, model_uri: str, summary: dict[str, Any], best_uri: str | None, full_weights: dict[str, Any] | None = None) -> None:
@@ -741,7 +753,7 @@ class Trainer:
             model.save_pretrained(str(local), safe_serialization=True)
         self.tokenizer.save_pretrained(str(local))
         if self.loaded.is_adapter and self.spec.output.merge_adapter:
-            self._export_merged(local / "merged")
+            self._export_merged(local / "merged", local)
         best = None
         if best_uri is not None:
             best = {"uri": best_uri, "step": self.state.best_step, "metric": self.monitor, "value": self.state.best_metric}
@@ -770,14 +782,25 @@ class Trainer:
         self.storage.upload_dir(str(local), model_uri)
         shutil.rmtree(local, ignore_errors=True)
 
-    def _export_merged(self, dest: Path) -> None:
-        """Base weights + adapter folded in, as a plain transformers model (reloaded unquantized for QLoRA)."""
-        import copy
+    def _export_merged(self, dest: Path, adapter_dir: Path) -> None:
+        """Base weights + adapter folded in, as a plain transformers model.
 
-        if self.spec.method == "qlora":
-            log.warning("mergeAdapter with qlora: merging into the 4-bit base is lossy; reload in full precision to merge offline")
-            return
-        merged = copy.deepcopy(self.raw_model).merge_and_unload()
+        The base is loaded afresh from the model folder in the compute precision (bf16 on GPU, fp32 on CPU)
+        and the saved adapter applied to it, so QLoRA merges into full-precision weights, not the 4-bit
+        ones it trained against (merging into a quantised base would be lossy).
+        """
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        from .model import DTYPES
+
+        config = copy.deepcopy(self.raw_model.get_base_model().config)  # with the task head's labels
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        auto = AutoModelForSequenceClassification if self.classification else AutoModelForCausalLM
+        dtype = DTYPES["fp32" if self.loaded.precision == "fp32" else self.loaded.precision]
+        base = auto.from_pretrained(self.model_dir, config=config, dtype=dtype, trust_remote_code=self.spec.model.trust_remote_code)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
         merged.save_pretrained(str(dest), safe_serialization=True)
         self.tokenizer.save_pretrained(str(dest))
 

@@ -3,7 +3,9 @@ and on stderr, and the reason's own exit code."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import socket
 
 import pytest
 import yaml
@@ -11,7 +13,7 @@ import yaml
 from finetune_trainer import errors
 from finetune_trainer.__main__ import main
 from finetune_trainer.config import load_config
-from helpers_assets import assets, lm_spec, write_config  # noqa: F401
+from helpers_assets import assets, lm_rows, lm_spec, sentiment_rows, write_config, write_jsonl  # noqa: F401
 
 
 @pytest.fixture
@@ -91,6 +93,91 @@ def test_missing_model_is_model_not_found(assets, tmp_path, termination_log, mon
     assert main(["--config", str(write_config(tmp_path / "job.yaml", spec))]) == errors.ModelNotFound.exit_code
     line = termination_log.read_text().strip()
     assert line.startswith(f"ModelNotFound: {tmp_path / 'no-model'} is not a model folder")
+    progress = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert progress["stage"] == "failed" and progress["failureReason"] == line
+
+
+# ------------------------------------------------------------------- data and storage failures
+# Each case builds a spec (on the real tiny Llama / MiniLM assets) whose run fails for a user-caused
+# reason, and returns it with a fragment its one-line message must contain.
+
+
+def _dataset_missing(assets, tmp_path, monkeypatch, request):
+    missing = str(tmp_path / "no-such-data.jsonl")
+    return lm_spec(assets, str(tmp_path / "out"), dataset={"train": missing}), f"dataset {missing} not found"
+
+
+def _too_many_malformed_rows(assets, tmp_path, monkeypatch, request):
+    path = tmp_path / "train.jsonl"
+    good = [json.dumps(r) for r in lm_rows(20)]
+    path.write_text("\n".join(good[:10] + ['{"prompt": "cut off', "[1, 2]", '{"prompt": "no completion"}'] + good[10:]) + "\n")
+    return lm_spec(assets, str(tmp_path / "out"), dataset={"train": str(path)}), f"3 of 23 rows of train data {path} could not be parsed"
+
+
+def _truncated_gzip(assets, tmp_path, monkeypatch, request):
+    path = tmp_path / "train.jsonl.gz"
+    packed = gzip.compress("".join(json.dumps(r) + "\n" for r in lm_rows(3000)).encode())
+    path.write_bytes(packed[: len(packed) // 2])
+    return lm_spec(assets, str(tmp_path / "out"), dataset={"train": str(path)}), f"{path} is corrupt or truncated"
+
+
+def _unknown_label(assets, tmp_path, monkeypatch, request):
+    rows = sentiment_rows(12)
+    rows[7] = {"text": "the plot was fine i guess", "label": "neutral"}
+    train = write_jsonl(tmp_path / "sentiment.jsonl", rows)
+    spec = lm_spec(assets, str(tmp_path / "out"),
+                   model={"uri": assets["minilm"], "task": "sequence-classification", "labels": ["negative", "positive"]},
+                   dataset={"train": train, "format": "classification"})
+    return spec, f"'neutral' in row {train}:8"
+
+
+def _s3_endpoint_refuses(assets, tmp_path, monkeypatch, request):
+    # A bound socket that never listens: connecting is refused at once (no connect timeout to wait out),
+    # and the port cannot be taken by anyone else while the test runs.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    request.addfinalizer(sock.close)
+    endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # signing needs some credentials before any connection
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    spec = lm_spec(assets, str(tmp_path / "out"), dataset={"train": "s3://data/train.jsonl"},
+                   storage={"endpoint": endpoint, "region": "us-east-1"})
+    return spec, f"could not reach the object store at {endpoint} to list s3://data/train.jsonl"
+
+
+def _leakage_fail(assets, tmp_path, monkeypatch, request):
+    rows = lm_rows(40, seed=1)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", lm_rows(6, seed=2) + rows[:2])
+    spec = lm_spec(assets, str(tmp_path / "out"), dataset={"train": train, "validation": val, "leakageCheck": "fail"})
+    return spec, "2 validation/test examples also appear in train (validation: 2 exact, 0 near); e.g. "
+
+
+@pytest.mark.parametrize(
+    "error, case",
+    [
+        (errors.DatasetNotFound, _dataset_missing),
+        (errors.MalformedData, _too_many_malformed_rows),
+        (errors.MalformedData, _truncated_gzip),
+        (errors.UnknownLabel, _unknown_label),
+        (errors.S3EndpointError, _s3_endpoint_refuses),
+        (errors.LeakageDetected, _leakage_fail),
+    ],
+    ids=lambda v: v.__name__.lstrip("_") if callable(v) and not isinstance(v, type) else None,
+)
+def test_user_caused_data_failures_exit_with_their_reason(error, case, assets, tmp_path, termination_log, monkeypatch, capsys, request):
+    monkeypatch.setenv("FINETUNE_WORK_DIR", str(tmp_path / "work"))
+    spec, fragment = case(assets, tmp_path, monkeypatch, request)
+    code = main(["--config", str(write_config(tmp_path / "job.yaml", spec))])
+    assert code == error.exit_code and code not in (0, 1)
+    text = termination_log.read_text()
+    assert text.count("\n") == 1 and text.endswith("\n")  # exactly one line
+    line = text.strip()
+    assert line.startswith(f"{error.reason}: ") and fragment in line, line
+    err = capsys.readouterr().err
+    assert line in err and "Traceback" not in err  # the reason, not a stack trace
     progress = json.loads((tmp_path / "out" / "progress.json").read_text())
     assert progress["stage"] == "failed" and progress["failureReason"] == line
 

@@ -370,6 +370,58 @@ def test_leakage_off(tokenizer, tmp_path):
     assert len(data.validation) == 8 and data.report["leakage"] == {"policy": "off"}
 
 
+def split_files(tmp_path: Path) -> tuple[str, str, str, list[str]]:
+    """train (30 rows), validation (6 fresh rows) and test (7 rows, of which 3 are planted from train)."""
+    rng = random.Random(41)
+    train = [sentence(rng, 20) for _ in range(29)] + [sentence(rng, 40)]
+    val = [sentence(rng, 20) for _ in range(6)]
+    fresh = [sentence(rng, 20) for _ in range(4)]
+    planted = [train[5], "  " + train[11].upper(), " ".join(train[29].split()[:-1] + ["w0"])]  # exact, exact, near
+    test = fresh[:1] + planted + fresh[1:]
+    return (
+        write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in train]),
+        write_jsonl(tmp_path / "val.jsonl", [{"text": t} for t in val]),
+        write_jsonl(tmp_path / "test.jsonl", [{"text": t} for t in test]),
+        test,
+    )
+
+
+def test_given_validation_and_test_files_are_the_splits_and_test_leakage_is_checked(tokenizer, tmp_path):
+    train, val, test, test_texts = split_files(tmp_path)
+    # split fractions are set, but given files take their place: nothing is carved out of train.
+    common = {"validation": val, "test": test, "split": {"validation": 0.25, "test": 0.25, "seed": 1}}
+
+    data = prepare(make_spec(train, leakageCheck="warn", **common), tokenizer, tmp_path)
+    assert (len(data.train), len(data.validation), len(data.test)) == (30, 6, 7)
+    assert data.report["split"]["method"] == "files"
+    inputs = data.report["inputs"]
+    assert (inputs["validation"]["uri"], inputs["validation"]["rows_read"]) == (val, 6)
+    assert (inputs["test"]["uri"], inputs["test"]["rows_read"], inputs["test"]["rows_kept"]) == (test, 7, 7)
+    assert data.report["final_sizes"] == {"train": 30, "validation": 6, "test": 7, "retention": None}
+    # The test split is the test file's rows, in file order.
+    expected = [r.input_ids for r in tokenize_batch([{"text": t} for t in test_texts], "text", tokenizer, 64)]
+    assert data.test["input_ids"] == expected
+    leakage = data.report["leakage"]
+    assert (leakage["validation"]["total"], leakage["test"]["exact"], leakage["test"]["near"], leakage["total"]) == (0, 2, 1, 3)
+    assert [(e["split"], e["row"], e["match"]) for e in leakage["test"]["examples"]] == [
+        ("test", f"{test}:2", "exact"),
+        ("test", f"{test}:3", "exact"),
+        ("test", f"{test}:4", "near"),
+    ]
+    assert [e["train_row"] for e in leakage["test"]["examples"]] == [f"{train}:6", f"{train}:12", f"{train}:30"]
+
+    with pytest.raises(LeakageDetected, match=r"^3 validation/test examples also appear in train \(test: 2 exact, 1 near\); e\.g\. .*test\.jsonl:2 matches train row .*train\.jsonl:6 \(exact\)"):
+        prepare(make_spec(train, leakageCheck="fail", **common), tokenizer, tmp_path)
+
+    data = prepare(make_spec(train, leakageCheck="drop", **common), tokenizer, tmp_path)
+    assert (len(data.train), len(data.validation), len(data.test)) == (30, 6, 4)
+    assert data.test["input_ids"] == [expected[0]] + expected[4:]  # the planted rows are gone, the fresh ones kept in order
+    assert data.report["leakage"]["test"]["dropped"] == 3 and "dropped" not in data.report["leakage"]["validation"]
+    assert data.report["final_sizes"]["test"] == 4
+    assert data.summary().leakage == 3
+    assert "test 2 exact / 1 near" in format_report(data.report)
+
+
 # ----------------------------------------------------------------------- determinism, S3, retention
 
 

@@ -121,3 +121,56 @@ def test_s3_prefix_and_missing_objects(tmp_path, monkeypatch):
             _read("s3://data/sets/missing", scratch, storage)
         with pytest.raises(DatasetNotFound, match="s3://no-bucket/x"):
             _read("s3://no-bucket/x", scratch, storage)
+
+
+def _read_until_error(uri: str, tmp_path: Path) -> tuple[list[Row | Malformed], BaseException]:
+    """The items a reader yields before it raises, and what it raised."""
+    items: list[Row | Malformed] = []
+    with pytest.raises(MalformedData) as info:
+        for item in read_rows(Storage(), uri, tmp_path):
+            items.append(item)
+    return items, info.value
+
+
+def test_truncated_gzip_jsonl_is_malformed_data_naming_the_file(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.jsonl").write_text('{"text": "before"}\n{"text": "also before"}\nnot json\n')
+    body = "".join(json.dumps({"text": f"row {i} " + "x" * 60}) + "\n" for i in range(3000)).encode()
+    packed = gzip.compress(body)
+    (root / "b.jsonl.gz").write_bytes(packed[: len(packed) // 2])  # an upload cut off half way
+    items, err = _read_until_error(str(root), tmp_path)
+    # a.jsonl in full (the malformed line still counted in order), then b's rows up to the damage.
+    assert [getattr(i, "data", None) for i in items[:3]] == [{"text": "before"}, {"text": "also before"}, None]
+    from_b = items[3:]
+    assert 0 < len(from_b) < 3000 and all(isinstance(i, Row) for i in from_b)
+    assert [i.origin for i in from_b] == [f"{root / 'b.jsonl.gz'}:{n}" for n in range(1, len(from_b) + 1)]
+    line = err.line()
+    assert line.startswith(f"MalformedData: {root / 'b.jsonl.gz'} is corrupt or truncated: reading it as gzip-compressed JSON Lines ")
+    assert f"failed after {len(from_b)} rows (EOFError: " in line and "\n" not in line
+    assert err.exit_code == MalformedData.exit_code
+
+    # Not gzip at all under a .gz name: unreadable from the first byte.
+    (tmp_path / "plain.csv.gz").write_text("text\nhello\n")
+    items, err = _read_until_error(str(tmp_path / "plain.csv.gz"), tmp_path)
+    assert items == []
+    assert err.line().startswith(f"MalformedData: {tmp_path / 'plain.csv.gz'} cannot be read as gzip-compressed CSV (BadGzipFile: ")
+
+
+def test_parquet_corrupt_part_way_is_malformed_data_after_the_good_row_groups(tmp_path):
+    path = tmp_path / "train.parquet"
+    n_groups, group = 4, 1024  # one row group per reader batch
+    texts = [f"row {i} " + "y" * 40 for i in range(n_groups * group)]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=group, compression="snappy")
+    column = pq.ParquetFile(path).metadata.row_group(2).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start + 40 : start + column.total_compressed_size - 40] = bytes((7 * i + 3) % 256 for i in range(column.total_compressed_size - 80))
+    path.write_bytes(bytes(raw))  # footer intact, so the file opens; row group 2's pages are garbage
+
+    items, err = _read_until_error(str(path), tmp_path)
+    assert len(items) == 2 * group and [i.data["text"] for i in items] == texts[: 2 * group]
+    assert items[-1].origin == f"{path}#{2 * group - 1}"
+    line = err.line()
+    assert line.startswith(f"MalformedData: {path} is corrupt or truncated: reading it as Parquet failed after {2 * group} rows (")
+    assert "\n" not in line

@@ -59,7 +59,9 @@ def _torchrun(config, tmp_path) -> str:
 
 def test_two_process_ddp_on_cpu_trains_in_lockstep_and_resumes_on_every_rank(assets, tmp_path):
     out = tmp_path / "out"
-    spec = lm_spec(assets, str(out), hyperparameters={"maxSteps": 6}, checkpoint={"everySteps": 3, "keepLast": 3})
+    # useBestModel off: only the periodic checkpoints (3, 6), so losing step 6 resumes from step 3.
+    spec = lm_spec(assets, str(out), hyperparameters={"maxSteps": 6}, checkpoint={"everySteps": 3, "keepLast": 3},
+                   evaluation={"useBestModel": False})
     config = write_config(tmp_path / "job.yaml", spec)
     log = _torchrun(config, tmp_path)
 

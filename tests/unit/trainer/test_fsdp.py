@@ -108,7 +108,7 @@ def test_resume_on_fewer_processes_continues_at_the_same_row_of_the_epoch(assets
     out = tmp_path / "out"
     # 128 training rows; batch 4 x 2 ranks = 16 micro-batches per epoch, 2 per step: 8 steps per epoch.
     spec = lm_spec(assets, str(out), hyperparameters={"maxSteps": None, "epochs": 1},
-                   checkpoint={"everySteps": 3, "keepLast": 3})
+                   checkpoint={"everySteps": 3, "keepLast": 3}, evaluation={"useBestModel": False})
     config = write_config(tmp_path / "job.yaml", spec)
     _torchrun(config, tmp_path)
     state3 = json.loads((out / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())

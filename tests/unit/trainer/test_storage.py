@@ -192,3 +192,18 @@ def test_missing_credentials_raise_s3_auth_error(monkeypatch, tmp_path):
     storage = Storage(endpoint_url="http://127.0.0.1:1", region="us-east-1")
     with pytest.raises(S3AuthError, match="no S3 credentials"):
         storage.read_bytes("s3://data/x")
+
+
+@pytest.mark.parametrize("code,status", [("InternalError", 500), ("SlowDown", 503), ("ServiceUnavailable", 503)])
+def test_a_failing_store_is_a_retryable_endpoint_error(code, status):
+    from botocore.exceptions import ClientError
+
+    storage = Storage(endpoint_url="http://127.0.0.1:9")
+    response = {"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    with pytest.raises(S3EndpointError, match=f"kept failing to read s3://b/k \\({code}\\)") as info:
+        with storage._s3_errors("read", "s3://b/k"):
+            raise ClientError(response, "GetObject")
+    assert not info.value.permanent  # the operator restarts the group instead of failing the job
+    with pytest.raises(ClientError):  # anything else is not guessed at
+        with storage._s3_errors("read", "s3://b/k"):
+            raise ClientError({"Error": {"Code": "InvalidRange"}, "ResponseMetadata": {"HTTPStatusCode": 416}}, "GetObject")

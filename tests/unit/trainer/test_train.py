@@ -151,6 +151,36 @@ def test_early_stopping_on_a_diverging_run_keeps_and_uses_the_best_checkpoint(as
     assert torch.equal(final[name], best_ckpt[name])
 
 
+def test_best_model_is_used_without_early_stopping_and_bleu_is_scored_at_every_evaluation(assets, tmp_path):
+    """useBestModel (default) keeps and exports the best evaluation's weights; off, the last step's are kept."""
+    results = {}
+    for use_best in (True, False):
+        out = tmp_path / f"best-{use_best}"
+        spec = lm_spec(assets, str(out), method="full", lora=None,
+                       hyperparameters={"maxSteps": 8, "learningRate": 1.0, "lrScheduler": "constant", "maxGradNorm": 100.0},
+                       evaluation={"everySteps": 1, "metrics": ["bleu"], "useBestModel": use_best},
+                       checkpoint={"everySteps": 100, "keepLast": 1})
+        r = run_trainer(write_config(tmp_path / f"job-{use_best}.yaml", spec), tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[use_best] = (out, checkpoint_state(out, 8), _progress(out), r.stderr)
+
+    out, state, progress, log = results[True]
+    assert len(state["evals"]) == 8 and all("bleu" in e for e in state["evals"])  # BLEU at every evaluation
+    assert log.count("generation metrics on") == 9  # 8 evaluations on validation prompts + the test set
+    evals = [e["eval_loss"] for e in state["evals"]]
+    best_step = state["evals"][evals.index(min(evals))]["step"]
+    assert best_step < 8 and state["best_step"] == best_step  # the run diverges after its best step
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{best_step:08d}", "step-00000008"]
+    assert progress["evaluation"]["final"]["eval_loss"] == pytest.approx(min(evals), rel=1e-5)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(load_file(str(out / "model" / "model.safetensors"))[name],
+                       load_file(str(out / "checkpoints" / f"step-{best_step:08d}" / "model.safetensors"))[name])
+
+    out, state, progress, _ = results[False]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000008"]  # no best kept
+    assert progress["evaluation"]["final"]["eval_loss"] == pytest.approx(state["evals"][-1]["eval_loss"], rel=1e-5)
+
+
 def test_accumulation_and_packing_do_not_change_the_optimisation(assets, tmp_path):
     """One packed batch of 8 rows == two padded micro-batches of 4 accumulated: every loss token weighs the same."""
     histories = []

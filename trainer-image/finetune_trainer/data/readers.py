@@ -4,7 +4,9 @@ A dataset URI is one file or a prefix; a prefix means every data file under it, 
 the row order, and everything downstream, is deterministic). Files on S3 are downloaded one at a
 time into a scratch folder and deleted after reading, so neither RAM nor disk has to hold the whole
 dataset. Rows that cannot be parsed are yielded as :class:`Malformed` so the caller counts them in
-order with the good rows; the caller decides when there are too many.
+order with the good rows; the caller decides when there are too many. A file that cannot be decoded
+at all, or stops decoding part-way (a truncated ``.gz``, a damaged Parquet page), raises MalformedData
+naming the file, the cause and how many of its rows were read (and yielded) before the damage.
 
 Supported files: ``.jsonl``/``.ndjson``/``.json`` (JSON Lines; a ``.json`` file that starts with ``[``
 is read as one JSON array, which must fit in memory), ``.csv``/``.tsv`` (header row required), and
@@ -20,6 +22,7 @@ import json
 import shutil
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -104,16 +107,50 @@ def read_rows(storage: Storage, uri: str, scratch_dir: Path, files: list[str] | 
 
 
 def read_file(path: Path, display: str | None = None) -> Iterator[Row | Malformed]:
+    """Every row of one file. A file that cannot be decoded (a truncated or corrupt ``.gz``, a damaged
+    Parquet page, bytes that are not the format at all) raises MalformedData naming the file, the cause
+    and how many rows of it were read before the damage (those were already yielded and counted)."""
     display = display or str(path)
     kind = file_kind(display)
     if kind == "jsonl":
-        yield from _read_jsonl(path, display)
+        reader = _read_jsonl
     elif kind == "csv":
-        yield from _read_csv(path, display)
+        reader = _read_csv
     elif kind == "parquet":
-        yield from _read_parquet(path, display)
+        reader = _read_parquet
     else:  # pragma: no cover - data_files() filters these out
         raise ValueError(f"not a data file: {display}")
+    count = 0
+    try:
+        for item in reader(path, display):
+            count += 1
+            yield item
+    except FileNotFoundError:
+        raise DatasetNotFound(f"dataset file {display} disappeared while reading.") from None
+    except _decode_errors() as exc:
+        raise MalformedData(_unreadable(display, kind, count, exc)) from None
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged file raises while it is read: gzip/zlib (OSError incl. BadGzipFile, EOFError,
+    zlib.error), pyarrow (ArrowException: ArrowInvalid, ...; its IO errors are OSError), text decoding."""
+    import pyarrow as pa
+
+    return (OSError, EOFError, zlib.error, UnicodeDecodeError, pa.ArrowException)
+
+
+def _unreadable(display: str, kind: str, count: int, exc: BaseException) -> str:
+    cause = " ".join(str(exc).split())[:300] or "no details"
+    cause = f"{type(exc).__name__}: {cause}"
+    what = {"jsonl": "JSON Lines", "csv": "CSV", "parquet": "Parquet"}[kind]
+    if display.lower().endswith(".gz"):
+        what = f"gzip-compressed {what}"
+    if count == 0:
+        return f"{display} cannot be read as {what} ({cause}). Check that the file is complete and in the format its name says."
+    return (
+        f"{display} is corrupt or truncated: reading it as {what} failed after {count} rows ({cause}). "
+        "Re-upload or regenerate the file, or remove it from the dataset."
+    )
 
 
 def _open_text(path: Path) -> io.TextIOBase:
