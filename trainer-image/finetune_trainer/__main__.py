@@ -21,8 +21,22 @@ DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
 
 def write_termination_message(line: str) -> None:
+    """Write ``line`` as the pod's termination message, unless it would hide the real cause.
+
+    All local ranks of a pod share the file. When one rank fails, torchrun SIGTERMs the others, which
+    then exit with ``Preempted: ...``: that line must not replace the failing rank's reason, which is
+    what the operator reads to decide between a retry and a permanent failure.
+    """
     path = os.environ.get("FINETUNE_TERMINATION_LOG", DEFAULT_TERMINATION_LOG)
     try:
+        if line.startswith("Preempted:"):
+            try:
+                with open(path) as f:
+                    current = f.read().strip()
+            except OSError:
+                current = ""
+            if current and not current.startswith("Preempted:"):
+                return
         with open(path, "w") as f:
             f.write(line + "\n")
     except OSError:

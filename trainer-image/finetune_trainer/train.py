@@ -141,10 +141,10 @@ def _storage_for(spec: Any) -> tuple[Any, Any]:
     return Storage.from_spec(spec.storage), join
 
 
-def _prepare_data(spec: Any, storage: Any, tokenizer: Any, cache_dir: Path) -> Any:
-    from .data import prepare_data
+def _prepare_data(spec: Any, storage: Any, tokenizer: Any, work_dir: Path, dist: DistInfo) -> Any:
+    from .data.shared import prepare_data_per_node
 
-    return prepare_data(spec, storage, tokenizer, cache_dir=cache_dir)
+    return prepare_data_per_node(spec, storage, tokenizer, root=work_dir, local_rank=dist.local_rank, local_world_size=dist.local_world_size)
 
 
 def _rows(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
@@ -254,8 +254,8 @@ class Trainer:
         self._stage("preparing-data")
         model_dir = self.model_dir = resolve_model_dir(self.spec.model.uri, self.storage, self.dist, cache_dir=os.environ.get("FINETUNE_CACHE_DIR"))
         self.tokenizer = load_tokenizer(model_dir, self.spec)
-        # Every rank prepares the same (deterministic) data; separate folders so local ranks never write the same file.
-        self.data = _prepare_data(self.spec, self.storage, self.tokenizer, self.work_dir / f"data-rank{self.dist.rank}")
+        # Local rank 0 prepares the (deterministic) data for its node; the other local ranks map the same files.
+        self.data = _prepare_data(self.spec, self.storage, self.tokenizer, self.work_dir, self.dist)
         self._publish_data_report()
 
         self._stage("loading-model")

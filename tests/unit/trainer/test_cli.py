@@ -244,3 +244,17 @@ def test_reads_the_config_the_operator_renders(tmp_path):
     config = load_config(path)
     assert config.name == "llama-support"
     assert config.spec == spec and config.output_uri == "s3://bucket-a/out"
+
+
+def test_a_preempted_rank_does_not_hide_the_failing_ranks_reason(termination_log):
+    """torchrun SIGTERMs the other local ranks when one fails; their Preempted line must not replace its reason."""
+    from finetune_trainer.__main__ import write_termination_message
+
+    write_termination_message("LeakageDetected: 3 validation/test examples also appear in train")
+    write_termination_message("Preempted: SIGTERM before training started")
+    assert termination_log.read_text() == "LeakageDetected: 3 validation/test examples also appear in train\n"
+    termination_log.write_text("Preempted: SIGTERM: checkpointed at step 4\n")
+    write_termination_message("Preempted: SIGTERM: checkpointed at step 5")  # a preemption replaces a preemption
+    assert termination_log.read_text() == "Preempted: SIGTERM: checkpointed at step 5\n"
+    write_termination_message("OutOfMemory: CUDA out of memory")  # and a real reason replaces anything
+    assert termination_log.read_text() == "OutOfMemory: CUDA out of memory\n"

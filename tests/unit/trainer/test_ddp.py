@@ -65,6 +65,8 @@ def test_two_process_ddp_on_cpu_trains_in_lockstep_and_resumes_on_every_rank(ass
     config = write_config(tmp_path / "job.yaml", spec)
     log = _torchrun(config, tmp_path)
 
+    # The data is prepared once per node: local rank 0 does it, rank 1 maps the same Arrow files.
+    assert re.findall(r"\[rank (\d)\] INFO finetune_trainer\.data\.shared: using the data local rank 0 prepared", log) == ["1"]
     losses = _per_rank(r"step \d+/6 epoch [\d.]+ loss ([\d.]+)", log)
     assert set(losses) == {"0", "1"} and len(losses["0"]) == 6
     assert losses["0"] == losses["1"]  # the logged loss is the all-reduced mean
@@ -98,3 +100,19 @@ def test_two_process_ddp_on_cpu_trains_in_lockstep_and_resumes_on_every_rank(ass
     again = _per_rank(r"step \d+/6 epoch [\d.]+ loss ([\d.]+)", resumed)
     assert again["0"] == again["1"] == losses["0"][3:]
     assert _per_rank(r"final trainable parameter checksum (\S+)", resumed) == checksums
+
+
+def test_a_data_failure_on_local_rank_0_is_every_ranks_reason(assets, tmp_path):
+    """Local rank 0 prepares the data; its user-caused error reaches the other local ranks as the same error."""
+    from finetune_trainer.errors import EmptyDataset
+
+    spec = lm_spec(assets, str(tmp_path / "out"), dataset={"preprocessing": {"minTokens": 10_000}})  # every row is too short
+    config = write_config(tmp_path / "job.yaml", spec)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(RUNNER), "--config", str(config)]
+    r = subprocess.run(cmd, env=trainer_env(tmp_path), capture_output=True, text=True, timeout=300)
+    log = r.stdout + r.stderr
+    assert r.returncode != 0
+    codes = re.findall(r"exitcode\s*:\s*(\d+)", log)
+    assert codes and set(codes) == {str(EmptyDataset.exit_code)}, log[-3000:]  # both ranks, same code
+    assert (tmp_path / "termination-log").read_text().startswith("EmptyDataset: ")
