@@ -174,3 +174,16 @@ def test_parquet_corrupt_part_way_is_malformed_data_after_the_good_row_groups(tm
     line = err.line()
     assert line.startswith(f"MalformedData: {path} is corrupt or truncated: reading it as Parquet failed after {2 * group} rows (")
     assert "\n" not in line
+
+
+def test_invalid_utf8_lines_are_malformed_rows_not_silently_mangled(tmp_path):
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_bytes(b'{"text": "caf\xc3\xa9 ok"}\n{"text": "bad \xff\xfe byte"}\n{"text": "three"}\n')
+    rows, bad = _read(str(jsonl), tmp_path)
+    assert [r.data["text"] for r in rows] == ["café ok", "three"]
+    assert [(m.origin, m.reason) for m in bad] == [(f"{jsonl}:2", "invalid UTF-8")]
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_bytes(b'text,label\n"multi\nline \xe9",neg\nfine,pos\n')
+    rows, bad = _read(str(csv_path), tmp_path)
+    assert [r.data for r in rows] == [{"text": "fine", "label": "pos"}]
+    assert [(m.origin, m.reason) for m in bad] == [(f"{csv_path}:3", "invalid UTF-8")]  # a quoted record over lines 2-3

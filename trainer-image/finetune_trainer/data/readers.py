@@ -159,6 +159,31 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", errors="replace", newline="")
 
 
+class _Lines:
+    """The text lines of a file, each decoded on its own, remembering which held invalid UTF-8.
+
+    Such a line is decoded with U+FFFD replacement (so the reader never stops) and reported as a malformed
+    row by its reader rather than passed on with silently mangled text.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.bad: set[int] = set()  # 1-based line numbers
+
+    def __iter__(self) -> Iterator[str]:
+        opener = gzip.open if self.path.name.lower().endswith(".gz") else open
+        with opener(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    self.bad.add(lineno)
+                    yield raw.decode("utf-8", errors="replace")
+
+
+INVALID_UTF8 = "invalid UTF-8"
+
+
 def _first_char(path: Path) -> str:
     with _open_text(path) as f:
         while True:
@@ -174,21 +199,24 @@ def _read_jsonl(path: Path, display: str) -> Iterator[Row | Malformed]:
     if _first_char(path) == "[":
         yield from _read_json_array(path, display)
         return
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.strip().lstrip("\ufeff")
-            if not line:
-                continue  # blank lines are layout, not rows
-            origin = f"{display}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield Malformed(origin, f"invalid JSON ({exc.msg} at column {exc.colno})", line)
-                continue
-            if not isinstance(obj, dict):
-                yield Malformed(origin, f"a JSON {type(obj).__name__}, not an object", line)
-                continue
-            yield Row(obj, origin)
+    lines = _Lines(path)
+    for lineno, line in enumerate(lines, start=1):
+        line = line.strip().lstrip("\ufeff")
+        if not line:
+            continue  # blank lines are layout, not rows
+        origin = f"{display}:{lineno}"
+        if lineno in lines.bad:
+            yield Malformed(origin, INVALID_UTF8, line)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield Malformed(origin, f"invalid JSON ({exc.msg} at column {exc.colno})", line)
+            continue
+        if not isinstance(obj, dict):
+            yield Malformed(origin, f"a JSON {type(obj).__name__}, not an object", line)
+            continue
+        yield Row(obj, origin)
 
 
 def _read_json_array(path: Path, display: str) -> Iterator[Row | Malformed]:
@@ -209,31 +237,38 @@ def _read_json_array(path: Path, display: str) -> Iterator[Row | Malformed]:
 
 def _read_csv(path: Path, display: str) -> Iterator[Row | Malformed]:
     delimiter = "\t" if display.lower().removesuffix(".gz").endswith(".tsv") else ","
-    with _open_text(path) as f:
-        reader = csv.reader(f, delimiter=delimiter)
+    lines = _Lines(path)
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as exc:
+        raise MalformedData(f"{display}: cannot read the CSV header ({exc}).") from None
+    header = [h.lstrip("\ufeff").strip() for h in header]
+    last_line = reader.line_num
+    while True:
+        first_line = last_line + 1
         try:
-            header = next(reader)
+            values = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            raise MalformedData(f"{display}: cannot read the CSV header ({exc}).") from None
-        header = [h.lstrip("\ufeff").strip() for h in header]
-        while True:
-            try:
-                values = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                yield Malformed(f"{display}:{reader.line_num}", f"CSV error: {exc}")
-                continue
-            origin = f"{display}:{reader.line_num}"
-            if not values or values == [""]:
-                continue
-            if len(values) != len(header):
-                raw = delimiter.join(values)
-                yield Malformed(origin, f"{len(values)} fields where the header has {len(header)}", raw)
-                continue
-            yield Row(dict(zip(header, values)), origin)
+            last_line = reader.line_num
+            yield Malformed(f"{display}:{reader.line_num}", f"CSV error: {exc}")
+            continue
+        origin = f"{display}:{reader.line_num}"
+        last_line = reader.line_num
+        if not values or values == [""]:
+            continue
+        if any(n in lines.bad for n in range(first_line, last_line + 1)):
+            yield Malformed(origin, INVALID_UTF8, delimiter.join(values))
+            continue
+        if len(values) != len(header):
+            raw = delimiter.join(values)
+            yield Malformed(origin, f"{len(values)} fields where the header has {len(header)}", raw)
+            continue
+        yield Row(dict(zip(header, values)), origin)
 
 
 def _read_parquet(path: Path, display: str) -> Iterator[Row | Malformed]:
