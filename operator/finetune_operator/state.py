@@ -351,10 +351,15 @@ def decide(obs: Observed) -> Plan:
 
     # ---- still going
     running = sum(1 for p in pods if p.phase == "Running" and not p.deleting)
+    # Pods that already exited 0 count as started: a short run's pods can finish before the Job is marked
+    # complete, and the job has been running, not pending, all along.
+    finished = sum(1 for p in pods if p.phase == "Succeeded" and not p.deleting)
     if job.suspended and queued:
         transition(Phase.pending.value, "Queued", f"waiting for Kueue to admit the job in queue {spec.resources.queue_name}")
-    elif running >= spec.resources.nodes:
+    elif running + finished >= spec.resources.nodes and running:
         transition(Phase.running.value, "PodsRunning", f"{running}/{spec.resources.nodes} training pod(s) running")
+    elif running + finished >= spec.resources.nodes:
+        transition(Phase.running.value, "PodsFinished", f"all {finished} training pod(s) exited successfully; waiting for the Job to complete")
     elif old_phase == Phase.restarting.value:
         transition(Phase.restarting.value, old.get("reason") or "Restarting", old.get("message") or "restarting")
     else:

@@ -42,6 +42,17 @@ def test_all_pods_running_is_running_with_condition():
     assert plan.events[0][1] == "PodsRunning"
 
 
+def test_pods_that_finished_before_the_job_completes_count_as_started():
+    two = {**BASE, "resources": {"nodes": 2}}
+    pending = {"phase": "Pending", "reason": "JobCreated", "attempt": 0, "restarts": 0}
+    one_done = decide(obs(pending, spec=two, jobs=[running_job()], pods=[PodView("ft-0-0", 0, 0, "Succeeded"), PodView("ft-0-1", 0, 1, "Running")]))
+    assert (one_done.status["phase"], one_done.status["reason"]) == ("Running", "PodsRunning")
+    all_done = decide(obs(pending, spec=two, jobs=[running_job()], pods=[PodView("ft-0-0", 0, 0, "Succeeded"), PodView("ft-0-1", 0, 1, "Succeeded")]))
+    assert (all_done.status["phase"], all_done.status["reason"]) == ("Running", "PodsFinished")  # not Pending at 100%
+    waiting = decide(obs(pending, spec=two, jobs=[running_job()], pods=[PodView("ft-0-0", 0, 0, "Succeeded"), PodView("ft-0-1", 0, 1, "Pending")]))
+    assert waiting.status["phase"] == "Pending"
+
+
 def test_condition_time_moves_only_on_flip():
     first = decide(obs({"phase": "Pending", "attempt": 0}, jobs=[running_job()], pods=[PodView("p", 0, 0, "Running")]))
     later = decide(obs(first.status, jobs=[running_job()], pods=[PodView("p", 0, 0, "Running")], now=NOW + timedelta(minutes=5)))
