@@ -7,7 +7,8 @@ act (kill -9, SIGTERM, scrape metrics) while it runs:
 * FT_TEST_PREP_SLEEP=<seconds>: in data preparation, before each batch of rows is tokenised (after the
   staged Arrow file is opened), logging ``test: data preparation paused`` first;
 * FT_TEST_TOKENIZER_SLEEP=<seconds>: inside ``AutoTokenizer.from_pretrained`` (stage preparing-data,
-  before the data is read), logging ``test: tokenizer loading paused`` first.
+  before the data is read), logging ``test: tokenizer loading paused`` first;
+* FT_TEST_UPLOAD_SLEEP=<seconds>: before every checkpoint file upload (the background upload thread).
 """
 
 import logging
@@ -53,6 +54,19 @@ if _tokenizer_sleep > 0:
         return _from_pretrained(cls, *args, **kw)
 
     AutoTokenizer.from_pretrained = classmethod(_slow_from_pretrained)
+
+_upload_sleep = float(os.environ.get("FT_TEST_UPLOAD_SLEEP", "0") or 0)
+if _upload_sleep > 0:
+    from finetune_trainer import checkpoint as _checkpoint
+
+    _upload = _checkpoint.CheckpointManager._upload
+
+    def _slow_upload(self, step, *args, **kw):
+        logging.getLogger("finetune_trainer.test").info("test: upload of step %d paused for %.1fs", step, _upload_sleep)
+        time.sleep(_upload_sleep)
+        return _upload(self, step, *args, **kw)
+
+    _checkpoint.CheckpointManager._upload = _slow_upload
 
 from finetune_trainer.__main__ import main  # noqa: E402
 

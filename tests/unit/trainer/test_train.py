@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -179,6 +180,45 @@ def test_best_model_is_used_without_early_stopping_and_bleu_is_scored_at_every_e
     out, state, progress, _ = results[False]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000008"]  # no best kept
     assert progress["evaluation"]["final"]["eval_loss"] == pytest.approx(state["evals"][-1]["eval_loss"], rel=1e-5)
+
+
+def test_checkpoint_upload_runs_in_the_background_while_training_goes_on(assets, tmp_path):
+    out = tmp_path / "out"
+    spec = lm_spec(assets, str(out), hyperparameters={"maxSteps": 6}, checkpoint={"everySteps": 2, "keepLast": 5},
+                   evaluation={"everySteps": 100, "useBestModel": False})
+    r = run_trainer(write_config(tmp_path / "job.yaml", spec), tmp_path, FT_TEST_UPLOAD_SLEEP="1.5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stderr.splitlines()
+    at = lambda pattern: next(i for i, line in enumerate(lines) if re.search(pattern, line))  # noqa: E731
+    # Step 3 was trained while step 2's upload was still sleeping: the upload did not stall the loop.
+    assert at(r"upload of step 2 paused") < at(r"step 3/6 ") < at(r"checkpoint \S+step-00000002 complete")
+    assert [c.name for c in sorted((out / "checkpoints").iterdir())] == ["step-00000002", "step-00000004", "step-00000006"]
+    assert all((out / "checkpoints" / c / "manifest.json").exists() for c in ("step-00000002", "step-00000004", "step-00000006"))
+
+
+@pytest.mark.parametrize("action", ["warn", "fail"])
+def test_retention_past_its_threshold_warns_or_fails_the_run(assets, tmp_path, action):
+    """A full fine-tune at a high learning rate forgets the retention set; 0.1% is the allowed rise."""
+    from finetune_trainer.errors import RetentionExceeded
+
+    out = tmp_path / "out"
+    spec = lm_spec(assets, str(out), method="full", lora=None,
+                   hyperparameters={"maxSteps": 4, "learningRate": 1.0, "lrScheduler": "constant", "maxGradNorm": 100.0},
+                   evaluation={"everySteps": 100, "useBestModel": False, "baseline": False,
+                               "retention": {"dataset": assets["lm_data"], "maxLossIncrease": 0.001, "action": action}})
+    r = run_trainer(write_config(tmp_path / "job.yaml", spec), tmp_path)
+    if action == "fail":
+        assert r.returncode == RetentionExceeded.exit_code, r.stderr[-3000:]
+        line = (tmp_path / "termination-log").read_text()
+        assert line.startswith("RetentionExceeded: loss on the retention set rose from") and line.count("\n") == 1
+        assert not (out / "model").exists()  # a model that forgot is not published
+    else:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "retention check failed" in r.stderr
+        retention = _progress(out)["evaluation"]["retention"]
+        assert retention["passed"] is False and retention["loss_after"] > retention["loss_before"] * 1.001
+        card = json.loads((out / "model" / "model_card.json").read_text())
+        assert '"passed": false' in json.dumps(card)
 
 
 def test_accumulation_and_packing_do_not_change_the_optimisation(assets, tmp_path):
