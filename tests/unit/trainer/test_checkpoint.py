@@ -190,3 +190,40 @@ def test_optimizer_state_is_stored_by_parameter_name_and_old_index_keyed_files_s
     assert torch.equal(opt2.state_dict()["state"][1]["exp_avg"], opt.state_dict()["state"][1]["exp_avg"])
     with pytest.raises(CheckpointError, match="optimizer state does not match"):
         ms.restore_optimizer({"state": {}, "param_groups": [{**stored["param_groups"][0], "params": ["weight", "other"]}]})
+
+
+def test_s3_model_is_downloaded_once_per_node_while_the_other_local_ranks_wait(tmp_path):
+    """Local rank 0 downloads to the node cache; local ranks 1..n wait for its marker and use the same folder."""
+    import threading
+    import time as _time
+
+    from finetune_trainer import model as model_mod
+    from finetune_trainer.distributed import DistInfo
+
+    class SlowStore:  # lists a model folder and "downloads" it slowly; counts downloads
+        downloads = 0
+
+        def list(self, prefix):
+            return [prefix + "config.json", prefix + "model.safetensors"]
+
+        def download_prefix(self, prefix, local, workers=8):
+            SlowStore.downloads += 1
+            _time.sleep(1.0)
+            (Path(local) / "config.json").write_text("{}")
+
+    from pathlib import Path
+
+    results: dict[int, str] = {}
+
+    def rank(local_rank):
+        dist = DistInfo(rank=local_rank, local_rank=local_rank, world_size=3, local_world_size=3)
+        results[local_rank] = model_mod.resolve_model_dir("s3://models/tiny", SlowStore(), dist, cache_dir=tmp_path / "cache")
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 2, 0)]  # the waiters start first
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert SlowStore.downloads == 1
+    assert len(set(results.values())) == 1 and len(results) == 3
+    assert (Path(results[0]) / "config.json").exists() and (Path(results[0]) / ".complete").exists()
