@@ -17,8 +17,13 @@ each of those is a collective (every rank calls it) built on ``torch.distributed
 full, CPU-offloaded state dicts gathered to rank 0, which alone writes them. Every strategy writes
 the same files (full weights by name; optimizer state keyed by parameter name, the layout of
 ``torch.distributed.checkpoint``), so a checkpoint does not depend on the strategy or the number of
-processes that wrote it, and on load rank 0 reads them
-and broadcasts (``broadcast_from_rank0``), so no other rank downloads or holds a full copy.
+processes that wrote it. On load rank 0 reads them and broadcasts (``broadcast_from_rank0``), so no
+other rank downloads or holds a full copy; the base weights likewise are read by rank 0 only (see
+:func:`shard`).
+
+Known limit: rank 0 holds the whole model in CPU memory while it loads, shards and broadcasts it, and
+while it gathers a checkpoint; a model whose fp32 weights and optimizer state do not fit in one node's
+RAM needs sharded (per-rank) checkpoint files, which this trainer does not write yet.
 """
 
 from __future__ import annotations
