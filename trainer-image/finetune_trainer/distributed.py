@@ -80,6 +80,14 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def _collective_device() -> Any:
+    """Where a tensor for a collective must live: the current GPU under NCCL, else the CPU (gloo)."""
+    import torch
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (e.g. one rank got SIGTERM)."""
     if not _initialized():
@@ -87,9 +95,7 @@ def any_rank(flag: bool) -> bool:
     import torch
     import torch.distributed as dist
 
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([1 if flag else 0], device=device)
+    t = torch.tensor([1 if flag else 0], device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -101,8 +107,6 @@ def all_reduce_sum(value: float) -> float:
     import torch
     import torch.distributed as dist
 
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,19 @@ def trainer_env(tmp: Path, **extra: str) -> dict[str, str]:
 def run_trainer(config: Path, tmp: Path, *, timeout: float = 300, extra_args: list[str] | None = None, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(RUNNER), "--config", str(config), *(extra_args or [])],
                           env=trainer_env(tmp, **env), capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(config: Path, tmp: Path, *, nproc: int = 2, timeout: float = 420) -> subprocess.CompletedProcess:
+    """The trainer under ``torchrun`` on this machine (gloo on CPU), one node of ``nproc`` processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(RUNNER), "--config", str(config)]
+    return subprocess.run(cmd, env=trainer_env(tmp), capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
 
 
 def checkpoint_state(output: Path, step: int) -> dict[str, Any]:

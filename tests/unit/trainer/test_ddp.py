@@ -6,21 +6,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 
-from helpers_assets import RUNNER, assets, lm_spec, trainer_env, write_config  # noqa: F401
+from helpers_assets import assets, lm_spec, torchrun, write_config  # noqa: F401
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _per_rank(pattern: str, log: str) -> dict[str, list[str]]:
@@ -49,9 +40,7 @@ def _single_process_baseline(spec, assets) -> float:
 
 
 def _torchrun(config, tmp_path) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(RUNNER), "--config", str(config)]
-    r = subprocess.run(cmd, env=trainer_env(tmp_path), capture_output=True, text=True, timeout=300)
+    r = torchrun(config, tmp_path, timeout=300)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     return log
@@ -108,9 +97,7 @@ def test_a_data_failure_on_local_rank_0_is_every_ranks_reason(assets, tmp_path):
 
     spec = lm_spec(assets, str(tmp_path / "out"), dataset={"preprocessing": {"minTokens": 10_000}})  # every row is too short
     config = write_config(tmp_path / "job.yaml", spec)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(RUNNER), "--config", str(config)]
-    r = subprocess.run(cmd, env=trainer_env(tmp_path), capture_output=True, text=True, timeout=300)
+    r = torchrun(config, tmp_path, timeout=300)
     log = r.stdout + r.stderr
     assert r.returncode != 0
     codes = re.findall(r"exitcode\s*:\s*(\d+)", log)

@@ -12,27 +12,16 @@ import ast
 import json
 import re
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 
-from helpers_assets import RUNNER, assets, lm_spec, run_trainer, trainer_env, write_config  # noqa: F401
+from helpers_assets import assets, lm_spec, run_trainer, torchrun, write_config  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(config, tmp_path, nproc: int = 2) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(RUNNER), "--config", str(config)]
-    r = subprocess.run(cmd, env=trainer_env(tmp_path), capture_output=True, text=True, timeout=420)
+def _torchrun(config, tmp_path) -> str:
+    r = torchrun(config, tmp_path)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     return log

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_trainer.metrics import TrainerMetrics
-from helpers_assets import RUNNER, assets, lm_spec, trainer_env, write_config  # noqa: F401
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers_assets import RUNNER, assets, free_port, lm_spec, trainer_env, write_config  # noqa: F401
 
 
 def _scrape(port: int) -> dict[tuple[str, frozenset], float]:
@@ -47,7 +40,7 @@ def _progress(out) -> dict:
 @pytest.mark.slow
 def test_running_trainer_serves_real_values(assets, tmp_path):
     """Scraped while it trains, then the same run left to finish for its final progress document."""
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "out"
     spec = lm_spec(assets, str(out), hyperparameters={"maxSteps": 12})
     config = write_config(tmp_path / "job.yaml", spec, name="metrics-job")
