@@ -87,9 +87,9 @@ def cluster() -> Iterator["LocalCluster"]:  # noqa: F821
     from finetune_devcluster.cluster import LocalCluster
 
     if os.environ.get("FINETUNE_TEST_CLUSTER") == "running":
-        from finetune_devcluster.__main__ import _cluster_dir
+        from finetune_devcluster.__main__ import cluster_dir
 
-        c = LocalCluster.attach(_cluster_dir())
+        c = LocalCluster.attach(cluster_dir())
         down = [n for n, up in c.running().items() if not up]
         if down:
             raise RuntimeError(f"FINETUNE_TEST_CLUSTER=running but {down} are not running in {c.workdir}")

@@ -38,7 +38,7 @@ def fake_go(tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("FINETUNE_BIN_DIR", raising=False)
     monkeypatch.delenv("KUBEBUILDER_ASSETS", raising=False)
-    bundle = tools.Bundle("fake", "v1.0.0", ("faketool",), tools._install(["example.com/x/cmd/faketool"], "v1.0.0"))
+    bundle = tools.Bundle("fake", "v1.0.0", ("faketool",), tools.go_install(["example.com/x/cmd/faketool"], "v1.0.0"))
     monkeypatch.setitem(tools.BUNDLES, "fake", bundle)
     monkeypatch.setitem(tools.TOOLS, "faketool", bundle)
     return counter

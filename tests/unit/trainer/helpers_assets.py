@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from finetune_devcluster.procutil import free_port  # also imported from here by the trainer tests
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -157,12 +157,6 @@ def trainer_env(tmp: Path, **extra: str) -> dict[str, str]:
 def run_trainer(config: Path, tmp: Path, *, timeout: float = 300, extra_args: list[str] | None = None, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(RUNNER), "--config", str(config), *(extra_args or [])],
                           env=trainer_env(tmp, **env), capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(config: Path, tmp: Path, *, nproc: int = 2, timeout: float = 420) -> subprocess.CompletedProcess:

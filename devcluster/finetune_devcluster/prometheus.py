@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .cluster import free_port, tail
+from .procutil import free_port, tail
 
 
 class PrometheusError(RuntimeError):

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from . import tools
-from .cluster import LocalCluster, _alive
+from .cluster import LocalCluster
+from .procutil import free_port, pid_alive, port_free
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "finetune-operator"
@@ -45,7 +46,7 @@ def running(state: Path, name: str) -> int | None:
         pid = int(_pidfile(state, name).read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return pid if _alive(pid, _marker(name)) else None
+    return pid if pid_alive(pid, _marker(name)) else None
 
 
 def spawn(state: Path, name: str, argv: list[str], env: dict[str, str]) -> int:
@@ -66,9 +67,9 @@ def stop(state: Path, name: str, timeout: float = 30) -> bool:
     try:
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _alive(pid, _marker(name)):
+        while time.monotonic() < deadline and pid_alive(pid, _marker(name)):
             time.sleep(0.2)
-        if _alive(pid, _marker(name)):
+        if pid_alive(pid, _marker(name)):
             os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
@@ -117,10 +118,7 @@ def start_operator(cluster: LocalCluster, state: Path, *, metrics_port: int = 80
         return pid
     install_chart(cluster)
     kubeconfig = service_account_kubeconfig(cluster, state / "operator.kubeconfig")
-    from .s3 import _port_free
-    from .cluster import free_port
-
-    port = metrics_port if _port_free(metrics_port) else free_port()
+    port = metrics_port if port_free(metrics_port) else free_port()
     (state / "operator.port").write_text(f"{port}\n")
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FINETUNE_METRICS_PORT": str(port),
            "FINETUNE_RESYNC_SECONDS": "5", "FINETUNE_PROGRESS_INTERVAL": "5", "MALLOC_ARENA_MAX": "2"}
@@ -143,9 +141,7 @@ def start_prometheus(state: Path) -> tuple[int, int] | None:
 
     import yaml
 
-    from .cluster import free_port
     from .prometheus import config
-    from .s3 import _port_free
 
     if not shutil.which("prometheus"):
         return None
@@ -156,7 +152,7 @@ def start_prometheus(state: Path) -> tuple[int, int] | None:
     operator_port = (state / "operator.port").read_text().strip() if (state / "operator.port").exists() else "8080"
     cfg = state / "prometheus.yml"
     cfg.write_text(yaml.safe_dump(config(str(state / "targets.json"), [f"127.0.0.1:{operator_port}"], interval="5s")))
-    port = 9090 if _port_free(9090) else free_port()
+    port = 9090 if port_free(9090) else free_port()
     port_file.write_text(f"{port}\n")
     pid = spawn(state, "prometheus", [shutil.which("prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={state / 'prometheus-data'}",
                                       f"--web.listen-address=127.0.0.1:{port}"], dict(os.environ))

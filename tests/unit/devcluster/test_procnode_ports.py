@@ -8,7 +8,6 @@ here: the node's API client is a stub, the pod is a small script that listens li
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import textwrap
 import time
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from finetune_devcluster import procnode as P
+from finetune_devcluster import procnode
 
 
 @pytest.mark.parametrize(
@@ -35,22 +34,7 @@ from finetune_devcluster import procnode as P
     ],
 )
 def test_local_processes_reads_torchruns_nproc_per_node(argv: list[str], expected: int) -> None:
-    assert P.local_processes(argv) == expected
-
-
-def test_free_port_block_is_consecutive_and_free() -> None:
-    base = P.free_port_block(4)
-    socks = []
-    try:
-        for i in range(4):  # every port of the block can be listened on
-            s = socket.socket()
-            s.bind(("127.0.0.1", base + i))
-            socks.append(s)
-        # with the first port taken, a new block starts elsewhere
-        assert P.free_port_block(1) != base
-    finally:
-        for s in socks:
-            s.close()
+    assert procnode.local_processes(argv) == expected
 
 
 class _StubCore:
@@ -118,13 +102,13 @@ def test_every_local_rank_is_a_prometheus_target(tmp_path: Path, nproc: int) -> 
     from kubernetes import client
 
     targets_file = tmp_path / "targets.json"
-    node = P.ProcessNode(client.ApiClient(), name="unit-proc", workdir=tmp_path / "work", targets_file=targets_file)
+    node = procnode.ProcessNode(client.ApiClient(), name="unit-proc", workdir=tmp_path / "work", targets_file=targets_file)
     node.core = _StubCore()
     node._launch(_pod("ft-0-abc", nproc))
     uid = "uid-ft-0-abc-0000"
     run = node._running[uid]
     try:
-        base = int(node.core.annotations[P.METRICS_PORT_ANNOTATION])
+        base = int(node.core.annotations[procnode.METRICS_PORT_ANNOTATION])
         (group,) = json.loads(targets_file.read_text())
         assert group == {"targets": [f"127.0.0.1:{base + i}" for i in range(nproc)], "labels": {"namespace": "team-a", "pod": "ft-0-abc"}}
         _until(lambda: "listening" in run.log_file.read_text(), "the pod's ranks to listen")
@@ -143,7 +127,7 @@ def test_a_pod_without_trainer_metrics_is_no_target(tmp_path: Path) -> None:
     from kubernetes import client
 
     targets_file = tmp_path / "targets.json"
-    node = P.ProcessNode(client.ApiClient(), name="unit-proc", workdir=tmp_path / "work", targets_file=targets_file)
+    node = procnode.ProcessNode(client.ApiClient(), name="unit-proc", workdir=tmp_path / "work", targets_file=targets_file)
     node.core = _StubCore()
     pod = _pod("plain-0", 2)
     pod["spec"]["containers"][0]["command"] = [sys.executable, "-c", "pass", "--nproc-per-node=2"]

@@ -39,11 +39,13 @@ def state_dir() -> Path:
     return Path(os.environ.get("FINETUNE_STATE") or Path.home() / ".local" / "state" / "finetune-devcluster").expanduser()
 
 
-def _cluster_dir() -> Path:
+def cluster_dir() -> Path:
+    """The cluster ``up`` keeps running (``LocalCluster.attach`` finds it here)."""
     return state_dir() / "cluster"
 
 
-def _s3_dir() -> Path:
+def s3_dir() -> Path:
+    """The S3 server ``up`` keeps running (``LocalS3.attach`` finds it here)."""
     return state_dir() / "s3"
 
 
@@ -57,14 +59,14 @@ def _locked() -> Iterator[None]:
 
 def _attach_cluster() -> LocalCluster | None:
     try:
-        return LocalCluster.attach(_cluster_dir())
+        return LocalCluster.attach(cluster_dir())
     except (OSError, ValueError, KeyError):
         return None
 
 
 def _attach_s3() -> LocalS3 | None:
     try:
-        return LocalS3.attach(_s3_dir())
+        return LocalS3.attach(s3_dir())
     except (OSError, ValueError, KeyError):
         return None
 
@@ -99,10 +101,10 @@ def up_cluster(args: argparse.Namespace, ctx: dict) -> None:
             return
         print(f"stale cluster state in {existing.workdir} (running: {alive}); cleaning it up", file=sys.stderr)
         existing.stop()
-    shutil.rmtree(_cluster_dir(), ignore_errors=True)
+    shutil.rmtree(cluster_dir(), ignore_errors=True)
     t0 = time.monotonic()
     c = LocalCluster(
-        nodes=args.nodes, workdir=_cluster_dir(), gpus_per_node=args.gpus_per_node, detach=True, keep_workdir=True
+        nodes=args.nodes, workdir=cluster_dir(), gpus_per_node=args.gpus_per_node, detach=True, keep_workdir=True
     )
     c.start()
     print(f"cluster up in {time.monotonic() - t0:.1f}s: {c.server}, nodes {', '.join(c.node_names)}", file=sys.stderr)
@@ -119,8 +121,8 @@ def up_s3(args: argparse.Namespace, ctx: dict) -> None:
             ctx["s3"] = existing
             return
         existing.stop()
-    shutil.rmtree(_s3_dir(), ignore_errors=True)
-    s3 = LocalS3(_s3_dir(), backend=args.s3_backend, detach=True, keep_workdir=True, port=args.s3_port)
+    shutil.rmtree(s3_dir(), ignore_errors=True)
+    s3 = LocalS3(s3_dir(), backend=args.s3_backend, detach=True, keep_workdir=True, port=args.s3_port)
     s3.start()
     for b in args.bucket or []:
         s3.create_bucket(b)
@@ -196,8 +198,8 @@ def cmd_down(args: argparse.Namespace) -> int:
             print("cluster stopped")
         if s3 is None and c is None:
             print("nothing running")
-        shutil.rmtree(_s3_dir(), ignore_errors=True)
-        shutil.rmtree(_cluster_dir(), ignore_errors=True)
+        shutil.rmtree(s3_dir(), ignore_errors=True)
+        shutil.rmtree(cluster_dir(), ignore_errors=True)
     return 0
 
 

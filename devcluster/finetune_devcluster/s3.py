@@ -24,26 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from . import tools
-from .cluster import _alive, _pdeathsig, free_port, tail
+from .procutil import die_with_parent, free_port, pid_alive, port_free, tail
 
 BACKENDS = ("minio", "moto")
 
 
 class S3Error(RuntimeError):
     pass
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        # servers bind with SO_REUSEADDR: sockets of a just-stopped server in TIME_WAIT don't block them
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 class LocalS3:
@@ -122,7 +109,7 @@ class LocalS3:
         argv0 = [str(tools.ensure("minio"))] if self.backend == "minio" else [sys.executable, "-m", "moto.server"]
         err: Exception | None = None
         for attempt in range(attempts):
-            self.port = self.preferred_port if attempt == 0 and self.preferred_port and _port_free(self.preferred_port) else free_port()
+            self.port = self.preferred_port if attempt == 0 and self.preferred_port and port_free(self.preferred_port) else free_port()
             if self.backend == "minio":
                 data = self.workdir / "data"
                 data.mkdir(exist_ok=True)
@@ -149,7 +136,7 @@ class LocalS3:
             with open(self.log, "ab") as log:
                 self.proc = subprocess.Popen(
                     argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir, env=env,
-                    start_new_session=True, preexec_fn=None if self.detach else _pdeathsig,
+                    start_new_session=True, preexec_fn=None if self.detach else die_with_parent,
                 )
             self.pid = self.proc.pid
             try:
@@ -197,7 +184,7 @@ class LocalS3:
     def running(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        return bool(self.pid) and _alive(self.pid, str(self.workdir) if self.backend == "minio" else str(self.port))
+        return bool(self.pid) and pid_alive(self.pid, str(self.workdir) if self.backend == "minio" else str(self.port))
 
     def _kill(self) -> None:
         for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):

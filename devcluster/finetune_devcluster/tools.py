@@ -104,7 +104,9 @@ def _k8s_cmds(out: Path) -> list[tuple[list[str], Path | None]]:
     ]
 
 
-def _install(pkgs: Iterable[str], version: str, ldflags: str = "-s -w") -> Callable[[Path], list]:
+def go_install(pkgs: Iterable[str], version: str, ldflags: str = "-s -w") -> Callable[[Path], list]:
+    """A bundle's commands for tools that build with ``go install <pkg>@<version>`` (no go.mod of ours)."""
+
     def cmds(out: Path) -> list[tuple[list[str], Path | None]]:
         # GOBIN is set by _build; go install with @version runs outside any module.
         return [(["go", "install", *_COMMON, f"-ldflags={ldflags}", *[f"{p}@{version}" for p in pkgs]], None)]
@@ -127,13 +129,13 @@ BUNDLES: dict[str, Bundle] = {
             "kwok",
             KWOK_VERSION,
             ("kwok",),
-            _install(["sigs.k8s.io/kwok/cmd/kwok"], KWOK_VERSION, f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={KWOK_VERSION}"),
+            go_install(["sigs.k8s.io/kwok/cmd/kwok"], KWOK_VERSION, f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={KWOK_VERSION}"),
         ),
         Bundle(
             "helm",
             HELM_VERSION,
             ("helm",),
-            _install(
+            go_install(
                 ["helm.sh/helm/v3/cmd/helm"],
                 HELM_VERSION,
                 f"-s -w -X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"
@@ -145,7 +147,7 @@ BUNDLES: dict[str, Bundle] = {
                 f" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor={K8S_VERSION.split('.')[1]}",
             ),
         ),
-        Bundle("minio", MINIO_VERSION, ("minio",), _install(["github.com/minio/minio"], MINIO_VERSION)),
+        Bundle("minio", MINIO_VERSION, ("minio",), go_install(["github.com/minio/minio"], MINIO_VERSION)),
     )
 }
 TOOLS: dict[str, Bundle] = {t: b for b in BUNDLES.values() for t in b.tools}

@@ -9,7 +9,7 @@ stay Running until a test ends them:
 * ``cluster.pod_succeed(ns, name)`` -> phase Succeeded, every container terminated with exit code 0;
 * ``cluster.pod_fail(ns, name, exit_code=1, message="boom")`` -> phase Failed, exit code/message set.
 
-Both set annotations (``EXIT_ANNOTATION`` and friends below) that a custom kwok Stage reacts to, so a pod
+Both set annotations (``EXIT_ANNOTATION`` and friends, see kwok.py) that a custom kwok Stage reacts to, so a pod
 template can also carry them from the start (the pod then ends as soon as it is Running, or after
 ``finetune.io/kwok-exit-delay``, e.g. ``"3s"``). Pods being deleted are removed immediately.
 
@@ -24,12 +24,10 @@ Python process and are found again with ``LocalCluster.attach(workdir)``).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -41,220 +39,30 @@ from pathlib import Path
 from typing import Any
 
 from . import tools
+from . import kwok
+from .components import (
+    COMPONENTS,
+    ETCD_DATA,
+    KWOK_CONFIG,
+    SCHEDULER_CONFIG,
+    SERVICE_IP,
+    client_kubeconfigs,
+    control_plane_argv,
+    kube_scheduler_config,
+    kubeconfig_yaml,
+)
+from .kwok import DELAY_ANNOTATION, EXIT_ANNOTATION, FAKE_NODE_ANNOTATION, MESSAGE_ANNOTATION, REASON_ANNOTATION
 from .pki import PKI
+from .procutil import die_with_parent, free_port, pid_alive, tail
 
-SERVICE_CIDR = "10.96.0.0/12"
-SERVICE_IP = "10.96.0.1"
-POD_CIDR = "10.244.0.1/16"
-
-FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"  # value "fake": kwok manages the node and its pods
-EXIT_ANNOTATION = "finetune.io/kwok-exit"  # "0" -> Succeeded, other integer -> Failed with that exit code
-MESSAGE_ANNOTATION = "finetune.io/kwok-message"  # containerStatuses[].state.terminated.message
-REASON_ANNOTATION = "finetune.io/kwok-reason"  # terminated.reason (default Completed / Error)
-DELAY_ANNOTATION = "finetune.io/kwok-exit-delay"  # Go duration before the exit is applied, e.g. "2s"
-
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
-
-# Pod stages: the fast Pending->Running and delete stages of kwok's kustomize/stage/pod/fast, without its
-# pod-complete stage (which would end every Job pod at once), plus our annotation-driven exit stage.
-KWOK_POD_STAGES = r"""
-apiVersion: kwok.x-k8s.io/v1alpha1
-kind: Stage
-metadata:
-  name: pod-ready
-spec:
-  resourceRef:
-    apiGroup: v1
-    kind: Pod
-  selector:
-    matchExpressions:
-    - key: '.metadata.deletionTimestamp'
-      operator: 'DoesNotExist'
-    - key: '.status.podIP'
-      operator: 'DoesNotExist'
-  next:
-    statusTemplate: |
-      {{ $now := Now }}
-      conditions:
-      - lastTransitionTime: {{ $now | Quote }}
-        status: "True"
-        type: Initialized
-      - lastTransitionTime: {{ $now | Quote }}
-        status: "True"
-        type: Ready
-      - lastTransitionTime: {{ $now | Quote }}
-        status: "True"
-        type: ContainersReady
-      {{ range .spec.readinessGates }}
-      - lastTransitionTime: {{ $now | Quote }}
-        status: "True"
-        type: {{ .conditionType | Quote }}
-      {{ end }}
-      containerStatuses:
-      {{ range .spec.containers }}
-      - image: {{ .image | Quote }}
-        name: {{ .name | Quote }}
-        ready: true
-        restartCount: 0
-        started: true
-        state:
-          running:
-            startedAt: {{ $now | Quote }}
-      {{ end }}
-      initContainerStatuses:
-      {{ range .spec.initContainers }}
-      - image: {{ .image | Quote }}
-        name: {{ .name | Quote }}
-        ready: true
-        restartCount: 0
-        {{ if eq .restartPolicy "Always" }}
-        started: true
-        state:
-          running:
-            startedAt: {{ $now | Quote }}
-        {{ else }}
-        state:
-          terminated:
-            exitCode: 0
-            finishedAt: {{ $now | Quote }}
-            reason: Completed
-            startedAt: {{ $now | Quote }}
-        {{ end }}
-      {{ end }}
-      hostIP: {{ NodeIPWith .spec.nodeName | Quote }}
-      podIP: {{ PodIPWith .spec.nodeName ( or .spec.hostNetwork false ) ( or .metadata.uid "" ) ( or .metadata.name "" ) ( or .metadata.namespace "" ) | Quote }}
-      phase: Running
-      startTime: {{ $now | Quote }}
----
-apiVersion: kwok.x-k8s.io/v1alpha1
-kind: Stage
-metadata:
-  name: finetune-pod-exit
-spec:
-  resourceRef:
-    apiGroup: v1
-    kind: Pod
-  selector:
-    matchExpressions:
-    - key: '.metadata.deletionTimestamp'
-      operator: 'DoesNotExist'
-    - key: '.status.phase'
-      operator: 'In'
-      values:
-      - 'Running'
-    - key: '.metadata.annotations["finetune.io/kwok-exit"]'
-      operator: 'Exists'
-  delay:
-    durationMilliseconds: 0
-    durationFrom:
-      expressionFrom: '.metadata.annotations["finetune.io/kwok-exit-delay"]'
-  next:
-    statusTemplate: |
-      {{ $now := Now }}
-      {{ $annotations := or .metadata.annotations dict }}
-      {{ $code := index $annotations "finetune.io/kwok-exit" | atoi }}
-      {{ $ok := eq $code 0 }}
-      {{ $reason := or ( index $annotations "finetune.io/kwok-reason" ) ( ternary "Completed" "Error" $ok ) }}
-      {{ $message := or ( index $annotations "finetune.io/kwok-message" ) "" }}
-      conditions:
-      - lastTransitionTime: {{ $now | Quote }}
-        status: "True"
-        type: Initialized
-      - lastTransitionTime: {{ $now | Quote }}
-        reason: PodCompleted
-        status: "False"
-        type: Ready
-      - lastTransitionTime: {{ $now | Quote }}
-        reason: PodCompleted
-        status: "False"
-        type: ContainersReady
-      containerStatuses:
-      {{ range .spec.containers }}
-      - image: {{ .image | Quote }}
-        name: {{ .name | Quote }}
-        ready: false
-        restartCount: 0
-        started: false
-        state:
-          terminated:
-            exitCode: {{ $code }}
-            reason: {{ $reason | Quote }}
-            message: {{ $message | Quote }}
-            startedAt: {{ $now | Quote }}
-            finishedAt: {{ $now | Quote }}
-      {{ end }}
-      phase: {{ if $ok }}Succeeded{{ else }}Failed{{ end }}
----
-apiVersion: kwok.x-k8s.io/v1alpha1
-kind: Stage
-metadata:
-  name: pod-delete
-spec:
-  resourceRef:
-    apiGroup: v1
-    kind: Pod
-  selector:
-    matchExpressions:
-    - key: '.metadata.deletionTimestamp'
-      operator: 'Exists'
-  next:
-    finalizers:
-      empty: true
-    delete: true
-"""
+__all__ = [  # the annotations are kwok's, re-exported here for LocalCluster's users
+    "ClusterError", "LocalCluster", "FAKE_NODE_ANNOTATION",
+    "EXIT_ANNOTATION", "MESSAGE_ANNOTATION", "REASON_ANNOTATION", "DELAY_ANNOTATION",
+]
 
 
 class ClusterError(RuntimeError):
     """The control plane did not come up (the message carries each component's log tail)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pdeathsig() -> None:  # pragma: no cover - runs in the child
-    """Let the kernel SIGTERM the child when the parent dies (pytest killed -9 leaves no strays)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _alive(pid: int, marker: str) -> bool:
-    """pid is running and its command line mentions ``marker`` (so a recycled pid is never ours)."""
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return marker in cmd and ") Z" not in stat
-
-
-def tail(path: Path, lines: int = 50) -> str:
-    try:
-        data = path.read_text(errors="replace").splitlines()
-    except OSError as e:
-        return f"<no log: {e}>"
-    return "\n".join(data[-lines:])
-
-
-def kubeconfig_yaml(server: str, ca: Path, cert: Path, key: Path, user: str, context: str = "finetune-devcluster") -> str:
-    import base64
-
-    def b64(p: Path) -> str:
-        return base64.b64encode(p.read_bytes()).decode()
-
-    cfg = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": context, "cluster": {"server": server, "certificate-authority-data": b64(ca)}}],
-        "users": [{"name": user, "user": {"client-certificate-data": b64(cert), "client-key-data": b64(key)}}],
-        "contexts": [{"name": context, "context": {"cluster": context, "user": user, "namespace": "default"}}],
-        "current-context": context,
-    }
-    return json.dumps(cfg, indent=2)  # JSON is YAML; no yaml dependency needed
 
 
 @dataclass
@@ -353,7 +161,7 @@ class LocalCluster:
                 self._kill_all()
                 if "address already in use" not in str(e) or attempt == attempts - 1:
                     break
-                shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
+                shutil.rmtree(self.workdir / ETCD_DATA, ignore_errors=True)
         if not self.keep_workdir:
             self._remove_workdir()
         raise last  # type: ignore[misc]
@@ -365,103 +173,18 @@ class LocalCluster:
         self.ports = {"etcd": free_port(), "etcd-peer": free_port(), "apiserver": free_port()}
         pki = self._pki = PKI(w / "pki", service_ip=SERVICE_IP)
         self._ssl = None
-        self.kubeconfig.write_text(kubeconfig_yaml(self.server, pki.ca.cert, pki.admin.cert, pki.admin.key, "admin"))
-        kc = {}
-        for who, pair in (("controller-manager", pki.controller_manager), ("scheduler", pki.scheduler), ("kwok", pki.kwok)):
-            kc[who] = w / f"{who}.kubeconfig"
-            kc[who].write_text(kubeconfig_yaml(self.server, pki.ca.cert, pair.cert, pair.key, who))
-        (w / "scheduler.yaml").write_text(
-            json.dumps(
-                {
-                    "apiVersion": "kubescheduler.config.k8s.io/v1",
-                    "kind": "KubeSchedulerConfiguration",
-                    "clientConnection": {"kubeconfig": str(kc["scheduler"]), "qps": 100, "burst": 200},
-                    "leaderElection": {"leaderElect": False},
-                }
-            )
-        )
-        (w / "kwok.yaml").write_text(KWOK_POD_STAGES)
+        self._write_config_files(pki)
         kwok_home = w / "kwok-home"  # kwok also loads ~/.kwok/kwok.yaml; keep a user's file out
         kwok_home.mkdir(exist_ok=True)
-
-        e, a = self.ports["etcd"], self.ports["apiserver"]
-        specs = {
-            "etcd": [
-                str(bins["etcd"]),
-                "--name=default",
-                f"--data-dir={w / 'etcd'}",
-                f"--listen-client-urls=http://127.0.0.1:{e}",
-                f"--advertise-client-urls=http://127.0.0.1:{e}",
-                f"--listen-peer-urls=http://127.0.0.1:{self.ports['etcd-peer']}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{self.ports['etcd-peer']}",
-                f"--initial-cluster=default=http://127.0.0.1:{self.ports['etcd-peer']}",
-                "--unsafe-no-fsync=true",
-                "--quota-backend-bytes=2147483648",
-                "--log-level=warn",
-            ],
-            "kube-apiserver": [
-                str(bins["kube-apiserver"]),
-                f"--etcd-servers=http://127.0.0.1:{e}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={a}",
-                f"--cert-dir={w / 'apiserver'}",
-                f"--tls-cert-file={pki.apiserver.cert}",
-                f"--tls-private-key-file={pki.apiserver.key}",
-                f"--client-ca-file={pki.ca.cert}",
-                f"--service-account-key-file={pki.sa_pub}",
-                f"--service-account-signing-key-file={pki.sa_key}",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--authorization-mode=Node,RBAC",
-                "--enable-admission-plugins=NodeRestriction",
-                "--allow-privileged=true",
-                "--endpoint-reconciler-type=none",
-                "--profiling=false",
-                "--v=1",
-            ],
-            "kube-controller-manager": [
-                str(bins["kube-controller-manager"]),
-                f"--kubeconfig={kc['controller-manager']}",
-                "--leader-elect=false",
-                "--secure-port=0",
-                "--controllers=*",
-                "--use-service-account-credentials=true",
-                f"--service-account-private-key-file={pki.sa_key}",
-                f"--root-ca-file={pki.ca.cert}",
-                f"--cluster-signing-cert-file={pki.ca.cert}",
-                f"--cluster-signing-key-file={pki.ca.key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--kube-api-qps=100",  # defaults (20/30) throttle hundreds of Jobs (bench/operator_scale.py)
-                "--kube-api-burst=200",
-                "--v=1",
-            ],
-            "kube-scheduler": [
-                str(bins["kube-scheduler"]),
-                f"--config={w / 'scheduler.yaml'}",
-                "--secure-port=0",
-                "--v=1",
-            ],
-            "kwok": [
-                str(bins["kwok"]),
-                f"--kubeconfig={kc['kwok']}",
-                f"--config={w / 'kwok.yaml'}",
-                "--manage-all-nodes=false",
-                f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
-                f"--cidr={POD_CIDR}",
-                "--node-ip=10.240.0.1",
-                "--node-lease-duration-seconds=40",
-            ],
-        }
         envs = {"kwok": {**os.environ, "HOME": str(kwok_home)}}
         self.components = {
             n: _Component(n, argv + self.extra_args.get(n, []), self.logs_dir / f"{n}.log", envs.get(n))
-            for n, argv in specs.items()
+            for n, argv in control_plane_argv(bins, w, self.ports, pki).items()
         }
         deadline = time.monotonic() + self.startup_timeout
 
         self._spawn("etcd")
-        self._wait(lambda: self._http_ok(f"http://127.0.0.1:{e}/health"), deadline, "etcd /health")
+        self._wait(lambda: self._http_ok(f"http://127.0.0.1:{self.ports['etcd']}/health"), deadline, "etcd /health")
         self._spawn("kube-apiserver")
         self._wait(lambda: self._get("/readyz")[0] == 200, deadline, "kube-apiserver /readyz")
         for n in ("kube-controller-manager", "kube-scheduler", "kwok"):
@@ -470,6 +193,17 @@ class LocalCluster:
         self.create_nodes()
         self.wait_ready(timeout=max(5.0, deadline - time.monotonic()))
         self._write_state()
+
+    def _write_config_files(self, pki: PKI) -> None:
+        """The admin and per-component kubeconfigs, the scheduler's configuration and kwok's Stages."""
+        w = self.workdir
+        self.kubeconfig.write_text(kubeconfig_yaml(self.server, pki.ca.cert, pki.admin.cert, pki.admin.key, "admin"))
+        pairs = {"controller-manager": pki.controller_manager, "scheduler": pki.scheduler, "kwok": pki.kwok}
+        kubeconfigs = client_kubeconfigs(w)
+        for who, pair in pairs.items():
+            kubeconfigs[who].write_text(kubeconfig_yaml(self.server, pki.ca.cert, pair.cert, pair.key, who))
+        (w / SCHEDULER_CONFIG).write_text(json.dumps(kube_scheduler_config(kubeconfigs["scheduler"])))
+        (w / KWOK_CONFIG).write_text(kwok.stages())
 
     def _spawn(self, name: str) -> None:
         c = self.components[name]
@@ -483,7 +217,7 @@ class LocalCluster:
                 cwd=self.workdir,
                 env=c.env,
                 start_new_session=True,
-                preexec_fn=None if self.detach else _pdeathsig,
+                preexec_fn=None if self.detach else die_with_parent,
             )
         finally:
             log.close()
@@ -528,7 +262,7 @@ class LocalCluster:
             if c.proc is not None:
                 out[n] = c.proc.poll() is None
             else:
-                out[n] = bool(c.pid) and _alive(c.pid, str(self.workdir))
+                out[n] = bool(c.pid) and pid_alive(c.pid, str(self.workdir))
         return out
 
     def stop(self) -> None:
@@ -573,7 +307,7 @@ class LocalCluster:
                     c.proc.send_signal(sig)
                 except ProcessLookupError:
                     pass
-        elif c.pid and _alive(c.pid, str(self.workdir)):
+        elif c.pid and pid_alive(c.pid, str(self.workdir)):
             try:
                 os.kill(c.pid, sig)
             except ProcessLookupError:
@@ -674,30 +408,7 @@ class LocalCluster:
 
     # --------------------------------------------------------------------------------- nodes
     def node_manifest(self, name: str) -> dict[str, Any]:
-        res = dict(self.node_resources)
-        res.setdefault("ephemeral-storage", "1Ti")
-        return {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": name,
-                "annotations": {FAKE_NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
-                "labels": {
-                    "type": "kwok",
-                    "nvidia.com/gpu.present": "true",
-                    "kubernetes.io/hostname": name,
-                    "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": "amd64",
-                    "node-role.kubernetes.io/agent": "",
-                },
-            },
-            "spec": {},
-            "status": {
-                "allocatable": res,
-                "capacity": res,
-                "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux", "kubeletVersion": tools.K8S_VERSION},
-            },
-        }
+        return kwok.fake_node(name, self.node_resources, tools.K8S_VERSION)
 
     def create_nodes(self) -> None:
         for name in self.node_names:
@@ -760,14 +471,7 @@ class LocalCluster:
         0, Failed otherwise), with ``message`` and ``reason`` in its terminated state. The pod must be on a
         kwok node; if it is still Pending it ends as soon as kwok makes it Running. Returns the pod (JSON)
         once its phase changed when ``wait``."""
-        if not isinstance(exit_code, int) or isinstance(exit_code, bool) or not 0 <= exit_code <= 255:
-            raise ValueError(f"exit_code must be an int in 0..255, got {exit_code!r}")
-        ann: dict[str, str | None] = {
-            EXIT_ANNOTATION: str(exit_code),
-            MESSAGE_ANNOTATION: message or None,
-            REASON_ANNOTATION: reason,
-            DELAY_ANNOTATION: delay,
-        }
+        ann = kwok.exit_annotations(exit_code, message, reason, delay)
         path = f"/api/v1/namespaces/{namespace}/pods/{name}"
         self._ok("PATCH", path, {"metadata": {"annotations": ann}}, "application/merge-patch+json")
         want = "Succeeded" if exit_code == 0 else "Failed"

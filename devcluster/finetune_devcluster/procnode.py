@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +40,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from .procutil import free_port, free_port_block
 
 log = logging.getLogger("finetune_devcluster.procnode")
 
@@ -54,31 +55,6 @@ _NPROC = re.compile(r"--nproc[-_]per[-_]node(?:=(.*))?")
 
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port_block(count: int, attempts: int = 100) -> int:
-    """The first of ``count`` consecutive ports free on this machine (a pod's ranks serve base + i)."""
-    count = max(count, 1)
-    for _ in range(attempts):
-        base = free_port()
-        if base + count - 1 <= 65535 and all(_port_free(base + i) for i in range(1, count)):
-            return base
-    raise RuntimeError(f"no block of {count} consecutive free ports found")
 
 
 def local_processes(argv: list[str]) -> int:
