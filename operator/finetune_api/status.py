@@ -1,23 +1,20 @@
-"""FineTuneJob status and the trainer's progress document.
+"""FineTuneJob status: what the operator writes to ``.status``.
 
-The trainer writes :class:`ProgressDocument` to ``<output>/progress.json``; the operator reads it and
-projects it into :class:`FineTuneJobStatus`. Both shapes live here so the contract has one definition.
+Parts of it are projected from the trainer's progress document; that document and the pieces they
+share (:class:`CheckpointRef`, :class:`DataSummary`, :class:`Gain`) live in :mod:`finetune_api.documents`
+and are re-exported here.
 """
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
-
-class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", use_enum_values=True)
-
-    def wire(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+# CheckpointRef, DataSummary and Gain are parts of the status; ProgressDocument is re-exported for
+# the callers that imported it from here.
+from finetune_api.documents import CheckpointRef, DataSummary, Gain, ProgressDocument  # noqa: F401
+from finetune_api.documents import WireModel as _Model
 
 
 class Phase(str, Enum):
@@ -43,12 +40,6 @@ class Condition(_Model):
     observed_generation: int | None = Field(default=None, description="Spec generation the condition was set for.")
 
 
-class CheckpointRef(_Model):
-    step: int = Field(description="Optimizer step of the checkpoint.")
-    uri: str = Field(description="Where the checkpoint is.")
-    metric: float | None = Field(default=None, description="Monitored eval metric at that step.")
-
-
 class Progress(_Model):
     """Training progress, copied from the trainer's progress document."""
 
@@ -65,26 +56,6 @@ class Progress(_Model):
     best_metric_name: str | None = Field(default=None, description="Name of the monitored metric.")
     stage: str | None = Field(default=None, description="What the trainer is doing: preparing-data, baseline, training, testing, saving, done.")
     updated_at: str | None = Field(default=None, description="When the trainer last wrote progress.")
-
-
-class DataSummary(_Model):
-    """Summary of the data report."""
-
-    rows_read: int | None = Field(default=None, description="Rows read from all inputs.")
-    rows_kept: int | None = Field(default=None, description="Rows used for training after cleaning.")
-    rows_removed: int | None = Field(default=None, description="Rows removed by cleaning.")
-    malformed: int | None = Field(default=None, description="Rows that could not be parsed.")
-    exact_duplicates: int | None = Field(default=None, description="Exact duplicates removed.")
-    near_duplicates: int | None = Field(default=None, description="Near-duplicates removed.")
-    pii_redacted: int | None = Field(default=None, description="PII spans replaced by placeholders.")
-    leakage: int | None = Field(default=None, description="Validation/test examples also found in train.")
-    report_uri: str | None = Field(default=None, description="Full data report.")
-
-
-class Gain(_Model):
-    metric: str | None = Field(default=None, description="Metric compared.")
-    baseline: float | None = Field(default=None, description="Base model before fine-tuning.")
-    final: float | None = Field(default=None, description="Fine-tuned model on the same set.")
 
 
 class FineTuneJobStatus(_Model):
@@ -112,25 +83,3 @@ class FineTuneJobStatus(_Model):
     gain: Gain | None = Field(default=None, description="Baseline versus final metric.")
     failure_reason: str | None = Field(default=None, description="The trainer's one-line reason for the last failure.")
 
-
-class ProgressDocument(_Model):
-    """What the trainer writes to <output>/progress.json (rank 0 only)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    stage: str = "starting"
-    step: int = 0
-    total_steps: int | None = None
-    epoch: float = 0.0
-    eta_seconds: float | None = None
-    train_loss: float | None = None
-    eval_loss: float | None = None
-    learning_rate: float | None = None
-    best_metric: float | None = None
-    best_metric_name: str | None = None
-    latest_checkpoint: str | None = None
-    checkpoints: list[CheckpointRef] = Field(default_factory=list)
-    model_uri: str | None = None
-    data: DataSummary | None = None
-    gain: Gain | None = None
-    updated_at: str | None = None

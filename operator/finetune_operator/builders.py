@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from finetune_api import env as pod_env
 from finetune_api import spec as S
 from finetune_api.spec import FineTuneJobSpec
 
@@ -25,7 +26,7 @@ METRICS_PORT = 9400
 METRICS_PORT_NAME = "metrics"
 # torchrun runs max(gpusPerNode, 1) processes per pod; the spec caps gpusPerNode at 16.
 MAX_PROCS_PER_NODE = 16
-TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_LOG = pod_env.DEFAULT_TERMINATION_LOG
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_CREDENTIAL_KEYS = ("AWS_SESSION_TOKEN",)
 
@@ -154,14 +155,14 @@ def build_config_map(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
 def _env(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
-        {"name": "FINETUNE_JOB_NAME", "value": owner.name},
-        {"name": "FINETUNE_NAMESPACE", "value": owner.namespace},
-        {"name": "FINETUNE_ATTEMPT", "value": str(attempt)},
-        {"name": "FINETUNE_METRICS_PORT", "value": str(defaults.metrics_port)},
-        {"name": "FINETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": pod_env.JOB_NAME, "value": owner.name},
+        {"name": pod_env.NAMESPACE, "value": owner.namespace},
+        {"name": pod_env.ATTEMPT, "value": str(attempt)},
+        {"name": pod_env.METRICS_PORT, "value": str(defaults.metrics_port)},
+        {"name": pod_env.TERMINATION_LOG, "value": TERMINATION_LOG},
         {"name": "HF_HOME", "value": "/cache/huggingface"},
-        {"name": "FINETUNE_CACHE_DIR", "value": "/cache"},
-        {"name": "FINETUNE_WORK_DIR", "value": "/tmp/work"},
+        {"name": pod_env.CACHE_DIR, "value": "/cache"},
+        {"name": pod_env.WORK_DIR, "value": "/tmp/work"},
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]

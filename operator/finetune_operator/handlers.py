@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import TERMINAL_PHASES, Phase
+from finetune_api.validation import validation_message
 from finetune_operator import builders as B
 from finetune_operator import kube, metrics
 from finetune_operator.progress import ProgressReader, project, secret_values
@@ -53,12 +54,8 @@ def _reader() -> ProgressReader:
 
 
 def spec_error(err: ValidationError) -> str:
-    """One line naming each bad field, in the CR's camelCase spelling."""
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e.get("loc", ()))
-        parts.append(f"spec.{where}: {e.get('msg')}" if where else e.get("msg", ""))
-    return "; ".join(parts)
+    """The trainer's words for the same problem (finetune_api.validation)."""
+    return validation_message(err)
 
 
 def parse(body: Mapping[str, Any]) -> tuple[FineTuneJobSpec | None, str | None]:

@@ -1,7 +1,7 @@
 """Training progress from the trainer into the FineTuneJob status.
 
 Mechanism: rank 0 of the trainer writes ``<output>/progress.json`` (a
-:class:`finetune_api.status.ProgressDocument`); the operator reads it while the job is active and once
+:class:`finetune_api.documents.ProgressDocument`); the operator reads it while the job is active and once
 more when it finishes, and projects it into ``status.progress`` and friends.
 
 Cost per job is bounded: at most one small GET per ``interval`` seconds (default 15) per active job,
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune_api.s3 import is_s3, s3_client, split_s3
 from finetune_api.spec import FineTuneJobSpec
-from finetune_api.status import ProgressDocument
+from finetune_api.documents import PROGRESS_FILE, ProgressDocument, output_file
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ MAX_CHECKPOINTS_IN_STATUS = 5
 
 
 def progress_uri(spec: FineTuneJobSpec) -> str:
-    return spec.output.uri.rstrip("/") + "/progress.json"
+    return output_file(spec.output.uri, PROGRESS_FILE)
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -163,18 +164,14 @@ class ProgressReader:
         with self._lock:
             client = self._clients.get(key)
         if client is None:
-            import boto3
-            from botocore.config import Config
-
-            client = boto3.session.Session().client(
-                "s3",
+            # One attempt with a short timeout: the next timer tick is the retry.
+            client = s3_client(
                 endpoint_url=spec.storage.endpoint,
-                region_name=spec.storage.region or "us-east-1",
-                aws_access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
-                aws_secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
-                aws_session_token=creds.get("AWS_SESSION_TOKEN"),
-                config=Config(connect_timeout=self.timeout, read_timeout=self.timeout, retries={"max_attempts": 1},
-                              s3={"addressing_style": "path"} if spec.storage.endpoint else None),
+                region=spec.storage.region or "us-east-1",
+                connect_timeout=self.timeout,
+                read_timeout=self.timeout,
+                max_attempts=1,
+                credentials=creds,
             )
             with self._lock:
                 if len(self._clients) > 64:  # credentials rotate; keep the cache bounded
@@ -184,7 +181,7 @@ class ProgressReader:
 
     def _get(self, namespace: str, spec: FineTuneJobSpec, etag: str | None) -> tuple[bytes | None, str | None]:
         uri = progress_uri(spec)
-        if not uri.startswith("s3://"):
+        if not is_s3(uri):
             path = Path(uri)
             return (path.read_bytes(), None) if path.exists() else (None, None)
         from botocore.exceptions import ClientError
@@ -193,7 +190,7 @@ class ProgressReader:
         if spec.storage.credentials_secret:
             creds = self.credentials(namespace, spec.storage.credentials_secret.name) or {}
         client = self._client(spec, creds)
-        bucket, _, key = uri[len("s3://"):].partition("/")
+        bucket, key = split_s3(uri)
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
         if etag:
             kwargs["IfNoneMatch"] = etag

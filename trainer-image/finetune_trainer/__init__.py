@@ -1,1 +1,1 @@
-"""finetune_trainer: the program inside the training pods. Keep this module import-light (the operator imports finetune_trainer.errors)."""
+"""finetune_trainer: the program inside the training pods. What it shares with the operator (failure reasons, FINETUNE_* names, documents) lives in finetune_api."""

@@ -15,9 +15,12 @@ import os
 import sys
 import traceback
 
+from finetune_api import env as pod_env
+from finetune_api.failures import PREEMPTED_REASON, termination_line
+
 from .errors import EXIT_PREEMPTED, OutOfMemory, TrainerError
 
-DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+DEFAULT_TERMINATION_LOG = pod_env.DEFAULT_TERMINATION_LOG
 
 
 def write_termination_message(line: str) -> None:
@@ -27,15 +30,15 @@ def write_termination_message(line: str) -> None:
     then exit with ``Preempted: ...``: that line must not replace the failing rank's reason, which is
     what the operator reads to decide between a retry and a permanent failure.
     """
-    path = os.environ.get("FINETUNE_TERMINATION_LOG", DEFAULT_TERMINATION_LOG)
+    path = os.environ.get(pod_env.TERMINATION_LOG, DEFAULT_TERMINATION_LOG)
     try:
-        if line.startswith("Preempted:"):
+        if line.startswith(f"{PREEMPTED_REASON}:"):
             try:
                 with open(path) as f:
                     current = f.read().strip()
             except OSError:
                 current = ""
-            if current and not current.startswith("Preempted:"):
+            if current and not current.startswith(f"{PREEMPTED_REASON}:"):
                 return
         with open(path, "w") as f:
             f.write(line + "\n")
@@ -52,7 +55,7 @@ def fail(line: str, code: int) -> int:
 def _setup_logging() -> None:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(
-        level=os.environ.get("FINETUNE_LOG_LEVEL", "INFO").upper(),
+        level=os.environ.get(pod_env.LOG_LEVEL, "INFO").upper(),
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             run(config)
         except Preempted as e:
             # Not a failure, but the pod's termination message should still say why it stopped.
-            return fail(" ".join(f"Preempted: {e}".split()), EXIT_PREEMPTED)
+            return fail(termination_line(PREEMPTED_REASON, e).rstrip(), EXIT_PREEMPTED)
         return 0
     except TrainerError as e:
         return fail(e.line(), e.exit_code)

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 from finetune_api.spec import KIND, FineTuneJobSpec
+from finetune_api.validation import validation_message
 from pydantic import ValidationError
 
 from .errors import InvalidConfig
@@ -29,31 +30,6 @@ class JobConfig:
     @property
     def output_uri(self) -> str:
         return self.spec.output.uri.rstrip("/") or "/"
-
-
-def _field_path(loc: tuple[Any, ...]) -> str:
-    """('hyperparameters', 'learning_rate') -> 'spec.hyperparameters.learningRate' (camelCase, as written)."""
-    from pydantic.alias_generators import to_camel
-
-    parts = []
-    for p in loc:
-        if isinstance(p, int):
-            parts.append(f"[{p}]")
-        else:
-            parts.append(("." if parts else "") + to_camel(str(p)))
-    return "spec." + "".join(parts) if parts else "spec"
-
-
-def validation_message(err: ValidationError) -> str:
-    """One line naming the first offending field, plus how many more there are."""
-    errors = err.errors()
-    first = errors[0]
-    loc = tuple(p for p in first.get("loc", ()) if p != "__root__")
-    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-    line = f"{_field_path(loc)}: {msg}"
-    if len(errors) > 1:
-        line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return line
 
 
 def parse_document(doc: Any, default_name: str) -> JobConfig:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from finetune_api import env as pod_env
 from finetune_api.spec import FineTuneJobSpec, Task
 
 from .distributed import DistInfo
@@ -53,7 +54,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE_DIR", DEFAULT_CACHE_DIR))
+    return Path(os.environ.get(pod_env.CACHE_DIR, DEFAULT_CACHE_DIR))
 
 
 def resolve_model_dir(uri: str, storage: Any, dist: DistInfo, *, cache_dir: str | Path | None = None) -> str:

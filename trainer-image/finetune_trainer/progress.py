@@ -1,6 +1,6 @@
 """``<output>/progress.json``: what the operator shows in the FineTuneJob status.
 
-Rank 0 only. The document is :class:`finetune_api.status.ProgressDocument`, the same model the operator
+Rank 0 only. The document is :class:`finetune_api.documents.ProgressDocument`, the same model the operator
 parses. It is rewritten at most every ``min_interval`` seconds during training (object stores charge
 per PUT and the operator polls anyway) and at once at every stage change and checkpoint.
 """
@@ -13,12 +13,14 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from finetune_api.status import CheckpointRef, DataSummary, Gain, ProgressDocument
+from finetune_api.documents import PROGRESS_FILE, CheckpointRef, DataSummary, Gain, ProgressDocument
 
 log = logging.getLogger(__name__)
 
 STAGES = ("starting", "preparing-data", "loading-model", "baseline", "training", "testing", "saving", "done", "preempted", "failed")
 KEEP_CHECKPOINT_REFS = 5
+# Callers may name a field as it is written (``failureReason``) or as it is declared (``failure_reason``).
+_FIELD_BY_ALIAS = {field.alias or name: name for name, field in ProgressDocument.model_fields.items()}
 
 
 def _now() -> str:
@@ -28,7 +30,7 @@ def _now() -> str:
 class ProgressWriter:
     def __init__(self, storage: Any, output_uri: str, *, enabled: bool, join: Any, min_interval: float = 10.0):
         self.storage = storage
-        self.uri = join(output_uri, "progress.json")
+        self.uri = join(output_uri, PROGRESS_FILE)
         self.enabled = enabled
         self.min_interval = min_interval
         self.doc = ProgressDocument()
@@ -53,7 +55,7 @@ class ProgressWriter:
     def update(self, *, force: bool = False, **fields: Any) -> None:
         with self._lock:
             for k, v in fields.items():
-                setattr(self.doc, k, v)
+                setattr(self.doc, _FIELD_BY_ALIAS.get(k, k), v)  # validated (ProgressDocument.validate_assignment)
             if "step" in fields:
                 self.doc.eta_seconds = self._eta(self.doc.step, self.doc.total_steps)
             if force or time.monotonic() - self._last_write >= self.min_interval:

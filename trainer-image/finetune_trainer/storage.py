@@ -27,11 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
+from finetune_api.s3 import S3_SCHEME, is_s3, s3_client, split_s3
+
 from finetune_trainer.errors import S3AuthError, S3EndpointError
 
 log = logging.getLogger(__name__)
-
-S3_SCHEME = "s3://"
 
 # Error codes the S3 API (and MinIO) return when the credentials, or their permissions, are wrong.
 _AUTH_CODES = frozenset(
@@ -55,20 +55,6 @@ _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 60
 MAX_ATTEMPTS = 3
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith(S3_SCHEME)
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
-    if not is_s3(uri):
-        raise ValueError(f"not an s3:// URI: {uri}")
-    bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
-    if not bucket:
-        raise ValueError(f"s3 URI without a bucket: {uri}")
-    return bucket, key
 
 
 def join(uri: str, *parts: str) -> str:
@@ -112,18 +98,15 @@ class Storage:
         return self._client
 
     def _make_client(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        config = Config(
+        return s3_client(
+            endpoint_url=self.endpoint_url,
+            region=self.region,
             connect_timeout=CONNECT_TIMEOUT_S,
             read_timeout=READ_TIMEOUT_S,
-            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-            # MinIO and most S3-compatible stores only do path-style addressing.
-            s3={"addressing_style": "path"} if self.endpoint_url else None,
-            max_pool_connections=32,
+            max_attempts=MAX_ATTEMPTS,
+            retry_mode="standard",
+            max_pool_connections=32,  # the transfer workers share the client
         )
-        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
 
     @property
     def endpoint_name(self) -> str:

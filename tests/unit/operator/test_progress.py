@@ -3,7 +3,7 @@
 import json
 
 from finetune_api.spec import parse_spec
-from finetune_api.status import ProgressDocument
+from finetune_api.documents import ProgressDocument
 from finetune_operator.progress import ProgressReader, project
 from finetune_operator.state import JobView, Observed, PodView, decide
 

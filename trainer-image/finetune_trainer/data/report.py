@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_api.status import DataSummary
+from finetune_api.documents import DataSummary
 
 MAX_EXAMPLES = 5
 PREVIEW_CHARS = 200

@@ -1,0 +1,245 @@
+"""The documents the trainer writes under ``spec.output.uri`` and the job config it reads.
+
+- ``progress.json`` (:class:`ProgressDocument`, camelCase): rank 0 rewrites it as training goes; the
+  operator polls it and projects it into the FineTuneJob status.
+- ``data-report.json`` (:class:`DataReport`, snake_case): what data preparation did to every input;
+  the model card and people read it, the status carries its :class:`DataSummary`.
+- the job config (:class:`JobConfigDocument`): the FineTuneJob as the operator renders it into the
+  ConfigMap the trainer gets with ``--config``.
+
+Every field either side writes is declared here, so a reader of one side knows what the other sends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from finetune_api.spec import FineTuneJobSpec
+
+PROGRESS_FILE = "progress.json"
+DATA_REPORT_FILE = "data-report.json"
+
+
+def output_file(output_uri: str, name: str) -> str:
+    """``<output>/<name>``: where the trainer writes document ``name`` for ``spec.output.uri``."""
+    return output_uri.rstrip("/") + "/" + name
+
+
+class WireModel(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown keys are ignored (a newer writer)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", use_enum_values=True)
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# ----------------------------------------------------------------------------------- progress.json
+
+
+class CheckpointRef(WireModel):
+    step: int = Field(description="Optimizer step of the checkpoint.")
+    uri: str = Field(description="Where the checkpoint is.")
+    metric: float | None = Field(default=None, description="Monitored eval metric at that step.")
+
+
+class DataSummary(WireModel):
+    """Summary of the data report."""
+
+    rows_read: int | None = Field(default=None, description="Rows read from all inputs.")
+    rows_kept: int | None = Field(default=None, description="Rows used for training after cleaning.")
+    rows_removed: int | None = Field(default=None, description="Rows removed by cleaning.")
+    malformed: int | None = Field(default=None, description="Rows that could not be parsed.")
+    exact_duplicates: int | None = Field(default=None, description="Exact duplicates removed.")
+    near_duplicates: int | None = Field(default=None, description="Near-duplicates removed.")
+    pii_redacted: int | None = Field(default=None, description="PII spans replaced by placeholders.")
+    leakage: int | None = Field(default=None, description="Validation/test examples also found in train.")
+    report_uri: str | None = Field(default=None, description="Full data report.")
+
+
+class Gain(WireModel):
+    metric: str | None = Field(default=None, description="Metric compared.")
+    baseline: float | None = Field(default=None, description="Base model before fine-tuning.")
+    final: float | None = Field(default=None, description="Fine-tuned model on the same set.")
+
+
+class EvaluationSummary(WireModel):
+    """The evaluations of the finished run (metric name -> value, as in the model card)."""
+
+    baseline: dict[str, Any] | None = Field(default=None, description="Base model on the validation set, before training.")
+    final: dict[str, Any] | None = Field(default=None, description="Fine-tuned model on the validation set.")
+    test: dict[str, Any] | None = Field(default=None, description="Fine-tuned model on the test set.")
+    calibration: dict[str, Any] | None = Field(default=None, description="Temperature scaling and ECE before/after (classification).")
+    retention: dict[str, Any] | None = Field(default=None, description="Retention-set loss before/after and the verdict.")
+
+
+class ProgressDocument(WireModel):
+    """What the trainer writes to <output>/progress.json (rank 0 only).
+
+    Assignments are validated (the trainer updates fields one by one) and keys this version does not
+    know are kept, so a reader passes a newer trainer's document on unchanged."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    stage: str = "starting"
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float = 0.0
+    eta_seconds: float | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    best_metric: float | None = None
+    best_metric_name: str | None = None
+    latest_checkpoint: str | None = None
+    checkpoints: list[CheckpointRef] = Field(default_factory=list)
+    model_uri: str | None = None
+    data: DataSummary | None = None
+    gain: Gain | None = None
+    evaluation: EvaluationSummary | None = None
+    failure_reason: str | None = None
+    """The trainer's ``Reason: message`` line when it failed (stage ``failed``)."""
+    updated_at: str | None = None
+
+
+# -------------------------------------------------------------------------------- data-report.json
+
+
+class ReportModel(BaseModel):
+    """data-report.json keeps the trainer's snake_case keys; every key is declared (see the tests)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class InputCounts(ReportModel):
+    """What each step did to one input (train, validation, test or retention). A dropped row is counted
+    at the first step that drops it."""
+
+    uri: str
+    files: int
+    rows_read: int
+    malformed: int
+    empty: int
+    exact_duplicates: int
+    near_duplicates: int
+    too_short: int
+    too_long: int
+    no_trainable_tokens: int
+    rows_kept: int
+    truncated: int
+    tokens: int
+    trainable_tokens: int
+    pii: dict[str, int]
+    pii_total: int
+    malformed_examples: list[dict[str, str]]
+
+
+class Totals(ReportModel):
+    """The sums of the job's own inputs (train, validation, test; not retention)."""
+
+    rows_read: int
+    malformed: int
+    empty: int
+    exact_duplicates: int
+    near_duplicates: int
+    too_short: int
+    too_long: int
+    no_trainable_tokens: int
+    rows_kept: int
+    truncated: int
+    tokens: int
+    trainable_tokens: int
+    pii_total: int
+    pii: dict[str, int]
+
+
+class SplitInfo(ReportModel):
+    """How validation/test were obtained: ``files`` (given), ``none``, or ``ratio`` (split off train)."""
+
+    method: str
+    seed: int | None = None
+    validation_fraction: float | None = None
+    test_fraction: float | None = None
+    stratified: bool | None = None
+    stratify_fallback: str | None = None
+    given_files: list[str] | None = None
+
+
+class LeakageFinding(ReportModel):
+    exact: int
+    near: int
+    total: int
+    examples: list[dict[str, Any]]
+    dropped: int | None = None
+
+
+class LeakageReport(ReportModel):
+    policy: str
+    validation: LeakageFinding | None = None
+    test: LeakageFinding | None = None
+    total: int | None = None
+
+
+class ClassBalance(ReportModel):
+    counts: dict[str, int]
+    imbalance_ratio: float | None
+    classes_without_rows: list[str]
+
+
+class ClassesReport(ReportModel):
+    labels: list[str]
+    source: str
+    train: ClassBalance
+    validation: ClassBalance | None = None
+    test: ClassBalance | None = None
+    class_weights: list[float] | None = None
+
+
+class DataReport(ReportModel):
+    """data-report.json, written once by rank 0 after data preparation."""
+
+    format: str
+    task: str
+    max_seq_length: int
+    preprocessing: dict[str, Any]
+    inputs: dict[str, InputCounts]
+    total: Totals
+    split: SplitInfo
+    leakage: LeakageReport
+    classes: ClassesReport | None
+    final_sizes: dict[str, int | None]
+
+
+def undeclared_keys(model: BaseModel, where: str = "") -> list[str]:
+    """Paths of the keys ``model`` (and the models inside it) accepted without declaring them."""
+    out = [f"{where}{key}" for key in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [(None, value)]
+        for key, child in children:
+            if isinstance(child, BaseModel):
+                out += undeclared_keys(child, f"{where}{name}{'' if key is None else f'[{key}]'}.")
+    return out
+
+
+# -------------------------------------------------------------------------------------- job config
+
+
+class JobMetadata(WireModel):
+    name: str
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+
+
+class JobConfigDocument(WireModel):
+    """The trainer's ``--config``: the FineTuneJob with every spec default filled in (the operator's
+    ConfigMap), or, run by hand, a manifest written by a person."""
+
+    api_version: str
+    kind: str
+    metadata: JobMetadata
+    spec: FineTuneJobSpec

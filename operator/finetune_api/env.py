@@ -1,0 +1,41 @@
+"""The ``FINETUNE_*`` environment variables the operator sets on training pods and the trainer reads.
+
+The operator's pod builder writes them (``finetune_operator.builders``); the trainer reads them, with
+a default for runs outside Kubernetes (a laptop, the tests). A name used on one side only is a bug
+that no test of either side alone would catch, so both take the names from here.
+"""
+
+from __future__ import annotations
+
+JOB_NAME = "FINETUNE_JOB_NAME"
+"""The FineTuneJob's name. For logs and users' own scripts; the trainer takes the name from the job config."""
+
+NAMESPACE = "FINETUNE_NAMESPACE"
+"""The FineTuneJob's namespace, for the same readers as :data:`JOB_NAME`."""
+
+ATTEMPT = "FINETUNE_ATTEMPT"
+"""Which attempt (0, 1, ...) of the job this pod belongs to: the operator recreates the group on a retry."""
+
+METRICS_PORT = "FINETUNE_METRICS_PORT"
+"""Base port of the trainer's Prometheus metrics: local rank i serves on base + i; 0 turns them off."""
+
+TERMINATION_LOG = "FINETUNE_TERMINATION_LOG"
+"""File the trainer writes its ``Reason: message`` line to: the container's terminationMessagePath."""
+
+CACHE_DIR = "FINETUNE_CACHE_DIR"
+"""Node-local cache (downloaded base models), an emptyDir in the pod."""
+
+WORK_DIR = "FINETUNE_WORK_DIR"
+"""Scratch space for prepared data and checkpoints before upload, an emptyDir in the pod."""
+
+LOG_LEVEL = "FINETUNE_LOG_LEVEL"
+"""Trainer log level (default INFO). Not set by the operator; a user may set it in spec.resources.env."""
+
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+"""Kubernetes' default terminationMessagePath, and the trainer's default for :data:`TERMINATION_LOG`."""
+
+SET_BY_OPERATOR = (JOB_NAME, NAMESPACE, ATTEMPT, METRICS_PORT, TERMINATION_LOG, CACHE_DIR, WORK_DIR)
+"""What every training pod gets from the operator's builder."""
+
+READ_BY_TRAINER = (METRICS_PORT, TERMINATION_LOG, CACHE_DIR, WORK_DIR, LOG_LEVEL)
+"""What the trainer reads (each with a default for runs outside a pod)."""
