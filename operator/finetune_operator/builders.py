@@ -4,16 +4,18 @@ config, and one Indexed batch/v1 Job per attempt. No I/O here; everything is uni
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from finetune_api import spec as S
-from finetune_api.spec import FineTuneJobSpec
+from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+
+if TYPE_CHECKING:  # config takes its default trainer metrics port from here
+    from finetune_operator.config import OperatorDefaults
 
 MANAGED_BY = "finetune-operator"
-LABEL_JOB = f"{S.API_GROUP}/job"
-LABEL_ATTEMPT = f"{S.API_GROUP}/attempt"
+LABEL_JOB = f"{API_GROUP}/job"
+LABEL_ATTEMPT = f"{API_GROUP}/attempt"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -31,16 +33,6 @@ OPTIONAL_CREDENTIAL_KEYS = ("AWS_SESSION_TOKEN",)
 
 
 @dataclass(frozen=True)
-class OperatorDefaults:
-    """Operator-wide settings that the spec does not carry."""
-
-    trainer_image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
-    termination_grace_seconds: int = 300
-    metrics_port: int = METRICS_PORT
-
-
-@dataclass(frozen=True)
 class Owner:
     """Identity of the FineTuneJob, enough to name children and point owner references at it."""
 
@@ -51,8 +43,8 @@ class Owner:
 
     def reference(self) -> dict[str, Any]:
         return {
-            "apiVersion": f"{S.API_GROUP}/{S.API_VERSION}",
-            "kind": S.KIND,
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
             "name": self.name,
             "uid": self.uid,
             "controller": True,
@@ -134,8 +126,8 @@ def build_service(owner: Owner) -> dict[str, Any]:
 def render_trainer_config(owner: Owner, spec: FineTuneJobSpec) -> str:
     """The trainer's config is the FineTuneJob itself, with every default filled in."""
     doc = {
-        "apiVersion": f"{S.API_GROUP}/{S.API_VERSION}",
-        "kind": S.KIND,
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
         "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid, "generation": owner.generation},
         "spec": spec.wire(),
     }
