@@ -4,14 +4,12 @@ config, and one Indexed batch/v1 Job per attempt. No I/O here; everything is uni
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
-
-if TYPE_CHECKING:  # config takes its default trainer metrics port from here
-    from finetune_operator.config import OperatorDefaults
+from finetune_operator.config import METRICS_PORT, OperatorDefaults
 
 MANAGED_BY = "finetune-operator"
 LABEL_JOB = f"{API_GROUP}/job"
@@ -22,8 +20,6 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_MOUNT = "/etc/finetune"
 CONFIG_FILE = "job.yaml"
 MASTER_PORT = 29500
-# The trainer serves Prometheus metrics on every rank: local rank i of a pod on METRICS_PORT + i.
-METRICS_PORT = 9400
 METRICS_PORT_NAME = "metrics"
 # torchrun runs max(gpusPerNode, 1) processes per pod; the spec caps gpusPerNode at 16.
 MAX_PROCS_PER_NODE = 16
@@ -212,16 +208,10 @@ def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
     return out
 
 
-def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults, *, suspend: bool = False) -> dict[str, Any]:
-    """One Indexed Job: completions = parallelism = nodes. backoffLimit 0 because a torchrun group
-    cannot continue short a member: the operator restarts the whole group instead."""
+def _container(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults) -> dict[str, Any]:
+    """The trainer container: torchrun, read-only root, the config mounted, scratch on emptyDirs."""
     res = spec.resources
-    meta = _meta(job_name(owner, attempt), owner, attempt)
-    queued = bool(res.queue_name)
-    if queued:
-        meta["labels"][KUEUE_QUEUE_LABEL] = res.queue_name
-    pod_labels = labels(owner, attempt)
-    container: dict[str, Any] = {
+    return {
         "name": "trainer",
         "image": res.image or defaults.trainer_image,
         "imagePullPolicy": defaults.image_pull_policy,
@@ -247,6 +237,11 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Opera
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
     }
+
+
+def _pod_spec(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults) -> dict[str, Any]:
+    """The training pod: non-root, no API token, a subdomain of the headless Service for rendezvous."""
+    res = spec.resources
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "subdomain": service_name(owner),
@@ -260,7 +255,7 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Opera
             "fsGroup": 10001,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [container],
+        "containers": [_container(owner, spec, attempt, defaults)],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(owner)}},
             {"name": "cache", "emptyDir": {}},
@@ -278,6 +273,17 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Opera
         pod_spec["priorityClassName"] = res.priority_class_name
     if res.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s.name} for s in res.image_pull_secrets]
+    return pod_spec
+
+
+def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults, *, suspend: bool = False) -> dict[str, Any]:
+    """One Indexed Job: completions = parallelism = nodes. backoffLimit 0 because a torchrun group
+    cannot continue short a member: the operator restarts the whole group instead."""
+    res = spec.resources
+    meta = _meta(job_name(owner, attempt), owner, attempt)
+    queued = bool(res.queue_name)
+    if queued:
+        meta["labels"][KUEUE_QUEUE_LABEL] = res.queue_name
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -289,6 +295,6 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Opera
             "backoffLimit": 0,
             # Kueue admits a suspended Job as one gang; without Kueue the operator's suspend decides.
             "suspend": bool(suspend or queued),
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+            "template": {"metadata": {"labels": labels(owner, attempt)}, "spec": _pod_spec(owner, spec, attempt, defaults)},
         },
     }

@@ -11,7 +11,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from finetune_operator.builders import METRICS_PORT
+# Training pods' metrics (the operator's own port is OperatorConfig.metrics_port): the trainer serves
+# Prometheus metrics on every rank, local rank i of a pod on METRICS_PORT + i. The trainer's default too.
+METRICS_PORT = 9400
 
 
 @dataclass(frozen=True)
