@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from finetune_api import spec as S
 from finetune_api.status import FineTuneJobStatus
@@ -101,14 +102,14 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def model_schema(model: type) -> dict[str, Any]:
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     resolved = _resolve(raw, defs)
     return _structural(resolved)
 
 
-def _object_defaults(schema: dict[str, Any], model_cls: type) -> None:
+def _object_defaults(schema: dict[str, Any], model_cls: type[BaseModel]) -> None:
     """Give object-typed fields that use default_factory their default object, so the API server stores
     every effective setting (pydantic does not emit defaults for default_factory fields)."""
     for field_name, field in model_cls.model_fields.items():
@@ -121,7 +122,7 @@ def _object_defaults(schema: dict[str, Any], model_cls: type) -> None:
             if field.default_factory is not None:
                 # the full default object, not {}: the API server validates a default (CEL rules
                 # included) as written, before nested defaults would fill it in
-                sub["default"] = field.default_factory().wire()
+                sub["default"] = field.get_default(call_default_factory=True).wire()
             _object_defaults(sub, ann)
 
 

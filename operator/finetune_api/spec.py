@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonDict
 
 API_GROUP = "finetune.io"
 API_VERSION = "v1alpha1"
@@ -468,7 +469,7 @@ class LocalObjectReference(_Model):
     name: str = Field(max_length=253, pattern=K8S_NAME, description="Name of the object in the job's namespace.")
 
 
-_FREEFORM = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+_FREEFORM: JsonDict = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 
 
 class ResourcesSpec(_Model):

@@ -29,10 +29,24 @@ class Phase(str, Enum):
 TERMINAL_PHASES = (Phase.succeeded.value, Phase.failed.value)
 
 
+class ConditionType(str, Enum):
+    """The condition types the operator sets: one per phase that has one (Pending has none). The
+    condition named like the current phase is True; the others that were ever True are False."""
+
+    running = "Running"
+    restarting = "Restarting"
+    suspended = "Suspended"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
 class Condition(_Model):
     """A Kubernetes-style condition."""
 
-    type: str = Field(max_length=316, description="Condition type: Ready, Running, Succeeded, Failed, Suspended, SpecValid.")
+    type: str = Field(
+        max_length=316,
+        description=f"Condition type: {', '.join(t.value for t in ConditionType)}. The one named like the current phase is True (Pending has none).",
+    )
     status: str = Field(description="True, False or Unknown.", json_schema_extra={"enum": ["True", "False", "Unknown"]})
     reason: str = Field(max_length=1024, description="CamelCase reason for the last transition.")
     message: str = Field(max_length=32768, description="Human-readable details; says what to fix on failure.")

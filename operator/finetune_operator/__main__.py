@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import kopf
 
@@ -12,7 +11,7 @@ from finetune_operator.config import OperatorConfig
 
 
 def _memory_debugging() -> None:
-    """FINETUNE_TRACEMALLOC=1: log the top allocation sites on SIGUSR1 (for memory investigations)."""
+    """Log the top allocation sites on SIGUSR1 (FINETUNE_TRACEMALLOC=1, for memory investigations)."""
     import signal
     import tracemalloc
 
@@ -31,7 +30,7 @@ def _memory_debugging() -> None:
 def main() -> None:
     config = OperatorConfig.from_env()
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if os.environ.get("FINETUNE_TRACEMALLOC") == "1":
+    if config.tracemalloc:
         _memory_debugging()
     metrics.serve(config.metrics_port)
     import finetune_operator.main  # noqa: F401  (registers the handlers)

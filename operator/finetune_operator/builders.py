@@ -9,36 +9,24 @@ from typing import Any
 import yaml
 
 from finetune_api import env as pod_env
-from finetune_api import spec as S
-from finetune_api.spec import FineTuneJobSpec
+from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+from finetune_operator.config import METRICS_PORT, OperatorDefaults
 
 MANAGED_BY = "finetune-operator"
-LABEL_JOB = f"{S.API_GROUP}/job"
-LABEL_ATTEMPT = f"{S.API_GROUP}/attempt"
+LABEL_JOB = f"{API_GROUP}/job"
+LABEL_ATTEMPT = f"{API_GROUP}/attempt"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_MOUNT = "/etc/finetune"
 CONFIG_FILE = "job.yaml"
 MASTER_PORT = 29500
-# The trainer serves Prometheus metrics on every rank: local rank i of a pod on METRICS_PORT + i.
-METRICS_PORT = 9400
 METRICS_PORT_NAME = "metrics"
 # torchrun runs max(gpusPerNode, 1) processes per pod; the spec caps gpusPerNode at 16.
 MAX_PROCS_PER_NODE = 16
 TERMINATION_LOG = pod_env.DEFAULT_TERMINATION_LOG
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_CREDENTIAL_KEYS = ("AWS_SESSION_TOKEN",)
-
-
-@dataclass(frozen=True)
-class OperatorDefaults:
-    """Operator-wide settings that the spec does not carry."""
-
-    trainer_image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
-    termination_grace_seconds: int = 300
-    metrics_port: int = METRICS_PORT
 
 
 @dataclass(frozen=True)
@@ -52,8 +40,8 @@ class Owner:
 
     def reference(self) -> dict[str, Any]:
         return {
-            "apiVersion": f"{S.API_GROUP}/{S.API_VERSION}",
-            "kind": S.KIND,
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
             "name": self.name,
             "uid": self.uid,
             "controller": True,
@@ -135,8 +123,8 @@ def build_service(owner: Owner) -> dict[str, Any]:
 def render_trainer_config(owner: Owner, spec: FineTuneJobSpec) -> str:
     """The trainer's config is the FineTuneJob itself, with every default filled in."""
     doc = {
-        "apiVersion": f"{S.API_GROUP}/{S.API_VERSION}",
-        "kind": S.KIND,
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
         "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid, "generation": owner.generation},
         "spec": spec.wire(),
     }
@@ -221,16 +209,10 @@ def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
     return out
 
 
-def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults, *, suspend: bool = False) -> dict[str, Any]:
-    """One Indexed Job: completions = parallelism = nodes. backoffLimit 0 because a torchrun group
-    cannot continue short a member: the operator restarts the whole group instead."""
+def _container(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults) -> dict[str, Any]:
+    """The trainer container: torchrun, read-only root, the config mounted, scratch on emptyDirs."""
     res = spec.resources
-    meta = _meta(job_name(owner, attempt), owner, attempt)
-    queued = bool(res.queue_name)
-    if queued:
-        meta["labels"][KUEUE_QUEUE_LABEL] = res.queue_name
-    pod_labels = labels(owner, attempt)
-    container: dict[str, Any] = {
+    return {
         "name": "trainer",
         "image": res.image or defaults.trainer_image,
         "imagePullPolicy": defaults.image_pull_policy,
@@ -256,6 +238,11 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Opera
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
     }
+
+
+def _pod_spec(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults) -> dict[str, Any]:
+    """The training pod: non-root, no API token, a subdomain of the headless Service for rendezvous."""
+    res = spec.resources
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "subdomain": service_name(owner),
@@ -269,7 +256,7 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Opera
             "fsGroup": 10001,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [container],
+        "containers": [_container(owner, spec, attempt, defaults)],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(owner)}},
             {"name": "cache", "emptyDir": {}},
@@ -287,6 +274,17 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Opera
         pod_spec["priorityClassName"] = res.priority_class_name
     if res.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s.name} for s in res.image_pull_secrets]
+    return pod_spec
+
+
+def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults, *, suspend: bool = False) -> dict[str, Any]:
+    """One Indexed Job: completions = parallelism = nodes. backoffLimit 0 because a torchrun group
+    cannot continue short a member: the operator restarts the whole group instead."""
+    res = spec.resources
+    meta = _meta(job_name(owner, attempt), owner, attempt)
+    queued = bool(res.queue_name)
+    if queued:
+        meta["labels"][KUEUE_QUEUE_LABEL] = res.queue_name
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -298,6 +296,6 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Opera
             "backoffLimit": 0,
             # Kueue admits a suspended Job as one gang; without Kueue the operator's suspend decides.
             "suspend": bool(suspend or queued),
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+            "template": {"metadata": {"labels": labels(owner, attempt)}, "spec": _pod_spec(owner, spec, attempt, defaults)},
         },
     }

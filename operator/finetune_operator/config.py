@@ -1,21 +1,49 @@
-"""Operator settings, read once from the environment (set by the Helm chart)."""
+"""Operator settings, read once from the environment (set by the Helm chart).
+
+This is the only module of the operator that reads its own environment: everything else gets an
+:class:`OperatorConfig` (or the :class:`OperatorDefaults` in it) as an argument, so a test builds one
+directly and no setting changes under a running operator.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from finetune_operator.builders import OperatorDefaults
+# Training pods' metrics (the operator's own port is OperatorConfig.metrics_port): the trainer serves
+# Prometheus metrics on every rank, local rank i of a pod on METRICS_PORT + i. The trainer's default too.
+METRICS_PORT = 9400
 
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
+@dataclass(frozen=True)
+class OperatorDefaults:
+    """Operator-wide settings of the training pods that the spec does not carry."""
+
+    trainer_image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    termination_grace_seconds: int = 300
+    metrics_port: int = METRICS_PORT
+
+
+def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
     if not raw:
         return default
     try:
         return int(raw)
     except ValueError as exc:
         raise SystemExit(f"environment variable {name} must be an integer, got {raw!r}") from exc
+
+
+def _float(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise SystemExit(f"environment variable {name} must be a number, got {raw!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -25,19 +53,26 @@ class OperatorConfig:
     resync_seconds: int = 10
     log_level: str = "INFO"
     defaults: OperatorDefaults = field(default_factory=OperatorDefaults)
+    progress_interval: float = 15.0  # seconds between two reads of a running job's progress document
+    tracemalloc: bool = False  # log the top allocation sites on SIGUSR1 (memory investigations)
+    instance: str = "finetune-operator"  # reportingInstance of the Events it posts: the pod's name
 
     @classmethod
-    def from_env(cls) -> "OperatorConfig":
-        namespaces = tuple(n.strip() for n in os.environ.get("FINETUNE_NAMESPACES", "").split(",") if n.strip())
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
+        env = os.environ if environ is None else environ
+        namespaces = tuple(n.strip() for n in env.get("FINETUNE_NAMESPACES", "").split(",") if n.strip())
         defaults = OperatorDefaults(
-            trainer_image=os.environ.get("FINETUNE_TRAINER_IMAGE", OperatorDefaults.trainer_image),
-            image_pull_policy=os.environ.get("FINETUNE_TRAINER_PULL_POLICY", OperatorDefaults.image_pull_policy),
-            termination_grace_seconds=_int("FINETUNE_TERMINATION_GRACE_SECONDS", OperatorDefaults.termination_grace_seconds),
+            trainer_image=env.get("FINETUNE_TRAINER_IMAGE", OperatorDefaults.trainer_image),
+            image_pull_policy=env.get("FINETUNE_TRAINER_PULL_POLICY", OperatorDefaults.image_pull_policy),
+            termination_grace_seconds=_int(env, "FINETUNE_TERMINATION_GRACE_SECONDS", OperatorDefaults.termination_grace_seconds),
         )
         return cls(
             namespaces=namespaces,
-            metrics_port=_int("FINETUNE_METRICS_PORT", 8080),
-            resync_seconds=max(1, _int("FINETUNE_RESYNC_SECONDS", 10)),
-            log_level=os.environ.get("FINETUNE_LOG_LEVEL", "INFO").upper(),
+            metrics_port=_int(env, "FINETUNE_METRICS_PORT", 8080),
+            resync_seconds=max(1, _int(env, "FINETUNE_RESYNC_SECONDS", 10)),
+            log_level=env.get("FINETUNE_LOG_LEVEL", "INFO").upper(),
             defaults=defaults,
+            progress_interval=_float(env, "FINETUNE_PROGRESS_INTERVAL", 15.0),
+            tracemalloc=env.get("FINETUNE_TRACEMALLOC") == "1",
+            instance=env.get("HOSTNAME", "finetune-operator"),
         )

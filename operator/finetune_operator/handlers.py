@@ -1,5 +1,10 @@
 """Handlers: read what the cluster holds, ask the pure state machine what to do, do it.
 
+Three steps, in this order, on every reconcile: :func:`observe` gathers everything
+:func:`~finetune_operator.state.decide` looks at (the indexed children, the trainer's progress, the
+credentials Secret when a Job may be created), ``decide`` makes the one decision, and :func:`_apply`
+executes the plan without second-guessing it.
+
 Every entry point (create, resume, update, timer, child Job/pod events) ends in :func:`reconcile`,
 which is level-based and idempotent. A per-object lock keeps two entry points from acting on the same
 FineTuneJob at once; a resourceVersion precondition on the status write keeps a stale view from
@@ -9,22 +14,22 @@ winning, in which case the object is re-read and the reconcile runs again.
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
 from collections import defaultdict
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from pydantic import ValidationError
 
 from finetune_api.spec import FineTuneJobSpec
-from finetune_api.status import TERMINAL_PHASES, Phase
+from finetune_api.status import TERMINAL_PHASES
 from finetune_api.validation import validation_message
-from finetune_operator import builders as B
 from finetune_operator import kube, metrics
-from finetune_operator.progress import ProgressReader, project, secret_values
+from finetune_operator.builders import CREDENTIAL_KEYS, Owner, build_config_map, build_job, build_service
 from finetune_operator.config import OperatorConfig
-from finetune_operator.state import JobView, Observed, PodView, decide
+from finetune_operator.progress import ProgressReader, project, secret_values
+from finetune_operator.state import Observed, Plan, decide, may_create_job
+from finetune_operator.views import JobView, PodView
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +45,18 @@ def _lock(uid: str) -> threading.Lock:
 def forget(uid: str) -> None:
     with _locks_guard:
         _locks.pop(uid, None)
-    _reader().forget(uid)
+    if _progress_reader is not None:
+        _progress_reader.forget(uid)
 
 
 _progress_reader: ProgressReader | None = None
 
 
-def _reader() -> ProgressReader:
+def _reader(config: OperatorConfig) -> ProgressReader:
+    """One reader for the whole operator (its cache and thread pool are shared by all jobs)."""
     global _progress_reader
     if _progress_reader is None:
-        _progress_reader = ProgressReader(secret_values(kube.read_secret), interval=float(os.environ.get("FINETUNE_PROGRESS_INTERVAL", "15")))
+        _progress_reader = ProgressReader(secret_values(kube.read_secret), interval=config.progress_interval)
     return _progress_reader
 
 
@@ -74,22 +81,22 @@ def check_secret(namespace: str, spec: FineTuneJobSpec) -> tuple[str, str] | Non
         return (
             "SecretNotFound",
             f"storage.credentialsSecret {ref.name!r} does not exist in namespace {namespace}: create it with keys "
-            f"{', '.join(B.CREDENTIAL_KEYS)} (kubectl create secret generic {ref.name} --from-literal=AWS_ACCESS_KEY_ID=... "
+            f"{', '.join(CREDENTIAL_KEYS)} (kubectl create secret generic {ref.name} --from-literal=AWS_ACCESS_KEY_ID=... "
             f"--from-literal=AWS_SECRET_ACCESS_KEY=...), then re-create this FineTuneJob",
         )
-    missing = [k for k in B.CREDENTIAL_KEYS if k not in keys]
+    missing = [k for k in CREDENTIAL_KEYS if k not in keys]
     if missing:
         return (
             "SecretMissingKeys",
             f"storage.credentialsSecret {ref.name!r} lacks key(s) {', '.join(missing)}; it must hold "
-            f"{', '.join(B.CREDENTIAL_KEYS)} (and optionally AWS_SESSION_TOKEN)",
+            f"{', '.join(CREDENTIAL_KEYS)} (and optionally AWS_SESSION_TOKEN)",
         )
     return None
 
 
-def _owner(body: Mapping[str, Any]) -> B.Owner:
+def _owner(body: Mapping[str, Any]) -> Owner:
     meta = body["metadata"]
-    return B.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"], generation=int(meta.get("generation") or 1))
+    return Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"], generation=int(meta.get("generation") or 1))
 
 
 def _status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,35 +132,12 @@ def _reconcile_locked(body: dict[str, Any], jobs: list[JobView], pods: list[PodV
     for _ in range(3):
         if body["metadata"].get("deletionTimestamp"):
             return
-        spec, error = parse(body)
-        meta = body["metadata"]
-        status = body.get("status") or {}
-        active = status.get("jobName") and status.get("phase") not in TERMINAL_PHASES
-        progress = _reader().read(meta["uid"], meta["namespace"], spec) if spec is not None and active else None
-        observed = Observed(
-            name=meta["name"],
-            namespace=meta["namespace"],
-            generation=int(meta.get("generation") or 1),
-            status=dict(body.get("status") or {}),
-            spec=spec,
-            spec_error=error,
-            jobs=tuple(jobs),
-            pods=tuple(pods),
-            progress=progress,
-        )
-        plan = decide(observed)
-        if spec is not None and active and plan.phase in TERMINAL_PHASES:
-            final = _reader().read(meta["uid"], meta["namespace"], spec, force=True)  # the last word of the trainer
-            if final is not None:
-                plan.status.update(project(final))
-        if plan.create_job is not None and spec is not None:
-            problem = check_secret(meta["namespace"], spec)
-            if problem:
-                plan = decide(Observed(**{**observed.__dict__, "secret_problem": problem}))
+        observed = observe(body, jobs, pods, config)
         try:
-            _apply(body, spec, plan, config)
+            _apply(body, observed.spec, decide(observed), config)
             return
         except kube.Conflict:
+            meta = body["metadata"]
             fresh = kube.get_finetunejob(meta["namespace"], meta["name"])
             if fresh is None:
                 return
@@ -161,28 +145,62 @@ def _reconcile_locked(body: dict[str, Any], jobs: list[JobView], pods: list[PodV
     raise kube.Conflict(f"{body['metadata']['namespace']}/{body['metadata']['name']} kept changing under the reconcile; the next event or resync retries")
 
 
-def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Any, config: OperatorConfig) -> None:
+def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], config: OperatorConfig) -> Observed:
+    """Everything :func:`decide` needs, read before it decides.
+
+    The progress document comes from the reader's cache (refreshed in the background) while the job
+    is active. The credentials Secret is read only when the state allows a new Job
+    (:func:`may_create_job`), not on every reconcile: it is the one GET a reconcile may add."""
+    meta = body["metadata"]
+    status = dict(body.get("status") or {})
+    spec, error = parse(body)
+    active = bool(status.get("jobName")) and status.get("phase") not in TERMINAL_PHASES
+    progress = _reader(config).read(meta["uid"], meta["namespace"], spec) if spec is not None and active else None
+    secret_problem = check_secret(meta["namespace"], spec) if spec is not None and may_create_job(status, spec, jobs) else None
+    return Observed(
+        name=meta["name"],
+        namespace=meta["namespace"],
+        generation=int(meta.get("generation") or 1),
+        status=status,
+        spec=spec,
+        spec_error=error,
+        jobs=tuple(jobs),
+        pods=tuple(pods),
+        secret_problem=secret_problem,
+        progress=progress,
+    )
+
+
+def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Plan, config: OperatorConfig) -> None:
+    """Execute ``plan``, in order: status, events, Job deletions and (un)suspends, new children, TTL."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     old_status = dict(body.get("status") or {})
-    patch = _status_patch(old_status, plan.status)
+    new_status = plan.status
+    if plan.read_final_progress:
+        assert spec is not None  # decide asks for it only for a valid spec
+        final = _reader(config).read(meta["uid"], ns, spec, force=True)  # the last word of the trainer
+        if final is not None:
+            new_status = {**new_status, **project(final)}
+    patch = _status_patch(old_status, new_status)
     if patch:
         kube.patch_status(ns, name, patch, meta.get("resourceVersion"))
-        if plan.status.get("phase") != old_status.get("phase"):
-            metrics.TRANSITIONS.labels(plan.status.get("phase") or "").inc()
-        if int(plan.status.get("restarts") or 0) > int(old_status.get("restarts") or 0):
+        if new_status.get("phase") != old_status.get("phase"):
+            metrics.TRANSITIONS.labels(new_status.get("phase") or "").inc()
+        if int(new_status.get("restarts") or 0) > int(old_status.get("restarts") or 0):
             metrics.RESTARTS.inc()
     for event_type, reason, message in plan.events:
-        kube.post_event(body, event_type, reason, message)
+        kube.post_event(body, event_type, reason, message, instance=config.instance)
         log.info("%s/%s: %s: %s", ns, name, reason, message)
     for job_name in plan.delete_jobs:
         kube.delete_job(ns, job_name)
     for job_name, suspend in plan.set_suspend.items():
         kube.set_job_suspend(ns, job_name, suspend)
-    if plan.create_job is not None and spec is not None and plan.status.get("phase") != Phase.failed.value:
+    if plan.create_job is not None:
+        assert spec is not None  # decide plans a Job only for a valid spec
         owner = _owner(body)
-        kube.create_if_absent(B.build_service(owner))
-        kube.create_if_absent(B.build_config_map(owner, spec))
-        kube.create_if_absent(B.build_job(owner, spec, plan.create_job, config.defaults))
+        kube.create_if_absent(build_service(owner))
+        kube.create_if_absent(build_config_map(owner, spec))
+        kube.create_if_absent(build_job(owner, spec, plan.create_job, config.defaults))
     if plan.delete_self:
         kube.delete_finetunejob(ns, name)

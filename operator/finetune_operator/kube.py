@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
-from datetime import datetime, timezone
 import threading
+from datetime import datetime, timezone
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from finetune_api import spec as S
+from finetune_api.spec import API_GROUP, API_VERSION, KIND, PLURAL
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ def secret_keys(namespace: str, name: str) -> set[str] | None:
     return set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
 
 
-def read_secret(name: str, namespace: str):
+def read_secret(namespace: str, name: str) -> client.V1Secret | None:
     """The Secret object, or None. Callers keep its values in memory only."""
     try:
         return _core().read_namespaced_secret(name, namespace)
@@ -104,7 +103,8 @@ def read_secret(name: str, namespace: str):
 
 def get_finetunejob(namespace: str, name: str) -> dict[str, Any] | None:
     try:
-        return _custom().get_namespaced_custom_object(S.API_GROUP, S.API_VERSION, namespace, S.PLURAL, name)
+        found: dict[str, Any] = _custom().get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+        return found
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -117,7 +117,8 @@ def patch_status(namespace: str, name: str, status: dict[str, Any], resource_ver
     if resource_version:
         body["metadata"] = {"resourceVersion": resource_version}
     try:
-        return _custom().patch_namespaced_custom_object_status(S.API_GROUP, S.API_VERSION, namespace, S.PLURAL, name, body)
+        patched: dict[str, Any] = _custom().patch_namespaced_custom_object_status(API_GROUP, API_VERSION, namespace, PLURAL, name, body)
+        return patched
     except ApiException as exc:
         if exc.status == 409:
             raise Conflict(f"{namespace}/{name} changed since it was read") from exc
@@ -127,15 +128,16 @@ def patch_status(namespace: str, name: str, status: dict[str, Any], resource_ver
 def delete_finetunejob(namespace: str, name: str) -> None:
     try:
         _custom().delete_namespaced_custom_object(
-            S.API_GROUP, S.API_VERSION, namespace, S.PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Background")
+            API_GROUP, API_VERSION, namespace, PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Background")
         )
     except ApiException as exc:
         if exc.status != 404:
             raise
 
 
-def post_event(body: dict[str, Any], event_type: str, reason: str, message: str) -> None:
-    """A core/v1 Event on the FineTuneJob (what `kubectl describe ftj` shows)."""
+def post_event(body: dict[str, Any], event_type: str, reason: str, message: str, *, instance: str) -> None:
+    """A core/v1 Event on the FineTuneJob (what `kubectl describe ftj` shows); ``instance`` is the
+    reporting operator (its pod's name)."""
     meta = body["metadata"]
     now = datetime.now(timezone.utc)
     event = {
@@ -143,8 +145,8 @@ def post_event(body: dict[str, Any], event_type: str, reason: str, message: str)
         "kind": "Event",
         "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
         "involvedObject": {
-            "apiVersion": f"{S.API_GROUP}/{S.API_VERSION}",
-            "kind": S.KIND,
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
             "name": meta["name"],
             "namespace": meta["namespace"],
             "uid": meta["uid"],
@@ -155,7 +157,7 @@ def post_event(body: dict[str, Any], event_type: str, reason: str, message: str)
         "message": message[:1024],
         "source": {"component": "finetune-operator"},
         "reportingComponent": "finetune-operator",
-        "reportingInstance": os.environ.get("HOSTNAME", "finetune-operator"),
+        "reportingInstance": instance,
         "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "count": 1,

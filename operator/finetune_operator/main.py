@@ -7,36 +7,41 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 from kubernetes import config as k8s_config
 
-from finetune_api import spec as S
-from finetune_operator import builders as B
+from finetune_api.spec import API_GROUP, API_VERSION, PLURAL
 from finetune_operator import handlers, metrics
+from finetune_operator.builders import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY
 from finetune_operator.config import OperatorConfig
-from finetune_operator.state import job_view, pod_view
+from finetune_operator.views import JobView, PodView, job_view, pod_view
 
 CONFIG = OperatorConfig.from_env()
-FTJ = (S.API_GROUP, S.API_VERSION, S.PLURAL)
-CHILDREN = {B.LABEL_MANAGED_BY: B.MANAGED_BY}
-PREFIX = S.API_GROUP
+FTJ = (API_GROUP, API_VERSION, PLURAL)
+CHILDREN = {LABEL_MANAGED_BY: MANAGED_BY}
+PREFIX = API_GROUP
+IndexKey = tuple[str, str | None]  # (namespace, FineTuneJob name): how the indexes below are keyed
+JobIndex = kopf.Index[IndexKey, JobView]
+PodIndex = kopf.Index[IndexKey, PodView]
+BodyIndex = kopf.Index[IndexKey, dict[str, Any]]
 
 _phases: dict[tuple[str, str], str | None] = {}
 log = logging.getLogger(__name__)
 
 
-def plain(value: Any) -> Any:
-    """Detach a Kopf body view into plain dicts/lists (index values outlive the event), without
-    metadata.managedFields, which nothing here reads and which is the bulk of a status-patched object."""
+def detached_copy(value: Any) -> Any:
+    """Copy a Kopf body view into plain dicts/lists that no longer refer to Kopf's (index values
+    outlive the event), without metadata.managedFields, which nothing here reads and which is the
+    bulk of a status-patched object."""
     if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items() if k != "managedFields"}
+        return {k: detached_copy(v) for k, v in value.items() if k != "managedFields"}
     if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
+        return [detached_copy(v) for v in value]
     return value
 
 
@@ -54,8 +59,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 30
     # Watch only our own children, filtered by the API server.
-    settings.watching.label_selectors["jobs"] = f"{B.LABEL_MANAGED_BY}={B.MANAGED_BY}"
-    settings.watching.label_selectors["pods"] = f"{B.LABEL_MANAGED_BY}={B.MANAGED_BY}"
+    settings.watching.label_selectors["jobs"] = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+    settings.watching.label_selectors["pods"] = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
     try:
         k8s_config.load_incluster_config()
     except k8s_config.ConfigException:
@@ -65,7 +70,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     loop.create_task(_resync_loop())
 
 
-def _libc_trim() -> Any:
+def _libc_trim() -> Callable[[int], int] | None:
     """glibc keeps freed heap pages mapped after a burst of events (hundreds of objects decoded at
     once); malloc_trim(0) hands them back, so RSS follows what is actually in use."""
     try:
@@ -86,37 +91,42 @@ async def _heartbeat() -> None:
 
 # ------------------------------------------------------------------------------------------ indexes
 # Watch-fed, in-memory views of our children, so a reconcile reads no API at all.
+#
+# The `type: ignore[arg-type]` on the decorators here and below: Kopf's handler protocols list every
+# keyword Kopf may pass, typed for any resource (namespace None when cluster-scoped) and without the
+# index keywords (ftj_jobs, ...), so a handler that names only what it uses, typed for our namespaced
+# resources, never matches them.
 
 
-@kopf.index("batch", "v1", "jobs", labels=CHILDREN)
-async def ftj_jobs(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels.get(B.LABEL_JOB)): job_view(plain(body))}
+@kopf.index("batch", "v1", "jobs", labels=CHILDREN)  # type: ignore[arg-type]
+async def ftj_jobs(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[IndexKey, JobView]:
+    return {(namespace, labels.get(LABEL_JOB)): job_view(detached_copy(body))}
 
 
-@kopf.index("v1", "pods", labels=CHILDREN)
-async def ftj_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict:
-    return {(namespace, labels.get(B.LABEL_JOB)): pod_view(plain(body))}
+@kopf.index("v1", "pods", labels=CHILDREN)  # type: ignore[arg-type]
+async def ftj_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[IndexKey, PodView]:
+    return {(namespace, labels.get(LABEL_JOB)): pod_view(detached_copy(body))}
 
 
-@kopf.index(*FTJ)
-async def ftj_bodies(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
-    snapshot = plain(body)
+@kopf.index(*FTJ)  # type: ignore[arg-type]
+async def ftj_bodies(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[IndexKey, dict[str, Any]]:
+    snapshot: dict[str, Any] = detached_copy(body)
     _phases[(namespace, name)] = (snapshot.get("status") or {}).get("phase")
     return {(namespace, name): snapshot}
 
 
-_INDEXES: dict[str, kopf.Index] = {}
+_INDEXES: dict[str, kopf.Index[IndexKey, Any]] = {}
 # Reconciles block on the API (sync client); they run here, never on the event loop.
 _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="reconcile")
 
 
-def _remember(**indexes: kopf.Index) -> None:
+def _remember(**indexes: kopf.Index[IndexKey, Any]) -> None:
     """Keep the index objects (they live as long as the operator) for the resync loop."""
     for name, index in indexes.items():
         _INDEXES.setdefault(name, index)
 
 
-def _snapshot(index: kopf.Index | None, key: tuple) -> list:
+def _snapshot(index: kopf.Index[IndexKey, Any] | None, key: IndexKey) -> list[Any]:
     """Copy an index entry on the event loop (the loop mutates indexes; threads must not iterate them)."""
     return list(index.get(key, ())) if index is not None else []
 
@@ -124,7 +134,7 @@ def _snapshot(index: kopf.Index | None, key: tuple) -> list:
 async def _reconcile(body: Mapping[str, Any], handler: str) -> None:
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     jobs, pods = _snapshot(_INDEXES.get("jobs"), key), _snapshot(_INDEXES.get("pods"), key)
-    snapshot = plain(body)
+    snapshot: dict[str, Any] = detached_copy(body)
     await asyncio.get_running_loop().run_in_executor(
         _POOL, lambda: handlers.reconcile(snapshot, jobs=jobs, pods=pods, config=CONFIG, handler=handler)
     )
@@ -133,8 +143,8 @@ async def _reconcile(body: Mapping[str, Any], handler: str) -> None:
 # ----------------------------------------------------------------------------------------- handlers
 
 
-@kopf.on.event(*FTJ)
-async def on_event(type: str | None, body: kopf.Body, ftj_jobs: kopf.Index, ftj_pods: kopf.Index, ftj_bodies: kopf.Index, **_: Any) -> None:
+@kopf.on.event(*FTJ)  # type: ignore[arg-type]
+async def on_event(type: str | None, body: kopf.Body, ftj_jobs: JobIndex, ftj_pods: PodIndex, ftj_bodies: BodyIndex, **_: Any) -> None:
     """Every change of a FineTuneJob, and every existing one when the operator starts (type None).
 
     Level-triggered on purpose: the reconcile reads the whole state each time, so no per-handler
@@ -150,21 +160,21 @@ async def on_event(type: str | None, body: kopf.Body, ftj_jobs: kopf.Index, ftj_
     await _reconcile(body, "event" if type else "startup")
 
 
-async def _child_event(namespace: str, labels: Mapping[str, str], handler: str, **indexes: kopf.Index) -> None:
+async def _child_event(namespace: str, labels: Mapping[str, str], handler: str, **indexes: kopf.Index[IndexKey, Any]) -> None:
     _remember(**indexes)
-    for body in _snapshot(indexes["bodies"], (namespace, labels.get(B.LABEL_JOB))):
+    for body in _snapshot(indexes["bodies"], (namespace, labels.get(LABEL_JOB))):
         await _reconcile(body, handler)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)
-async def on_job_event(namespace: str, labels: Mapping[str, str], ftj_bodies: kopf.Index, ftj_jobs: kopf.Index,
-                       ftj_pods: kopf.Index, **_: Any) -> None:
+@kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)  # type: ignore[arg-type]
+async def on_job_event(namespace: str, labels: Mapping[str, str], ftj_bodies: BodyIndex, ftj_jobs: JobIndex,
+                       ftj_pods: PodIndex, **_: Any) -> None:
     await _child_event(namespace, labels, "job-event", bodies=ftj_bodies, jobs=ftj_jobs, pods=ftj_pods)
 
 
-@kopf.on.event("v1", "pods", labels=CHILDREN)
-async def on_pod_event(namespace: str, labels: Mapping[str, str], ftj_bodies: kopf.Index, ftj_jobs: kopf.Index,
-                       ftj_pods: kopf.Index, **_: Any) -> None:
+@kopf.on.event("v1", "pods", labels=CHILDREN)  # type: ignore[arg-type]
+async def on_pod_event(namespace: str, labels: Mapping[str, str], ftj_bodies: BodyIndex, ftj_jobs: JobIndex,
+                       ftj_pods: PodIndex, **_: Any) -> None:
     await _child_event(namespace, labels, "pod-event", bodies=ftj_bodies, jobs=ftj_jobs, pods=ftj_pods)
 
 

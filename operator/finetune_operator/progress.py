@@ -207,10 +207,10 @@ class ProgressReader:
 
 
 def secret_values(read_secret: Callable[[str, str], Any]) -> Credentials:
-    """Adapt a ``read_namespaced_secret``-like call to the AWS_* values the reader needs."""
+    """Adapt a :func:`finetune_operator.kube.read_secret`-like ``(namespace, name)`` call to the AWS_* values the reader needs."""
 
     def get(namespace: str, name: str) -> dict[str, str] | None:
-        secret = read_secret(name, namespace)
+        secret = read_secret(namespace, name)
         if secret is None:
             return None
         data = secret.data or {}

@@ -1,31 +1,41 @@
 """The FineTuneJob state machine, as a pure function.
 
 ``decide(observed) -> Plan``: given the job's spec and status and what exists in the cluster (its
-batch Jobs and pods), compute the next status and the actions to take. Handlers do the I/O around it.
-Being pure and level-based, it can be re-run at any time (after a crash, on a timer, on any child
-event) and converges to the same answer; deterministic child names make every action idempotent.
+batch Jobs and pods, the trainer's progress, whether its credentials Secret is usable), compute the
+next status and the actions to take. The handler gathers all of that first and then only executes
+the plan: it never edits a plan or decides twice. Being pure and level-based, ``decide`` can be
+re-run at any time (after a crash, on a timer, on any child event) and converges to the same answer;
+deterministic child names make every action idempotent.
+
+``decide`` picks the situation the job is in and hands it to one small function each: finished
+(:func:`_finished`), past its deadline (:func:`_deadline_passed`), suspended (:func:`_suspend`,
+:func:`_resume`), to create (:func:`_to_create`), succeeded (:func:`_succeeded`), failed
+(:func:`_failed`) and running (:func:`_running`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from finetune_api.status import ConditionType, ProgressDocument
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import Phase, TERMINAL_PHASES
 from finetune_api.failures import EXIT_PREEMPTED, PERMANENT_EXIT_CODES, find_termination_line, last_meaningful_line
 
-from finetune_operator import builders as B
+from finetune_operator.builders import Owner, job_name
 from finetune_operator.progress import project as project_progress
+from finetune_operator.views import JobView, PodView
 
-CONDITION_TYPES = ("Running", "Restarting", "Suspended", "Succeeded", "Failed")
+# The condition that is True in each phase (Pending has none).
 _PHASE_CONDITION = {
-    Phase.running.value: "Running",
-    Phase.restarting.value: "Restarting",
-    Phase.suspended.value: "Suspended",
-    Phase.succeeded.value: "Succeeded",
-    Phase.failed.value: "Failed",
+    Phase.running.value: ConditionType.running,
+    Phase.restarting.value: ConditionType.restarting,
+    Phase.suspended.value: ConditionType.suspended,
+    Phase.succeeded.value: ConditionType.succeeded,
+    Phase.failed.value: ConditionType.failed,
 }
 
 
@@ -43,99 +53,13 @@ def parse_time(value: str | None) -> datetime | None:
     return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
 
 
-# ------------------------------------------------------------------------------- observed children
-
-
-@dataclass(frozen=True)
-class PodView:
-    name: str
-    attempt: int
-    index: int | None
-    phase: str
-    exit_code: int | None = None
-    message: str | None = None
-    reason: str | None = None
-    deleting: bool = False
-
-    @property
-    def failed(self) -> bool:
-        return self.phase == "Failed" or (self.exit_code is not None and self.exit_code != 0)
-
-
-@dataclass(frozen=True)
-class JobView:
-    name: str
-    attempt: int
-    suspended: bool
-    active: int = 0
-    ready: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    complete: bool = False
-    failed_condition: tuple[str, str] | None = None  # (reason, message)
-    deleting: bool = False
-
-
-def _attempt(meta: dict[str, Any]) -> int:
-    try:
-        return int((meta.get("labels") or {}).get(B.LABEL_ATTEMPT, "-1"))
-    except ValueError:
-        return -1
-
-
-def job_view(job: dict[str, Any]) -> JobView:
-    meta, spec, status = job.get("metadata", {}), job.get("spec", {}), job.get("status") or {}
-    complete, failed_cond = False, None
-    for cond in status.get("conditions") or []:
-        if cond.get("status") != "True":
-            continue
-        if cond.get("type") == "Complete":
-            complete = True
-        elif cond.get("type") in ("Failed", "FailureTarget"):
-            failed_cond = (cond.get("reason") or "Failed", cond.get("message") or "")
-    return JobView(
-        name=meta.get("name", ""),
-        attempt=_attempt(meta),
-        suspended=bool(spec.get("suspend")),
-        active=int(status.get("active") or 0),
-        ready=int(status.get("ready") or 0),
-        succeeded=int(status.get("succeeded") or 0),
-        failed=int(status.get("failed") or 0),
-        complete=complete,
-        failed_condition=failed_cond,
-        deleting=bool(meta.get("deletionTimestamp")),
-    )
-
-
-def pod_view(pod: dict[str, Any]) -> PodView:
-    meta, status = pod.get("metadata", {}), pod.get("status") or {}
-    index = (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index")
-    exit_code = message = reason = None
-    for cs in status.get("containerStatuses") or []:
-        term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
-        if term:
-            exit_code = term.get("exitCode")
-            message = (term.get("message") or "").strip() or None
-            reason = term.get("reason")
-            if exit_code:
-                break
-    return PodView(
-        name=meta.get("name", ""),
-        attempt=_attempt(meta),
-        index=int(index) if index is not None and str(index).isdigit() else None,
-        phase=status.get("phase") or "Pending",
-        exit_code=exit_code,
-        message=message,
-        reason=reason or status.get("reason"),
-        deleting=bool(meta.get("deletionTimestamp")),
-    )
-
-
 # ---------------------------------------------------------------------------------------- the plan
 
 
 @dataclass(frozen=True)
 class Observed:
+    """Everything :func:`decide` looks at, gathered by the handler before it decides."""
+
     name: str
     namespace: str
     generation: int
@@ -144,25 +68,41 @@ class Observed:
     spec_error: str | None = None
     jobs: tuple[JobView, ...] = ()
     pods: tuple[PodView, ...] = ()
-    secret_problem: tuple[str, str] | None = None  # (reason, message)
-    progress: Any = None  # finetune_api.status.ProgressDocument from the trainer, when there is one
+    # (reason, message) when storage.credentialsSecret is missing or incomplete. Read only when
+    # may_create_job() holds, and consulted only when a Job is about to be created.
+    secret_problem: tuple[str, str] | None = None
+    progress: ProgressDocument | None = None  # the trainer's latest document, when there is one
     now: datetime = field(default_factory=now_utc)
 
 
 @dataclass
 class Plan:
+    """What to do, in the order the handler does it: write ``status``, post ``events``, delete and
+    (un)suspend Jobs, create the attempt's children, delete the FineTuneJob itself."""
+
     status: dict[str, Any]
     create_job: int | None = None  # attempt to create
     delete_jobs: list[str] = field(default_factory=list)
     set_suspend: dict[str, bool] = field(default_factory=dict)  # job name -> suspend
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     delete_self: bool = False
+    # When the next time-based change is due (TTL, deadline, old pods gone). Informational: the
+    # resync loop reconciles every job every few seconds, so nothing has to be scheduled.
     requeue_after: float | None = None
-    ensure_children: bool = False
+    # The job just finished: read the trainer's progress document once more, synchronously, and write
+    # its last word (final metrics, model URI) with this status.
+    read_final_progress: bool = False
 
-    @property
-    def phase(self) -> str | None:
-        return self.status.get("phase")
+
+def may_create_job(status: dict[str, Any], spec: FineTuneJobSpec | None, jobs: Iterable[JobView]) -> bool:
+    """Whether :func:`decide` could plan a new Job for this state: the one decision that needs the
+    credentials Secret, so the handler reads it (one GET) only then. It is a superset of decide's own
+    condition (it ignores the deadline), which is enough: decide consults the Secret only at the point
+    where it would create the Job."""
+    if spec is None or status.get("phase") in TERMINAL_PHASES or spec.run_policy.suspend:
+        return False
+    attempt = int(status.get("attempt") or 0)
+    return not any(j.attempt != attempt or not j.deleting for j in jobs)
 
 
 def _first_failure(pods: list[PodView], job: JobView | None) -> tuple[str, str, int | None, bool]:
@@ -198,153 +138,219 @@ def _set_phase(status: dict[str, Any], phase: str, reason: str, message: str, no
     status["phase"], status["reason"], status["message"] = phase, reason, message
     conditions = {c["type"]: dict(c) for c in status.get("conditions") or []}
     active = _PHASE_CONDITION.get(phase)
-    for ctype in CONDITION_TYPES:
-        want = "True" if ctype == active else "False"
-        old = conditions.get(ctype)
+    for ctype in ConditionType:
+        want = "True" if ctype is active else "False"
+        old = conditions.get(ctype.value)
         if old is None and want == "False":
             continue
+        cond: dict[str, Any]
         if want == "True":
-            cond = {"type": ctype, "status": want, "reason": reason, "message": message}
-        elif old.get("status") == "False":
+            cond = {"type": ctype.value, "status": want, "reason": reason, "message": message}
+        elif old is not None and old.get("status") == "False":
             cond = dict(old)
         else:
-            cond = {"type": ctype, "status": want, "reason": reason, "message": f"phase is {phase}"}
-        flipped = old is None or old.get("status") != want
-        cond["lastTransitionTime"] = iso(now) if flipped else old.get("lastTransitionTime", iso(now))
+            cond = {"type": ctype.value, "status": want, "reason": reason, "message": f"phase is {phase}"}
+        if old is None or old.get("status") != want:  # flipped
+            cond["lastTransitionTime"] = iso(now)
+        else:
+            cond["lastTransitionTime"] = old.get("lastTransitionTime", iso(now))
         cond["observedGeneration"] = generation
-        conditions[ctype] = cond
-    status["conditions"] = [conditions[t] for t in CONDITION_TYPES if t in conditions]
+        conditions[ctype.value] = cond
+    status["conditions"] = [conditions[t.value] for t in ConditionType if t.value in conditions]
+
+
+# ------------------------------------------------------------------------------------ the decision
 
 
 def decide(obs: Observed) -> Plan:
-    old = obs.status or {}
-    status: dict[str, Any] = {k: v for k, v in old.items()}
+    """The next status and actions for one FineTuneJob, in one pure step (see the module docstring)."""
+    plan = _start(obs)
+    if obs.status.get("phase") in TERMINAL_PHASES:
+        return _finished(obs, plan)
+    if obs.spec is None:
+        return _fail(obs, plan, "InvalidSpec", obs.spec_error or "the spec does not validate")
+    spec = obs.spec
+    group = _Group.of(obs, spec, int(plan.status["attempt"]))
+    plan.delete_jobs.extend(j.name for j in obs.jobs if j.attempt != group.attempt and not j.deleting)
+    if _deadline_passed(obs, spec, group, plan):
+        return plan
+    if spec.run_policy.suspend:
+        return _suspend(obs, group, plan)
+    job = group.job
+    if obs.status.get("phase") == Phase.suspended.value and job and job.suspended and not group.queued:
+        return _resume(obs, job, plan)
+    if job is None:
+        return _to_create(obs, spec, group, plan)
+    if job.complete:
+        return _succeeded(obs, spec, plan)
+    if job.failed_condition is not None or job.failed > 0 or any(p.failed for p in group.pods):
+        return _failed(obs, spec, group, job, plan)
+    return _running(obs, spec, group, job, plan)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The current attempt's training group, as observed."""
+
+    attempt: int
+    job: JobView | None  # its Job, unless there is none or it is being deleted
+    pods: list[PodView]
+    queued: bool  # Kueue admits it (spec.resources.queueName), and owns the Job's .spec.suspend
+
+    @classmethod
+    def of(cls, obs: Observed, spec: FineTuneJobSpec, attempt: int) -> _Group:
+        current = [j for j in obs.jobs if j.attempt == attempt and not j.deleting]
+        return cls(attempt, current[0] if current else None, [p for p in obs.pods if p.attempt == attempt],
+                   bool(spec.resources.queue_name))
+
+
+def _start(obs: Observed) -> Plan:
+    """The plan every situation starts from: the old status, with the generation and the trainer's
+    latest progress (while the job is active)."""
+    status = dict(obs.status)
     status["observedGeneration"] = obs.generation
     status.setdefault("attempt", 0)
     status.setdefault("restarts", 0)
-    plan = Plan(status=status)
-    old_phase = old.get("phase")
-    if obs.progress is not None and old_phase not in TERMINAL_PHASES:
+    if obs.progress is not None and obs.status.get("phase") not in TERMINAL_PHASES:
         status.update(project_progress(obs.progress))
+    return Plan(status=status)
 
-    def transition(phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
-        changed = (old_phase, old.get("reason")) != (phase, reason)
-        _set_phase(status, phase, reason, message, obs.now, obs.generation)
-        if changed:
-            plan.events.append((event_type, reason, message))
 
-    # ---- finished jobs: only TTL is left to act on
-    if old_phase in TERMINAL_PHASES:
-        policy = obs.spec.run_policy if obs.spec else None
-        done = parse_time(old.get("completionTime"))
-        if policy and policy.ttl_seconds_after_finished is not None and done:
-            expires = done + timedelta(seconds=policy.ttl_seconds_after_finished)
-            if obs.now >= expires:
-                plan.delete_self = True
-                plan.events.append(("Normal", "TTLExpired", f"deleting after ttlSecondsAfterFinished={policy.ttl_seconds_after_finished}"))
-            else:
-                plan.requeue_after = (expires - obs.now).total_seconds()
+def _transition(obs: Observed, plan: Plan, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
+    """Move to ``phase``; an event is posted only when phase or reason changed."""
+    changed = (obs.status.get("phase"), obs.status.get("reason")) != (phase, reason)
+    _set_phase(plan.status, phase, reason, message, obs.now, obs.generation)
+    if changed:
+        plan.events.append((event_type, reason, message))
+
+
+def _finish(obs: Observed, plan: Plan) -> Plan:
+    """A job that ran (it has a Job) publishes the trainer's last progress with its final status."""
+    plan.read_final_progress = obs.spec is not None and bool(obs.status.get("jobName"))
+    return plan
+
+
+def _fail(obs: Observed, plan: Plan, reason: str, message: str, *, last_word: bool = True) -> Plan:
+    """Fail the job for good; ``last_word``: with the trainer's final progress (see :func:`_finish`)."""
+    _transition(obs, plan, Phase.failed.value, reason, message, "Warning")
+    plan.status["completionTime"] = iso(obs.now)
+    return _finish(obs, plan) if last_word else plan
+
+
+def _finished(obs: Observed, plan: Plan) -> Plan:
+    """Succeeded or Failed: only ttlSecondsAfterFinished is left to act on."""
+    ttl = obs.spec.run_policy.ttl_seconds_after_finished if obs.spec else None
+    done = parse_time(obs.status.get("completionTime"))
+    if ttl is None or done is None:
         return plan
+    expires = done + timedelta(seconds=ttl)
+    if obs.now >= expires:
+        plan.delete_self = True
+        plan.events.append(("Normal", "TTLExpired", f"deleting after ttlSecondsAfterFinished={ttl}"))
+    else:
+        plan.requeue_after = (expires - obs.now).total_seconds()
+    return plan
 
-    def fail(reason: str, message: str) -> Plan:
-        transition(Phase.failed.value, reason, message, "Warning")
-        status["completionTime"] = iso(obs.now)
-        return plan
 
-    if obs.spec is None:
-        return fail("InvalidSpec", obs.spec_error or "the spec does not validate")
-    if obs.secret_problem:
-        return fail(*obs.secret_problem)
-
-    spec = obs.spec
-    attempt = int(status["attempt"])
-    plan.ensure_children = True
-    current = [j for j in obs.jobs if j.attempt == attempt and not j.deleting]
-    job = current[0] if current else None
-    stale = [j for j in obs.jobs if j.attempt != attempt]
-    plan.delete_jobs.extend(j.name for j in stale if not j.deleting)
-    pods = [p for p in obs.pods if p.attempt == attempt]
-    queued = bool(spec.resources.queue_name)
-
-    # ---- deadline, measured from the first start
-    started = parse_time(old.get("startTime"))
+def _deadline_passed(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) -> bool:
+    """runPolicy.activeDeadlineSeconds, measured from the first start: past it, fail the job."""
+    started = parse_time(obs.status.get("startTime"))
     deadline = spec.run_policy.active_deadline_seconds
-    if deadline and started and obs.now >= started + timedelta(seconds=deadline):
-        if job:
-            plan.delete_jobs.append(job.name)
-        return fail("DeadlineExceeded", f"the job ran longer than runPolicy.activeDeadlineSeconds={deadline}")
-    if deadline and started:
+    if not deadline or not started:
+        return False
+    if obs.now < started + timedelta(seconds=deadline):
         plan.requeue_after = (started + timedelta(seconds=deadline) - obs.now).total_seconds()
+        return False
+    if group.job:
+        plan.delete_jobs.append(group.job.name)
+    _fail(obs, plan, "DeadlineExceeded", f"the job ran longer than runPolicy.activeDeadlineSeconds={deadline}")
+    return True
 
-    # ---- suspend / resume
-    if spec.run_policy.suspend:
-        if job and queued:
-            plan.delete_jobs.append(job.name)  # Kueue owns .spec.suspend of queued Jobs; re-create on resume
-            status["attempt"] = attempt + 1
-        elif job and not job.suspended:
-            plan.set_suspend[job.name] = True
-        transition(Phase.suspended.value, "Suspended", "runPolicy.suspend is true: pods stopped (the trainer checkpoints on SIGTERM)")
-        return plan
-    if old_phase == Phase.suspended.value and job and job.suspended and not queued:
-        plan.set_suspend[job.name] = False
-        transition(Phase.pending.value, "Resumed", "runPolicy.suspend is false: pods are starting again and resume from the latest checkpoint")
-        return plan
 
-    # ---- create the attempt's Job once every older one is gone (their pods may still be checkpointing)
-    if job is None:
-        if any(j.attempt != attempt for j in obs.jobs):
-            transition(old_phase or Phase.pending.value, old.get("reason") or "WaitingForOldPods", old.get("message") or "waiting for the previous attempt's pods to exit")
-            plan.requeue_after = 2.0
-            return plan
-        plan.create_job = attempt
-        status.setdefault("startTime", iso(obs.now))
-        status["jobName"] = B.job_name(B.Owner(obs.name, obs.namespace, ""), attempt)
-        if old_phase in (None, Phase.suspended.value):
-            transition(Phase.pending.value, "JobCreated", f"created Job {status['jobName']} ({spec.resources.nodes} node(s) x {spec.resources.gpus_per_node} GPU)")
-        return plan
+def _suspend(obs: Observed, group: _Group, plan: Plan) -> Plan:
+    """runPolicy.suspend is set: stop the pods (clearing it resumes them, see :func:`_resume`)."""
+    job = group.job
+    if job and group.queued:
+        plan.delete_jobs.append(job.name)  # Kueue owns .spec.suspend of queued Jobs; re-create on resume
+        plan.status["attempt"] = group.attempt + 1
+    elif job and not job.suspended:
+        plan.set_suspend[job.name] = True
+    _transition(obs, plan, Phase.suspended.value, "Suspended", "runPolicy.suspend is true: pods stopped (the trainer checkpoints on SIGTERM)")
+    return plan
 
-    # ---- the group finished
-    if job.complete:
-        status["completionTime"] = iso(obs.now)
-        transition(Phase.succeeded.value, "Completed", f"all {spec.resources.nodes} training pod(s) finished successfully")
-        return plan
 
-    failed = job.failed_condition is not None or job.failed > 0 or any(p.failed for p in pods)
-    if failed:
-        reason, message, code, permanent = _first_failure(pods, job)
-        status["failureReason"] = message
-        if permanent:
-            return fail(reason, f"{message} (permanent: not retried)")
-        restarts = int(status.get("restarts", 0))
-        limit = spec.run_policy.backoff_limit
-        if restarts >= limit:
-            return fail("BackoffLimitExceeded", f"restarted {restarts} time(s), runPolicy.backoffLimit={limit}; last failure: {message}")
-        status["restarts"] = restarts + 1
-        status["attempt"] = attempt + 1
-        plan.delete_jobs.append(job.name)
-        why = "preempted" if code == EXIT_PREEMPTED else "failed"
-        transition(
-            Phase.restarting.value,
-            reason,
-            f"group {why}, restarting from the latest checkpoint (restart {restarts + 1}/{limit}): {message}",
-            "Warning",
-        )
-        return plan
+def _resume(obs: Observed, job: JobView, plan: Plan) -> Plan:
+    """runPolicy.suspend cleared while the operator's suspend still holds the Job: lift it."""
+    plan.set_suspend[job.name] = False
+    _transition(obs, plan, Phase.pending.value, "Resumed", "runPolicy.suspend is false: pods are starting again and resume from the latest checkpoint")
+    return plan
 
-    # ---- still going
-    running = sum(1 for p in pods if p.phase == "Running" and not p.deleting)
+
+def _to_create(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) -> Plan:
+    """No Job for this attempt: create it once every older one is gone (their pods may still be
+    checkpointing), unless the credentials Secret is not usable."""
+    old = obs.status
+    if any(j.attempt != group.attempt for j in obs.jobs):
+        _transition(obs, plan, old.get("phase") or Phase.pending.value, old.get("reason") or "WaitingForOldPods",
+                    old.get("message") or "waiting for the previous attempt's pods to exit")
+        plan.requeue_after = 2.0
+        return plan
+    if obs.secret_problem:  # no Job of this attempt ran, so there is no last word to read
+        return _fail(obs, plan, *obs.secret_problem, last_word=False)
+    plan.create_job = group.attempt
+    plan.status.setdefault("startTime", iso(obs.now))
+    plan.status["jobName"] = job_name(Owner(obs.name, obs.namespace, ""), group.attempt)
+    if old.get("phase") in (None, Phase.suspended.value):
+        _transition(obs, plan, Phase.pending.value, "JobCreated",
+                    f"created Job {plan.status['jobName']} ({spec.resources.nodes} node(s) x {spec.resources.gpus_per_node} GPU)")
+    return plan
+
+
+def _succeeded(obs: Observed, spec: FineTuneJobSpec, plan: Plan) -> Plan:
+    plan.status["completionTime"] = iso(obs.now)
+    _transition(obs, plan, Phase.succeeded.value, "Completed", f"all {spec.resources.nodes} training pod(s) finished successfully")
+    return _finish(obs, plan)
+
+
+def _failed(obs: Observed, spec: FineTuneJobSpec, group: _Group, job: JobView, plan: Plan) -> Plan:
+    """The group failed: fail the job when the failure is permanent or the restarts are used up,
+    else restart the whole group (a torchrun group cannot continue short a member)."""
+    reason, message, code, permanent = _first_failure(group.pods, job)
+    plan.status["failureReason"] = message
+    if permanent:
+        return _fail(obs, plan, reason, f"{message} (permanent: not retried)")
+    restarts = int(plan.status.get("restarts", 0))
+    limit = spec.run_policy.backoff_limit
+    if restarts >= limit:
+        return _fail(obs, plan, "BackoffLimitExceeded", f"restarted {restarts} time(s), runPolicy.backoffLimit={limit}; last failure: {message}")
+    plan.status["restarts"] = restarts + 1
+    plan.status["attempt"] = group.attempt + 1
+    plan.delete_jobs.append(job.name)
+    why = "preempted" if code == EXIT_PREEMPTED else "failed"
+    message = f"group {why}, restarting from the latest checkpoint (restart {restarts + 1}/{limit}): {message}"
+    _transition(obs, plan, Phase.restarting.value, reason, message, "Warning")
+    return plan
+
+
+def _running(obs: Observed, spec: FineTuneJobSpec, group: _Group, job: JobView, plan: Plan) -> Plan:
+    """The group is still going: Queued, Pending, Running or (still) Restarting."""
+    old, nodes = obs.status, spec.resources.nodes
+    running = sum(1 for p in group.pods if p.phase == "Running" and not p.deleting)
     # Pods that already exited 0 count as started: a short run's pods can finish before the Job is marked
     # complete, and the job has been running, not pending, all along.
-    finished = sum(1 for p in pods if p.phase == "Succeeded" and not p.deleting)
-    if job.suspended and queued:
-        transition(Phase.pending.value, "Queued", f"waiting for Kueue to admit the job in queue {spec.resources.queue_name}")
-    elif running + finished >= spec.resources.nodes and running:
-        transition(Phase.running.value, "PodsRunning", f"{running}/{spec.resources.nodes} training pod(s) running")
-    elif running + finished >= spec.resources.nodes:
-        transition(Phase.running.value, "PodsFinished", f"all {finished} training pod(s) exited successfully; waiting for the Job to complete")
-    elif old_phase == Phase.restarting.value:
-        transition(Phase.restarting.value, old.get("reason") or "Restarting", old.get("message") or "restarting")
+    finished = sum(1 for p in group.pods if p.phase == "Succeeded" and not p.deleting)
+    if job.suspended and group.queued:
+        _transition(obs, plan, Phase.pending.value, "Queued", f"waiting for Kueue to admit the job in queue {spec.resources.queue_name}")
+    elif running + finished >= nodes and running:
+        _transition(obs, plan, Phase.running.value, "PodsRunning", f"{running}/{nodes} training pod(s) running")
+    elif running + finished >= nodes:
+        _transition(obs, plan, Phase.running.value, "PodsFinished", f"all {finished} training pod(s) exited successfully; waiting for the Job to complete")
+    elif old.get("phase") == Phase.restarting.value:
+        _transition(obs, plan, Phase.restarting.value, old.get("reason") or "Restarting", old.get("message") or "restarting")
     else:
-        transition(Phase.pending.value, old.get("reason") if old_phase == Phase.pending.value else "WaitingForPods",
-                   old.get("message") if old_phase == Phase.pending.value else f"{running}/{spec.resources.nodes} training pod(s) running")
+        waiting = f"{running}/{nodes} training pod(s) running"
+        if old.get("phase") == Phase.pending.value:  # keep what the Pending phase was about (JobCreated, Resumed)
+            _transition(obs, plan, Phase.pending.value, old.get("reason") or "WaitingForPods", old.get("message") or waiting)
+        else:
+            _transition(obs, plan, Phase.pending.value, "WaitingForPods", waiting)
     return plan

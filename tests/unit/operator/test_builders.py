@@ -6,9 +6,10 @@ import pytest
 import yaml
 
 from finetune_api.spec import parse_spec
-from finetune_operator import builders as B
+from finetune_operator import builders
+from finetune_operator.config import OperatorDefaults
 
-OWNER = B.Owner(name="llama-ft", namespace="team-a", uid="u-1", generation=2)
+OWNER = builders.Owner(name="llama-ft", namespace="team-a", uid="u-1", generation=2)
 SPEC = {
     "model": {"uri": "s3://models/llama"},
     "dataset": {"train": "s3://data/train.jsonl"},
@@ -22,28 +23,28 @@ SPEC = {
 
 
 def _job(spec=SPEC, attempt=0, **kw):
-    return B.build_job(OWNER, parse_spec(spec), attempt, B.OperatorDefaults(trainer_image="trainer:1"), **kw)
+    return builders.build_job(OWNER, parse_spec(spec), attempt, OperatorDefaults(trainer_image="trainer:1"), **kw)
 
 
 def test_children_are_owned_and_labelled():
-    for obj in (B.build_service(OWNER), B.build_config_map(OWNER, parse_spec(SPEC)), _job()):
+    for obj in (builders.build_service(OWNER), builders.build_config_map(OWNER, parse_spec(SPEC)), _job()):
         ref = obj["metadata"]["ownerReferences"][0]
         assert ref == {"apiVersion": "finetune.io/v1alpha1", "kind": "FineTuneJob", "name": "llama-ft", "uid": "u-1",
                        "controller": True, "blockOwnerDeletion": True}
         assert obj["metadata"]["namespace"] == "team-a"
-        assert obj["metadata"]["labels"][B.LABEL_JOB] == "llama-ft"
+        assert obj["metadata"]["labels"][builders.LABEL_JOB] == "llama-ft"
 
 
 def test_headless_service_selects_the_group_before_ready():
-    svc = B.build_service(OWNER)["spec"]
+    svc = builders.build_service(OWNER)["spec"]
     assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"] is True
-    assert svc["selector"] == {B.LABEL_JOB: "llama-ft", B.LABEL_MANAGED_BY: "finetune-operator"}
+    assert svc["selector"] == {builders.LABEL_JOB: "llama-ft", builders.LABEL_MANAGED_BY: "finetune-operator"}
 
 
 def test_indexed_job_shape():
     job = _job(attempt=2)
     assert job["metadata"]["name"] == "llama-ft-2"
-    assert job["metadata"]["labels"][B.LABEL_ATTEMPT] == "2"
+    assert job["metadata"]["labels"][builders.LABEL_ATTEMPT] == "2"
     spec = job["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == ("Indexed", 3, 3, 0)
     assert spec["suspend"] is False
@@ -106,7 +107,7 @@ def test_every_local_rank_declares_its_metrics_port():
 
 
 def test_metrics_port_names_are_valid_for_the_most_gpus_a_pod_may_have():
-    limit = B.MAX_PROCS_PER_NODE
+    limit = builders.MAX_PROCS_PER_NODE
     with pytest.raises(Exception, match="16"):  # the spec's own cap: no pod runs more local ranks
         parse_spec({**SPEC, "resources": {"gpusPerNode": limit + 1}})
     spec = {**SPEC, "resources": {"nodes": 1, "gpusPerNode": limit}}
@@ -126,25 +127,25 @@ def test_metrics_port_names_are_valid_for_the_most_gpus_a_pod_may_have():
 
 
 def test_metrics_off_declares_no_metrics_port():
-    job = B.build_job(OWNER, parse_spec(SPEC), 0, B.OperatorDefaults(metrics_port=0))
+    job = builders.build_job(OWNER, parse_spec(SPEC), 0, OperatorDefaults(metrics_port=0))
     c = job["spec"]["template"]["spec"]["containers"][0]
     assert c["ports"] == [{"name": "rendezvous", "containerPort": 29500}]
 
 
 def test_headless_service_lists_rank_zero_metrics_only():
-    ports = B.build_service(OWNER)["spec"]["ports"]
+    ports = builders.build_service(OWNER)["spec"]["ports"]
     assert ports == [{"name": "rendezvous", "port": 29500, "targetPort": 29500}, {"name": "metrics", "port": 9400, "targetPort": 9400}]
 
 
 def test_kueue_queue_creates_suspended_labelled_job():
     spec = {**SPEC, "resources": {"queueName": "gpu-queue"}}
     job = _job(spec)
-    assert job["metadata"]["labels"][B.KUEUE_QUEUE_LABEL] == "gpu-queue"
+    assert job["metadata"]["labels"][builders.KUEUE_QUEUE_LABEL] == "gpu-queue"
     assert job["spec"]["suspend"] is True
 
 
 def test_trainer_config_is_the_full_spec_with_defaults():
-    cm = B.build_config_map(OWNER, parse_spec(SPEC))
+    cm = builders.build_config_map(OWNER, parse_spec(SPEC))
     doc = yaml.safe_load(cm["data"]["job.yaml"])
     assert doc["kind"] == "FineTuneJob" and doc["metadata"]["name"] == "llama-ft"
     assert doc["spec"]["hyperparameters"]["learningRate"] == 2e-4

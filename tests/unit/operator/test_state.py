@@ -3,7 +3,8 @@
 from datetime import datetime, timedelta, timezone
 
 from finetune_api.spec import parse_spec
-from finetune_operator.state import JobView, Observed, PodView, decide, iso, job_view, pod_view
+from finetune_operator.state import Observed, decide, iso
+from finetune_operator.views import JobView, PodView, job_view, pod_view
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 BASE = {"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t.jsonl"}, "output": {"uri": "s3://out/x"}}
