@@ -135,6 +135,11 @@ class InputCounts(ReportModel):
     pii: dict[str, int]
     pii_total: int
     malformed_examples: list[dict[str, str]]
+    label_conflicts: int = 0
+    """Classification rows dropped because the same text has another label (``preprocessing.labelConflicts``)."""
+    label_conflict_examples: list[dict[str, Any]] = Field(default_factory=list)
+    """Up to 5 of them: ``row`` (file:line), ``labels`` (the first label seen for the text, then this row's),
+    ``text`` (the cleaned, redacted text, cut to 200 characters)."""
 
 
 class Totals(ReportModel):
@@ -154,6 +159,7 @@ class Totals(ReportModel):
     trainable_tokens: int
     pii_total: int
     pii: dict[str, int]
+    label_conflicts: int = 0
 
 
 class SplitInfo(ReportModel):

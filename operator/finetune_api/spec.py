@@ -13,7 +13,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonDict
 
@@ -174,6 +174,31 @@ class LeakagePolicy(str, Enum):
     off = "off"
 
 
+class Normalization(str, Enum):
+    safe = "safe"
+    aggressive = "aggressive"
+    none = "none"
+
+
+NORMALIZE_DESCRIPTION = (
+    "How the training text is normalised. safe (default): Unicode NFC, line endings unified, zero-width "
+    "space/word joiner/BOM/soft hyphen and control characters (except tab and newline) removed, trailing "
+    "spaces cut at line ends; indentation, tabs, runs of spaces, full-width punctuation and compatibility "
+    "characters such as x² or ½ are kept. aggressive: Unicode NFKC (x² becomes x2, ½ becomes 1⁄2, full-width "
+    "letters and punctuation become ASCII), every run of spaces/tabs collapsed to one space (code loses its "
+    "indentation), at most one blank line, ends stripped; the model then learns text users never send, so "
+    "use it only for noisy text. none: the text as read. true and false are read as safe and none in "
+    "configs given to the trainer directly. Duplicate and leakage checks always compare the aggressive, "
+    "casefolded form, whatever is chosen here."
+)
+
+
+class LabelConflictPolicy(str, Enum):
+    drop = "drop"
+    keep_first = "keepFirst"
+    fail = "fail"
+
+
 class FieldNames(_Model):
     """Column names in the data files."""
 
@@ -229,7 +254,7 @@ class DedupeSpec(_Model):
 class PreprocessingSpec(_Model):
     """Data cleaning applied to every split before tokenisation; each step is counted in the data report."""
 
-    normalize: bool = Field(default=True, description="Unicode NFKC normalisation and whitespace cleanup.")
+    normalize: Normalization = Field(default=Normalization.safe, description=NORMALIZE_DESCRIPTION)
     lowercase: bool = Field(default=False, description="Lowercase all text.")
     drop_empty: bool = Field(default=True, description="Drop rows whose text is empty after cleanup.")
     min_tokens: int = Field(default=1, ge=0, description="Drop rows with fewer tokens than this.")
@@ -250,6 +275,23 @@ class PreprocessingSpec(_Model):
     class_weights: bool = Field(
         default=False, description="Weight the classification loss by inverse class frequency (imbalanced data)."
     )
+    label_conflicts: LabelConflictPolicy = Field(
+        default=LabelConflictPolicy.drop,
+        description=(
+            "Classification: rows with the same text (compared like exact duplicates) but different labels are a "
+            "data error, not duplicates. drop (default): every row of such a text is removed; keepFirst: the first "
+            "row's label wins and the others are removed; fail: the job fails with reason MalformedData. Counted, "
+            "with examples, as label_conflicts in the data report."
+        ),
+    )
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalize_bool(cls, value: object) -> object:
+        """``normalize: true/false`` (the field's old boolean form) means safe / none."""
+        if isinstance(value, bool):
+            return Normalization.safe.value if value else Normalization.none.value
+        return value
 
 
 class DatasetSpec(_Model):

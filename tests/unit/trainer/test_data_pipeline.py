@@ -493,7 +493,7 @@ def test_spec_defaults_are_accepted(tokenizer, tmp_path):
 
 def test_lowercase_and_normalise_before_tokenising(tokenizer, tmp_path):
     rows = [{"text": "ＨＥＬＬＯ   Friend"}, {"text": "What\u200b IS up"}]  # full-width letters, zero-width space
-    spec = make_spec(write_jsonl(tmp_path / "t.jsonl", rows), preprocessing={"lowercase": True})
+    spec = make_spec(write_jsonl(tmp_path / "t.jsonl", rows), preprocessing={"lowercase": True, "normalize": "aggressive"})
     data = prepare(spec, tokenizer, tmp_path)
     assert data.train["input_ids"] == [
         tokenizer.convert_tokens_to_ids(["hello", "friend", "</s>"]),
