@@ -14,7 +14,10 @@ Labels are kept as strings (a JSON ``1`` and a CSV ``"1"`` are the same class).
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from finetune_api.spec import FieldNames
 
 TEXT = "text"
 PROMPT_COMPLETION = "prompt-completion"
@@ -23,14 +26,14 @@ CLASSIFICATION = "classification"
 FORMATS = (TEXT, PROMPT_COMPLETION, CHAT, CLASSIFICATION)
 LM_FORMATS = (TEXT, PROMPT_COMPLETION, CHAT)
 
-Record = dict[str, Any]
+Record = dict[str, Any]  # str values, except chat "messages": list[{"role": str, "content": str}]
 
 
 class _Unfit(Exception):
     """A row does not fit the format; the message says why."""
 
 
-def parse_record(row: dict[str, Any], fmt: str, fields: Any) -> Record | str:
+def parse_record(row: dict[str, Any], fmt: str, fields: FieldNames) -> Record | str:
     """The record for ``row``, or a string saying why the row does not fit the format."""
     try:
         if fmt == TEXT:
