@@ -193,6 +193,24 @@ NORMALIZE_DESCRIPTION = (
 )
 
 
+class MatchKey(str, Enum):
+    turns = "turns"
+    row = "row"
+    prompt = "prompt"
+    completion = "completion"
+    user_turns = "userTurns"
+
+
+MATCH_KEY_DESCRIPTION = (
+    "The part of each row that {what} compare. turns (default): the whole row except chat system messages, so "
+    "rows that share a long system prompt but differ in their turns are not taken for copies; row: everything, "
+    "system messages included; prompt: the prompt (chat: every message before the last assistant turn); "
+    "completion: the completion (chat: the assistant turns); userTurns: the user messages (prompt-completion: the "
+    "prompt). Formats text and classification have one text, so every choice compares it. A shared template "
+    "inside a prompt-completion prompt is still compared: choose completion when the prompts are templated."
+)
+
+
 class LabelConflictPolicy(str, Enum):
     drop = "drop"
     keep_first = "keepFirst"
@@ -249,6 +267,7 @@ class DedupeSpec(_Model):
         le=1.0,
         description="Estimated Jaccard similarity of word 5-gram shingles at or above which two rows are near-duplicates.",
     )
+    key: MatchKey = Field(default=MatchKey.turns, description=MATCH_KEY_DESCRIPTION.format(what="exact and near dedupe"))
 
 
 class PreprocessingSpec(_Model):
@@ -325,9 +344,12 @@ class DatasetSpec(_Model):
         default=LeakagePolicy.fail,
         description=(
             "What to do when a validation/test example also appears (exactly or nearly) in train: fail the job, "
-            "warn, drop it from validation/test, or off."
+            "warn, drop it from validation/test, or off. The same policy applies to test examples found in "
+            "validation (they were seen when the checkpoint was chosen) and to retention examples found in train "
+            "(the forgetting check would measure trained data)."
         ),
     )
+    leakage_key: MatchKey = Field(default=MatchKey.turns, description=MATCH_KEY_DESCRIPTION.format(what="the leakage checks"))
 
 
 # ----------------------------------------------------------------------------------- hyperparameters

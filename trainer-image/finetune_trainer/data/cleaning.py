@@ -155,6 +155,10 @@ class DuplicateIndex:
                 return candidate
         return None
 
+    def similarity_to(self, row_id: int, sig: np.ndarray) -> float:
+        """Estimated Jaccard similarity of ``sig`` to the stored row ``row_id`` (1.0 without signatures)."""
+        return similarity(sig, self._signatures[row_id]) if self._lsh is not None else 1.0
+
     def add(self, hash_: bytes, sig: np.ndarray | None) -> int:
         """Add a row; returns its id (ids count up from 0 in insertion order)."""
         row_id = self._rows

@@ -2,7 +2,7 @@
 
 Each input (train, then validation/test files, then retention) is *staged* (:mod:`.staging`: read,
 cleaned, deduplicated and tokenised into a memory-mapped Arrow file in ``cache_dir``). Then: labels are resolved, validation/test are split from train when not given,
-leakage between train and validation/test is checked, and the final datasets are written with only the
+leakage of validation/test/retention from train and of test from validation is checked, and the final datasets are written with only the
 columns the training loop needs.
 
 Everything is deterministic: files are read in sorted order, the first of several duplicates is kept,
@@ -29,7 +29,7 @@ from finetune_api.status import DataSummary
 from finetune_trainer.data import report as reports
 from finetune_trainer.data.formats import CHAT, CLASSIFICATION
 from finetune_trainer.data.labels import class_balance, inverse_frequency_weights, resolve_labels
-from finetune_trainer.data.leakage import build_train_index, find_leakage
+from finetune_trainer.data.leakage import CHECKS, TRAIN_CHECKS, LeakageFindings, failure_message, run_checks
 from finetune_trainer.data.report import StepCounts
 from finetune_trainer.data.splits import split_indices
 from finetune_trainer.data.staging import ArrowSink, PrepareContext, arrow_batches, stage, wire_value
@@ -153,37 +153,38 @@ def _split_from_train(spec: FineTuneJobSpec, splits: _Splits, labels: list[str] 
 
 
 def _leakage_step(spec: FineTuneJobSpec, splits: _Splits, policy: str) -> dict[str, Any]:
-    """Check train against validation/test and apply ``dataset.leakageCheck``; returns the leakage report."""
+    """Run the leakage checks and apply ``dataset.leakageCheck``; returns the leakage report."""
     leakage: dict[str, Any] = {"policy": policy}
     if policy == "off":
         return leakage
-    index = build_train_index(splits.train, spec.dataset.preprocessing.dedupe.near_threshold)
-    findings = {}
-    for name, evaluation in (("validation", splits.validation), ("test", splits.test)):
-        if evaluation is not None:
-            findings[name] = find_leakage(index, evaluation, splits.train, name)
-            leakage[name] = findings[name].as_report()
-    leakage["total"] = sum(f.total for f in findings.values())
-    if policy == "fail" and leakage["total"]:
-        counts = ", ".join(f"{n}: {f.exact} exact, {f.near} near" for n, f in findings.items() if f.total)
-        first = next(e for f in findings.values() for e in f.examples)
-        raise LeakageDetected(
-            f"{leakage['total']} validation/test examples also appear in train ({counts}); e.g. {first['row']} "
-            f"matches train row {first['train_row']} ({first['match']}). Remove them from the data, or set "
-            "dataset.leakageCheck to drop (remove them from validation/test) or warn."
-        )
+    leakage["key"] = wire_value(spec.dataset.leakage_key)
+    findings = run_checks(dict(splits.items()), spec.dataset.preprocessing.dedupe.near_threshold)
+    for name, found in findings.items():
+        leakage[name] = found.as_report()
+    leakage["total"] = sum(f.total for n, f in findings.items() if n in TRAIN_CHECKS)
+    leakage["all_checks_total"] = sum(f.total for f in findings.values())
+    if policy == "fail" and leakage["all_checks_total"]:
+        raise LeakageDetected(failure_message(findings))
     if policy == "drop":
-        for name, found in findings.items():
-            if found.leaked_rows:
-                evaluation = getattr(splits, name)
-                keep = np.setdiff1d(np.arange(len(evaluation)), np.asarray(found.leaked_rows))
-                evaluation = evaluation.select(keep)
-                _require_rows(evaluation, name, None, " after dropping the examples leaked from train (leakageCheck drop)")
-                setattr(splits, name, evaluation)
-                leakage[name]["dropped"] = len(found.leaked_rows)
-    if policy == "warn" and leakage["total"]:
-        log.warning("data: %d validation/test examples also appear in train (leakageCheck warn)", leakage["total"])
+        _drop_leaked(splits, findings, leakage)
+    if policy == "warn" and leakage["all_checks_total"]:
+        log.warning("data: %d evaluation examples also appear in train or validation (leakageCheck warn)", leakage["all_checks_total"])
     return leakage
+
+
+def _drop_leaked(splits: _Splits, findings: dict[str, LeakageFindings], leakage: dict[str, Any]) -> None:
+    """Remove the leaked rows from each evaluated split (test: those found in train or in validation)."""
+    for split_name in ("validation", "test", "retention"):
+        checks = [name for name, evaluated, _ in CHECKS if evaluated == split_name and findings.get(name) and findings[name].leaked_rows]
+        if not checks:
+            continue
+        for name in checks:
+            leakage[name]["dropped"] = len(findings[name].leaked_rows)
+        leaked = np.unique(np.concatenate([np.asarray(findings[name].leaked_rows) for name in checks]))
+        evaluation = getattr(splits, split_name)
+        evaluation = evaluation.select(np.setdiff1d(np.arange(len(evaluation)), leaked))
+        _require_rows(evaluation, split_name, None, " after dropping the examples found in train or validation (leakageCheck drop)")
+        setattr(splits, split_name, evaluation)
 
 
 def _classes_step(spec: FineTuneJobSpec, splits: _Splits, labels: list[str], label_source: str | None) -> tuple[dict[str, Any], list[float] | None]:
@@ -213,7 +214,7 @@ def prepare_data(spec: FineTuneJobSpec, storage: Storage, tokenizer: PreTrainedT
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix="data-", dir=cache_dir))
-    ctx = PrepareContext(spec, storage, tokenizer, work_dir, fmt, need_signatures=pre.dedupe.near or leakage_policy != "off")
+    ctx = PrepareContext(spec, storage, tokenizer, work_dir, fmt, need_signatures=leakage_policy != "off")
 
     # 1. Train, then the label set (spec's, else the train data's).
     spec_labels = list(spec.model.labels) if spec.model.labels else None
@@ -235,13 +236,13 @@ def prepare_data(spec: FineTuneJobSpec, storage: Storage, tokenizer: PreTrainedT
             setattr(splits, name, staged)
     split_info = _split_from_train(spec, splits, labels)
 
-    # 4. Leakage between train and the evaluation splits.
-    leakage = _leakage_step(spec, splits, leakage_policy)
-
-    # 5. Retention data for the forgetting check, cleaned the same way.
+    # 4. Retention data for the forgetting check, cleaned the same way.
     if spec.evaluation.retention is not None:
         splits.retention, inputs["retention"], _ = stage(ctx, "retention", spec.evaluation.retention.dataset, labels, where)
         _require_rows(splits.retention, "retention", inputs["retention"])
+
+    # 5. Leakage: validation/test/retention against train, test against validation.
+    leakage = _leakage_step(spec, splits, leakage_policy)
 
     # 6. Classes, then the final datasets with only the training columns.
     classes, class_weights = _classes_step(spec, splits, labels, label_source) if labels is not None else (None, None)

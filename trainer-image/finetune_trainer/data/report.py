@@ -6,7 +6,7 @@ first step that drops it, so for every input::
     rows_read = malformed + empty + label_conflicts + exact_duplicates + near_duplicates
                 + too_short + too_long + no_trainable_tokens + rows_kept
 
-Examples (malformed rows, label conflicts) show at most :data:`PREVIEW_CHARS` of a row's text after
+Examples (malformed rows, label conflicts, duplicate pairs) show at most :data:`PREVIEW_CHARS` of a row's text after
 cleaning, so PII is already redacted in them when ``preprocessing.redactPii`` is on.
 
 ``total`` sums the job's own inputs (train, validation, test files); retention data is reported on its own.
@@ -55,6 +55,7 @@ class StepCounts:
     pii: Counter[str] = field(default_factory=Counter)
     malformed_examples: list[dict[str, str]] = field(default_factory=list)
     label_conflict_examples: list[dict[str, Any]] = field(default_factory=list)
+    duplicate_examples: list[dict[str, Any]] = field(default_factory=list)  # up to MAX_EXAMPLES exact and near pairs
 
     def add_malformed(self, origin: str, reason: str, raw: str) -> None:
         self.malformed += 1
@@ -68,12 +69,13 @@ class StepCounts:
             self.label_conflict_examples.append({"row": origin, "labels": labels, "text": preview[:PREVIEW_CHARS]})
 
     def as_dict(self) -> dict[str, Any]:
-        lists = ("pii", "malformed_examples", "label_conflict_examples")
+        lists = ("pii", "malformed_examples", "label_conflict_examples", "duplicate_examples")
         out: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k not in lists}
         out["pii"] = dict(sorted(self.pii.items()))
         out["pii_total"] = sum(self.pii.values())
         out["malformed_examples"] = list(self.malformed_examples)
         out["label_conflict_examples"] = list(self.label_conflict_examples)
+        out["duplicate_examples"] = list(self.duplicate_examples)
         return out
 
 
@@ -132,7 +134,8 @@ def format_report(report: dict[str, Any]) -> str:
         )
     leakage = report.get("leakage", {})
     if leakage.get("policy") != "off":
-        parts = [f"{s} {leakage[s]['exact']} exact / {leakage[s]['near']} near" for s in ("validation", "test") if s in leakage]
+        checks = (("validation", "validation"), ("test", "test"), ("test_vs_validation", "test in validation"), ("retention", "retention"))
+        parts = [f"{label} {leakage[s]['exact']} exact / {leakage[s]['near']} near" for s, label in checks if s in leakage]
         if parts:
             lines.append(f"  leakage ({leakage['policy']}): " + ", ".join(parts))
     classes = report.get("classes")

@@ -8,8 +8,14 @@ Rows stream through::
 and are written in batches to ``staged-<input>.arrow`` in the work folder (memory-mapped by
 ``datasets``), so the data never has to fit in RAM; the duplicate index (a hash and a 512-byte MinHash
 signature per row) is the only global state. Besides the training columns a staged row carries what the
-leakage check and the report need: ``_origin`` (file:line), ``_preview`` (the start of its comparison
-key, cleaned and redacted), ``_hash`` and ``_sig`` (its key's hash and MinHash signature).
+leakage check and the report need: ``_origin`` (file:line), ``_preview`` (the start of its leakage key,
+cleaned and redacted), ``_hash`` and ``_sig`` (the leakage key's hash and MinHash signature).
+
+Two keys (:func:`~finetune_trainer.data.formats.key_text`): ``preprocessing.dedupe.key`` for dedupe
+within the input and ``dataset.leakageKey`` for the leakage checks between splits; when both name the
+same part the key is computed once. Every row that enters the duplicate index also goes, as origin and
+preview, to ``index-<input>.arrow`` (row id = position), so each duplicate example in the report can
+show the row it duplicates.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import pyarrow.compute as pc
 from finetune_api.spec import FineTuneJobSpec, PreprocessingSpec
 from finetune_trainer.data import report as reports
 from finetune_trainer.data.cleaning import NORMALIZERS, DuplicateIndex, dedupe_key, key_hash, signature
-from finetune_trainer.data.formats import CLASSIFICATION, Record, content_text, is_empty, map_texts, parse_record
+from finetune_trainer.data.formats import CLASSIFICATION, Record, is_empty, key_text, map_texts, parse_record
 from finetune_trainer.data.labels import check_label
 from finetune_trainer.data.pii import redact
 from finetune_trainer.data.readers import Malformed, data_files, read_rows
@@ -46,6 +52,7 @@ log = logging.getLogger(__name__)
 BATCH_ROWS = 512  # rows tokenised and written together
 READ_BATCH = 1000  # rows read back per batch from Arrow
 
+_INDEX_ROWS = pa.schema([("origin", pa.string()), ("preview", pa.string())])
 _STAGED_COMMON = [
     ("_origin", pa.string()),
     ("_preview", pa.string()),
@@ -112,7 +119,7 @@ class PrepareContext:
     tokenizer: PreTrainedTokenizerBase
     work_dir: Path
     fmt: str
-    need_signatures: bool
+    need_signatures: bool  # stage each row's leakage-key MinHash signature (the leakage check is on)
 
     @property
     def pre(self) -> PreprocessingSpec:
@@ -217,7 +224,8 @@ def _records(ctx: PrepareContext, files: list[str], counts: StepCounts, known_la
 
 @dataclass
 class _Candidate:
-    """A row that passed dedupe, waiting to be tokenised with its batch."""
+    """A row that passed dedupe, waiting to be tokenised with its batch; ``key``, ``hash_`` and ``sig``
+    are its leakage key's (what the staged row carries for the checks between splits)."""
 
     record: Record
     origin: str
@@ -241,6 +249,20 @@ class _Stager:
         self.conflicts = LabelConflicts(wire_value(pre.label_conflicts)) if self.classification else None
         self.label_counts: Counter[str] = Counter()
         self.pending: list[_Candidate] = []
+        self.dedupe_key, self.leakage_key = wire_value(pre.dedupe.key), wire_value(ctx.spec.dataset.leakage_key)
+        self.index_rows = ArrowSink(ctx.work_dir / f"index-{name}.arrow", _INDEX_ROWS)
+        self.duplicates: list[tuple[str, str, str, int, float]] = []  # kind, origin, preview, matched id, similarity
+
+    def _keys(self, record: Record) -> tuple[str, bytes, str, bytes]:
+        """(dedupe key, its hash, leakage key, its hash)."""
+        key = dedupe_key(key_text(record, self.dedupe_key))
+        leak = key if self.leakage_key == self.dedupe_key else dedupe_key(key_text(record, self.leakage_key))
+        hash_ = key_hash(key)
+        return key, hash_, leak, (hash_ if leak == key else key_hash(leak))
+
+    def _duplicate(self, kind: str, origin: str, preview: str, matched: int, similarity: float) -> None:
+        if sum(1 for d in self.duplicates if d[0] == kind) < reports.MAX_EXAMPLES:
+            self.duplicates.append((kind, origin, preview[: reports.PREVIEW_CHARS], matched, similarity))
 
     def offer(self, record: Record, origin: str) -> None:
         """Count the row at the first step that drops it, or queue it for tokenisation."""
@@ -248,19 +270,24 @@ class _Stager:
         if pre.drop_empty and is_empty(record):
             counts.empty += 1
             return
-        key = dedupe_key(content_text(record))
-        hash_ = key_hash(key)
+        key, hash_, leak, leak_hash = self._keys(record)
         if self.conflicts is not None and self.conflicts.is_conflict(hash_, record["label"], origin, key, counts):
             return
-        sig = signature(key) if self.ctx.need_signatures else None
-        if pre.dedupe.exact and self.index.exact_match(hash_) is not None:
+        sig = signature(key) if pre.dedupe.near else None
+        exact = self.index.exact_match(hash_) if pre.dedupe.exact else None
+        if exact is not None:
             counts.exact_duplicates += 1
+            self._duplicate("exact", origin, key, exact, 1.0)
             return
-        if pre.dedupe.near and sig is not None and self.index.near_match(sig) is not None:
+        near = self.index.near_match(sig) if sig is not None else None
+        if near is not None and sig is not None:
             counts.near_duplicates += 1
+            self._duplicate("near", origin, key, near, self.index.similarity_to(near, sig))
             return
         self.index.add(hash_, sig)
-        self.pending.append(_Candidate(record, origin, key, hash_, sig))
+        self.index_rows.append({"origin": origin, "preview": key[: reports.PREVIEW_CHARS]})
+        leak_sig = (sig if leak == key and sig is not None else signature(leak)) if self.ctx.need_signatures else None
+        self.pending.append(_Candidate(record, origin, leak, leak_hash, leak_sig))
         if len(self.pending) >= BATCH_ROWS:
             self.flush()
 
@@ -296,8 +323,20 @@ class _Stager:
                 self.sink.append(row)
         self.pending.clear()
 
+    def _duplicate_examples(self) -> list[dict[str, object]]:
+        """The report's duplicate pairs: each dropped row beside the earlier row it duplicates."""
+        index_rows = self.index_rows.finish()
+        out: list[dict[str, object]] = []
+        for kind, origin, preview, matched, similarity in self.duplicates:
+            first = index_rows[matched]
+            out.append({"match": kind, "row": origin, "text": preview, "duplicate_of": first["origin"],
+                        "duplicate_of_text": first["preview"], "similarity": round(similarity, 4)})
+        self.index_rows.path.unlink()
+        return out
+
     def finish(self) -> datasets.Dataset:
         self.flush()
+        self.counts.duplicate_examples = self._duplicate_examples()
         staged = self.sink.finish()
         if self.conflicts is not None:
             staged = self.conflicts.settle(staged, self.counts, self.label_counts, self.name)
