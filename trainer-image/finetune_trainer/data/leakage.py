@@ -91,8 +91,10 @@ def find_leakage(
         for (hash_, origin, preview), sig in zip(zip(*columns), signatures):
             match, kind = _match(index, hash_, sig) if row not in skip else (None, "")
             if match is not None:
-                found.exact += kind == "exact"
-                found.near += kind == "near"
+                if kind == "exact":
+                    found.exact += 1
+                else:
+                    found.near += 1
                 found.leaked_rows.append(row)
                 if len(found.examples) < MAX_EXAMPLES:
                     matched = reference[int(match)]

@@ -168,7 +168,10 @@ class LabelConflicts:
         return staged
 
     def _drop_first_rows(self, staged: datasets.Dataset, counts: StepCounts, label_counts: Counter[str]) -> datasets.Dataset:
-        """``staged`` without the kept rows of conflicting texts; their counts move to label_conflicts."""
+        """``staged`` without the kept rows of conflicting texts; their counts move to label_conflicts.
+
+        The staged ``_hash`` is the leakage key's; for classification every key is the row's one text,
+        so it equals the dedupe key's hash that :meth:`is_conflict` recorded."""
         keep: list[int] = []
         position = 0
         for table in arrow_batches(staged, ["_hash", "input_ids", "label_name", "_truncated"]):
