@@ -65,9 +65,6 @@ def build_index(reference: datasets.Dataset, near_threshold: float) -> Duplicate
     return index
 
 
-build_train_index = build_index  # the name callers used when train was the only reference
-
-
 def _signature_matrix(column: pa.ChunkedArray) -> np.ndarray:
     """A list<uint32> Arrow column of equal-length signatures as one (rows, NUM_PERM) array."""
     values = column.combine_chunks().flatten().to_numpy()
