@@ -114,6 +114,18 @@ class ReportModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class DuplicateExample(ReportModel):
+    """A dropped duplicate and the kept row it repeats, as compared: the dedupe key (``preprocessing.dedupe.key``)
+    after cleaning and redaction, aggressively normalised and casefolded, cut to 200 characters."""
+
+    match: str = Field(description="exact or near.")
+    row: str = Field(description="The dropped row (file:line).")
+    text: str
+    duplicate_of: str = Field(description="The earlier row it duplicates (file:line).")
+    duplicate_of_text: str
+    similarity: float = Field(description="Estimated Jaccard similarity of the two keys' word 5-grams (1.0 for exact).")
+
+
 class InputCounts(ReportModel):
     """What each step did to one input (train, validation, test or retention). A dropped row is counted
     at the first step that drops it."""
@@ -135,6 +147,13 @@ class InputCounts(ReportModel):
     pii: dict[str, int]
     pii_total: int
     malformed_examples: list[dict[str, str]]
+    label_conflicts: int = 0
+    """Classification rows dropped because the same text has another label (``preprocessing.labelConflicts``)."""
+    label_conflict_examples: list[dict[str, Any]] = Field(default_factory=list)
+    """Up to 5 of them: ``row`` (file:line), ``labels`` (the first label seen for the text, then this row's),
+    ``text`` (the cleaned, redacted text, cut to 200 characters)."""
+    duplicate_examples: list[DuplicateExample] = Field(default_factory=list)
+    """Up to 5 exact and 5 near duplicates, each beside the earlier row it duplicates."""
 
 
 class Totals(ReportModel):
@@ -154,6 +173,7 @@ class Totals(ReportModel):
     trainable_tokens: int
     pii_total: int
     pii: dict[str, int]
+    label_conflicts: int = 0
 
 
 class SplitInfo(ReportModel):
@@ -168,19 +188,45 @@ class SplitInfo(ReportModel):
     given_files: list[str] | None = None
 
 
+class LeakageExample(ReportModel):
+    """An evaluated row beside the row it matches, both as compared (the leakage key, cleaned, redacted,
+    aggressively normalised and casefolded, cut to 200 characters)."""
+
+    split: str = Field(description="The split the row is in: validation, test or retention.")
+    match: str = Field(description="exact or near.")
+    row: str
+    text: str
+    matched_split: str = Field(description="The split it is found in: train or validation.")
+    matched_row: str
+    matched_text: str
+    similarity: float
+
+
 class LeakageFinding(ReportModel):
     exact: int
     near: int
     total: int
-    examples: list[dict[str, Any]]
+    examples: list[LeakageExample]
     dropped: int | None = None
 
 
 class LeakageReport(ReportModel):
+    """Each check compares an evaluated split with a reference split by ``dataset.leakageKey``."""
+
     policy: str
+    key: str | None = None
     validation: LeakageFinding | None = None
+    """Validation rows found in train."""
     test: LeakageFinding | None = None
+    """Test rows found in train."""
+    test_vs_validation: LeakageFinding | None = None
+    """Test rows (not already found in train) found in validation."""
+    retention: LeakageFinding | None = None
+    """Retention rows found in train."""
     total: int | None = None
+    """Validation and test rows found in train (what the status's data summary shows)."""
+    all_checks_total: int | None = None
+    """Rows found by every check, test-in-validation and retention-in-train included."""
 
 
 class ClassBalance(ReportModel):

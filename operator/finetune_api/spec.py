@@ -13,7 +13,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonDict
 
@@ -174,6 +174,49 @@ class LeakagePolicy(str, Enum):
     off = "off"
 
 
+class Normalization(str, Enum):
+    safe = "safe"
+    aggressive = "aggressive"
+    none = "none"
+
+
+NORMALIZE_DESCRIPTION = (
+    "How the training text is normalised. safe (default): Unicode NFC, line endings unified, zero-width "
+    "space/word joiner/BOM/soft hyphen and control characters (except tab and newline) removed, trailing "
+    "spaces cut at line ends; indentation, tabs, runs of spaces, full-width punctuation and compatibility "
+    "characters such as x² or ½ are kept. aggressive: Unicode NFKC (x² becomes x2, ½ becomes 1⁄2, full-width "
+    "letters and punctuation become ASCII), every run of spaces/tabs collapsed to one space (code loses its "
+    "indentation), at most one blank line, ends stripped; the model then learns text users never send, so "
+    "use it only for noisy text. none: the text as read. true and false are read as safe and none in "
+    "configs given to the trainer directly. Duplicate and leakage checks always compare the aggressive, "
+    "casefolded form, whatever is chosen here."
+)
+
+
+class MatchKey(str, Enum):
+    turns = "turns"
+    row = "row"
+    prompt = "prompt"
+    completion = "completion"
+    user_turns = "userTurns"
+
+
+MATCH_KEY_DESCRIPTION = (
+    "The part of each row that {what} compare. turns (default): the whole row except chat system messages, so "
+    "rows that share a long system prompt but differ in their turns are not taken for copies; row: everything, "
+    "system messages included; prompt: the prompt (chat: every message before the last assistant turn); "
+    "completion: the completion (chat: the assistant turns); userTurns: the user messages (prompt-completion: the "
+    "prompt). Formats text and classification have one text, so every choice compares it. A shared template "
+    "inside a prompt-completion prompt is still compared: choose completion when the prompts are templated."
+)
+
+
+class LabelConflictPolicy(str, Enum):
+    drop = "drop"
+    keep_first = "keepFirst"
+    fail = "fail"
+
+
 class FieldNames(_Model):
     """Column names in the data files."""
 
@@ -224,12 +267,13 @@ class DedupeSpec(_Model):
         le=1.0,
         description="Estimated Jaccard similarity of word 5-gram shingles at or above which two rows are near-duplicates.",
     )
+    key: MatchKey = Field(default=MatchKey.turns, description=MATCH_KEY_DESCRIPTION.format(what="exact and near dedupe"))
 
 
 class PreprocessingSpec(_Model):
     """Data cleaning applied to every split before tokenisation; each step is counted in the data report."""
 
-    normalize: bool = Field(default=True, description="Unicode NFKC normalisation and whitespace cleanup.")
+    normalize: Normalization = Field(default=Normalization.safe, description=NORMALIZE_DESCRIPTION)
     lowercase: bool = Field(default=False, description="Lowercase all text.")
     drop_empty: bool = Field(default=True, description="Drop rows whose text is empty after cleanup.")
     min_tokens: int = Field(default=1, ge=0, description="Drop rows with fewer tokens than this.")
@@ -250,6 +294,23 @@ class PreprocessingSpec(_Model):
     class_weights: bool = Field(
         default=False, description="Weight the classification loss by inverse class frequency (imbalanced data)."
     )
+    label_conflicts: LabelConflictPolicy = Field(
+        default=LabelConflictPolicy.drop,
+        description=(
+            "Classification: rows with the same text (compared like exact duplicates) but different labels are a "
+            "data error, not duplicates. drop (default): every row of such a text is removed; keepFirst: the first "
+            "row's label wins and the others are removed; fail: the job fails with reason MalformedData. Counted, "
+            "with examples, as label_conflicts in the data report."
+        ),
+    )
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalize_bool(cls, value: object) -> object:
+        """``normalize: true/false`` (the field's old boolean form) means safe / none."""
+        if isinstance(value, bool):
+            return Normalization.safe.value if value else Normalization.none.value
+        return value
 
 
 class DatasetSpec(_Model):
@@ -283,9 +344,12 @@ class DatasetSpec(_Model):
         default=LeakagePolicy.fail,
         description=(
             "What to do when a validation/test example also appears (exactly or nearly) in train: fail the job, "
-            "warn, drop it from validation/test, or off."
+            "warn, drop it from validation/test, or off. The same policy applies to test examples found in "
+            "validation (they were seen when the checkpoint was chosen) and to retention examples found in train "
+            "(the forgetting check would measure trained data)."
         ),
     )
+    leakage_key: MatchKey = Field(default=MatchKey.turns, description=MATCH_KEY_DESCRIPTION.format(what="the leakage checks"))
 
 
 # ----------------------------------------------------------------------------------- hyperparameters

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from finetune_trainer.data.cleaning import DuplicateIndex, dedupe_key, key_hash, normalize_text, shingles, signature
+from finetune_trainer.data.cleaning import DuplicateIndex, dedupe_key, key_hash, normalize_aggressive, shingles, signature
 from finetune_trainer.data.formats import parse_record
 from finetune_trainer.data.labels import class_balance, inverse_frequency_weights, resolve_labels, sort_labels
 from finetune_trainer.data.splits import split_indices
@@ -22,11 +22,11 @@ def sentence(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def test_normalize_text():
-    assert normalize_text("  ﬁne  ＡＢＣ\t\ttabs  ") == "fine ABC tabs"  # NFKC folds ligature and full-width
-    assert normalize_text("a\u200bb\u00adc") == "abc"  # zero-width and soft hyphen removed
-    assert normalize_text("line one   \r\nline two\n\n\n\n\nline three") == "line one\nline two\n\nline three"
-    assert normalize_text("bell\x07 char") == "bell char"
+def test_normalize_aggressive():
+    assert normalize_aggressive("  ﬁne  ＡＢＣ\t\ttabs  ") == "fine ABC tabs"  # NFKC folds ligature and full-width
+    assert normalize_aggressive("a\u200bb\u00adc") == "abc"  # zero-width and soft hyphen removed
+    assert normalize_aggressive("line one   \r\nline two\n\n\n\n\nline three") == "line one\nline two\n\nline three"
+    assert normalize_aggressive("bell\x07 char") == "bell char"
 
 
 def test_dedupe_key_ignores_case_and_spacing():

@@ -347,7 +347,7 @@ def test_leakage_warn_keeps_and_reports(tokenizer, tmp_path):
     assert len(data.validation) == 8
     report = data.report["leakage"]["validation"]
     assert (report["exact"], report["near"], report["total"]) == (2, 1, 3)
-    assert [(e["row"].rsplit(":", 1)[1], e["match"], e["train_row"].rsplit(":", 1)[1]) for e in report["examples"]] == [
+    assert [(e["row"].rsplit(":", 1)[1], e["match"], e["matched_row"].rsplit(":", 1)[1]) for e in report["examples"]] == [
         ("3", "exact", "4"),
         ("4", "exact", "8"),
         ("5", "near", "30"),
@@ -408,7 +408,7 @@ def test_given_validation_and_test_files_are_the_splits_and_test_leakage_is_chec
         ("test", f"{test}:3", "exact"),
         ("test", f"{test}:4", "near"),
     ]
-    assert [e["train_row"] for e in leakage["test"]["examples"]] == [f"{train}:6", f"{train}:12", f"{train}:30"]
+    assert [e["matched_row"] for e in leakage["test"]["examples"]] == [f"{train}:6", f"{train}:12", f"{train}:30"]
 
     with pytest.raises(LeakageDetected, match=r"^3 validation/test examples also appear in train \(test: 2 exact, 1 near\); e\.g\. .*test\.jsonl:2 matches train row .*train\.jsonl:6 \(exact\)"):
         prepare(make_spec(train, leakageCheck="fail", **common), tokenizer, tmp_path)
@@ -493,7 +493,7 @@ def test_spec_defaults_are_accepted(tokenizer, tmp_path):
 
 def test_lowercase_and_normalise_before_tokenising(tokenizer, tmp_path):
     rows = [{"text": "ＨＥＬＬＯ   Friend"}, {"text": "What\u200b IS up"}]  # full-width letters, zero-width space
-    spec = make_spec(write_jsonl(tmp_path / "t.jsonl", rows), preprocessing={"lowercase": True})
+    spec = make_spec(write_jsonl(tmp_path / "t.jsonl", rows), preprocessing={"lowercase": True, "normalize": "aggressive"})
     data = prepare(spec, tokenizer, tmp_path)
     assert data.train["input_ids"] == [
         tokenizer.convert_tokens_to_ids(["hello", "friend", "</s>"]),

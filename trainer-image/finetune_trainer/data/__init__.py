@@ -2,7 +2,7 @@
 
 ``readers`` (files -> rows) -> ``formats`` (rows -> records) -> ``cleaning`` + ``pii`` (normalise, redact,
 dedupe) -> ``tokenize`` -> ``splits`` -> ``leakage`` -> ``labels`` (label set, class balance) ->
-``report``. ``prepare`` runs them: :func:`prepare_data` is the entry point the training loop calls.
+``report``. ``staging`` streams one input through the first stages into an Arrow file; ``prepare`` runs them: :func:`prepare_data` is the entry point the training loop calls.
 """
 
 from finetune_trainer.data.prepare import PreparedData, prepare_data

@@ -1,13 +1,24 @@
 """Stage 3: text cleanup and duplicate detection.
 
-Normalisation (``preprocessing.normalize``) is Unicode NFKC (full-width letters, ligatures and the like
-folded to their plain forms), zero-width and control characters removed, line endings unified, runs of
-spaces/tabs collapsed to one space, trailing spaces cut, at most one blank line in a row, and the ends
-stripped. Newlines are kept: they carry meaning in code, lists and chat turns.
+Normalisation (``preprocessing.normalize``) comes in two strengths, because the text a model trains on
+must stay the text users send:
 
-Duplicates are judged on a *dedupe key*: the record's text after cleanup, casefolded, with all
-whitespace collapsed -- so "Hello  World" and "hello world" are the same example. Labels are not part
-of the key, so two rows with the same text and different labels count as duplicates (the first wins).
+- ``safe`` (the default, :func:`normalize_safe`): Unicode NFC (composed accents: the same characters,
+  one encoding), line endings unified to ``\n``, invisible characters removed (zero-width space, word
+  joiner, byte-order mark, soft hyphen) and C0 control characters except tab and newline, trailing
+  spaces and tabs cut at each line end. Indentation, tabs, runs of spaces, blank lines, full-width CJK
+  punctuation and compatibility characters (``x²``, ``½``, ``ﬁ``) are kept, and so are ZWJ/ZWNJ
+  (they join emoji sequences and are spelling in Persian and Indic scripts).
+- ``aggressive`` (:func:`normalize_aggressive`): NFKC (full-width letters, ligatures, superscripts and
+  fractions folded to plain forms: ``x²`` -> ``x2``), every zero-width character removed, runs of
+  spaces/tabs collapsed to one space (code loses its indentation), at most one blank line in a row,
+  ends stripped. Only for data where those differences are noise.
+
+Duplicates are judged on a *dedupe key*: the aggressive form of the record's key text (see
+:func:`~finetune_trainer.data.formats.key_text`), casefolded, with all whitespace collapsed -- so
+"Hello  World", "hello world" and "ＨＥＬＬＯ world" are the same example whatever the training text
+keeps. Labels are not part of the key: two classification rows with the same text and different
+labels are a *label conflict*, handled by ``preprocessing.labelConflicts`` (see :mod:`.prepare`).
 
 The :class:`DuplicateIndex` is the only global state of the pipeline: a 16-byte hash per row for exact
 duplicates and a 128-value MinHash signature (512 bytes) per row for near duplicates.
@@ -18,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from typing import Callable
 
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
@@ -32,18 +44,31 @@ LSH_WEIGHTS = (0.05, 0.95)
 MINHASH_SCHEME = "affine32"  # 32-bit values: 512 bytes per signature; pinned so stored signatures stay comparable
 
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u2060\ufeff\u00ad"), None)  # no meaning, unlike ZWJ/ZWNJ
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
 _TRAILING = re.compile(r" +\n")
+_TRAILING_BLANKS = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_LINES = re.compile(r"\n{3,}")
 _ANY_SPACE = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")
 
 
-def normalize_text(text: str) -> str:
-    """NFKC plus whitespace cleanup (see the module docstring)."""
+def _line_endings(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def normalize_safe(text: str) -> str:
+    """NFC, line endings, invisible and control characters, trailing spaces; nothing that changes meaning."""
+    text = _line_endings(unicodedata.normalize("NFC", text)).translate(_INVISIBLE)
+    text = _CONTROL.sub("", text)
+    return _TRAILING_BLANKS.sub("", text)
+
+
+def normalize_aggressive(text: str) -> str:
+    """NFKC plus whitespace collapsing (see the module docstring): for noisy text, and for dedupe keys."""
     text = unicodedata.normalize("NFKC", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_ZERO_WIDTH)
+    text = _line_endings(text).translate(_ZERO_WIDTH)
     text = _CONTROL.sub("", text)
     text = _SPACES.sub(" ", text)
     text = _TRAILING.sub("\n", text)
@@ -51,9 +76,13 @@ def normalize_text(text: str) -> str:
     return text.strip()
 
 
+NORMALIZERS: dict[str, Callable[[str], str]] = {"safe": normalize_safe, "aggressive": normalize_aggressive}
+"""``preprocessing.normalize`` -> the function applied to the training text (``none``: nothing)."""
+
+
 def dedupe_key(text: str) -> str:
-    """The form two texts are compared in: casefolded, whitespace collapsed."""
-    return _ANY_SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    """The form two texts are compared in: aggressively normalised, casefolded, whitespace collapsed."""
+    return _ANY_SPACE.sub(" ", normalize_aggressive(text).casefold()).strip()
 
 
 def key_hash(key: str) -> bytes:
@@ -125,6 +154,10 @@ class DuplicateIndex:
             if similarity(sig, self._signatures[candidate]) >= self.near_threshold:
                 return candidate
         return None
+
+    def similarity_to(self, row_id: int, sig: np.ndarray) -> float:
+        """Estimated Jaccard similarity of ``sig`` to the stored row ``row_id`` (1.0 without signatures)."""
+        return similarity(sig, self._signatures[row_id]) if self._lsh is not None else 1.0
 
     def add(self, hash_: bytes, sig: np.ndarray | None) -> int:
         """Add a row; returns its id (ids count up from 0 in insertion order)."""

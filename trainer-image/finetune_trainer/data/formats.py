@@ -14,7 +14,10 @@ Labels are kept as strings (a JSON ``1`` and a CSV ``"1"`` are the same class).
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from finetune_api.spec import FieldNames
 
 TEXT = "text"
 PROMPT_COMPLETION = "prompt-completion"
@@ -23,14 +26,14 @@ CLASSIFICATION = "classification"
 FORMATS = (TEXT, PROMPT_COMPLETION, CHAT, CLASSIFICATION)
 LM_FORMATS = (TEXT, PROMPT_COMPLETION, CHAT)
 
-Record = dict[str, Any]
+Record = dict[str, Any]  # str values, except chat "messages": list[{"role": str, "content": str}]
 
 
 class _Unfit(Exception):
     """A row does not fit the format; the message says why."""
 
 
-def parse_record(row: dict[str, Any], fmt: str, fields: Any) -> Record | str:
+def parse_record(row: dict[str, Any], fmt: str, fields: FieldNames) -> Record | str:
     """The record for ``row``, or a string saying why the row does not fit the format."""
     try:
         if fmt == TEXT:
@@ -116,9 +119,37 @@ def is_empty(record: Record) -> bool:
 
 
 def content_text(record: Record) -> str:
-    """All the record's text in one string, the input of dedupe and leakage keys (labels excluded)."""
+    """All the record's text in one string (labels excluded): the ``row`` key."""
+    return key_text(record, "row")
+
+
+def _chat_part(messages: list[dict[str, str]], key: str) -> list[dict[str, str]]:
+    if key == "turns":
+        return [m for m in messages if m["role"] != "system"]
+    if key == "userTurns":
+        return [m for m in messages if m["role"] == "user"]
+    if key == "completion":
+        return [m for m in messages if m["role"] == "assistant"]
+    if key == "prompt":
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+        return messages[:last]
+    return messages
+
+
+def key_text(record: Record, key: str) -> str:
+    """The part of ``record`` that duplicates and leakage are judged on (``dedupe.key``, ``leakageKey``).
+
+    ``row`` is everything; ``turns`` leaves out chat system messages (a long shared system prompt would
+    otherwise make different conversations near-duplicates); ``prompt``, ``completion`` and ``userTurns``
+    take one side. A choice that selects nothing in a row (a chat with no user turn) falls back to the row.
+    """
     if "messages" in record:
-        return "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"])
+        chosen = _chat_part(record["messages"], key) or record["messages"]
+        return "\n".join(f"{m['role']}: {m['content']}" for m in chosen)
     if "completion" in record:
+        if key in ("prompt", "userTurns"):
+            return record["prompt"]
+        if key == "completion":
+            return record["completion"]
         return f"{record['prompt']}\n{record['completion']}"
     return record["text"]

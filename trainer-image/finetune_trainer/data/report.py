@@ -3,8 +3,11 @@
 Each input (train, validation, test, retention) gets a :class:`StepCounts`. A row is counted once, at the
 first step that drops it, so for every input::
 
-    rows_read = malformed + empty + exact_duplicates + near_duplicates
+    rows_read = malformed + empty + label_conflicts + exact_duplicates + near_duplicates
                 + too_short + too_long + no_trainable_tokens + rows_kept
+
+Examples (malformed rows, label conflicts, duplicate pairs) show at most :data:`PREVIEW_CHARS` of a row's text after
+cleaning, so PII is already redacted in them when ``preprocessing.redactPii`` is on.
 
 ``total`` sums the job's own inputs (train, validation, test files); retention data is reported on its own.
 """
@@ -23,6 +26,7 @@ PREVIEW_CHARS = 200
 DROP_STEPS = (
     "malformed",
     "empty",
+    "label_conflicts",
     "exact_duplicates",
     "near_duplicates",
     "too_short",
@@ -38,6 +42,7 @@ class StepCounts:
     rows_read: int = 0
     malformed: int = 0
     empty: int = 0
+    label_conflicts: int = 0
     exact_duplicates: int = 0
     near_duplicates: int = 0
     too_short: int = 0
@@ -49,17 +54,28 @@ class StepCounts:
     trainable_tokens: int = 0
     pii: Counter[str] = field(default_factory=Counter)
     malformed_examples: list[dict[str, str]] = field(default_factory=list)
+    label_conflict_examples: list[dict[str, Any]] = field(default_factory=list)
+    duplicate_examples: list[dict[str, Any]] = field(default_factory=list)  # up to MAX_EXAMPLES exact and near pairs
 
     def add_malformed(self, origin: str, reason: str, raw: str) -> None:
         self.malformed += 1
         if len(self.malformed_examples) < MAX_EXAMPLES:
             self.malformed_examples.append({"row": origin, "reason": reason, "raw": raw[:PREVIEW_CHARS]})
 
+    def add_label_conflict(self, origin: str, labels: list[str], preview: str) -> None:
+        """A row dropped because its text carries ``labels[0]`` elsewhere and ``labels[1]`` here."""
+        self.label_conflicts += 1
+        if len(self.label_conflict_examples) < MAX_EXAMPLES:
+            self.label_conflict_examples.append({"row": origin, "labels": labels, "text": preview[:PREVIEW_CHARS]})
+
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("pii", "malformed_examples")}
+        lists = ("pii", "malformed_examples", "label_conflict_examples", "duplicate_examples")
+        out: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k not in lists}
         out["pii"] = dict(sorted(self.pii.items()))
         out["pii_total"] = sum(self.pii.values())
         out["malformed_examples"] = list(self.malformed_examples)
+        out["label_conflict_examples"] = list(self.label_conflict_examples)
+        out["duplicate_examples"] = list(self.duplicate_examples)
         return out
 
 
@@ -118,7 +134,8 @@ def format_report(report: dict[str, Any]) -> str:
         )
     leakage = report.get("leakage", {})
     if leakage.get("policy") != "off":
-        parts = [f"{s} {leakage[s]['exact']} exact / {leakage[s]['near']} near" for s in ("validation", "test") if s in leakage]
+        checks = (("validation", "validation"), ("test", "test"), ("test_vs_validation", "test in validation"), ("retention", "retention"))
+        parts = [f"{label} {leakage[s]['exact']} exact / {leakage[s]['near']} near" for s, label in checks if s in leakage]
         if parts:
             lines.append(f"  leakage ({leakage['policy']}): " + ", ".join(parts))
     classes = report.get("classes")

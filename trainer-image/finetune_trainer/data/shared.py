@@ -21,12 +21,18 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import datasets
 
 from finetune_trainer import errors
 from finetune_trainer.data.prepare import PreparedData, prepare_data
+from finetune_trainer.storage import Storage
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from finetune_api.spec import FineTuneJobSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,7 @@ def group_key() -> str:
     return f"{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
-def prepare_data_per_node(spec: Any, storage: Any, tokenizer: Any, *, root: Path, local_rank: int, local_world_size: int,
+def prepare_data_per_node(spec: FineTuneJobSpec, storage: Storage, tokenizer: PreTrainedTokenizerBase, *, root: Path, local_rank: int, local_world_size: int,
                           poll_seconds: float = 0.5) -> PreparedData:
     if local_world_size <= 1:
         return prepare_data(spec, storage, tokenizer, cache_dir=root / "data")
@@ -49,7 +55,7 @@ def prepare_data_per_node(spec: Any, storage: Any, tokenizer: Any, *, root: Path
     return _wait_and_load(folder, poll_seconds)
 
 
-def _prepare_and_publish(spec: Any, storage: Any, tokenizer: Any, root: Path, folder: Path) -> PreparedData:
+def _prepare_and_publish(spec: FineTuneJobSpec, storage: Storage, tokenizer: PreTrainedTokenizerBase, root: Path, folder: Path) -> PreparedData:
     for stale in root.glob("data-node-*"):  # earlier launches' folders (a fresh pod has none)
         if stale != folder:
             shutil.rmtree(stale, ignore_errors=True)

@@ -21,9 +21,12 @@ which is what ``preprocessing.minTokens``/``maxTokens`` compare against.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from finetune_trainer.data.formats import CHAT, CLASSIFICATION, PROMPT_COMPLETION, TEXT, Record
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -43,7 +46,7 @@ class Tokenized:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def tokenize_batch(records: Sequence[Record], fmt: str, tokenizer: Any, max_len: int) -> list[Tokenized]:
+def tokenize_batch(records: Sequence[Record], fmt: str, tokenizer: PreTrainedTokenizerBase, max_len: int) -> list[Tokenized]:
     if not records:
         return []
     if fmt == TEXT:
@@ -76,11 +79,11 @@ def tokenize_batch(records: Sequence[Record], fmt: str, tokenizer: Any, max_len:
     raise ValueError(f"unknown dataset format {fmt!r}")
 
 
-def _encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
 
-def _eos(tokenizer: Any) -> list[int]:
+def _eos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
@@ -89,13 +92,13 @@ def _lm(input_ids: list[int], labels: list[int], max_len: int) -> Tokenized:
     return Tokenized(input_ids[:max_len], labels[:max_len], length, length > max_len)
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
     if not messages:
         return ""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
+def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
     """Character spans of ``full`` (the whole rendering) that belong to assistant turns."""
     spans = []
     searched_to = 0
@@ -116,7 +119,7 @@ def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]], full: s
     return spans
 
 
-def _chat(messages: list[dict[str, str]], tokenizer: Any, max_len: int) -> Tokenized:
+def _chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, max_len: int) -> Tokenized:
     full = _render(tokenizer, messages)
     spans = assistant_char_spans(tokenizer, messages, full)
     if getattr(tokenizer, "is_fast", False):

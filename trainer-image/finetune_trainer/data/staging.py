@@ -1,0 +1,366 @@
+"""Staging: one input's files -> cleaned, deduplicated, tokenised rows in an Arrow file.
+
+Rows stream through::
+
+    read -> parse format -> normalise -> lowercase -> redact PII -> drop empty -> label conflicts
+         -> exact dedupe -> near dedupe -> tokenise -> min/max tokens -> keep
+
+and are written in batches to ``staged-<input>.arrow`` in the work folder (memory-mapped by
+``datasets``), so the data never has to fit in RAM; the duplicate index (a hash and a 512-byte MinHash
+signature per row) is the only global state. Besides the training columns a staged row carries what the
+leakage check and the report need: ``_origin`` (file:line), ``_preview`` (the start of its leakage key,
+cleaned and redacted), ``_hash`` and ``_sig`` (the leakage key's hash and MinHash signature).
+
+Two keys (:func:`~finetune_trainer.data.formats.key_text`): ``preprocessing.dedupe.key`` for dedupe
+within the input and ``dataset.leakageKey`` for the leakage checks between splits; when both name the
+same part the key is computed once. Every row that enters the duplicate index also goes, as origin and
+preview, to ``index-<input>.arrow`` (row id = position), so each duplicate example in the report can
+show the row it duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from finetune_api.spec import FineTuneJobSpec, PreprocessingSpec
+from finetune_trainer.data import report as reports
+from finetune_trainer.data.cleaning import NORMALIZERS, DuplicateIndex, dedupe_key, key_hash, signature
+from finetune_trainer.data.formats import CLASSIFICATION, Record, is_empty, key_text, map_texts, parse_record
+from finetune_trainer.data.labels import check_label
+from finetune_trainer.data.pii import redact
+from finetune_trainer.data.readers import Malformed, data_files, read_rows
+from finetune_trainer.data.report import StepCounts
+from finetune_trainer.data.tokenize import tokenize_batch
+from finetune_trainer.errors import MalformedData
+from finetune_trainer.storage import Storage
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 512  # rows tokenised and written together
+READ_BATCH = 1000  # rows read back per batch from Arrow
+
+_INDEX_ROWS = pa.schema([("origin", pa.string()), ("preview", pa.string())])
+_STAGED_COMMON = [
+    ("_origin", pa.string()),
+    ("_preview", pa.string()),
+    ("_hash", pa.binary()),
+    ("_sig", pa.list_(pa.uint32())),
+    ("_truncated", pa.bool_()),
+]
+ArrowValue = object  # one cell of a row appended to an ArrowSink (int list, str, bytes, bool, ...)
+
+
+def wire_value(option: object) -> str:
+    """An enum option's wire value (spec defaults are enum members, parsed values plain strings)."""
+    return str(getattr(option, "value", option))
+
+
+def arrow_batches(dataset: datasets.Dataset, columns: list[str]) -> Iterator[pa.Table]:
+    """The dataset's rows in order as Arrow tables (follows a select()'s indices, no Python objects)."""
+    yield from dataset.select_columns(columns).with_format("arrow").iter(batch_size=READ_BATCH)
+
+
+class ArrowSink:
+    """Append rows, written in record batches to an Arrow stream file; ``finish`` memory-maps it."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path = path
+        self.schema = schema
+        self.rows = 0
+        self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self._writer = pa.ipc.new_stream(str(self._tmp), schema)
+        self._buffer: dict[str, list[ArrowValue]] = {name: [] for name in schema.names}
+
+    def append(self, row: dict[str, ArrowValue]) -> None:
+        for name in self.schema.names:
+            self._buffer[name].append(row[name])
+        self.rows += 1
+        if len(self._buffer[self.schema.names[0]]) >= BATCH_ROWS:
+            self._flush()
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append rows already in Arrow form (no Python round trip)."""
+        self._flush()
+        for batch in table.select(self.schema.names).cast(self.schema).to_batches():
+            self._writer.write_batch(batch)
+        self.rows += table.num_rows
+
+    def _flush(self) -> None:
+        if self._buffer[self.schema.names[0]]:
+            self._writer.write_batch(pa.record_batch(self._buffer, schema=self.schema))
+            self._buffer = {name: [] for name in self.schema.names}
+
+    def finish(self) -> datasets.Dataset:
+        self._flush()
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        return datasets.Dataset.from_file(str(self.path))
+
+
+@dataclass
+class PrepareContext:
+    """What staging every input of one job needs, read once from the spec."""
+
+    spec: FineTuneJobSpec
+    storage: Storage
+    tokenizer: PreTrainedTokenizerBase
+    work_dir: Path
+    fmt: str
+    need_signatures: bool  # stage each row's leakage-key MinHash signature (the leakage check is on)
+
+    @property
+    def pre(self) -> PreprocessingSpec:
+        return self.spec.dataset.preprocessing
+
+
+# ------------------------------------------------------------------------------ label conflicts
+
+
+class LabelConflicts:
+    """Classification rows whose text (dedupe key) was seen before with another label.
+
+    Such rows are a data error, not duplicates: which label is right is unknown. Every conflicting row
+    after the first is dropped as it streams by; ``preprocessing.labelConflicts`` then decides about the
+    first one (``drop``: removed too, by :meth:`settle` once the input is staged; ``keepFirst``: kept) or
+    fails the job (``fail``). Memory: one label per distinct text, classification only.
+    """
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self._first_label: dict[bytes, str] = {}
+        self.conflicting: set[bytes] = set()
+
+    def is_conflict(self, hash_: bytes, label: str, origin: str, preview: str, counts: StepCounts) -> bool:
+        first = self._first_label.setdefault(hash_, label)
+        if first == label:
+            return False
+        self.conflicting.add(hash_)
+        counts.add_label_conflict(origin, [first, label], preview)
+        return True
+
+    def settle(self, staged: datasets.Dataset, counts: StepCounts, label_counts: Counter[str], name: str) -> datasets.Dataset:
+        """Apply the policy once the whole input has streamed by."""
+        if not self.conflicting:
+            return staged
+        if self.policy == "fail":
+            first = counts.label_conflict_examples[0]
+            raise MalformedData(
+                f"{len(self.conflicting)} texts of {name} data {counts.uri} appear with different labels "
+                f"({counts.label_conflicts} conflicting rows); e.g. row {first['row']} has label {first['labels'][1]!r} "
+                f"where an earlier row with the same text has {first['labels'][0]!r}. Fix the labels, or set "
+                "dataset.preprocessing.labelConflicts to drop (remove every such row) or keepFirst."
+            )
+        if self.policy == "drop":
+            return self._drop_first_rows(staged, counts, label_counts)
+        return staged
+
+    def _drop_first_rows(self, staged: datasets.Dataset, counts: StepCounts, label_counts: Counter[str]) -> datasets.Dataset:
+        """``staged`` without the kept rows of conflicting texts; their counts move to label_conflicts.
+
+        The staged ``_hash`` is the leakage key's; for classification every key is the row's one text,
+        so it equals the dedupe key's hash that :meth:`is_conflict` recorded."""
+        keep: list[int] = []
+        position = 0
+        for table in arrow_batches(staged, ["_hash", "input_ids", "label_name", "_truncated"]):
+            lengths = pc.list_value_length(table["input_ids"]).to_pylist()
+            rows = zip(table["_hash"].to_pylist(), lengths, table["label_name"].to_pylist(), table["_truncated"].to_pylist())
+            for hash_, length, label, truncated in rows:
+                if hash_ in self.conflicting:
+                    counts.rows_kept -= 1
+                    counts.label_conflicts += 1
+                    counts.tokens -= length
+                    counts.trainable_tokens -= length  # every classification token is trainable
+                    counts.truncated -= int(truncated)
+                    label_counts[label] -= 1
+                else:
+                    keep.append(position)
+                position += 1
+        for label in [name for name, n in label_counts.items() if n <= 0]:
+            del label_counts[label]
+        return staged.select(keep)
+
+
+# ------------------------------------------------------------------------------------- staging
+
+
+def _clean(record: Record, ctx: PrepareContext, counts: StepCounts) -> Record:
+    normalizer = NORMALIZERS.get(wire_value(ctx.pre.normalize))
+    if normalizer is not None:
+        record = map_texts(record, normalizer)
+    if ctx.pre.lowercase:
+        record = map_texts(record, str.lower)
+    if ctx.pre.redact_pii:
+        record = map_texts(record, lambda text: redact(text, counts.pii))
+    return record
+
+
+def _records(ctx: PrepareContext, files: list[str], counts: StepCounts, known_labels: list[str] | None, label_where: str) -> Iterator[tuple[Record, str]]:
+    """Parsed, cleaned records of one input's files (malformed rows counted and skipped)."""
+    for item in read_rows(ctx.storage, counts.uri, ctx.work_dir, files):
+        counts.rows_read += 1
+        if isinstance(item, Malformed):
+            raw = redact(item.raw) if ctx.pre.redact_pii else item.raw
+            counts.add_malformed(item.origin, item.reason, raw)
+            continue
+        parsed = parse_record(item.data, ctx.fmt, ctx.spec.dataset.fields)
+        if isinstance(parsed, str):
+            raw = str(item.data)
+            counts.add_malformed(item.origin, parsed, redact(raw) if ctx.pre.redact_pii else raw)
+            continue
+        if known_labels is not None:
+            check_label(parsed["label"], known_labels, item.origin, label_where)
+        yield _clean(parsed, ctx, counts), item.origin
+
+
+@dataclass
+class _Candidate:
+    """A row that passed dedupe, waiting to be tokenised with its batch; ``key``, ``hash_`` and ``sig``
+    are its leakage key's (what the staged row carries for the checks between splits)."""
+
+    record: Record
+    origin: str
+    key: str
+    hash_: bytes
+    sig: np.ndarray | None
+
+
+class _Stager:
+    """One input's staging: the duplicate index, the counts and the Arrow sink, row by row."""
+
+    def __init__(self, ctx: PrepareContext, name: str, uri: str, files: list[str]):
+        self.ctx, self.name = ctx, name
+        pre = ctx.pre
+        self.counts = StepCounts(uri=uri, files=len(files))
+        self.classification = ctx.fmt == CLASSIFICATION
+        columns = [("input_ids", pa.list_(pa.int32()))]
+        columns += [("label_name", pa.string())] if self.classification else [("labels", pa.list_(pa.int32()))]
+        self.sink = ArrowSink(ctx.work_dir / f"staged-{name}.arrow", pa.schema(columns + _STAGED_COMMON))
+        self.index = DuplicateIndex(pre.dedupe.near_threshold, near=pre.dedupe.near)
+        self.conflicts = LabelConflicts(wire_value(pre.label_conflicts)) if self.classification else None
+        self.label_counts: Counter[str] = Counter()
+        self.pending: list[_Candidate] = []
+        self.dedupe_key, self.leakage_key = wire_value(pre.dedupe.key), wire_value(ctx.spec.dataset.leakage_key)
+        self.index_rows = ArrowSink(ctx.work_dir / f"index-{name}.arrow", _INDEX_ROWS)
+        self.duplicates: list[tuple[str, str, str, int, float]] = []  # kind, origin, preview, matched id, similarity
+
+    def _keys(self, record: Record) -> tuple[str, bytes, str, bytes]:
+        """(dedupe key, its hash, leakage key, its hash)."""
+        key = dedupe_key(key_text(record, self.dedupe_key))
+        leak = key if self.leakage_key == self.dedupe_key else dedupe_key(key_text(record, self.leakage_key))
+        hash_ = key_hash(key)
+        return key, hash_, leak, (hash_ if leak == key else key_hash(leak))
+
+    def _duplicate(self, kind: str, origin: str, preview: str, matched: int, similarity: float) -> None:
+        if sum(1 for d in self.duplicates if d[0] == kind) < reports.MAX_EXAMPLES:
+            self.duplicates.append((kind, origin, preview[: reports.PREVIEW_CHARS], matched, similarity))
+
+    def offer(self, record: Record, origin: str) -> None:
+        """Count the row at the first step that drops it, or queue it for tokenisation."""
+        pre, counts = self.ctx.pre, self.counts
+        if pre.drop_empty and is_empty(record):
+            counts.empty += 1
+            return
+        key, hash_, leak, leak_hash = self._keys(record)
+        if self.conflicts is not None and self.conflicts.is_conflict(hash_, record["label"], origin, key, counts):
+            return
+        sig = signature(key) if pre.dedupe.near else None
+        exact = self.index.exact_match(hash_) if pre.dedupe.exact else None
+        if exact is not None:
+            counts.exact_duplicates += 1
+            self._duplicate("exact", origin, key, exact, 1.0)
+            return
+        near = self.index.near_match(sig) if sig is not None else None
+        if near is not None and sig is not None:
+            counts.near_duplicates += 1
+            self._duplicate("near", origin, key, near, self.index.similarity_to(near, sig))
+            return
+        self.index.add(hash_, sig)
+        self.index_rows.append({"origin": origin, "preview": key[: reports.PREVIEW_CHARS]})
+        leak_sig = (sig if leak == key and sig is not None else signature(leak)) if self.ctx.need_signatures else None
+        self.pending.append(_Candidate(record, origin, leak, leak_hash, leak_sig))
+        if len(self.pending) >= BATCH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Tokenise the pending rows and keep those within the token limits."""
+        pre, counts = self.ctx.pre, self.counts
+        tokenized = tokenize_batch([c.record for c in self.pending], self.ctx.fmt, self.ctx.tokenizer, self.ctx.spec.hyperparameters.max_seq_length)
+        for candidate, tok in zip(self.pending, tokenized):
+            if tok.length < pre.min_tokens:
+                counts.too_short += 1
+            elif pre.max_tokens is not None and tok.length > pre.max_tokens:
+                counts.too_long += 1
+            elif tok.trainable == 0:
+                counts.no_trainable_tokens += 1
+            else:
+                counts.rows_kept += 1
+                counts.truncated += tok.truncated
+                counts.tokens += len(tok.input_ids)
+                counts.trainable_tokens += tok.trainable
+                row: dict[str, ArrowValue] = {
+                    "input_ids": tok.input_ids,
+                    "_origin": candidate.origin,
+                    "_preview": candidate.key[: reports.PREVIEW_CHARS],
+                    "_hash": candidate.hash_,
+                    "_sig": candidate.sig if candidate.sig is not None else [],
+                    "_truncated": tok.truncated,
+                }
+                if self.classification:
+                    row["label_name"] = candidate.record["label"]
+                    self.label_counts[candidate.record["label"]] += 1
+                else:
+                    row["labels"] = tok.labels
+                self.sink.append(row)
+        self.pending.clear()
+
+    def _duplicate_examples(self) -> list[dict[str, object]]:
+        """The report's duplicate pairs: each dropped row beside the earlier row it duplicates."""
+        index_rows = self.index_rows.finish()
+        out: list[dict[str, object]] = []
+        for kind, origin, preview, matched, similarity in self.duplicates:
+            first = index_rows[matched]
+            out.append({"match": kind, "row": origin, "text": preview, "duplicate_of": first["origin"],
+                        "duplicate_of_text": first["preview"], "similarity": round(similarity, 4)})
+        self.index_rows.path.unlink()
+        return out
+
+    def finish(self) -> datasets.Dataset:
+        self.flush()
+        self.counts.duplicate_examples = self._duplicate_examples()
+        staged = self.sink.finish()
+        if self.conflicts is not None:
+            staged = self.conflicts.settle(staged, self.counts, self.label_counts, self.name)
+        return staged
+
+
+def stage(ctx: PrepareContext, name: str, uri: str, known_labels: list[str] | None = None, label_where: str = "") -> tuple[datasets.Dataset, StepCounts, Counter[str]]:
+    """Read, clean, dedupe and tokenise one input into a staged Arrow dataset (see the module docstring)."""
+    files = data_files(ctx.storage, uri)
+    stager = _Stager(ctx, name, uri, files)
+    for record, origin in _records(ctx, files, stager.counts, known_labels, label_where):
+        stager.offer(record, origin)
+    stager.flush()
+    counts, pre = stager.counts, ctx.pre
+    if counts.rows_read and counts.malformed / counts.rows_read > pre.max_malformed_fraction:
+        examples = "; ".join(f"{e['row']}: {e['reason']}" for e in counts.malformed_examples[:3])
+        raise MalformedData(
+            f"{counts.malformed} of {counts.rows_read} rows of {name} data {uri} could not be parsed as "
+            f"format {ctx.fmt} ({counts.malformed / counts.rows_read:.1%}, allowed "
+            f"{pre.max_malformed_fraction:.1%} by preprocessing.maxMalformedFraction). First: {examples}"
+        )
+    staged = stager.finish()
+    log.info("data: %s: %d rows read, %d kept", name, counts.rows_read, counts.rows_kept)
+    return staged, counts, stager.label_counts
