@@ -72,6 +72,10 @@ class Observed:
     # may_create_job() holds, and consulted only when a Job is about to be created.
     secret_problem: tuple[str, str] | None = None
     progress: ProgressDocument | None = None  # the trainer's latest document, when there is one
+    # A child name of the attempt to create (Service, ConfigMap, Job) is held by an object this
+    # FineTuneJob does not control (by uid): what holds it, in words. Read, like the Secret, only when
+    # may_create_job() holds. ``jobs``/``pods`` hold only the children this FineTuneJob controls.
+    name_conflict: str | None = None
     now: datetime = field(default_factory=now_utc)
 
 
@@ -297,12 +301,25 @@ def _to_create(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) 
         return plan
     if obs.secret_problem:  # no Job of this attempt ran, so there is no last word to read
         return _fail(obs, plan, *obs.secret_problem, last_word=False)
+    if obs.name_conflict:
+        return _name_conflict(obs, plan, obs.name_conflict)
     plan.create_job = group.attempt
     plan.status.setdefault("startTime", iso(obs.now))
     plan.status["jobName"] = job_name(Owner(obs.name, obs.namespace, ""), group.attempt)
     if old.get("phase") in (None, Phase.suspended.value):
         _transition(obs, plan, Phase.pending.value, "JobCreated",
                     f"created Job {plan.status['jobName']} ({spec.resources.nodes} node(s) x {spec.resources.gpus_per_node} GPU)")
+    return plan
+
+
+def _name_conflict(obs: Observed, plan: Plan, holder: str) -> Plan:
+    """A child name is taken by an object we do not control: never adopt it (its status is not ours)
+    and never delete it (it is not ours either). Wait, Pending, saying what holds the name: the usual
+    case is the children of a deleted FineTuneJob of the same name, which the garbage collector
+    removes shortly; a squatter has to be removed by whoever made it."""
+    _transition(obs, plan, Phase.pending.value, "ChildNameConflict",
+                f"{holder}; waiting for it to be deleted (the operator neither adopts nor deletes objects it does not own)", "Warning")
+    plan.requeue_after = 5.0
     return plan
 
 

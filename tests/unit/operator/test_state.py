@@ -200,3 +200,11 @@ def test_unknown_crash_message_skips_launcher_decoration():
     pod = PodView("ft-0-0", 0, 0, "Failed", exit_code=1, message="RuntimeError: NCCL timeout\n====\nfoo FAILED\n-----")
     plan = decide(obs({"phase": "Running", "attempt": 0, "restarts": 0}, jobs=[running_job(failed=1)], pods=[pod]))
     assert plan.status["reason"] == "TrainerFailed" and plan.status["failureReason"].endswith("foo FAILED")
+
+
+def test_a_name_conflict_waits_pending_and_creates_nothing():
+    plan = decide(obs(name_conflict="Job ft-0 already exists and is controlled by FineTuneJob ft (uid u-old)"))
+    assert plan.create_job is None and plan.delete_jobs == []
+    assert (plan.status["phase"], plan.status["reason"]) == ("Pending", "ChildNameConflict")
+    assert plan.status["message"].startswith("Job ft-0 already exists and is controlled by FineTuneJob ft (uid u-old); waiting")
+    assert plan.events[0][:2] == ("Warning", "ChildNameConflict")
