@@ -129,23 +129,31 @@ def reconcile(
 
 
 def _reconcile_locked(body: dict[str, Any], jobs: list[JobView], pods: list[PodView], config: OperatorConfig) -> None:
+    """observe -> decide -> apply, again on a fresh read when the object changed under it (Conflict) or
+    when the API server refused a child (Rejected), which the next decision then sees."""
+    rejected: str | None = None
     for _ in range(3):
         if body["metadata"].get("deletionTimestamp"):
             return
-        observed = observe(body, jobs, pods, config)
+        observed = observe(body, jobs, pods, config, rejected=rejected)
         try:
             _apply(body, observed.spec, decide(observed), config)
             return
+        except kube.Rejected as exc:
+            rejected = str(exc)
+            log.warning("%s/%s: %s", body["metadata"]["namespace"], body["metadata"]["name"], rejected)
         except kube.Conflict:
-            meta = body["metadata"]
-            fresh = kube.get_finetunejob(meta["namespace"], meta["name"])
-            if fresh is None:
-                return
-            body = fresh
+            pass
+        meta = body["metadata"]
+        fresh = kube.get_finetunejob(meta["namespace"], meta["name"])
+        if fresh is None:
+            return
+        body = fresh
     raise kube.Conflict(f"{body['metadata']['namespace']}/{body['metadata']['name']} kept changing under the reconcile; the next event or resync retries")
 
 
-def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], config: OperatorConfig) -> Observed:
+def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], config: OperatorConfig,
+            rejected: str | None = None) -> Observed:
     """Everything :func:`decide` needs, read before it decides.
 
     The progress document comes from the reader's cache (refreshed in the background) while the job
@@ -172,6 +180,7 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
         secret_problem=secret_problem,
         progress=progress,
         name_conflict=conflict,
+        create_rejected=rejected,
     )
 
 

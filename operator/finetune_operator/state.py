@@ -76,6 +76,9 @@ class Observed:
     # FineTuneJob does not control (by uid): what holds it, in words. Read, like the Secret, only when
     # may_create_job() holds. ``jobs``/``pods`` hold only the children this FineTuneJob controls.
     name_conflict: str | None = None
+    # The API server refused to create one of the attempt's children (400/413/422), in its own words:
+    # the same object would be refused again, so the job fails instead of retrying silently.
+    create_rejected: str | None = None
     now: datetime = field(default_factory=now_utc)
 
 
@@ -299,6 +302,8 @@ def _to_create(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) 
                     old.get("message") or "waiting for the previous attempt's pods to exit")
         plan.requeue_after = 2.0
         return plan
+    if obs.create_rejected:
+        return _fail(obs, plan, "ChildRejected", f"{obs.create_rejected} (fix the spec and re-create the FineTuneJob)", last_word=False)
     if obs.secret_problem:  # no Job of this attempt ran, so there is no last word to read
         return _fail(obs, plan, *obs.secret_problem, last_word=False)
     if obs.name_conflict:

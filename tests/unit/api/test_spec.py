@@ -57,3 +57,16 @@ def test_bad_specs_are_rejected_with_a_message(patch, message):
     with pytest.raises(ValidationError) as err:
         parse_spec({**MINIMAL, **patch})
     assert message in str(err.value)
+
+
+def test_queue_name_fits_a_label_value_and_priority_class_is_a_name():
+    import pytest
+    from pydantic import ValidationError
+    from finetune_api.spec import parse_spec
+
+    base = {"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t"}, "output": {"uri": "s3://out/x"}}
+    assert parse_spec({**base, "resources": {"queueName": "q" * 63}}).resources.queue_name == "q" * 63
+    with pytest.raises(ValidationError, match="at most 63"):
+        parse_spec({**base, "resources": {"queueName": "q" * 64}})
+    with pytest.raises(ValidationError, match="pattern"):
+        parse_spec({**base, "resources": {"priorityClassName": "Not A Name"}})

@@ -132,3 +132,63 @@ def test_a_foreign_pod_with_our_labels_and_a_failure_message_is_ignored(fake, tm
     [(_, _, patch, _)] = fake.named("patch_status")
     assert patch.get("phase") is None and patch["message"] == "1/1 training pod(s) running"  # still Running
     assert fake.named("delete_job") == [] and fake.named("post_event") == []
+
+
+def test_a_rejected_child_ends_in_failed_with_the_servers_message(fake, tmp_path, monkeypatch):
+    created = []
+
+    def create_owned(obj, uid):
+        created.append(obj["kind"])
+        if obj["kind"] == "Job":
+            raise kube.Rejected("Job", "ft-0", 'Job.batch "ft-0" is invalid: tolerations[0].operator: Unsupported value: "Bogus"')
+        return True
+
+    monkeypatch.setattr(kube, "create_owned", create_owned)
+    monkeypatch.setattr(kube, "get_finetunejob", lambda ns, name: body(tmp_path, {"phase": "Pending", "reason": "JobCreated", "attempt": 0, "jobName": "ft-0"}))
+    reconcile(body(tmp_path))
+    assert created == ["Service", "ConfigMap", "Job"]  # tried once, not again
+    first, last = [patch for _, _, patch, _ in fake.named("patch_status")]
+    assert first["phase"] == "Pending"
+    assert (last["phase"], last["reason"]) == ("Failed", "ChildRejected")
+    assert 'Unsupported value: "Bogus"' in last["message"]
+
+
+class _Api:
+    """Stands in for a kubernetes client API object: create raises ``error``, read returns ``existing``."""
+
+    def __init__(self, error, existing=None):
+        self.error, self.existing = error, existing
+
+    def create_namespaced_job(self, ns, obj):
+        raise self.error
+
+    def read_namespaced_job(self, name, ns):
+        from kubernetes import client
+        return client.V1Job(metadata=client.V1ObjectMeta(name=name, owner_references=self.existing))
+
+
+def _api_error(status, message):
+    from kubernetes.client.exceptions import ApiException
+    err = ApiException(status=status, reason="Unprocessable Entity")
+    err.body = json.dumps({"kind": "Status", "message": message})
+    return err
+
+
+JOB = {"kind": "Job", "metadata": {"name": "ft-0", "namespace": "ns"}}
+
+
+def test_create_owned_turns_422_into_rejected_with_the_servers_message(monkeypatch):
+    monkeypatch.setattr(kube, "_batch", lambda: _Api(_api_error(422, 'Job.batch "ft-0" is invalid: metadata.name: Too long')))
+    with pytest.raises(kube.Rejected, match='metadata.name: Too long'):
+        kube.create_owned(JOB, "u-1")
+
+
+def test_create_owned_accepts_409_only_for_what_we_control(monkeypatch):
+    from kubernetes import client
+    ours = [client.V1OwnerReference(api_version="finetune.io/v1alpha1", kind="FineTuneJob", name="ft", uid="u-1", controller=True)]
+    theirs = [client.V1OwnerReference(api_version="finetune.io/v1alpha1", kind="FineTuneJob", name="ft", uid="u-old", controller=True)]
+    monkeypatch.setattr(kube, "_batch", lambda: _Api(_api_error(409, "exists"), ours))
+    assert kube.create_owned(JOB, "u-1") is False
+    monkeypatch.setattr(kube, "_batch", lambda: _Api(_api_error(409, "exists"), theirs))
+    with pytest.raises(kube.ForeignChild, match=r"controlled by FineTuneJob ft \(uid u-old\)"):
+        kube.create_owned(JOB, "u-1")

@@ -208,3 +208,12 @@ def test_a_name_conflict_waits_pending_and_creates_nothing():
     assert (plan.status["phase"], plan.status["reason"]) == ("Pending", "ChildNameConflict")
     assert plan.status["message"].startswith("Job ft-0 already exists and is controlled by FineTuneJob ft (uid u-old); waiting")
     assert plan.events[0][:2] == ("Warning", "ChildNameConflict")
+
+
+def test_a_child_the_api_server_rejects_fails_the_job_with_its_message():
+    rejected = "the API server rejected Job ft-0: Job.batch \"ft-0\" is invalid: spec.template.spec.tolerations[0].operator: Unsupported value"
+    plan = decide(obs({"phase": "Pending", "reason": "JobCreated", "attempt": 0, "jobName": "ft-0"}, create_rejected=rejected))
+    assert plan.create_job is None
+    assert (plan.status["phase"], plan.status["reason"]) == ("Failed", "ChildRejected")
+    assert plan.status["message"].startswith(rejected) and plan.status["completionTime"] == iso(NOW)
+    assert plan.read_final_progress is False  # nothing ran
