@@ -181,6 +181,7 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
         progress=progress,
         name_conflict=conflict,
         create_rejected=rejected,
+        timing=config.timing,
     )
 
 

@@ -26,6 +26,7 @@ from finetune_api.status import Phase, TERMINAL_PHASES
 from finetune_api.failures import EXIT_PREEMPTED, PERMANENT_EXIT_CODES, find_termination_line, last_meaningful_line
 
 from finetune_operator.builders import Owner, job_name
+from finetune_operator.config import Timing
 from finetune_operator.progress import project as project_progress
 from finetune_operator.views import JobView, PodView
 
@@ -79,6 +80,7 @@ class Observed:
     # The API server refused to create one of the attempt's children (400/413/422), in its own words:
     # the same object would be refused again, so the job fails instead of retrying silently.
     create_rejected: str | None = None
+    timing: Timing = field(default_factory=Timing)  # the operator's time limits (pod start, restart backoff)
     now: datetime = field(default_factory=now_utc)
 
 
@@ -354,6 +356,33 @@ def _failed(obs: Observed, spec: FineTuneJobSpec, group: _Group, job: JobView, p
     return plan
 
 
+# Container waiting reasons that do not fix themselves soon: past Timing.pod_start_timeout they fail the job.
+STUCK_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
+                           "CreateContainerConfigError", "CreateContainerError"})
+
+
+def _waiting(obs: Observed, group: _Group, job: JobView, plan: Plan) -> Plan:
+    """A pod of the group is not starting: say why in status (the waiting reason, the pod, the
+    kubelet's or scheduler's message). Past ``Timing.pod_start_timeout`` from the pod's creation, a
+    reason in :data:`STUCK_REASONS` fails the job (its Job is deleted); Unschedulable only waits."""
+    pod = sorted((p for p in group.pods if p.waiting and not p.deleting), key=lambda p: p.name)[0]
+    assert pod.waiting is not None
+    reason, detail = pod.waiting
+    text = f"pod {pod.name} is not starting: {reason}" + (f": {detail}" if detail else "")
+    limit = obs.timing.pod_start_timeout
+    if reason not in STUCK_REASONS or limit <= 0:
+        _transition(obs, plan, Phase.pending.value, reason, text)
+        return plan
+    created = parse_time(pod.created) or obs.now
+    fail_at = created + timedelta(seconds=limit)
+    if obs.now >= fail_at:
+        plan.delete_jobs.append(job.name)
+        return _fail(obs, plan, "PodStartFailed", f"{text} (still not running {int(limit)}s after the pod was created)", last_word=False)
+    plan.requeue_after = (fail_at - obs.now).total_seconds()
+    _transition(obs, plan, Phase.pending.value, reason, f"{text}; the job fails at {iso(fail_at)} unless it starts", "Warning")
+    return plan
+
+
 def _running(obs: Observed, spec: FineTuneJobSpec, group: _Group, job: JobView, plan: Plan) -> Plan:
     """The group is still going: Queued, Pending, Running or (still) Restarting."""
     old, nodes = obs.status, spec.resources.nodes
@@ -367,6 +396,8 @@ def _running(obs: Observed, spec: FineTuneJobSpec, group: _Group, job: JobView, 
         _transition(obs, plan, Phase.running.value, "PodsRunning", f"{running}/{nodes} training pod(s) running")
     elif running + finished >= nodes:
         _transition(obs, plan, Phase.running.value, "PodsFinished", f"all {finished} training pod(s) exited successfully; waiting for the Job to complete")
+    elif any(p.waiting and not p.deleting for p in group.pods):
+        return _waiting(obs, group, job, plan)
     elif old.get("phase") == Phase.restarting.value:
         _transition(obs, plan, Phase.restarting.value, old.get("reason") or "Restarting", old.get("message") or "restarting")
     else:

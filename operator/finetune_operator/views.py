@@ -26,6 +26,10 @@ class PodView:
     reason: str | None = None
     deleting: bool = False
     owner_uid: str | None = None  # uid of the pod's controller (its batch Job)
+    # (reason, message) of why the pod is not running: a container waiting on an error
+    # (ImagePullBackOff, CreateContainerConfigError, ...) or the scheduler's Unschedulable.
+    waiting: tuple[str, str] | None = None
+    created: str | None = None  # metadata.creationTimestamp
 
     @property
     def failed(self) -> bool:
@@ -108,6 +112,24 @@ def job_view(job: dict[str, Any]) -> JobView:
     )
 
 
+# Container waiting reasons that are normal on the way to Running.
+_STARTING = frozenset({"ContainerCreating", "PodInitializing"})
+
+
+def _waiting(status: dict[str, Any]) -> tuple[str, str] | None:
+    """Why a pod is not running yet, when something is wrong: a container waiting on an error, else
+    the scheduler's Unschedulable condition."""
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason and reason not in _STARTING:
+            return str(reason), str(waiting.get("message") or "")[:1024]
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+            return "Unschedulable", str(cond.get("message") or "")[:1024]
+    return None
+
+
 def pod_view(pod: dict[str, Any]) -> PodView:
     meta, status = pod.get("metadata", {}), pod.get("status") or {}
     index = (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index")
@@ -130,4 +152,6 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         reason=reason or status.get("reason"),
         deleting=bool(meta.get("deletionTimestamp")),
         owner_uid=controller_uid(meta),
+        waiting=_waiting(status) if (status.get("phase") or "Pending") == "Pending" else None,
+        created=meta.get("creationTimestamp"),
     )

@@ -76,3 +76,10 @@ def test_a_child_the_api_server_rejects_fails_the_job_with_its_message(kubectl, 
     assert st["reason"] == "ChildRejected"
     assert "Job badtol-0" in st["message"] and "Bogus" in st["message"]
     assert kubectl.get("job", "badtol-0", namespace) is None
+
+
+def test_an_unschedulable_pod_shows_the_schedulers_reason(kubectl, operator, namespace):
+    kubectl.create(ftj("nowhere", namespace, resources={"nodes": 1, "gpusPerNode": 1, "nodeSelector": {"finetune.io/no-such-node": "x"}}))
+    st = wait_for("Unschedulable", lambda: (s := status(kubectl, namespace, "nowhere")).get("reason") == "Unschedulable" and s)
+    assert st["phase"] == "Pending"
+    assert st["message"].startswith("pod nowhere-0-0-") and "nodes are available" in st["message"]

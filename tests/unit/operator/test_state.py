@@ -217,3 +217,48 @@ def test_a_child_the_api_server_rejects_fails_the_job_with_its_message():
     assert (plan.status["phase"], plan.status["reason"]) == ("Failed", "ChildRejected")
     assert plan.status["message"].startswith(rejected) and plan.status["completionTime"] == iso(NOW)
     assert plan.read_final_progress is False  # nothing ran
+
+
+def _waiting_pod(reason, message="", created=NOW):
+    return PodView("ft-0-0", 0, 0, "Pending", waiting=(reason, message), created=iso(created))
+
+
+def test_a_pod_stuck_on_an_image_pull_shows_why_then_fails_past_the_timeout():
+    from finetune_operator.config import Timing
+
+    pending = {"phase": "Pending", "reason": "JobCreated", "attempt": 0, "jobName": "ft-0"}
+    pod = _waiting_pod("ImagePullBackOff", 'Back-off pulling image "nope:1"')
+    early = decide(obs(pending, jobs=[running_job()], pods=[pod], now=NOW + timedelta(seconds=30), timing=Timing(pod_start_timeout=600)))
+    assert (early.status["phase"], early.status["reason"]) == ("Pending", "ImagePullBackOff")
+    assert early.status["message"] == ('pod ft-0-0 is not starting: ImagePullBackOff: Back-off pulling image "nope:1"; '
+                                       f"the job fails at {iso(NOW + timedelta(seconds=600))} unless it starts")
+    assert early.delete_jobs == [] and early.requeue_after == 570
+    late = decide(obs(early.status, jobs=[running_job()], pods=[pod], now=NOW + timedelta(seconds=600), timing=Timing(pod_start_timeout=600)))
+    assert (late.status["phase"], late.status["reason"]) == ("Failed", "PodStartFailed")
+    assert "ImagePullBackOff" in late.status["message"] and "600s after the pod was created" in late.status["message"]
+    assert late.delete_jobs == ["ft-0"]
+
+
+def test_a_missing_secret_at_container_start_fails_past_the_timeout_too():
+    pod = _waiting_pod("CreateContainerConfigError", 'secret "s3" not found')
+    plan = decide(obs({"phase": "Pending", "attempt": 0, "jobName": "ft-0"}, jobs=[running_job()], pods=[pod], now=NOW + timedelta(hours=1)))
+    assert plan.status["reason"] == "PodStartFailed" and 'secret "s3" not found' in plan.status["message"]
+
+
+def test_an_unschedulable_pod_shows_the_schedulers_message_and_keeps_waiting():
+    pod = _waiting_pod("Unschedulable", "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
+    plan = decide(obs({"phase": "Pending", "attempt": 0, "jobName": "ft-0"}, jobs=[running_job()], pods=[pod], now=NOW + timedelta(days=1)))
+    assert (plan.status["phase"], plan.status["reason"]) == ("Pending", "Unschedulable")
+    assert plan.status["message"] == "pod ft-0-0 is not starting: Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    assert plan.delete_jobs == []
+
+
+def test_pod_view_reads_the_waiting_reason():
+    waiting = pod_view({"metadata": {"name": "p", "creationTimestamp": "2026-01-01T12:00:00Z"},
+                        "status": {"phase": "Pending", "containerStatuses": [{"state": {"waiting": {"reason": "ErrImagePull", "message": "no such image"}}}]}})
+    assert (waiting.waiting, waiting.created) == (("ErrImagePull", "no such image"), "2026-01-01T12:00:00Z")
+    creating = pod_view({"metadata": {"name": "p"}, "status": {"phase": "Pending", "containerStatuses": [{"state": {"waiting": {"reason": "ContainerCreating"}}}]}})
+    assert creating.waiting is None
+    unschedulable = pod_view({"metadata": {"name": "p"}, "status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes"}]}})
+    assert unschedulable.waiting == ("Unschedulable", "0/1 nodes")
