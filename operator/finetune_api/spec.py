@@ -569,6 +569,48 @@ def _immutable_rule() -> str:
     return " && ".join(parts)
 
 
+# Inputs the output prefix must stay clear of (issue 9 §5): the trainer deletes and overwrites under its
+# output (old checkpoints, the model folder), so an output that equals, contains or lies inside an
+# input would destroy it. Paths as CEL sees them in the spec (optional ones guarded by has()).
+_INPUTS = (
+    ("model.uri", "self.model.uri", None),
+    ("dataset.train", "self.dataset.train", None),
+    ("dataset.validation", "self.dataset.validation", "has(self.dataset.validation)"),
+    ("dataset.test", "self.dataset.test", "has(self.dataset.test)"),
+    ("evaluation.retention.dataset", "self.evaluation.retention.dataset", "has(self.evaluation) && has(self.evaluation.retention)"),
+)
+_OUTPUT_OVERLAP = "output.uri must not equal, contain or lie inside {field} (the trainer deletes and overwrites under its output)"
+
+
+def as_prefix(uri: str) -> str:
+    """``uri`` with exactly one trailing ``/``: two prefixes overlap when one starts with the other."""
+    return uri.rstrip("/") + "/"
+
+
+def output_overlap(spec: "FineTuneJobSpec") -> str | None:
+    """The first input (by spec field name) the output overlaps, or None."""
+    out = as_prefix(spec.output.uri)
+    retention = spec.evaluation.retention.dataset if spec.evaluation.retention else None
+    values = (spec.model.uri, spec.dataset.train, spec.dataset.validation, spec.dataset.test, retention)
+    for (field_name, _, _), value in zip(_INPUTS, values):
+        if value and (out.startswith(as_prefix(value)) or as_prefix(value).startswith(out)):
+            return field_name
+    return None
+
+
+def spec_overlap_messages() -> list[str]:
+    """The messages of the output-overlap CEL rules on the spec, in order (for tests and docs)."""
+    rules = FineTuneJobSpec.model_config["json_schema_extra"]["x-kubernetes-validations"]  # type: ignore[index]
+    return [r["message"] for r in rules if r["message"].startswith("output.uri must not")]
+
+
+def _overlap_rule(path: str, guard: str | None) -> str:
+    norm = "(%s.endsWith('/') ? %s : %s + '/')"
+    out, inp = norm % (("self.output.uri",) * 3), norm % ((path,) * 3)
+    rule = f"!({out}.startsWith({inp}) || {inp}.startsWith({out}))"
+    return f"!({guard}) || {rule}" if guard else rule
+
+
 _FSDP_FULL_ONLY = "hyperparameters.distributedStrategy fsdp needs method full (adapters train few parameters: use ddp or auto)"
 
 
@@ -598,6 +640,9 @@ class FineTuneJobSpec(_Model):
             raise ValueError("evaluation.metrics bleu and rouge need task causal-lm")
         if self.hyperparameters.distributed_strategy == DistributedStrategy.fsdp.value and self.method != Method.full.value:
             raise ValueError(_FSDP_FULL_ONLY)
+        overlap = output_overlap(self)
+        if overlap:
+            raise ValueError(_OUTPUT_OVERLAP.format(field=overlap))
         return self
 
     model_config = ConfigDict(
@@ -613,6 +658,7 @@ class FineTuneJobSpec(_Model):
                     "|| self.hyperparameters.distributedStrategy != 'fsdp' || self.method == 'full'",
                     _FSDP_FULL_ONLY,
                 ),
+                *(cel(_overlap_rule(path, guard), _OUTPUT_OVERLAP.format(field=name)) for name, path, guard in _INPUTS),
                 cel(
                     _immutable_rule(),
                     "spec is immutable after creation except spec.runPolicy (suspend, backoffLimit, activeDeadlineSeconds, ttlSecondsAfterFinished)",

@@ -83,3 +83,11 @@ def test_an_unschedulable_pod_shows_the_schedulers_reason(kubectl, operator, nam
     st = wait_for("Unschedulable", lambda: (s := status(kubectl, namespace, "nowhere")).get("reason") == "Unschedulable" and s)
     assert st["phase"] == "Pending"
     assert st["message"].startswith("pod nowhere-0-0-") and "nodes are available" in st["message"]
+
+
+def test_an_output_inside_the_dataset_is_rejected_at_admission(kubectl, crd_installed, namespace):
+    bad = ftj("clobber", namespace, dataset={"train": "s3://data/sets/train.jsonl"}, output={"uri": "s3://data/sets"})
+    proc = kubectl.create(bad, check=False)
+    assert proc.returncode != 0 and "output.uri must not equal, contain or lie inside dataset.train" in proc.stderr
+    fine = ftj("beside", namespace, dataset={"train": "s3://data/sets/train.jsonl"}, output={"uri": "s3://data/runs/beside"})
+    assert kubectl.create(fine).returncode == 0
