@@ -598,12 +598,6 @@ def output_overlap(spec: "FineTuneJobSpec") -> str | None:
     return None
 
 
-def spec_overlap_messages() -> list[str]:
-    """The messages of the output-overlap CEL rules on the spec, in order (for tests and docs)."""
-    rules = FineTuneJobSpec.model_config["json_schema_extra"]["x-kubernetes-validations"]  # type: ignore[index]
-    return [r["message"] for r in rules if r["message"].startswith("output.uri must not")]
-
-
 def _overlap_rule(path: str, guard: str | None) -> str:
     norm = "(%s.endsWith('/') ? %s : %s + '/')"
     out, inp = norm % (("self.output.uri",) * 3), norm % ((path,) * 3)

@@ -107,7 +107,8 @@ def test_an_output_beside_its_inputs_is_fine():
 
 
 def test_the_crd_carries_one_overlap_rule_per_input():
-    from finetune_api.spec import spec_overlap_messages
+    from finetune_api.crd import crd
 
-    fields = [m.split(" lie inside ")[1].split(" ")[0] for m in spec_overlap_messages()]
+    rules = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
+    fields = [r["message"].split(" lie inside ")[1].split(" ")[0] for r in rules if r["message"].startswith("output.uri must not")]
     assert fields == ["model.uri", "dataset.train", "dataset.validation", "dataset.test", "evaluation.retention.dataset"]
