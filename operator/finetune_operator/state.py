@@ -304,6 +304,13 @@ def _to_create(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) 
                     old.get("message") or "waiting for the previous attempt's pods to exit")
         plan.requeue_after = 2.0
         return plan
+    due = parse_time(old.get("nextRestartTime"))
+    if due is not None and obs.now < due:  # restart backoff (see restart_delay)
+        _transition(obs, plan, old.get("phase") or Phase.restarting.value, old.get("reason") or "Restarting",
+                    old.get("message") or f"restarting at {iso(due)}")
+        plan.requeue_after = (due - obs.now).total_seconds()
+        return plan
+    plan.status.pop("nextRestartTime", None)
     if obs.create_rejected:
         return _fail(obs, plan, "ChildRejected", f"{obs.create_rejected} (fix the spec and re-create the FineTuneJob)", last_word=False)
     if obs.secret_problem:  # no Job of this attempt ran, so there is no last word to read
@@ -336,6 +343,16 @@ def _succeeded(obs: Observed, spec: FineTuneJobSpec, plan: Plan) -> Plan:
     return _finish(obs, plan)
 
 
+def restart_delay(timing: Timing, restart: int) -> float:
+    """Seconds before restart number ``restart`` (1, 2, ...): ``restart_backoff * 2**(restart-1)``, at most
+    ``restart_backoff_max``. Exponential, so an outage of a few minutes (S3 down, a node draining) costs
+    a few restarts instead of the whole backoffLimit in seconds; bounded, so a long run never waits
+    long after a failure."""
+    if timing.restart_backoff <= 0:
+        return 0.0
+    return float(min(timing.restart_backoff_max, timing.restart_backoff * 2 ** min(restart - 1, 30)))
+
+
 def _failed(obs: Observed, spec: FineTuneJobSpec, group: _Group, job: JobView, plan: Plan) -> Plan:
     """The group failed: fail the job when the failure is permanent or the restarts are used up,
     else restart the whole group (a torchrun group cannot continue short a member)."""
@@ -350,8 +367,11 @@ def _failed(obs: Observed, spec: FineTuneJobSpec, group: _Group, job: JobView, p
     plan.status["restarts"] = restarts + 1
     plan.status["attempt"] = group.attempt + 1
     plan.delete_jobs.append(job.name)
+    delay = restart_delay(obs.timing, restarts + 1)
+    plan.status["nextRestartTime"] = iso(obs.now + timedelta(seconds=delay))
     why = "preempted" if code == EXIT_PREEMPTED else "failed"
-    message = f"group {why}, restarting from the latest checkpoint (restart {restarts + 1}/{limit}): {message}"
+    message = (f"group {why}, restarting from the latest checkpoint at {plan.status['nextRestartTime']} "
+               f"(restart {restarts + 1}/{limit}, backoff {delay:g}s): {message}")
     _transition(obs, plan, Phase.restarting.value, reason, message, "Warning")
     return plan
 

@@ -262,3 +262,30 @@ def test_pod_view_reads_the_waiting_reason():
     unschedulable = pod_view({"metadata": {"name": "p"}, "status": {"phase": "Pending", "conditions": [
         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes"}]}})
     assert unschedulable.waiting == ("Unschedulable", "0/1 nodes")
+
+
+def test_restarts_back_off_exponentially_and_bounded():
+    from finetune_operator.config import Timing
+    from finetune_operator.state import restart_delay
+
+    timing = Timing(restart_backoff=20, restart_backoff_max=600)
+    assert [restart_delay(timing, n) for n in (1, 2, 3, 4, 5, 6, 7, 100)] == [20, 40, 80, 160, 320, 600, 600, 600]
+    assert restart_delay(Timing(restart_backoff=0), 3) == 0
+
+
+def test_a_failed_group_waits_out_its_backoff_before_the_next_attempt():
+    from finetune_operator.config import Timing
+
+    timing = Timing(restart_backoff=20, restart_backoff_max=600)
+    failing = {"phase": "Running", "reason": "PodsRunning", "attempt": 0, "restarts": 1, "jobName": "ft-0"}
+    failed = decide(obs(failing, jobs=[running_job(failed=1)], timing=timing,
+                        pods=[PodView("ft-0-0", 0, 0, "Failed", exit_code=19, message="S3EndpointError: could not reach")]))
+    assert (failed.status["phase"], failed.status["restarts"], failed.status["attempt"]) == ("Restarting", 2, 1)
+    assert failed.status["nextRestartTime"] == iso(NOW + timedelta(seconds=40))  # second restart: 2 x 20 s
+    assert f"at {iso(NOW + timedelta(seconds=40))} (restart 2/3, backoff 40s)" in failed.status["message"]
+    # old pods gone, backoff not over: nothing is created, the status does not change
+    waiting = decide(obs(failed.status, timing=timing, now=NOW + timedelta(seconds=30)))
+    assert waiting.create_job is None and waiting.events == [] and waiting.requeue_after == 10
+    assert (waiting.status["phase"], waiting.status["message"]) == ("Restarting", failed.status["message"])
+    due = decide(obs(failed.status, timing=timing, now=NOW + timedelta(seconds=40)))
+    assert due.create_job == 1 and "nextRestartTime" not in due.status
