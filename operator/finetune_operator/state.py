@@ -10,49 +10,29 @@ deterministic child names make every action idempotent.
 ``decide`` picks the situation the job is in and hands it to one small function each: finished
 (:func:`_finished`), past its deadline (:func:`_deadline_passed`), suspended (:func:`_suspend`,
 :func:`_resume`), to create (:func:`_to_create`), succeeded (:func:`_succeeded`), failed
-(:func:`_failed`) and running (:func:`_running`).
+(:func:`_failed`, with an exponential restart backoff: :func:`restart_delay`), running
+(:func:`_running`), pods that do not start (:func:`_waiting`) and child names held by objects the job
+does not control (:func:`_name_conflict`). Only children the FineTuneJob controls by uid reach
+``decide`` (``finetune_operator.views.owned``, applied by the handler's observe step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
-from finetune_api.status import ConditionType, ProgressDocument
+from finetune_api.status import ProgressDocument
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import Phase, TERMINAL_PHASES
 from finetune_api.failures import EXIT_PREEMPTED, PERMANENT_EXIT_CODES, find_termination_line, last_meaningful_line
 
 from finetune_operator.builders import Owner, job_name
 from finetune_operator.config import Timing
+from finetune_operator.conditions import iso, now_utc, parse_time, set_phase as _set_phase
 from finetune_operator.progress import project as project_progress
 from finetune_operator.views import JobView, PodView
-
-# The condition that is True in each phase (Pending has none).
-_PHASE_CONDITION = {
-    Phase.running.value: ConditionType.running,
-    Phase.restarting.value: ConditionType.restarting,
-    Phase.suspended.value: ConditionType.suspended,
-    Phase.succeeded.value: ConditionType.succeeded,
-    Phase.failed.value: ConditionType.failed,
-}
-
-
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
-
-
-def iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-
 
 # ---------------------------------------------------------------------------------------- the plan
 
@@ -139,33 +119,6 @@ def _first_failure(pods: list[PodView], job: JobView | None) -> tuple[str, str, 
         reason, message = job.failed_condition
         return "PodFailed", f"job {job.name}: {reason}: {message or 'a pod failed or was deleted'}", None, False
     return "PodFailed", "a training pod failed or was deleted", None, False
-
-
-def _set_phase(status: dict[str, Any], phase: str, reason: str, message: str, now: datetime, generation: int) -> None:
-    """Set phase/reason/message and keep one condition per type; lastTransitionTime moves only when a
-    condition's status flips."""
-    status["phase"], status["reason"], status["message"] = phase, reason, message
-    conditions = {c["type"]: dict(c) for c in status.get("conditions") or []}
-    active = _PHASE_CONDITION.get(phase)
-    for ctype in ConditionType:
-        want = "True" if ctype is active else "False"
-        old = conditions.get(ctype.value)
-        if old is None and want == "False":
-            continue
-        cond: dict[str, Any]
-        if want == "True":
-            cond = {"type": ctype.value, "status": want, "reason": reason, "message": message}
-        elif old is not None and old.get("status") == "False":
-            cond = dict(old)
-        else:
-            cond = {"type": ctype.value, "status": want, "reason": reason, "message": f"phase is {phase}"}
-        if old is None or old.get("status") != want:  # flipped
-            cond["lastTransitionTime"] = iso(now)
-        else:
-            cond["lastTransitionTime"] = old.get("lastTransitionTime", iso(now))
-        cond["observedGeneration"] = generation
-        conditions[ctype.value] = cond
-    status["conditions"] = [conditions[t.value] for t in ConditionType if t.value in conditions]
 
 
 # ------------------------------------------------------------------------------------ the decision
