@@ -64,7 +64,7 @@ def test_names_whose_children_would_not_fit_are_rejected_at_admission(kubectl, c
     from finetune_api.spec import MAX_NAME_LENGTH
 
     too_long = kubectl.create(ftj("a" * (MAX_NAME_LENGTH + 1), namespace), check=False)
-    assert too_long.returncode != 0 and "metadata.name" in too_long.stderr and f"at most {MAX_NAME_LENGTH}" in too_long.stderr
+    assert too_long.returncode != 0 and "metadata.name" in too_long.stderr and f"more than {MAX_NAME_LENGTH}" in too_long.stderr
     dotted = kubectl.create(ftj("has.dots", namespace), check=False)
     assert dotted.returncode != 0 and "metadata.name" in dotted.stderr
     assert kubectl.create(ftj("a" * MAX_NAME_LENGTH, namespace)).returncode == 0
