@@ -34,8 +34,13 @@ LOG_LEVEL = "FINETUNE_LOG_LEVEL"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 """Kubernetes' default terminationMessagePath, and the trainer's default for :data:`TERMINATION_LOG`."""
 
-SET_BY_OPERATOR = (JOB_NAME, NAMESPACE, ATTEMPT, METRICS_PORT, TERMINATION_LOG, CACHE_DIR, WORK_DIR)
+JOB_UID = "FINETUNE_JOB_UID"
+"""The FineTuneJob's metadata.uid: the trainer claims spec.output.uri with it (a marker object) so that
+a second job writing to the same output fails (OutputClaimed) instead of deleting or resuming the
+first one's checkpoints. Unset outside Kubernetes: no claim is made."""
+
+SET_BY_OPERATOR = (JOB_NAME, NAMESPACE, ATTEMPT, METRICS_PORT, TERMINATION_LOG, CACHE_DIR, WORK_DIR, JOB_UID)
 """What every training pod gets from the operator's builder."""
 
-READ_BY_TRAINER = (METRICS_PORT, TERMINATION_LOG, CACHE_DIR, WORK_DIR, LOG_LEVEL)
+READ_BY_TRAINER = (METRICS_PORT, TERMINATION_LOG, CACHE_DIR, WORK_DIR, LOG_LEVEL, JOB_UID)
 """What the trainer reads (each with a default for runs outside a pod)."""

@@ -39,6 +39,7 @@ CATALOGUE: tuple[Failure, ...] = (
     Failure("OutOfMemory", 21, True, "The device ran out of memory; lower batchSize or maxSeqLength."),
     Failure("RetentionExceeded", 22, True, "Loss on the retention set rose past the allowed threshold."),
     Failure("CheckpointError", 23, False, "A checkpoint could not be written or read."),
+    Failure("OutputClaimed", 24, True, "spec.output.uri is claimed by another FineTuneJob (another uid): pick another output."),
 )
 
 BY_REASON: dict[str, Failure] = {f.reason: f for f in CATALOGUE}

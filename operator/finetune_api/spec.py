@@ -33,6 +33,29 @@ K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 MAX_STR = 1024
 MAX_LIST = 64
+MAX_NODES = 1024
+
+# metadata.name bounds, so that every name derived from it fits the API server's limits (issue 9 §4:
+# a child the server rejects must be refused at admission instead). The longest derived name is a
+# training pod's hostname, ``<name>-<attempt>-<completion index>``, a DNS label of at most 63
+# characters (finetune_operator.builders names the Job ``<name>-<attempt>``); attempts are reserved
+# up to 5 digits, indexes up to ``MAX_NODES - 1``. The headless Service is ``<name>``, a DNS-1035
+# label, so the name must start with a letter and hold no dots.
+DNS_LABEL_MAX = 63
+MAX_ATTEMPT_DIGITS = 5
+MAX_NAME_LENGTH = DNS_LABEL_MAX - len("-") - MAX_ATTEMPT_DIGITS - len("-") - len(str(MAX_NODES - 1))
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+METADATA_NAME_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "maxLength": MAX_NAME_LENGTH,
+    "pattern": NAME_PATTERN,
+    "description": (
+        f"At most {MAX_NAME_LENGTH} characters, lowercase letters, digits and '-', starting with a letter: the "
+        "training pods' hostnames (<name>-<attempt>-<index>) and the headless Service (<name>) are derived from it."
+    ),
+}
+LABEL_VALUE_MAX = 63
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 def cel(rule: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -539,7 +562,7 @@ _FREEFORM: JsonDict = {"type": "object", "x-kubernetes-preserve-unknown-fields":
 class ResourcesSpec(_Model):
     """Shape and placement of the training pods."""
 
-    nodes: int = Field(default=1, ge=1, le=1024, description="Pods (torchrun nodes) in the training group.")
+    nodes: int = Field(default=1, ge=1, le=MAX_NODES, description="Pods (torchrun nodes) in the training group.")
     gpus_per_node: int = Field(default=1, ge=0, le=16, description="nvidia.com/gpu per pod; also torchrun's nproc-per-node (1 process when 0).")
     image: str | None = Field(default=None, max_length=MAX_STR, description="Trainer image; the operator's configured default when unset.")
     cpu: str | None = Field(default=None, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request and limit per pod, e.g. 8 or 500m.")
@@ -556,10 +579,10 @@ class ResourcesSpec(_Model):
         json_schema_extra={"items": _FREEFORM},
     )
     affinity: dict[str, Any] | None = Field(default=None, description="Pod affinity (core/v1 Affinity).", json_schema_extra=_FREEFORM)
-    priority_class_name: str | None = Field(default=None, max_length=253, description="PriorityClass of the pods.")
+    priority_class_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="PriorityClass of the pods.")
     queue_name: str | None = Field(
         default=None,
-        max_length=253,
+        max_length=LABEL_VALUE_MAX,  # it becomes the value of the kueue.x-k8s.io/queue-name label
         pattern=K8S_NAME,
         description="Kueue LocalQueue. The Job is created suspended with kueue.x-k8s.io/queue-name so Kueue admits the group as a gang.",
     )
@@ -610,6 +633,42 @@ def _immutable_rule() -> str:
     return " && ".join(parts)
 
 
+# Inputs the output prefix must stay clear of (issue 9 §5): the trainer deletes and overwrites under its
+# output (old checkpoints, the model folder), so an output that equals, contains or lies inside an
+# input would destroy it. Paths as CEL sees them in the spec (optional ones guarded by has()).
+_INPUTS = (
+    ("model.uri", "self.model.uri", None),
+    ("dataset.train", "self.dataset.train", None),
+    ("dataset.validation", "self.dataset.validation", "has(self.dataset.validation)"),
+    ("dataset.test", "self.dataset.test", "has(self.dataset.test)"),
+    ("evaluation.retention.dataset", "self.evaluation.retention.dataset", "has(self.evaluation) && has(self.evaluation.retention)"),
+)
+_OUTPUT_OVERLAP = "output.uri must not equal, contain or lie inside {field} (the trainer deletes and overwrites under its output)"
+
+
+def as_prefix(uri: str) -> str:
+    """``uri`` with exactly one trailing ``/``: two prefixes overlap when one starts with the other."""
+    return uri.rstrip("/") + "/"
+
+
+def output_overlap(spec: "FineTuneJobSpec") -> str | None:
+    """The first input (by spec field name) the output overlaps, or None."""
+    out = as_prefix(spec.output.uri)
+    retention = spec.evaluation.retention.dataset if spec.evaluation.retention else None
+    values = (spec.model.uri, spec.dataset.train, spec.dataset.validation, spec.dataset.test, retention)
+    for (field_name, _, _), value in zip(_INPUTS, values):
+        if value and (out.startswith(as_prefix(value)) or as_prefix(value).startswith(out)):
+            return field_name
+    return None
+
+
+def _overlap_rule(path: str, guard: str | None) -> str:
+    norm = "(%s.endsWith('/') ? %s : %s + '/')"
+    out, inp = norm % (("self.output.uri",) * 3), norm % ((path,) * 3)
+    rule = f"!({out}.startsWith({inp}) || {inp}.startsWith({out}))"
+    return f"!({guard}) || {rule}" if guard else rule
+
+
 _FSDP_FULL_ONLY = "hyperparameters.distributedStrategy fsdp needs method full (adapters train few parameters: use ddp or auto)"
 
 
@@ -639,6 +698,9 @@ class FineTuneJobSpec(_Model):
             raise ValueError("evaluation.metrics bleu and rouge need task causal-lm")
         if self.hyperparameters.distributed_strategy == DistributedStrategy.fsdp.value and self.method != Method.full.value:
             raise ValueError(_FSDP_FULL_ONLY)
+        overlap = output_overlap(self)
+        if overlap:
+            raise ValueError(_OUTPUT_OVERLAP.format(field=overlap))
         return self
 
     model_config = ConfigDict(
@@ -654,6 +716,7 @@ class FineTuneJobSpec(_Model):
                     "|| self.hyperparameters.distributedStrategy != 'fsdp' || self.method == 'full'",
                     _FSDP_FULL_ONLY,
                 ),
+                *(cel(_overlap_rule(path, guard), _OUTPUT_OVERLAP.format(field=name)) for name, path, guard in _INPUTS),
                 cel(
                     _immutable_rule(),
                     "spec is immutable after creation except spec.runPolicy (suspend, backoffLimit, activeDeadlineSeconds, ttlSecondsAfterFinished)",

@@ -89,6 +89,11 @@ class FineTuneJobStatus(_Model):
     restarts: int | None = Field(default=None, description="Times the training group was recreated after a failure.")
     job_name: str | None = Field(default=None, description="The batch/v1 Job running the current attempt.")
     attempt: int | None = Field(default=None, description="Current attempt number, starting at 0.")
+    next_restart_time: str | None = Field(
+        default=None,
+        description="When the next attempt is created after a failure (exponential restart backoff); unset once it is.",
+        json_schema_extra={"format": "date-time"},
+    )
     progress: Progress | None = Field(default=None, description="Training progress reported by the trainer.")
     latest_checkpoint: str | None = Field(default=None, description="URI of the newest complete checkpoint.")
     checkpoints: list[CheckpointRef] | None = Field(default=None, description="The most recent complete checkpoints.")

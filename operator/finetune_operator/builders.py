@@ -146,6 +146,7 @@ def _env(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDe
         {"name": pod_env.JOB_NAME, "value": owner.name},
         {"name": pod_env.NAMESPACE, "value": owner.namespace},
         {"name": pod_env.ATTEMPT, "value": str(attempt)},
+        {"name": pod_env.JOB_UID, "value": owner.uid},
         {"name": pod_env.METRICS_PORT, "value": str(defaults.metrics_port)},
         {"name": pod_env.TERMINATION_LOG, "value": TERMINATION_LOG},
         {"name": "HF_HOME", "value": "/cache/huggingface"},

@@ -47,6 +47,20 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
 
 
 @dataclass(frozen=True)
+class Timing:
+    """The time limits the state machine applies (finetune_operator.state), operator-wide."""
+
+    # A training pod whose container keeps waiting on an error (ImagePullBackOff, a missing Secret or
+    # ConfigMap: CreateContainerConfigError, ...) this long after it was created fails the job.
+    # Unschedulable pods only show the scheduler's message: waiting for GPUs is normal on a busy cluster.
+    pod_start_timeout: float = 600.0
+    # Restart n (1, 2, ...) of a group waits restart_backoff * 2**(n-1) seconds, at most
+    # restart_backoff_max, so a short outage (S3 down for minutes) does not use up backoffLimit at once.
+    restart_backoff: float = 20.0
+    restart_backoff_max: float = 600.0
+
+
+@dataclass(frozen=True)
 class OperatorConfig:
     namespaces: tuple[str, ...] = ()  # empty = all namespaces
     metrics_port: int = 8080
@@ -56,6 +70,7 @@ class OperatorConfig:
     progress_interval: float = 15.0  # seconds between two reads of a running job's progress document
     tracemalloc: bool = False  # log the top allocation sites on SIGUSR1 (memory investigations)
     instance: str = "finetune-operator"  # reportingInstance of the Events it posts: the pod's name
+    timing: Timing = field(default_factory=Timing)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -75,4 +90,9 @@ class OperatorConfig:
             progress_interval=_float(env, "FINETUNE_PROGRESS_INTERVAL", 15.0),
             tracemalloc=env.get("FINETUNE_TRACEMALLOC") == "1",
             instance=env.get("HOSTNAME", "finetune-operator"),
+            timing=Timing(
+                pod_start_timeout=_float(env, "FINETUNE_POD_START_TIMEOUT_SECONDS", Timing.pod_start_timeout),
+                restart_backoff=_float(env, "FINETUNE_RESTART_BACKOFF_SECONDS", Timing.restart_backoff),
+                restart_backoff_max=_float(env, "FINETUNE_RESTART_BACKOFF_MAX_SECONDS", Timing.restart_backoff_max),
+            ),
         )

@@ -25,11 +25,11 @@ from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import TERMINAL_PHASES
 from finetune_api.validation import validation_message
 from finetune_operator import kube, metrics
-from finetune_operator.builders import CREDENTIAL_KEYS, Owner, build_config_map, build_job, build_service
+from finetune_operator.builders import CREDENTIAL_KEYS, Owner, build_config_map, build_job, build_service, config_map_name, job_name, service_name
 from finetune_operator.config import OperatorConfig
 from finetune_operator.progress import ProgressReader, project, secret_values
 from finetune_operator.state import Observed, Plan, decide, may_create_job
-from finetune_operator.views import JobView, PodView
+from finetune_operator.views import JobView, PodView, foreign_owner, owned
 
 log = logging.getLogger(__name__)
 
@@ -129,23 +129,31 @@ def reconcile(
 
 
 def _reconcile_locked(body: dict[str, Any], jobs: list[JobView], pods: list[PodView], config: OperatorConfig) -> None:
+    """observe -> decide -> apply, again on a fresh read when the object changed under it (Conflict) or
+    when the API server refused a child (Rejected), which the next decision then sees."""
+    rejected: str | None = None
     for _ in range(3):
         if body["metadata"].get("deletionTimestamp"):
             return
-        observed = observe(body, jobs, pods, config)
+        observed = observe(body, jobs, pods, config, rejected=rejected)
         try:
             _apply(body, observed.spec, decide(observed), config)
             return
+        except kube.Rejected as exc:
+            rejected = str(exc)
+            log.warning("%s/%s: %s", body["metadata"]["namespace"], body["metadata"]["name"], rejected)
         except kube.Conflict:
-            meta = body["metadata"]
-            fresh = kube.get_finetunejob(meta["namespace"], meta["name"])
-            if fresh is None:
-                return
-            body = fresh
+            pass
+        meta = body["metadata"]
+        fresh = kube.get_finetunejob(meta["namespace"], meta["name"])
+        if fresh is None:
+            return
+        body = fresh
     raise kube.Conflict(f"{body['metadata']['namespace']}/{body['metadata']['name']} kept changing under the reconcile; the next event or resync retries")
 
 
-def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], config: OperatorConfig) -> Observed:
+def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], config: OperatorConfig,
+            rejected: str | None = None) -> Observed:
     """Everything :func:`decide` needs, read before it decides.
 
     The progress document comes from the reader's cache (refreshed in the background) while the job
@@ -154,9 +162,12 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
     meta = body["metadata"]
     status = dict(body.get("status") or {})
     spec, error = parse(body)
+    jobs, pods = owned(meta["uid"], jobs, pods)
     active = bool(status.get("jobName")) and status.get("phase") not in TERMINAL_PHASES
     progress = _reader(config).read(meta["uid"], meta["namespace"], spec) if spec is not None and active else None
-    secret_problem = check_secret(meta["namespace"], spec) if spec is not None and may_create_job(status, spec, jobs) else None
+    creating = spec is not None and may_create_job(status, spec, jobs)
+    secret_problem = check_secret(meta["namespace"], spec) if spec is not None and creating else None
+    conflict = name_conflict(_owner(body), int(status.get("attempt") or 0)) if creating else None
     return Observed(
         name=meta["name"],
         namespace=meta["namespace"],
@@ -168,7 +179,22 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
         pods=tuple(pods),
         secret_problem=secret_problem,
         progress=progress,
+        name_conflict=conflict,
+        create_rejected=rejected,
+        timing=config.timing,
     )
+
+
+def name_conflict(owner: Owner, attempt: int) -> str | None:
+    """Whether an object we do not control holds a name the attempt's children need (three GETs, made
+    only when a Job may be created): the Job index holds only labelled Jobs, and a Service or
+    ConfigMap of ours is not watched at all."""
+    for kind, name in (("Service", service_name(owner)), ("ConfigMap", config_map_name(owner)), ("Job", job_name(owner, attempt))):
+        meta = kube.read_meta(kind, owner.namespace, name)
+        who = foreign_owner(meta, owner.uid) if meta is not None else None
+        if who:
+            return f"{kind} {name} already exists and is {who}"
+    return None
 
 
 def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Plan, config: OperatorConfig) -> None:
@@ -199,8 +225,8 @@ def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Plan, confi
     if plan.create_job is not None:
         assert spec is not None  # decide plans a Job only for a valid spec
         owner = _owner(body)
-        kube.create_if_absent(build_service(owner))
-        kube.create_if_absent(build_config_map(owner, spec))
-        kube.create_if_absent(build_job(owner, spec, plan.create_job, config.defaults))
+        kube.create_owned(build_service(owner), owner.uid)
+        kube.create_owned(build_config_map(owner, spec), owner.uid)
+        kube.create_owned(build_job(owner, spec, plan.create_job, config.defaults), owner.uid)
     if plan.delete_self:
         kube.delete_finetunejob(ns, name)

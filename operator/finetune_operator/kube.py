@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from datetime import datetime, timezone
@@ -11,6 +12,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from finetune_api.spec import API_GROUP, API_VERSION, KIND, PLURAL
+from finetune_operator.views import foreign_owner
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,55 @@ def _custom() -> client.CustomObjectsApi:
     return client.CustomObjectsApi(api_client())
 
 
-def create_if_absent(obj: dict[str, Any]) -> bool:
-    """Create a child; 409 AlreadyExists means an earlier (maybe interrupted) reconcile made it. Returns
-    True when this call created it."""
-    kind, ns = obj["kind"], obj["metadata"]["namespace"]
+class Rejected(Exception):
+    """The API server refused to create a child (400/413/422: invalid, too long, too large); retrying
+    the same object cannot help."""
+
+    def __init__(self, kind: str, name: str, message: str):
+        super().__init__(f"the API server rejected {kind} {name}: {message}")
+        self.kind, self.name, self.server_message = kind, name, message
+
+
+class ForeignChild(Exception):
+    """A child's name is taken by an object this FineTuneJob does not control."""
+
+
+REJECTED_STATUSES = (400, 413, 422)
+
+
+def server_message(exc: ApiException) -> str:
+    """The ``message`` of the API server's Status body (what kubectl prints), else the HTTP reason."""
+    try:
+        message = json.loads(exc.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or exc.reason or f"HTTP {exc.status}")[:2048]
+
+
+_READ = {
+    "Service": lambda name, ns: _core().read_namespaced_service(name, ns),
+    "ConfigMap": lambda name, ns: _core().read_namespaced_config_map(name, ns),
+    "Job": lambda name, ns: _batch().read_namespaced_job(name, ns),
+}
+
+
+def read_meta(kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """The metadata (camelCase, as the API serves it) of a child, or None when there is none."""
+    try:
+        obj = _READ[kind](name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    meta: dict[str, Any] = api_client().sanitize_for_serialization(obj.metadata)
+    return meta
+
+
+def create_owned(obj: dict[str, Any], uid: str) -> bool:
+    """Create a child; True when this call created it. 409 AlreadyExists is fine only when ``uid``
+    (the FineTuneJob) controls what is there (an earlier, maybe interrupted, reconcile made it), else
+    :class:`ForeignChild`. A refusal of the object itself raises :class:`Rejected`."""
+    kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
     create = {
         "Service": _core().create_namespaced_service,
         "ConfigMap": _core().create_namespaced_config_map,
@@ -60,10 +107,16 @@ def create_if_absent(obj: dict[str, Any]) -> bool:
         create(ns, obj)
         return True
     except ApiException as exc:
-        if exc.status == 409:
-            log.debug("%s %s/%s already exists", kind, ns, obj["metadata"]["name"])
-            return False
-        raise
+        if exc.status in REJECTED_STATUSES:
+            raise Rejected(kind, name, server_message(exc)) from exc
+        if exc.status != 409:
+            raise
+    existing = read_meta(kind, ns, name)
+    who = foreign_owner(existing, uid) if existing is not None else "deleted while it was being created"
+    if who:
+        raise ForeignChild(f"{kind} {ns}/{name} exists and is {who}")
+    log.debug("%s %s/%s already exists", kind, ns, name)
+    return False
 
 
 def delete_job(namespace: str, name: str) -> None:

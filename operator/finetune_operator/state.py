@@ -10,48 +10,29 @@ deterministic child names make every action idempotent.
 ``decide`` picks the situation the job is in and hands it to one small function each: finished
 (:func:`_finished`), past its deadline (:func:`_deadline_passed`), suspended (:func:`_suspend`,
 :func:`_resume`), to create (:func:`_to_create`), succeeded (:func:`_succeeded`), failed
-(:func:`_failed`) and running (:func:`_running`).
+(:func:`_failed`, with an exponential restart backoff: :func:`restart_delay`), running
+(:func:`_running`), pods that do not start (:func:`_waiting`) and child names held by objects the job
+does not control (:func:`_name_conflict`). Only children the FineTuneJob controls by uid reach
+``decide`` (``finetune_operator.views.owned``, applied by the handler's observe step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
-from finetune_api.status import ConditionType, ProgressDocument
+from finetune_api.status import ProgressDocument
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import Phase, TERMINAL_PHASES
 from finetune_api.failures import EXIT_PREEMPTED, PERMANENT_EXIT_CODES, find_termination_line, last_meaningful_line
 
 from finetune_operator.builders import Owner, job_name
+from finetune_operator.config import Timing
+from finetune_operator.conditions import iso, now_utc, parse_time, set_phase as _set_phase
 from finetune_operator.progress import project as project_progress
 from finetune_operator.views import JobView, PodView
-
-# The condition that is True in each phase (Pending has none).
-_PHASE_CONDITION = {
-    Phase.running.value: ConditionType.running,
-    Phase.restarting.value: ConditionType.restarting,
-    Phase.suspended.value: ConditionType.suspended,
-    Phase.succeeded.value: ConditionType.succeeded,
-    Phase.failed.value: ConditionType.failed,
-}
-
-
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
-
-
-def iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-
 
 # ---------------------------------------------------------------------------------------- the plan
 
@@ -72,6 +53,14 @@ class Observed:
     # may_create_job() holds, and consulted only when a Job is about to be created.
     secret_problem: tuple[str, str] | None = None
     progress: ProgressDocument | None = None  # the trainer's latest document, when there is one
+    # A child name of the attempt to create (Service, ConfigMap, Job) is held by an object this
+    # FineTuneJob does not control (by uid): what holds it, in words. Read, like the Secret, only when
+    # may_create_job() holds. ``jobs``/``pods`` hold only the children this FineTuneJob controls.
+    name_conflict: str | None = None
+    # The API server refused to create one of the attempt's children (400/413/422), in its own words:
+    # the same object would be refused again, so the job fails instead of retrying silently.
+    create_rejected: str | None = None
+    timing: Timing = field(default_factory=Timing)  # the operator's time limits (pod start, restart backoff)
     now: datetime = field(default_factory=now_utc)
 
 
@@ -130,33 +119,6 @@ def _first_failure(pods: list[PodView], job: JobView | None) -> tuple[str, str, 
         reason, message = job.failed_condition
         return "PodFailed", f"job {job.name}: {reason}: {message or 'a pod failed or was deleted'}", None, False
     return "PodFailed", "a training pod failed or was deleted", None, False
-
-
-def _set_phase(status: dict[str, Any], phase: str, reason: str, message: str, now: datetime, generation: int) -> None:
-    """Set phase/reason/message and keep one condition per type; lastTransitionTime moves only when a
-    condition's status flips."""
-    status["phase"], status["reason"], status["message"] = phase, reason, message
-    conditions = {c["type"]: dict(c) for c in status.get("conditions") or []}
-    active = _PHASE_CONDITION.get(phase)
-    for ctype in ConditionType:
-        want = "True" if ctype is active else "False"
-        old = conditions.get(ctype.value)
-        if old is None and want == "False":
-            continue
-        cond: dict[str, Any]
-        if want == "True":
-            cond = {"type": ctype.value, "status": want, "reason": reason, "message": message}
-        elif old is not None and old.get("status") == "False":
-            cond = dict(old)
-        else:
-            cond = {"type": ctype.value, "status": want, "reason": reason, "message": f"phase is {phase}"}
-        if old is None or old.get("status") != want:  # flipped
-            cond["lastTransitionTime"] = iso(now)
-        else:
-            cond["lastTransitionTime"] = old.get("lastTransitionTime", iso(now))
-        cond["observedGeneration"] = generation
-        conditions[ctype.value] = cond
-    status["conditions"] = [conditions[t.value] for t in ConditionType if t.value in conditions]
 
 
 # ------------------------------------------------------------------------------------ the decision
@@ -295,8 +257,19 @@ def _to_create(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) 
                     old.get("message") or "waiting for the previous attempt's pods to exit")
         plan.requeue_after = 2.0
         return plan
+    due = parse_time(old.get("nextRestartTime"))
+    if due is not None and obs.now < due:  # restart backoff (see restart_delay)
+        _transition(obs, plan, old.get("phase") or Phase.restarting.value, old.get("reason") or "Restarting",
+                    old.get("message") or f"restarting at {iso(due)}")
+        plan.requeue_after = (due - obs.now).total_seconds()
+        return plan
+    plan.status.pop("nextRestartTime", None)
+    if obs.create_rejected:
+        return _fail(obs, plan, "ChildRejected", f"{obs.create_rejected} (fix the spec and re-create the FineTuneJob)", last_word=False)
     if obs.secret_problem:  # no Job of this attempt ran, so there is no last word to read
         return _fail(obs, plan, *obs.secret_problem, last_word=False)
+    if obs.name_conflict:
+        return _name_conflict(obs, plan, obs.name_conflict)
     plan.create_job = group.attempt
     plan.status.setdefault("startTime", iso(obs.now))
     plan.status["jobName"] = job_name(Owner(obs.name, obs.namespace, ""), group.attempt)
@@ -306,10 +279,31 @@ def _to_create(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) 
     return plan
 
 
+def _name_conflict(obs: Observed, plan: Plan, holder: str) -> Plan:
+    """A child name is taken by an object we do not control: never adopt it (its status is not ours)
+    and never delete it (it is not ours either). Wait, Pending, saying what holds the name: the usual
+    case is the children of a deleted FineTuneJob of the same name, which the garbage collector
+    removes shortly; a squatter has to be removed by whoever made it."""
+    _transition(obs, plan, Phase.pending.value, "ChildNameConflict",
+                f"{holder}; waiting for it to be deleted (the operator neither adopts nor deletes objects it does not own)", "Warning")
+    plan.requeue_after = 5.0
+    return plan
+
+
 def _succeeded(obs: Observed, spec: FineTuneJobSpec, plan: Plan) -> Plan:
     plan.status["completionTime"] = iso(obs.now)
     _transition(obs, plan, Phase.succeeded.value, "Completed", f"all {spec.resources.nodes} training pod(s) finished successfully")
     return _finish(obs, plan)
+
+
+def restart_delay(timing: Timing, restart: int) -> float:
+    """Seconds before restart number ``restart`` (1, 2, ...): ``restart_backoff * 2**(restart-1)``, at most
+    ``restart_backoff_max``. Exponential, so an outage of a few minutes (S3 down, a node draining) costs
+    a few restarts instead of the whole backoffLimit in seconds; bounded, so a long run never waits
+    long after a failure."""
+    if timing.restart_backoff <= 0:
+        return 0.0
+    return float(min(timing.restart_backoff_max, timing.restart_backoff * 2 ** min(restart - 1, 30)))
 
 
 def _failed(obs: Observed, spec: FineTuneJobSpec, group: _Group, job: JobView, plan: Plan) -> Plan:
@@ -326,9 +320,39 @@ def _failed(obs: Observed, spec: FineTuneJobSpec, group: _Group, job: JobView, p
     plan.status["restarts"] = restarts + 1
     plan.status["attempt"] = group.attempt + 1
     plan.delete_jobs.append(job.name)
+    delay = restart_delay(obs.timing, restarts + 1)
+    plan.status["nextRestartTime"] = iso(obs.now + timedelta(seconds=delay))
     why = "preempted" if code == EXIT_PREEMPTED else "failed"
-    message = f"group {why}, restarting from the latest checkpoint (restart {restarts + 1}/{limit}): {message}"
+    message = (f"group {why}, restarting from the latest checkpoint at {plan.status['nextRestartTime']} "
+               f"(restart {restarts + 1}/{limit}, backoff {delay:g}s): {message}")
     _transition(obs, plan, Phase.restarting.value, reason, message, "Warning")
+    return plan
+
+
+# Container waiting reasons that do not fix themselves soon: past Timing.pod_start_timeout they fail the job.
+STUCK_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
+                           "CreateContainerConfigError", "CreateContainerError"})
+
+
+def _waiting(obs: Observed, group: _Group, job: JobView, plan: Plan) -> Plan:
+    """A pod of the group is not starting: say why in status (the waiting reason, the pod, the
+    kubelet's or scheduler's message). Past ``Timing.pod_start_timeout`` from the pod's creation, a
+    reason in :data:`STUCK_REASONS` fails the job (its Job is deleted); Unschedulable only waits."""
+    pod = sorted((p for p in group.pods if p.waiting and not p.deleting), key=lambda p: p.name)[0]
+    assert pod.waiting is not None
+    reason, detail = pod.waiting
+    text = f"pod {pod.name} is not starting: {reason}" + (f": {detail}" if detail else "")
+    limit = obs.timing.pod_start_timeout
+    if reason not in STUCK_REASONS or limit <= 0:
+        _transition(obs, plan, Phase.pending.value, reason, text)
+        return plan
+    created = parse_time(pod.created) or obs.now
+    fail_at = created + timedelta(seconds=limit)
+    if obs.now >= fail_at:
+        plan.delete_jobs.append(job.name)
+        return _fail(obs, plan, "PodStartFailed", f"{text} (still not running {int(limit)}s after the pod was created)", last_word=False)
+    plan.requeue_after = (fail_at - obs.now).total_seconds()
+    _transition(obs, plan, Phase.pending.value, reason, f"{text}; the job fails at {iso(fail_at)} unless it starts", "Warning")
     return plan
 
 
@@ -345,6 +369,8 @@ def _running(obs: Observed, spec: FineTuneJobSpec, group: _Group, job: JobView, 
         _transition(obs, plan, Phase.running.value, "PodsRunning", f"{running}/{nodes} training pod(s) running")
     elif running + finished >= nodes:
         _transition(obs, plan, Phase.running.value, "PodsFinished", f"all {finished} training pod(s) exited successfully; waiting for the Job to complete")
+    elif any(p.waiting and not p.deleting for p in group.pods):
+        return _waiting(obs, group, job, plan)
     elif old.get("phase") == Phase.restarting.value:
         _transition(obs, plan, Phase.restarting.value, old.get("reason") or "Restarting", old.get("message") or "restarting")
     else:

@@ -1,8 +1,15 @@
 """What a FineTuneJob's children look like to the state machine: small frozen views of its batch Jobs
-and pods, cut from the API objects (or Kopf bodies) so a reconcile holds only what it decides on."""
+and pods, cut from the API objects (or Kopf bodies) so a reconcile holds only what it decides on.
+
+Children are found by label (the watches are label-filtered), but they are *ours* only by uid: a Job
+whose controller ownerReference is the FineTuneJob's ``metadata.uid``, and a pod whose controller is
+one of those Jobs (:func:`owned`). Labels are anyone's to set: a tenant's pod with our labels and a
+termination message, or the children of a deleted FineTuneJob of the same name, must never steer
+this one."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +25,11 @@ class PodView:
     message: str | None = None
     reason: str | None = None
     deleting: bool = False
+    owner_uid: str | None = None  # uid of the pod's controller (its batch Job)
+    # (reason, message) of why the pod is not running: a container waiting on an error
+    # (ImagePullBackOff, CreateContainerConfigError, ...) or the scheduler's Unschedulable.
+    waiting: tuple[str, str] | None = None
+    created: str | None = None  # metadata.creationTimestamp
 
     @property
     def failed(self) -> bool:
@@ -36,6 +48,35 @@ class JobView:
     complete: bool = False
     failed_condition: tuple[str, str] | None = None  # (reason, message)
     deleting: bool = False
+    uid: str = ""
+    owner_uid: str | None = None  # uid of the Job's controller (the FineTuneJob that made it)
+
+
+def controller_uid(meta: dict[str, Any]) -> str | None:
+    """The uid in the object's controller ownerReference (None when nothing controls it)."""
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller"):
+            uid = ref.get("uid")
+            return str(uid) if uid else None
+    return None
+
+
+def foreign_owner(meta: dict[str, Any], uid: str) -> str | None:
+    """None when ``uid`` controls the object; else who does, in words for a condition message."""
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller"):
+            if ref.get("uid") == uid:
+                return None
+            return f"controlled by {ref.get('kind', 'an object')} {ref.get('name', '?')} (uid {ref.get('uid', '?')})"
+    return "not controlled by this FineTuneJob (no controller ownerReference)"
+
+
+def owned(uid: str, jobs: Iterable[JobView], pods: Iterable[PodView]) -> tuple[list[JobView], list[PodView]]:
+    """The Jobs this FineTuneJob (``uid``) controls, and the pods those Jobs control; everything else
+    that carries our labels is ignored."""
+    mine = [j for j in jobs if j.owner_uid == uid]
+    job_uids = {j.uid for j in mine if j.uid}
+    return mine, [p for p in pods if p.owner_uid is not None and p.owner_uid in job_uids]
 
 
 def _attempt(meta: dict[str, Any]) -> int:
@@ -66,7 +107,27 @@ def job_view(job: dict[str, Any]) -> JobView:
         complete=complete,
         failed_condition=failed_cond,
         deleting=bool(meta.get("deletionTimestamp")),
+        uid=str(meta.get("uid") or ""),
+        owner_uid=controller_uid(meta),
     )
+
+
+# Container waiting reasons that are normal on the way to Running.
+_STARTING = frozenset({"ContainerCreating", "PodInitializing"})
+
+
+def _waiting(status: dict[str, Any]) -> tuple[str, str] | None:
+    """Why a pod is not running yet, when something is wrong: a container waiting on an error, else
+    the scheduler's Unschedulable condition."""
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason and reason not in _STARTING:
+            return str(reason), str(waiting.get("message") or "")[:1024]
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+            return "Unschedulable", str(cond.get("message") or "")[:1024]
+    return None
 
 
 def pod_view(pod: dict[str, Any]) -> PodView:
@@ -90,4 +151,7 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         message=message,
         reason=reason or status.get("reason"),
         deleting=bool(meta.get("deletionTimestamp")),
+        owner_uid=controller_uid(meta),
+        waiting=_waiting(status) if (status.get("phase") or "Pending") == "Pending" else None,
+        created=meta.get("creationTimestamp"),
     )

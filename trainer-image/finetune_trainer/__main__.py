@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         from .config import load_config
 
         config = load_config(args.config, output_override=args.output_override)
+        from .output_claim import claim_output_from_env
+
+        claim_output_from_env(config)  # before anything is read or written under the output (issue 9 §5)
         from .train import Preempted, run
 
         try:

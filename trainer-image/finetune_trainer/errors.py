@@ -28,6 +28,7 @@ __all__ = [
     "OutOfMemory",
     "RetentionExceeded",
     "CheckpointError",
+    "OutputClaimed",
 ]
 
 
@@ -69,3 +70,4 @@ UnsupportedHardware = ERRORS["UnsupportedHardware"]
 OutOfMemory = ERRORS["OutOfMemory"]
 RetentionExceeded = ERRORS["RetentionExceeded"]
 CheckpointError = ERRORS["CheckpointError"]
+OutputClaimed = ERRORS["OutputClaimed"]

@@ -51,3 +51,12 @@ def test_defaults_and_rules_reach_the_schema():
     assert hp["properties"]["learningRate"]["exclusiveMinimum"] is True
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
     assert any("oldSelf" in r for r in rules)
+
+
+def test_metadata_name_is_bounded_at_admission():
+    from finetune_api.crd import crd
+    from finetune_api.spec import MAX_NAME_LENGTH
+
+    root = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    name = root["properties"]["metadata"]["properties"]["name"]
+    assert (name["maxLength"], name["pattern"]) == (MAX_NAME_LENGTH, "^[a-z]([-a-z0-9]*[a-z0-9])?$")

@@ -37,6 +37,7 @@ def test_the_pod_builder_sets_every_operator_variable():
     assert env.LOG_LEVEL not in values  # the user's to set (spec.resources.env)
     assert values[env.JOB_NAME] == "ft" and values[env.NAMESPACE] == "ns" and values[env.ATTEMPT] == "2"
     assert values[env.METRICS_PORT] == "9500"
+    assert values[env.JOB_UID] == "u"  # the FineTuneJob's uid: the trainer claims its output with it
     # The trainer writes its reason where Kubernetes reads the termination message from.
     assert values[env.TERMINATION_LOG] == container["terminationMessagePath"] == env.DEFAULT_TERMINATION_LOG
     mounts = {m["mountPath"] for m in container["volumeMounts"]}

@@ -57,3 +57,58 @@ def test_bad_specs_are_rejected_with_a_message(patch, message):
     with pytest.raises(ValidationError) as err:
         parse_spec({**MINIMAL, **patch})
     assert message in str(err.value)
+
+
+def test_queue_name_fits_a_label_value_and_priority_class_is_a_name():
+    import pytest
+    from pydantic import ValidationError
+    from finetune_api.spec import parse_spec
+
+    base = {"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t"}, "output": {"uri": "s3://out/x"}}
+    assert parse_spec({**base, "resources": {"queueName": "q" * 63}}).resources.queue_name == "q" * 63
+    with pytest.raises(ValidationError, match="at most 63"):
+        parse_spec({**base, "resources": {"queueName": "q" * 64}})
+    with pytest.raises(ValidationError, match="pattern"):
+        parse_spec({**base, "resources": {"priorityClassName": "Not A Name"}})
+
+
+OVERLAPS = [
+    ("equal to the dataset", {"dataset": {"train": "s3://data/t"}, "output": {"uri": "s3://data/t/"}}, "dataset.train"),
+    ("containing the dataset", {"dataset": {"train": "s3://data/sets/t.jsonl"}, "output": {"uri": "s3://data"}}, "dataset.train"),
+    ("inside the model", {"model": {"uri": "s3://models/m"}, "output": {"uri": "s3://models/m/runs/1"}}, "model.uri"),
+    ("inside the validation set", {"dataset": {"train": "s3://data/t", "validation": "/data/val"}, "output": {"uri": "/data/val/out"}}, "dataset.validation"),
+    ("containing the retention set", {"evaluation": {"retention": {"dataset": "s3://out/general.jsonl"}}, "output": {"uri": "s3://out/"}},
+     "evaluation.retention.dataset"),
+]
+
+
+def _spec_with(overrides):
+    base = {"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t"}, "output": {"uri": "s3://out/x"}}
+    return {**base, **overrides}
+
+
+import pytest as _pytest  # noqa: E402
+
+
+@_pytest.mark.parametrize("overrides,field", [o[1:] for o in OVERLAPS], ids=[o[0] for o in OVERLAPS])
+def test_an_output_overlapping_an_input_is_rejected(overrides, field):
+    from pydantic import ValidationError
+    from finetune_api.spec import parse_spec
+
+    with _pytest.raises(ValidationError, match=f"output.uri must not equal, contain or lie inside {field}"):
+        parse_spec(_spec_with(overrides))
+
+
+def test_an_output_beside_its_inputs_is_fine():
+    from finetune_api.spec import parse_spec
+
+    spec = parse_spec(_spec_with({"dataset": {"train": "s3://data/t.jsonl"}, "output": {"uri": "s3://data/t.jsonl2"}}))
+    assert spec.output.uri == "s3://data/t.jsonl2"  # a sibling sharing a string prefix, not a path prefix
+
+
+def test_the_crd_carries_one_overlap_rule_per_input():
+    from finetune_api.crd import crd
+
+    rules = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
+    fields = [r["message"].split(" lie inside ")[1].split(" ")[0] for r in rules if r["message"].startswith("output.uri must not")]
+    assert fields == ["model.uri", "dataset.train", "dataset.validation", "dataset.test", "evaluation.retention.dataset"]

@@ -151,3 +151,16 @@ def test_trainer_config_is_the_full_spec_with_defaults():
     assert doc["spec"]["hyperparameters"]["learningRate"] == 2e-4
     assert doc["spec"]["storage"]["credentialsSecret"] == {"name": "s3-creds"}
     assert parse_spec(doc["spec"]) == parse_spec(SPEC)
+
+
+def test_the_longest_admitted_name_gives_children_names_the_api_server_accepts():
+    """metadata.name is capped at admission (finetune_api.spec.MAX_NAME_LENGTH) so that a training pod's
+    hostname <job>-<index> stays a 63-character DNS label up to attempt 99999 and index 1023."""
+    from finetune_api.spec import MAX_NAME_LENGTH, MAX_NODES, METADATA_NAME_SCHEMA
+    from finetune_operator.builders import Owner, config_map_name, job_name, service_name
+
+    owner = Owner("a" * MAX_NAME_LENGTH, "ns", "u")
+    hostname = f"{job_name(owner, 10 ** 5 - 1)}-{MAX_NODES - 1}"
+    assert len(hostname) == 63 and MAX_NAME_LENGTH == 52
+    assert len(service_name(owner)) <= 63 and len(config_map_name(owner)) <= 253
+    assert METADATA_NAME_SCHEMA["maxLength"] == MAX_NAME_LENGTH

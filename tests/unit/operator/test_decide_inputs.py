@@ -107,3 +107,10 @@ def test_config_from_env_reads_every_setting():
 def test_config_names_the_bad_variable():
     with pytest.raises(SystemExit, match="FINETUNE_PROGRESS_INTERVAL must be a number, got 'soon'"):
         OperatorConfig.from_env({"FINETUNE_PROGRESS_INTERVAL": "soon"})
+
+
+def test_timing_settings_come_from_the_environment():
+    config = OperatorConfig.from_env({"FINETUNE_POD_START_TIMEOUT_SECONDS": "90", "FINETUNE_RESTART_BACKOFF_SECONDS": "5",
+                                      "FINETUNE_RESTART_BACKOFF_MAX_SECONDS": "60"})
+    assert (config.timing.pod_start_timeout, config.timing.restart_backoff, config.timing.restart_backoff_max) == (90, 5, 60)
+    assert OperatorConfig.from_env({}).timing.pod_start_timeout == 600

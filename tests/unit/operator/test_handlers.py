@@ -17,6 +17,7 @@ class FakeKube:
     def __init__(self, secret_keys=None):
         self.keys = secret_keys
         self.calls = []
+        self.existing = {}  # (kind, name) -> metadata of what the API server already holds
 
     def install(self, monkeypatch):
         def record(name, result=None):
@@ -25,7 +26,8 @@ class FakeKube:
                 return result
             return call
         monkeypatch.setattr(kube, "secret_keys", lambda ns, name: self.calls.append(("secret_keys", (ns, name), {})) or self.keys)
-        for name in ("patch_status", "post_event", "delete_job", "set_job_suspend", "create_if_absent", "delete_finetunejob"):
+        monkeypatch.setattr(kube, "read_meta", lambda kind, ns, name: self.calls.append(("read_meta", (kind, ns, name), {})) or self.existing.get((kind, name)))
+        for name in ("patch_status", "post_event", "delete_job", "set_job_suspend", "create_owned", "delete_finetunejob"):
             monkeypatch.setattr(kube, name, record(name))
 
     def named(self, name):
@@ -58,7 +60,7 @@ def test_missing_secret_fails_without_creating_anything(fake, tmp_path):
     [(ns, name, patch, version)] = fake.named("patch_status")
     assert (ns, name, version, patch["phase"], patch["reason"]) == ("ns", "ft", "7", "Failed", "SecretNotFound")
     assert "kubectl create secret generic s3" in patch["message"]
-    assert fake.named("create_if_absent") == []
+    assert fake.named("create_owned") == []
     [(_, event_type, reason, _message)] = fake.named("post_event")
     assert (event_type, reason) == ("Warning", "SecretNotFound")
     assert [kw for n, _, kw in fake.calls if n == "post_event"] == [{"instance": "op-0"}]
@@ -67,7 +69,7 @@ def test_missing_secret_fails_without_creating_anything(fake, tmp_path):
 def test_usable_secret_creates_the_attempts_children(fake, tmp_path):
     fake.keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     reconcile(body(tmp_path, storage={"credentialsSecret": {"name": "s3"}}))
-    created = [args[0] for args in fake.named("create_if_absent")]
+    created = [args[0] for args in fake.named("create_owned")]
     assert [(o["kind"], o["metadata"]["name"]) for o in created] == [("Service", "ft"), ("ConfigMap", "ft-config"), ("Job", "ft-0")]
     assert fake.named("patch_status")[0][2]["phase"] == "Pending"
 
@@ -75,8 +77,8 @@ def test_usable_secret_creates_the_attempts_children(fake, tmp_path):
 def test_a_running_job_reads_no_secret(fake, tmp_path):
     status = {"phase": "Running", "reason": "PodsRunning", "attempt": 0, "restarts": 0, "jobName": "ft-0"}
     reconcile(body(tmp_path, status, storage={"credentialsSecret": {"name": "s3"}}),
-              jobs=[JobView("ft-0", 0, False, active=1)], pods=[PodView("ft-0-0", 0, 0, "Running")])
-    assert fake.named("secret_keys") == [] and fake.named("create_if_absent") == []
+              jobs=[JobView("ft-0", 0, False, active=1, uid="j-0", owner_uid="u-1")], pods=[PodView("ft-0-0", 0, 0, "Running", owner_uid="j-0")])
+    assert fake.named("secret_keys") == [] and fake.named("create_owned") == []
 
 
 def test_a_finished_job_publishes_the_trainers_last_word_with_its_final_status(fake, tmp_path, monkeypatch):
@@ -86,7 +88,7 @@ def test_a_finished_job_publishes_the_trainers_last_word_with_its_final_status(f
     reader.read("u-1", "ns", handlers.parse(body(tmp_path))[0], force=True)  # what the reader had while it ran
     (tmp_path / "progress.json").write_text(json.dumps({"stage": "done", "step": 40, "totalSteps": 40, "modelUri": "s3://out/model"}))
     status = {"phase": "Running", "reason": "PodsRunning", "attempt": 0, "restarts": 0, "jobName": "ft-0"}
-    reconcile(body(tmp_path, status), jobs=[JobView("ft-0", 0, False, complete=True)])
+    reconcile(body(tmp_path, status), jobs=[JobView("ft-0", 0, False, complete=True, uid="j-0", owner_uid="u-1")])
     [(_, _, patch, _)] = fake.named("patch_status")
     assert patch["phase"] == "Succeeded" and patch["modelUri"] == "s3://out/model"
     assert patch["progress"]["text"] == "40/40 (100.0%)"
@@ -106,4 +108,87 @@ def test_a_conflict_rereads_the_object_and_decides_again(fake, tmp_path, monkeyp
     monkeypatch.setattr(kube, "get_finetunejob", lambda ns, name: fresh)
     reconcile(body(tmp_path))
     assert attempts == ["7", "8"]
-    assert len(fake.named("create_if_absent")) == 3  # executed once, for the fresh object
+    assert len(fake.named("create_owned")) == 3  # executed once, for the fresh object
+
+
+def test_children_of_another_uid_are_not_adopted(fake, tmp_path):
+    """A deleted-and-recreated FineTuneJob (uid u-1) next to the old one's completed Job (uid u-old)."""
+    old_job = JobView("ft-0", 0, False, complete=True, uid="j-old", owner_uid="u-old")
+    fake.existing[("Job", "ft-0")] = {"name": "ft-0", "ownerReferences": [{"kind": "FineTuneJob", "name": "ft", "uid": "u-old", "controller": True}]}
+    reconcile(body(tmp_path), jobs=[old_job])
+    [(_, _, patch, _)] = fake.named("patch_status")
+    assert (patch["phase"], patch["reason"]) == ("Pending", "ChildNameConflict")
+    assert "Job ft-0 already exists and is controlled by FineTuneJob ft (uid u-old)" in patch["message"]
+    assert fake.named("create_owned") == [] and fake.named("delete_job") == []
+
+
+def test_a_foreign_pod_with_our_labels_and_a_failure_message_is_ignored(fake, tmp_path):
+    status = {"phase": "Running", "reason": "PodsRunning", "attempt": 0, "restarts": 0, "jobName": "ft-0"}
+    mine = JobView("ft-0", 0, False, active=1, uid="j-0", owner_uid="u-1")
+    pods = [PodView("ft-0-0", 0, 0, "Running", owner_uid="j-0"),
+            PodView("evil", 0, 0, "Failed", exit_code=14, message="UnknownLabel: fake", owner_uid=None),
+            PodView("evil-2", 0, 0, "Failed", exit_code=14, message="UnknownLabel: fake", owner_uid="j-other")]
+    reconcile(body(tmp_path, status), jobs=[mine], pods=pods)
+    [(_, _, patch, _)] = fake.named("patch_status")
+    assert patch.get("phase") is None and patch["message"] == "1/1 training pod(s) running"  # still Running
+    assert fake.named("delete_job") == [] and fake.named("post_event") == []
+
+
+def test_a_rejected_child_ends_in_failed_with_the_servers_message(fake, tmp_path, monkeypatch):
+    created = []
+
+    def create_owned(obj, uid):
+        created.append(obj["kind"])
+        if obj["kind"] == "Job":
+            raise kube.Rejected("Job", "ft-0", 'Job.batch "ft-0" is invalid: tolerations[0].operator: Unsupported value: "Bogus"')
+        return True
+
+    monkeypatch.setattr(kube, "create_owned", create_owned)
+    monkeypatch.setattr(kube, "get_finetunejob", lambda ns, name: body(tmp_path, {"phase": "Pending", "reason": "JobCreated", "attempt": 0, "jobName": "ft-0"}))
+    reconcile(body(tmp_path))
+    assert created == ["Service", "ConfigMap", "Job"]  # tried once, not again
+    first, last = [patch for _, _, patch, _ in fake.named("patch_status")]
+    assert first["phase"] == "Pending"
+    assert (last["phase"], last["reason"]) == ("Failed", "ChildRejected")
+    assert 'Unsupported value: "Bogus"' in last["message"]
+
+
+class _Api:
+    """Stands in for a kubernetes client API object: create raises ``error``, read returns ``existing``."""
+
+    def __init__(self, error, existing=None):
+        self.error, self.existing = error, existing
+
+    def create_namespaced_job(self, ns, obj):
+        raise self.error
+
+    def read_namespaced_job(self, name, ns):
+        from kubernetes import client
+        return client.V1Job(metadata=client.V1ObjectMeta(name=name, owner_references=self.existing))
+
+
+def _api_error(status, message):
+    from kubernetes.client.exceptions import ApiException
+    err = ApiException(status=status, reason="Unprocessable Entity")
+    err.body = json.dumps({"kind": "Status", "message": message})
+    return err
+
+
+JOB = {"kind": "Job", "metadata": {"name": "ft-0", "namespace": "ns"}}
+
+
+def test_create_owned_turns_422_into_rejected_with_the_servers_message(monkeypatch):
+    monkeypatch.setattr(kube, "_batch", lambda: _Api(_api_error(422, 'Job.batch "ft-0" is invalid: metadata.name: Too long')))
+    with pytest.raises(kube.Rejected, match='metadata.name: Too long'):
+        kube.create_owned(JOB, "u-1")
+
+
+def test_create_owned_accepts_409_only_for_what_we_control(monkeypatch):
+    from kubernetes import client
+    ours = [client.V1OwnerReference(api_version="finetune.io/v1alpha1", kind="FineTuneJob", name="ft", uid="u-1", controller=True)]
+    theirs = [client.V1OwnerReference(api_version="finetune.io/v1alpha1", kind="FineTuneJob", name="ft", uid="u-old", controller=True)]
+    monkeypatch.setattr(kube, "_batch", lambda: _Api(_api_error(409, "exists"), ours))
+    assert kube.create_owned(JOB, "u-1") is False
+    monkeypatch.setattr(kube, "_batch", lambda: _Api(_api_error(409, "exists"), theirs))
+    with pytest.raises(kube.ForeignChild, match=r"controlled by FineTuneJob ft \(uid u-old\)"):
+        kube.create_owned(JOB, "u-1")

@@ -200,3 +200,92 @@ def test_unknown_crash_message_skips_launcher_decoration():
     pod = PodView("ft-0-0", 0, 0, "Failed", exit_code=1, message="RuntimeError: NCCL timeout\n====\nfoo FAILED\n-----")
     plan = decide(obs({"phase": "Running", "attempt": 0, "restarts": 0}, jobs=[running_job(failed=1)], pods=[pod]))
     assert plan.status["reason"] == "TrainerFailed" and plan.status["failureReason"].endswith("foo FAILED")
+
+
+def test_a_name_conflict_waits_pending_and_creates_nothing():
+    plan = decide(obs(name_conflict="Job ft-0 already exists and is controlled by FineTuneJob ft (uid u-old)"))
+    assert plan.create_job is None and plan.delete_jobs == []
+    assert (plan.status["phase"], plan.status["reason"]) == ("Pending", "ChildNameConflict")
+    assert plan.status["message"].startswith("Job ft-0 already exists and is controlled by FineTuneJob ft (uid u-old); waiting")
+    assert plan.events[0][:2] == ("Warning", "ChildNameConflict")
+
+
+def test_a_child_the_api_server_rejects_fails_the_job_with_its_message():
+    rejected = "the API server rejected Job ft-0: Job.batch \"ft-0\" is invalid: spec.template.spec.tolerations[0].operator: Unsupported value"
+    plan = decide(obs({"phase": "Pending", "reason": "JobCreated", "attempt": 0, "jobName": "ft-0"}, create_rejected=rejected))
+    assert plan.create_job is None
+    assert (plan.status["phase"], plan.status["reason"]) == ("Failed", "ChildRejected")
+    assert plan.status["message"].startswith(rejected) and plan.status["completionTime"] == iso(NOW)
+    assert plan.read_final_progress is False  # nothing ran
+
+
+def _waiting_pod(reason, message="", created=NOW):
+    return PodView("ft-0-0", 0, 0, "Pending", waiting=(reason, message), created=iso(created))
+
+
+def test_a_pod_stuck_on_an_image_pull_shows_why_then_fails_past_the_timeout():
+    from finetune_operator.config import Timing
+
+    pending = {"phase": "Pending", "reason": "JobCreated", "attempt": 0, "jobName": "ft-0"}
+    pod = _waiting_pod("ImagePullBackOff", 'Back-off pulling image "nope:1"')
+    early = decide(obs(pending, jobs=[running_job()], pods=[pod], now=NOW + timedelta(seconds=30), timing=Timing(pod_start_timeout=600)))
+    assert (early.status["phase"], early.status["reason"]) == ("Pending", "ImagePullBackOff")
+    assert early.status["message"] == ('pod ft-0-0 is not starting: ImagePullBackOff: Back-off pulling image "nope:1"; '
+                                       f"the job fails at {iso(NOW + timedelta(seconds=600))} unless it starts")
+    assert early.delete_jobs == [] and early.requeue_after == 570
+    late = decide(obs(early.status, jobs=[running_job()], pods=[pod], now=NOW + timedelta(seconds=600), timing=Timing(pod_start_timeout=600)))
+    assert (late.status["phase"], late.status["reason"]) == ("Failed", "PodStartFailed")
+    assert "ImagePullBackOff" in late.status["message"] and "600s after the pod was created" in late.status["message"]
+    assert late.delete_jobs == ["ft-0"]
+
+
+def test_a_missing_secret_at_container_start_fails_past_the_timeout_too():
+    pod = _waiting_pod("CreateContainerConfigError", 'secret "s3" not found')
+    plan = decide(obs({"phase": "Pending", "attempt": 0, "jobName": "ft-0"}, jobs=[running_job()], pods=[pod], now=NOW + timedelta(hours=1)))
+    assert plan.status["reason"] == "PodStartFailed" and 'secret "s3" not found' in plan.status["message"]
+
+
+def test_an_unschedulable_pod_shows_the_schedulers_message_and_keeps_waiting():
+    pod = _waiting_pod("Unschedulable", "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
+    plan = decide(obs({"phase": "Pending", "attempt": 0, "jobName": "ft-0"}, jobs=[running_job()], pods=[pod], now=NOW + timedelta(days=1)))
+    assert (plan.status["phase"], plan.status["reason"]) == ("Pending", "Unschedulable")
+    assert plan.status["message"] == "pod ft-0-0 is not starting: Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    assert plan.delete_jobs == []
+
+
+def test_pod_view_reads_the_waiting_reason():
+    waiting = pod_view({"metadata": {"name": "p", "creationTimestamp": "2026-01-01T12:00:00Z"},
+                        "status": {"phase": "Pending", "containerStatuses": [{"state": {"waiting": {"reason": "ErrImagePull", "message": "no such image"}}}]}})
+    assert (waiting.waiting, waiting.created) == (("ErrImagePull", "no such image"), "2026-01-01T12:00:00Z")
+    creating = pod_view({"metadata": {"name": "p"}, "status": {"phase": "Pending", "containerStatuses": [{"state": {"waiting": {"reason": "ContainerCreating"}}}]}})
+    assert creating.waiting is None
+    unschedulable = pod_view({"metadata": {"name": "p"}, "status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes"}]}})
+    assert unschedulable.waiting == ("Unschedulable", "0/1 nodes")
+
+
+def test_restarts_back_off_exponentially_and_bounded():
+    from finetune_operator.config import Timing
+    from finetune_operator.state import restart_delay
+
+    timing = Timing(restart_backoff=20, restart_backoff_max=600)
+    assert [restart_delay(timing, n) for n in (1, 2, 3, 4, 5, 6, 7, 100)] == [20, 40, 80, 160, 320, 600, 600, 600]
+    assert restart_delay(Timing(restart_backoff=0), 3) == 0
+
+
+def test_a_failed_group_waits_out_its_backoff_before_the_next_attempt():
+    from finetune_operator.config import Timing
+
+    timing = Timing(restart_backoff=20, restart_backoff_max=600)
+    failing = {"phase": "Running", "reason": "PodsRunning", "attempt": 0, "restarts": 1, "jobName": "ft-0"}
+    failed = decide(obs(failing, jobs=[running_job(failed=1)], timing=timing,
+                        pods=[PodView("ft-0-0", 0, 0, "Failed", exit_code=19, message="S3EndpointError: could not reach")]))
+    assert (failed.status["phase"], failed.status["restarts"], failed.status["attempt"]) == ("Restarting", 2, 1)
+    assert failed.status["nextRestartTime"] == iso(NOW + timedelta(seconds=40))  # second restart: 2 x 20 s
+    assert f"at {iso(NOW + timedelta(seconds=40))} (restart 2/3, backoff 40s)" in failed.status["message"]
+    # old pods gone, backoff not over: nothing is created, the status does not change
+    waiting = decide(obs(failed.status, timing=timing, now=NOW + timedelta(seconds=30)))
+    assert waiting.create_job is None and waiting.events == [] and waiting.requeue_after == 10
+    assert (waiting.status["phase"], waiting.status["message"]) == ("Restarting", failed.status["message"])
+    due = decide(obs(failed.status, timing=timing, now=NOW + timedelta(seconds=40)))
+    assert due.create_job == 1 and "nextRestartTime" not in due.status
