@@ -56,6 +56,11 @@ class OperatorConfig:
     progress_interval: float = 15.0  # seconds between two reads of a running job's progress document
     tracemalloc: bool = False  # log the top allocation sites on SIGUSR1 (memory investigations)
     instance: str = "finetune-operator"  # reportingInstance of the Events it posts: the pod's name
+    # Reading progress.json from the endpoint a tenant names (see finetune_operator.tenant_io):
+    progress_deadline_seconds: float = 5.0  # the whole read, connect to last byte
+    progress_max_bytes: int = 1 << 20  # body size cap
+    allowed_endpoints: tuple[str, ...] = ()  # storage endpoints the operator may contact; empty = any ("aws" = AWS S3)
+    progress_local_paths: bool = False  # read local-path outputs from the operator's own filesystem (dev only)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -75,4 +80,8 @@ class OperatorConfig:
             progress_interval=_float(env, "FINETUNE_PROGRESS_INTERVAL", 15.0),
             tracemalloc=env.get("FINETUNE_TRACEMALLOC") == "1",
             instance=env.get("HOSTNAME", "finetune-operator"),
+            progress_deadline_seconds=max(0.5, _float(env, "FINETUNE_PROGRESS_DEADLINE_SECONDS", 5.0)),
+            progress_max_bytes=max(1024, _int(env, "FINETUNE_PROGRESS_MAX_BYTES", 1 << 20)),
+            allowed_endpoints=tuple(e.strip() for e in env.get("FINETUNE_ALLOWED_ENDPOINTS", "").split(",") if e.strip()),
+            progress_local_paths=env.get("FINETUNE_PROGRESS_LOCAL_PATHS") == "1",
         )
