@@ -61,6 +61,7 @@ class OperatorConfig:
     progress_max_bytes: int = 1 << 20  # body size cap
     allowed_endpoints: tuple[str, ...] = ()  # storage endpoints the operator may contact; empty = any ("aws" = AWS S3)
     progress_local_paths: bool = False  # read local-path outputs from the operator's own filesystem (dev only)
+    ca_bundle: str | None = None  # extra CA certificates for https storage endpoints (botocore's AWS_CA_BUNDLE)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -84,4 +85,5 @@ class OperatorConfig:
             progress_max_bytes=max(1024, _int(env, "FINETUNE_PROGRESS_MAX_BYTES", 1 << 20)),
             allowed_endpoints=tuple(e.strip() for e in env.get("FINETUNE_ALLOWED_ENDPOINTS", "").split(",") if e.strip()),
             progress_local_paths=env.get("FINETUNE_PROGRESS_LOCAL_PATHS") == "1",
+            ca_bundle=env.get("AWS_CA_BUNDLE") or None,
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -191,13 +192,15 @@ class ProgressReader:
     """
 
     def __init__(self, credentials: Credentials, interval: float = 15.0, timeout: float = 3.0, workers: int = 4, *,
-                 limits: Limits | None = None, allowed_endpoints: Sequence[str] = (), local_paths: bool = True):
+                 limits: Limits | None = None, allowed_endpoints: Sequence[str] = (), local_paths: bool = True,
+                 ca_bundle: str | None = None):
         self.credentials = credentials
         self.interval = interval
         self.timeout = timeout
         self.limits = limits or Limits()
         self.allowed_endpoints = tuple(allowed_endpoints)
         self.local_paths = local_paths  # the operator's own filesystem: tests only (from_config turns it off)
+        self.tls = ssl.create_default_context(cafile=ca_bundle)  # the system CAs, or (like botocore) only the bundle given
         self._entries: dict[str, _Entry] = {}
         self._clients: dict[tuple, Any] = {}
         self._lock = threading.Lock()
@@ -210,7 +213,7 @@ class ProgressReader:
         cluster the operator's filesystem is its own, never a job's output)."""
         limits = Limits(deadline=config.progress_deadline_seconds, max_bytes=config.progress_max_bytes)
         return cls(credentials, interval=config.progress_interval, timeout=min(3.0, limits.deadline), limits=limits,
-                   allowed_endpoints=config.allowed_endpoints, local_paths=config.progress_local_paths)
+                   allowed_endpoints=config.allowed_endpoints, local_paths=config.progress_local_paths, ca_bundle=config.ca_bundle)
 
     def forget(self, uid: str) -> None:
         with self._lock:
@@ -304,7 +307,7 @@ class ProgressReader:
             creds = self.credentials(namespace, spec.storage.credentials_secret.name) or {}
         bucket, key = split_s3(uri)
         url = self._client(spec, creds).generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=300)
-        resp = bounded_get(url, {"If-None-Match": etag} if etag else {}, self.limits)
+        resp = bounded_get(url, {"If-None-Match": etag} if etag else {}, self.limits, self.tls)
         if resp.status == 200:
             return resp.body, resp.headers.get("etag")
         if resp.status == 304:

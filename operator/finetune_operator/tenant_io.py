@@ -19,6 +19,7 @@ import http.client
 import json
 import math
 import socket
+import ssl
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,13 +74,17 @@ class _Watchdog:
         self._timer.cancel()
 
 
-def bounded_get(url: str, headers: Mapping[str, str], limits: Limits) -> Response:
-    """``GET url`` within ``limits`` (size and total time); the body of any status is capped the same way."""
+def bounded_get(url: str, headers: Mapping[str, str], limits: Limits, tls: ssl.SSLContext | None = None) -> Response:
+    """``GET url`` within ``limits`` (size and total time); the body of any status is capped the same way.
+    ``tls`` verifies https endpoints (default: the system's CAs, hostname checked)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise TenantIOError(f"refusing to read a {parts.scheme or 'relative'} URL: only http and https endpoints are read")
-    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(parts.hostname, parts.port, timeout=limits.deadline)
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=limits.deadline, context=tls or ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=limits.deadline)
     watchdog = _Watchdog(conn, limits.deadline)
     try:
         conn.connect()

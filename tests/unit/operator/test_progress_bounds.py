@@ -256,3 +256,48 @@ def test_the_resync_loop_never_waits_behind_a_stuck_job(monkeypatch):
     assert started == [3, 2, 2]  # the stuck job is skipped while it runs, the others go every round
     assert calls.count("stuck") == 1 and calls.count("a") == 3 and calls.count("b") == 3
     assert not main._resyncing
+
+
+# ------------------------------------------------------------------------------------------ TLS
+
+
+def _self_signed(tmp_path):
+    """A certificate for 127.0.0.1, signed by itself (a private CA)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "loopback-store")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "store.crt", tmp_path / "store.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+def test_https_endpoints_are_verified_against_the_system_cas_or_the_configured_bundle(no_ambient_aws, tmp_path):
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    with HostileS3() as s3:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        s3.socket = context.wrap_socket(s3.socket, server_side=True)
+        spec = _spec("stable", s3.endpoint.replace("http://", "https://"))
+        untrusting = _reader()
+        assert untrusting.read("tls", "ns", spec, force=True) is None
+        assert "SSLCertVerificationError" in untrusting.problem("tls")
+        config = OperatorConfig.from_env({"AWS_CA_BUNDLE": cert, "FINETUNE_PROGRESS_DEADLINE_SECONDS": "3"})
+        trusting = ProgressReader.from_config(config, credentials=lambda ns, name: None)
+        assert trusting.read("tls", "ns", spec, force=True).step == 7 and trusting.problem("tls") is None
