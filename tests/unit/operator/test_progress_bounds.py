@@ -301,3 +301,34 @@ def test_https_endpoints_are_verified_against_the_system_cas_or_the_configured_b
         config = OperatorConfig.from_env({"AWS_CA_BUNDLE": cert, "FINETUNE_PROGRESS_DEADLINE_SECONDS": "3"})
         trusting = ProgressReader.from_config(config, credentials=lambda ns, name: None)
         assert trusting.read("tls", "ns", spec, force=True).step == 7 and trusting.problem("tls") is None
+
+
+# ------------------------------------------------------------------------------ a real S3 server
+
+
+def test_a_real_s3_implementation_is_read_signed_with_etag_and_missing_key(no_ambient_aws):
+    """moto's S3 server: the presigned GET, the 304 on an unchanged ETag and a 404 before the trainer wrote anything."""
+    import json
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b")
+        s3.create_bucket(Bucket="runs")
+        reader = _reader()
+        spec = _spec("runs", endpoint, secret=True)
+        assert reader.read("moto", "ns", spec, force=True) is None and reader.problem("moto") is None  # 404: not written yet
+        s3.put_object(Bucket="runs", Key="job/progress.json", Body=json.dumps({"stage": "training", "step": 42}).encode())
+        assert reader.read("moto", "ns", spec, force=True).step == 42
+        etag = reader._entries["moto"].etag
+        assert etag and etag.startswith('"')
+        assert reader.read("moto", "ns", spec, force=True).step == 42 and reader._entries["moto"].etag == etag  # a 304
+        s3.put_object(Bucket="runs", Key="job/progress.json", Body=json.dumps({"stage": "training", "step": 43}).encode())
+        assert reader.read("moto", "ns", spec, force=True).step == 43
+    finally:
+        server.stop()
