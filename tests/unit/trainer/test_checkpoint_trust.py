@@ -145,3 +145,51 @@ def test_an_rng_file_of_the_wrong_shape_is_refused_before_anything_is_restored(t
 def test_trust_remote_code_is_off_unless_a_job_asks_for_it():
     spec = parse_spec({"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t.jsonl"}, "output": {"uri": "s3://out/r"}})
     assert spec.model.trust_remote_code is False
+
+
+# --------------------------------------------------------------------------- the model folder
+
+
+def _tiny_model_dir(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dest = tmp_path / "model"
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=32)
+    LlamaForCausalLM(config).save_pretrained(dest)
+    return dest
+
+
+def _lm_spec(model_dir):
+    return parse_spec({"model": {"uri": str(model_dir)}, "method": "full", "dataset": {"train": "/data/t.jsonl"}, "output": {"uri": "/out"}})
+
+
+def test_pickled_weights_in_a_model_folder_are_refused_and_never_run(tmp_path):
+    from finetune_trainer.errors import ModelNotFound
+    from finetune_trainer.model import load_model
+
+    model_dir = _tiny_model_dir(tmp_path)
+    (model_dir / "model.safetensors").unlink()
+    marker = tmp_path / "weights-payload-ran"
+    torch.save({"model.embed_tokens.weight": torch.zeros(32, 16), "evil": Payload(marker)}, model_dir / "pytorch_model.bin")
+    with pytest.raises(ModelNotFound):
+        load_model(str(model_dir), _lm_spec(model_dir))
+    assert not marker.exists()
+
+
+def test_remote_code_in_a_model_folder_is_not_run_unless_trust_remote_code(tmp_path):
+    from finetune_trainer.errors import ModelNotFound
+    from finetune_trainer.model import load_model
+
+    model_dir = _tiny_model_dir(tmp_path)
+    marker = tmp_path / "remote-code-ran"
+    (model_dir / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nfrom transformers import LlamaConfig\nclass EvilConfig(LlamaConfig):\n    model_type = 'evil'\n")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
+    config["model_type"] = "evil"  # only the folder's own code knows it
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelNotFound) as err:
+        load_model(str(model_dir), _lm_spec(model_dir))
+    assert not marker.exists()
+    assert "set spec.model.trustRemoteCode: true only if you trust whoever can write it" in err.value.message
