@@ -102,6 +102,9 @@ def bounded_get(url: str, headers: Mapping[str, str], limits: Limits, tls: ssl.S
     except (OSError, http.client.HTTPException, ValueError) as exc:
         if watchdog.fired.is_set() or isinstance(exc, TimeoutError):
             raise TenantIOError(f"no complete answer within the {limits.deadline:g}s deadline") from None
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            raise TenantIOError("the endpoint's TLS certificate is not trusted (SSLCertVerificationError): for a private CA, "
+                                "give the operator its bundle in AWS_CA_BUNDLE (chart value extraEnv)") from None
         raise TenantIOError(f"the endpoint could not be read ({type(exc).__name__})") from None
     finally:
         watchdog.cancel()
