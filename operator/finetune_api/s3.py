@@ -45,15 +45,22 @@ def s3_client(
     retry_mode: str | None = None,
     max_pool_connections: int | None = None,
     credentials: Mapping[str, str] | None = None,
+    ambient_credentials: bool = True,
+    signature_version: str | None = None,
 ) -> Any:
     """A new boto3 S3 client (on its own session, so threads never share a session's state).
 
     ``endpoint_url`` set means an S3-compatible store: path-style addressing, which MinIO and most such
-    stores need. ``credentials`` holds ``AWS_*`` values (see :data:`CREDENTIAL_ENV`); without them boto3's
-    standard chain (environment, IRSA, instance profile) applies. ``retry_mode`` and
-    ``max_pool_connections`` left at None keep botocore's defaults.
+    stores need. ``credentials`` holds ``AWS_*`` values (see :data:`CREDENTIAL_ENV`). Without them, what
+    happens is ``ambient_credentials``'s choice: True (the trainer, whose environment *is* the job's)
+    lets boto3's standard chain (environment, IRSA, instance profile) find some; False (the operator,
+    whose environment and cloud identity are its own, never a tenant's) makes the client unsigned, so
+    boto3 never looks for credentials at all and every request goes out anonymous. ``retry_mode``,
+    ``max_pool_connections`` and ``signature_version`` (``s3v4`` for presigned URLs, which botocore
+    would otherwise sign with the legacy SigV2) left at None keep botocore's defaults.
     """
     import boto3
+    from botocore import UNSIGNED
     from botocore.config import Config
 
     retries: dict[str, Any] = {"max_attempts": max_attempts}
@@ -67,7 +74,12 @@ def s3_client(
     }
     if max_pool_connections is not None:
         options["max_pool_connections"] = max_pool_connections
+    if signature_version is not None:
+        options["signature_version"] = signature_version
     creds = credentials or {}
+    if not ambient_credentials and not creds.get("AWS_ACCESS_KEY_ID"):
+        options["signature_version"] = UNSIGNED
+        creds = {}
     return boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint_url,

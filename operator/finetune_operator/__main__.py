@@ -6,7 +6,7 @@ import logging
 
 import kopf
 
-from finetune_operator import metrics
+from finetune_operator import logsafe, metrics
 from finetune_operator.config import OperatorConfig
 
 
@@ -30,6 +30,7 @@ def _memory_debugging() -> None:
 def main() -> None:
     config = OperatorConfig.from_env()
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logsafe.install()  # DEBUG never prints Secret data, signatures or tokens (see logsafe)
     if config.tracemalloc:
         _memory_debugging()
     metrics.serve(config.metrics_port)

@@ -71,6 +71,12 @@ class OperatorConfig:
     tracemalloc: bool = False  # log the top allocation sites on SIGUSR1 (memory investigations)
     instance: str = "finetune-operator"  # reportingInstance of the Events it posts: the pod's name
     timing: Timing = field(default_factory=Timing)
+    # Reading progress.json from the endpoint a tenant names (see finetune_operator.tenant_io):
+    progress_deadline_seconds: float = 5.0  # the whole read, connect to last byte
+    progress_max_bytes: int = 1 << 20  # body size cap
+    allowed_endpoints: tuple[str, ...] = ()  # storage endpoints the operator may contact; empty = any ("aws" = AWS S3)
+    progress_local_paths: bool = False  # read local-path outputs from the operator's own filesystem (dev only)
+    ca_bundle: str | None = None  # extra CA certificates for https storage endpoints (botocore's AWS_CA_BUNDLE)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -95,4 +101,9 @@ class OperatorConfig:
                 restart_backoff=_float(env, "FINETUNE_RESTART_BACKOFF_SECONDS", Timing.restart_backoff),
                 restart_backoff_max=_float(env, "FINETUNE_RESTART_BACKOFF_MAX_SECONDS", Timing.restart_backoff_max),
             ),
+            progress_deadline_seconds=max(0.5, _float(env, "FINETUNE_PROGRESS_DEADLINE_SECONDS", 5.0)),
+            progress_max_bytes=max(1024, _int(env, "FINETUNE_PROGRESS_MAX_BYTES", 1 << 20)),
+            allowed_endpoints=tuple(e.strip() for e in env.get("FINETUNE_ALLOWED_ENDPOINTS", "").split(",") if e.strip()),
+            progress_local_paths=env.get("FINETUNE_PROGRESS_LOCAL_PATHS") == "1",
+            ca_bundle=env.get("AWS_CA_BUNDLE") or None,
         )

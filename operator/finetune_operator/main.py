@@ -16,9 +16,10 @@ import kopf
 from kubernetes import config as k8s_config
 
 from finetune_api.spec import API_GROUP, API_VERSION, PLURAL
-from finetune_operator import handlers, metrics
+from finetune_operator import handlers, kube, metrics
 from finetune_operator.builders import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY
 from finetune_operator.config import OperatorConfig
+from finetune_operator.progress import ProgressReader, check_allowlist, secret_values
 from finetune_operator.views import JobView, PodView, job_view, pod_view
 
 CONFIG = OperatorConfig.from_env()
@@ -65,9 +66,20 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         k8s_config.load_incluster_config()
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()
+    _install_progress_reader(CONFIG)
     loop = asyncio.get_running_loop()
     loop.create_task(_heartbeat())
     loop.create_task(_resync_loop())
+
+
+def _install_progress_reader(config: OperatorConfig) -> None:
+    """The operator's one progress reader, with the chart's read limits and endpoint allow-list (a bad
+    entry stops the operator here, at startup), set before any reconcile asks handlers for one."""
+    try:
+        check_allowlist(config.allowed_endpoints)
+    except ValueError as exc:
+        raise kopf.PermanentError(f"FINETUNE_ALLOWED_ENDPOINTS: {exc}") from None
+    handlers._progress_reader = ProgressReader.from_config(config, secret_values(kube.read_secret))
 
 
 def _libc_trim() -> Callable[[int], int] | None:
@@ -178,18 +190,49 @@ async def on_pod_event(namespace: str, labels: Mapping[str, str], ftj_bodies: Bo
     await _child_event(namespace, labels, "pod-event", bodies=ftj_bodies, jobs=ftj_jobs, pods=ftj_pods)
 
 
+_resyncing: set[IndexKey] = set()  # jobs whose resync is still running
+_resync_tasks: set[asyncio.Task[None]] = set()  # strong references, so no task is collected mid-run
+
+
+async def _resync_job(key: IndexKey, bodies: list[dict[str, Any]]) -> None:
+    try:
+        for body in bodies:
+            await _reconcile(body, "resync")
+    except Exception as exc:  # counted in the metrics; the next round retries
+        log.warning("resync of %s/%s failed: %s", key[0], key[1], exc)
+    finally:
+        _resyncing.discard(key)
+
+
+def resync_round(keys: list[IndexKey], snapshot: Callable[[IndexKey], list[dict[str, Any]]]) -> int:
+    """Start one resync per job, concurrently (the reconcile pool bounds how many run at once), and
+    return how many started. A job whose previous resync is still running is skipped, so one slow
+    job (a stuck endpoint, a slow API call) never delays another's deadline, TTL or progress, and
+    never piles up queued reconciles of its own."""
+    loop = asyncio.get_running_loop()
+    started = 0
+    for key in keys:
+        if key in _resyncing:
+            continue
+        bodies = snapshot(key)
+        if not bodies:
+            continue
+        _resyncing.add(key)
+        task = loop.create_task(_resync_job(key, bodies))
+        _resync_tasks.add(task)
+        task.add_done_callback(_resync_tasks.discard)
+        started += 1
+    return started
+
+
 async def _resync_loop() -> None:
     """Periodic resync of every FineTuneJob: deadlines, TTLs, progress from the trainer, and a retry of
     anything that failed. One loop for all jobs instead of a Kopf timer per object: at 500 jobs the
-    per-object timer tasks cost more memory than everything else the operator holds."""
+    per-object timer tasks cost more memory than everything else the operator holds. The loop never
+    awaits a reconcile: each round starts them (:func:`resync_round`) and sleeps."""
     while True:
         await asyncio.sleep(CONFIG.resync_seconds)
         bodies = _INDEXES.get("bodies")
         if bodies is None:
             continue
-        for key in list(bodies):
-            for body in _snapshot(bodies, key):
-                try:
-                    await _reconcile(body, "resync")
-                except Exception as exc:  # counted in the metrics; the next round retries
-                    log.warning("resync of %s/%s failed: %s", key[0], key[1], exc)
+        resync_round(list(bodies), lambda key: _snapshot(bodies, key))

@@ -261,7 +261,9 @@ def test_deployment_container(helm: str) -> None:
         "FINETUNE_RESYNC_SECONDS": "10",
         "FINETUNE_METRICS_PORT": "8080",
         "FINETUNE_LOG_LEVEL": "INFO",
-    }, "all namespaces by default: FINETUNE_NAMESPACES must be absent"
+        "FINETUNE_PROGRESS_DEADLINE_SECONDS": "5",
+        "FINETUNE_PROGRESS_MAX_BYTES": "1048576",
+    }, "all namespaces and any endpoint by default: FINETUNE_NAMESPACES and FINETUNE_ALLOWED_ENDPOINTS must be absent"
 
 
 def test_deployment_values_flow_through(helm: str) -> None:

@@ -5,7 +5,8 @@ Layout: ``<output>/checkpoints/step-NNNNNNNN/`` holding
 * ``model.safetensors`` (full fine-tune) or ``adapter_model.safetensors`` (adapter methods): the
   trainable parameters by name;
 * ``optimizer.pt``, ``scheduler.pt`` (and ``scaler.pt`` under fp16);
-* ``rng_state_rank<R>.pt`` for every rank: python, numpy, torch and cuda generator states;
+* ``rng_state_rank<R>.pt`` for every rank: python, numpy, torch and cuda generator states, as plain
+  numbers and tensors;
 * ``trainer_state.json``: step, data position (epoch + micro-batch index within the epoch), early
   stopping state, best metric, loss/eval history;
 * ``manifest.json``, written LAST, with every other file's size and sha256.
@@ -15,6 +16,12 @@ goes on (``wait()`` joins it before the next save and at exit). Only global rank
 ranks send it their RNG states in one collective at save time (and, under FSDP, their shards of the
 weights and optimizer state: see :class:`.parallel.ModelState`). A folder without a valid manifest is an
 interrupted upload: it is never resumed from, and is deleted when the next run starts.
+
+Nothing read back is unpickled: a checkpoint prefix is writable by whoever can write the bucket, and
+the manifest beside the files proves only that they were not cut short, not who wrote them. Every
+``.pt`` is read with ``torch.load(weights_only=True)`` (tensors, numbers, strings, containers) and
+every state is saved in that form; a file that needs anything else is refused as a CheckpointError
+(:func:`safe_load`), so resuming skips it like a corrupt one.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import hashlib
 import io
 import json
 import logging
+import pickle
 import random
 import re
 import shutil
@@ -66,18 +74,83 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain numbers only, so :func:`safe_load` reads it back
+    (numpy's own state is a tuple holding an ndarray, which only a full unpickler rebuilds)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _numpy_state(saved: Any) -> tuple[Any, ...]:
+    """``np.random.set_state``'s tuple from what :func:`rng_state` saved (or, from a checkpoint of an
+    older trainer, numpy's own tuple)."""
+    if isinstance(saved, tuple):
+        return saved
+    keys = np.asarray(saved["keys"].numpy(), dtype=np.uint32)
+    return (saved["name"], keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
+
+
+def _old_numpy_globals() -> list[Any]:
+    """What the weights-only unpickler needs to rebuild a plain numpy array (an older trainer saved
+    numpy's RNG state as one): the array type, its dtype and numpy's array constructor, which build
+    data and call nothing else. Allowed only while an RNG file is read."""
+    from numpy._core.multiarray import _reconstruct
+
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct")]
+
+
+def _rng_from_file(path: Path, uri: str) -> dict[str, Any]:
+    with torch.serialization.safe_globals(_old_numpy_globals()):
+        state = safe_load(path, uri)
+    before = rng_state()
+    try:  # a trial, so a malformed state is refused here, before anything is restored
+        set_rng_state(state)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError):
+        raise CheckpointError(f"{uri} is not an RNG state this trainer can restore: the checkpoint is corrupt") from None
+    finally:
+        set_rng_state(before)
+    return state
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _first_line(exc: BaseException) -> str:
+    """The line of a weights-only refusal that names the global it would have called."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported global" in line or "GLOBAL" in line]
+    return (named or lines or [type(exc).__name__])[0][:300]
+
+
+def safe_load(path: Path, uri: str) -> Any:
+    """``torch.load(weights_only=True)``, with any refusal turned into a CheckpointError.
+
+    The weights-only unpickler builds tensors, numbers, strings and containers and nothing else; a
+    pickle that names any other callable (``os.system``, a class whose ``__reduce__`` runs code) is
+    refused before the callable is looked up, so a tampered file cannot run code in the pod."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{uri} holds pickled objects other than tensors and plain values ({_first_line(exc)}): refusing to "
+            "unpickle it, since that can run code. The checkpoint was tampered with or written by another tool: "
+            "delete that checkpoint folder, or resume from another one"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: same verdict as a bad sha256
+        raise CheckpointError(f"{uri} cannot be read as a checkpoint file ({type(exc).__name__}: {_first_line(exc)}): the checkpoint is corrupt") from None
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -264,6 +337,8 @@ class CheckpointManager:
         """Restore weights, optimizer, scheduler, this rank's RNG; return the trainer state.
 
         Collective under FSDP: rank 0 alone downloads weights and optimizer state and broadcasts them.
+        Every file is read (safely) before anything is restored, so a refused file leaves the model
+        as it was and the caller can fall back to an older checkpoint.
         """
         dest = self.local_dir / f"resume-rank{self.dist.rank}"
         try:
@@ -278,23 +353,43 @@ class CheckpointManager:
         names += [n for n in ("scaler.pt",) if n in files]
         names += [rng_name] if rng_name in files else []
         self.download_verified(uri, dest, names)
-        from safetensors.torch import load_file
-
-        have = (dest / heavy[0]).exists()
-        model_state.restore_weights(load_file(str(dest / heavy[0])) if have else None)
-        model_state.restore_optimizer(torch.load(dest / "optimizer.pt", map_location="cpu", weights_only=True) if have else None)
-        scheduler.load_state_dict(torch.load(dest / "scheduler.pt", map_location="cpu", weights_only=False))
-        if scaler is not None and (dest / "scaler.pt").exists():
-            scaler.load_state_dict(torch.load(dest / "scaler.pt", map_location="cpu", weights_only=True))
-        if (dest / rng_name).exists():
-            # Our own file, verified against the manifest's sha256 above; it holds numpy/python objects.
-            set_rng_state(torch.load(dest / rng_name, map_location="cpu", weights_only=False))
+        loaded = self._read_files(uri, dest, heavy, rng_name)
+        model_state.restore_weights(loaded.get("weights"))
+        model_state.restore_optimizer(loaded.get("optimizer"))
+        try:
+            scheduler.load_state_dict(loaded["scheduler"])
+            if scaler is not None and "scaler" in loaded:
+                scaler.load_state_dict(loaded["scaler"])
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{uri}: the scheduler or scaler state does not fit this run ({type(e).__name__}): the checkpoint is corrupt") from None
+        if "rng" in loaded:
+            set_rng_state(loaded["rng"])
         else:
             log.warning("%s has no RNG state for rank %d (it was written by fewer ranks): this rank's dropout stream starts fresh", uri, self.dist.rank)
         state = json.loads((dest / TRAINER_STATE).read_text())
         state.setdefault("world_size", manifest.get("world_size"))
         shutil.rmtree(dest, ignore_errors=True)
         return state
+
+    def _read_files(self, uri: str, dest: Path, heavy: list[str], rng_name: str) -> dict[str, Any]:
+        """Every downloaded file of a checkpoint, deserialised without unpickling anything (safetensors
+        for weights, :func:`safe_load` for the rest); raises CheckpointError naming the file refused."""
+        from safetensors.torch import load_file
+
+        where = lambda name: self.join(uri, name)  # noqa: E731
+        loaded: dict[str, Any] = {}
+        if (dest / heavy[0]).exists():
+            try:
+                loaded["weights"] = load_file(str(dest / heavy[0]))
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{where(heavy[0])} is not a readable safetensors file ({type(e).__name__}): the checkpoint is corrupt") from None
+            loaded["optimizer"] = safe_load(dest / heavy[1], where(heavy[1]))
+        loaded["scheduler"] = safe_load(dest / "scheduler.pt", where("scheduler.pt"))
+        if (dest / "scaler.pt").exists():
+            loaded["scaler"] = safe_load(dest / "scaler.pt", where("scaler.pt"))
+        if (dest / rng_name).exists():
+            loaded["rng"] = _rng_from_file(dest / rng_name, where(rng_name))
+        return loaded
 
     def load_weights(self, uri: str, model_state: Any) -> None:
         """Only the weights (used to put the best checkpoint back before the final test/export); collective under FSDP."""

@@ -110,6 +110,8 @@ def load_tokenizer(model_dir: str, spec: FineTuneJobSpec) -> Any:
 def _load_failure(uri: str, what: str, e: Exception) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     hint = " (hf:// ids are fetched from the Hugging Face hub and need network from the pods; copy the model to S3 and use s3://)" if uri.startswith("hf://") else ""
+    if "trust_remote_code" in str(e):  # the folder's own Python code is needed: say which switch, and what it costs
+        hint += " (it ships its own Python code; set spec.model.trustRemoteCode: true only if you trust whoever can write it: that code runs in every training pod, see SECURITY.md)"
     return f"cannot load the {what} from {uri}: {first[:300]}{hint}"
 
 
