@@ -27,6 +27,7 @@ from finetune_api.validation import validation_message
 from finetune_operator import kube, metrics
 from finetune_operator.builders import CREDENTIAL_KEYS, Owner, build_config_map, build_job, build_service
 from finetune_operator.config import OperatorConfig
+from finetune_operator.networkpolicy import build_network_policy
 from finetune_operator.progress import ProgressReader, project, secret_values
 from finetune_operator.state import Observed, Plan, decide, may_create_job
 from finetune_operator.views import JobView, PodView
@@ -201,6 +202,8 @@ def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Plan, confi
         owner = _owner(body)
         kube.create_if_absent(build_service(owner))
         kube.create_if_absent(build_config_map(owner, spec))
+        if config.defaults.network_policy:
+            kube.create_if_absent(build_network_policy(owner, spec, config.defaults))
         kube.create_if_absent(build_job(owner, spec, plan.create_job, config.defaults))
     if plan.delete_self:
         kube.delete_finetunejob(ns, name)

@@ -43,6 +43,10 @@ def _batch() -> client.BatchV1Api:
     return client.BatchV1Api(api_client())
 
 
+def _networking() -> client.NetworkingV1Api:
+    return client.NetworkingV1Api(api_client())
+
+
 def _custom() -> client.CustomObjectsApi:
     return client.CustomObjectsApi(api_client())
 
@@ -55,6 +59,7 @@ def create_if_absent(obj: dict[str, Any]) -> bool:
         "Service": _core().create_namespaced_service,
         "ConfigMap": _core().create_namespaced_config_map,
         "Job": _batch().create_namespaced_job,
+        "NetworkPolicy": _networking().create_namespaced_network_policy,
     }[kind]
     try:
         create(ns, obj)

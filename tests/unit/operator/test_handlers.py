@@ -6,7 +6,7 @@ import json
 import pytest
 
 from finetune_operator import handlers, kube
-from finetune_operator.config import OperatorConfig
+from finetune_operator.config import OperatorConfig, OperatorDefaults
 from finetune_operator.progress import ProgressReader
 from finetune_operator.views import JobView, PodView
 
@@ -68,8 +68,18 @@ def test_usable_secret_creates_the_attempts_children(fake, tmp_path):
     fake.keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     reconcile(body(tmp_path, storage={"credentialsSecret": {"name": "s3"}}))
     created = [args[0] for args in fake.named("create_if_absent")]
-    assert [(o["kind"], o["metadata"]["name"]) for o in created] == [("Service", "ft"), ("ConfigMap", "ft-config"), ("Job", "ft-0")]
+    # the NetworkPolicy exists before the Job's pods do
+    assert [(o["kind"], o["metadata"]["name"]) for o in created] == [
+        ("Service", "ft"), ("ConfigMap", "ft-config"), ("NetworkPolicy", "ft-pods"), ("Job", "ft-0")]
     assert fake.named("patch_status")[0][2]["phase"] == "Pending"
+
+
+def test_no_network_policy_when_the_chart_turns_it_off(fake, tmp_path, monkeypatch):
+    fake.keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    off = OperatorConfig(instance="op-0", defaults=OperatorDefaults(network_policy=False))
+    handlers.reconcile(body(tmp_path, storage={"credentialsSecret": {"name": "s3"}}), jobs=[], pods=[], config=off, handler="test")
+    kinds = [args[0]["kind"] for args in fake.named("create_if_absent")]
+    assert kinds == ["Service", "ConfigMap", "Job"]
 
 
 def test_a_running_job_reads_no_secret(fake, tmp_path):
@@ -106,4 +116,4 @@ def test_a_conflict_rereads_the_object_and_decides_again(fake, tmp_path, monkeyp
     monkeypatch.setattr(kube, "get_finetunejob", lambda ns, name: fresh)
     reconcile(body(tmp_path))
     assert attempts == ["7", "8"]
-    assert len(fake.named("create_if_absent")) == 3  # executed once, for the fresh object
+    assert len(fake.named("create_if_absent")) == 4  # executed once, for the fresh object (Service, ConfigMap, NetworkPolicy, Job)
