@@ -24,6 +24,11 @@ class OperatorDefaults:
     image_pull_policy: str = "IfNotPresent"
     termination_grace_seconds: int = 300
     metrics_port: int = METRICS_PORT
+    # Give each job a NetworkPolicy (finetune_operator.networkpolicy): only its own pods reach its
+    # rendezvous and collective ports; the metrics ports are open to the namespaces selected below.
+    network_policy: bool = True
+    # matchLabels of the namespaces whose pods may scrape the training pods' metrics; empty: all.
+    metrics_from_namespaces: tuple[tuple[str, str], ...] = ()
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -34,6 +39,30 @@ def _int(environ: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError as exc:
         raise SystemExit(f"environment variable {name} must be an integer, got {raw!r}") from exc
+
+
+def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"environment variable {name} must be true or false, got {raw!r}")
+
+
+def _labels(environ: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...]:
+    """``key=value,key=value`` (a label selector's matchLabels) as sorted pairs."""
+    pairs = []
+    for item in (part.strip() for part in environ.get(name, "").split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"environment variable {name} must be key=value pairs separated by commas, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(sorted(pairs))
 
 
 def _float(environ: Mapping[str, str], name: str, default: float) -> float:
@@ -86,6 +115,8 @@ class OperatorConfig:
             trainer_image=env.get("FINETUNE_TRAINER_IMAGE", OperatorDefaults.trainer_image),
             image_pull_policy=env.get("FINETUNE_TRAINER_PULL_POLICY", OperatorDefaults.image_pull_policy),
             termination_grace_seconds=_int(env, "FINETUNE_TERMINATION_GRACE_SECONDS", OperatorDefaults.termination_grace_seconds),
+            network_policy=_bool(env, "FINETUNE_NETWORK_POLICY", OperatorDefaults.network_policy),
+            metrics_from_namespaces=_labels(env, "FINETUNE_METRICS_FROM_NAMESPACES"),
         )
         return cls(
             namespaces=namespaces,

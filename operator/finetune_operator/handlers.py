@@ -27,6 +27,7 @@ from finetune_api.validation import validation_message
 from finetune_operator import kube, metrics
 from finetune_operator.builders import CREDENTIAL_KEYS, Owner, build_config_map, build_job, build_service, config_map_name, job_name, service_name
 from finetune_operator.config import OperatorConfig
+from finetune_operator.networkpolicy import build_network_policy, network_policy_name
 from finetune_operator.progress import ProgressReader, project, secret_values
 from finetune_operator.state import Observed, Plan, decide, may_create_job
 from finetune_operator.views import JobView, PodView, foreign_owner, owned
@@ -167,7 +168,7 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
     progress = _reader(config).read(meta["uid"], meta["namespace"], spec) if spec is not None and active else None
     creating = spec is not None and may_create_job(status, spec, jobs)
     secret_problem = check_secret(meta["namespace"], spec) if spec is not None and creating else None
-    conflict = name_conflict(_owner(body), int(status.get("attempt") or 0)) if creating else None
+    conflict = name_conflict(_owner(body), int(status.get("attempt") or 0), network_policy=config.defaults.network_policy) if creating else None
     return Observed(
         name=meta["name"],
         namespace=meta["namespace"],
@@ -185,11 +186,14 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
     )
 
 
-def name_conflict(owner: Owner, attempt: int) -> str | None:
+def name_conflict(owner: Owner, attempt: int, *, network_policy: bool = False) -> str | None:
     """Whether an object we do not control holds a name the attempt's children need (three GETs, made
     only when a Job may be created): the Job index holds only labelled Jobs, and a Service or
     ConfigMap of ours is not watched at all."""
-    for kind, name in (("Service", service_name(owner)), ("ConfigMap", config_map_name(owner)), ("Job", job_name(owner, attempt))):
+    children = [("Service", service_name(owner)), ("ConfigMap", config_map_name(owner)), ("Job", job_name(owner, attempt))]
+    if network_policy:
+        children.insert(2, ("NetworkPolicy", network_policy_name(owner)))
+    for kind, name in children:
         meta = kube.read_meta(kind, owner.namespace, name)
         who = foreign_owner(meta, owner.uid) if meta is not None else None
         if who:
@@ -227,6 +231,8 @@ def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Plan, confi
         owner = _owner(body)
         kube.create_owned(build_service(owner), owner.uid)
         kube.create_owned(build_config_map(owner, spec), owner.uid)
+        if config.defaults.network_policy:  # before the Job, so its pods never run unprotected
+            kube.create_owned(build_network_policy(owner, spec, config.defaults), owner.uid)
         kube.create_owned(build_job(owner, spec, plan.create_job, config.defaults), owner.uid)
     if plan.delete_self:
         kube.delete_finetunejob(ns, name)

@@ -45,6 +45,10 @@ def _batch() -> client.BatchV1Api:
     return client.BatchV1Api(api_client())
 
 
+def _networking() -> client.NetworkingV1Api:
+    return client.NetworkingV1Api(api_client())
+
+
 def _custom() -> client.CustomObjectsApi:
     return client.CustomObjectsApi(api_client())
 
@@ -78,6 +82,7 @@ _READ = {
     "Service": lambda name, ns: _core().read_namespaced_service(name, ns),
     "ConfigMap": lambda name, ns: _core().read_namespaced_config_map(name, ns),
     "Job": lambda name, ns: _batch().read_namespaced_job(name, ns),
+    "NetworkPolicy": lambda name, ns: _networking().read_namespaced_network_policy(name, ns),
 }
 
 
@@ -102,6 +107,7 @@ def create_owned(obj: dict[str, Any], uid: str) -> bool:
         "Service": _core().create_namespaced_service,
         "ConfigMap": _core().create_namespaced_config_map,
         "Job": _batch().create_namespaced_job,
+        "NetworkPolicy": _networking().create_namespaced_network_policy,
     }[kind]
     try:
         create(ns, obj)

@@ -50,6 +50,8 @@ NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
     ("", "configmaps"): {"get", "list", "watch", "create", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "secrets"): {"get"},
+    # kube.create_owned(build_network_policy(...)) and its ownership check; the garbage collector deletes it
+    ("networking.k8s.io", "networkpolicies"): {"get", "create"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
@@ -258,6 +260,7 @@ def test_deployment_container(helm: str) -> None:
         "FINETUNE_TRAINER_IMAGE": f"{values['trainer']['image']['repository']}:{app_version}",
         "FINETUNE_TRAINER_PULL_POLICY": "IfNotPresent",
         "FINETUNE_TERMINATION_GRACE_SECONDS": "300",
+        "FINETUNE_NETWORK_POLICY": "true",
         "FINETUNE_RESYNC_SECONDS": "10",
         "FINETUNE_METRICS_PORT": "8080",
         "FINETUNE_LOG_LEVEL": "INFO",
@@ -298,6 +301,15 @@ def test_deployment_values_flow_through(helm: str) -> None:
     assert env["FINETUNE_RESYNC_SECONDS"] == "30"
     assert env["EXTRA"] == "1"
     assert pod["nodeSelector"] == {"pool": "system"}
+
+
+def test_network_policy_values_reach_the_operator(helm: str) -> None:
+    env = env_of(render(helm, {"trainer": {"networkPolicy": {"enabled": False, "metricsFrom": {"team": "obs", "kubernetes.io/metadata.name": "monitoring"}}}}))
+    assert env["FINETUNE_NETWORK_POLICY"] == "false"
+    # sorted by key, the format finetune_operator.config reads
+    assert env["FINETUNE_METRICS_FROM_NAMESPACES"] == "kubernetes.io/metadata.name=monitoring,team=obs"
+    proc = render_raw(helm, {"trainer": {"networkPolicy": {"metricsFrom": {"bad key!": "x"}}}})
+    assert proc.returncode != 0 and "schema" in proc.stderr, proc.stderr
     assert pod["tolerations"][0]["key"] == "dedicated"
     assert "nodeAffinity" in pod["affinity"]
     assert pod["priorityClassName"] == "system-cluster-critical"
@@ -332,12 +344,13 @@ def test_clusterrole_has_exactly_the_operator_rules(helm: str) -> None:
     assert pod.get("automountServiceAccountToken", True) is True, "the operator talks to the API server"
 
 
-_API_GROUPS = {"_core": "", "_batch": "batch", "_custom": api.API_GROUP}
+_API_GROUPS = {"_core": "", "_batch": "batch", "_networking": "networking.k8s.io", "_custom": api.API_GROUP}
 _VERBS = {"read": "get", "get": "get", "list": "list", "create": "create", "patch": "patch", "replace": "update", "delete": "delete"}
 _RESOURCES = {
     "service": "services",
     "config_map": "configmaps",
     "job": "jobs",
+    "network_policy": "networkpolicies",
     "pod": "pods",
     "pod_log": "pods/log",
     "secret": "secrets",
@@ -351,7 +364,8 @@ def test_rbac_covers_every_api_call_of_the_operator() -> None:
     """Every direct API call in operator/finetune_operator (through the kube.py wrappers' `_core()`,
     `_batch()`, `_custom()` clients) must be granted, or it fails with 403 only in a real cluster."""
     source = "\n".join(p.read_text() for p in sorted((REPO / "operator" / "finetune_operator").glob("*.py")))
-    calls = set(re.findall(r"\b(_core|_batch|_custom)\(\)\.(\w+)\(", source))
+    # Called or referenced (kube.create_owned and read_meta pick their methods from dicts).
+    calls = set(re.findall(r"\b(_core|_batch|_networking|_custom)\(\)\.(\w+)\b", source))
     assert calls, "found no API calls to check; has kube.py changed shape?"
     granted = {**CLUSTER_RULES, **NAMESPACED_RULES}
     for client_fn, method in sorted(calls):

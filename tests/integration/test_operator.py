@@ -74,6 +74,9 @@ def test_create_makes_headless_service_and_indexed_job_per_rank(kubectl, operato
     assert svc["spec"]["clusterIP"] == "None"
     cm = kubectl.get("configmap", "ddp-config", namespace)
     assert "kind: FineTuneJob" in cm["data"]["job.yaml"]
+    policy = kubectl.get("networkpolicy", "ddp-pods", namespace)  # created with the chart's RBAC
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == owner["uid"]
+    assert policy["spec"]["podSelector"]["matchLabels"]["finetune.io/job"] == "ddp"
 
     pods = running_pods(kubectl, namespace, "ddp", 0, 2)
     # each rank is one pod with its own completion index, on a fake GPU node
@@ -133,7 +136,7 @@ def test_deleting_the_job_garbage_collects_children(kubectl, operator, namespace
     kubectl.create(ftj("gone", namespace))
     running_pods(kubectl, namespace, "gone", 0, 1)
     kubectl.run("delete", "ftj", "gone", "-n", namespace, "--wait=true", timeout=60)
-    for kind, name in (("job", "gone-0"), ("service", "gone"), ("configmap", "gone-config")):
+    for kind, name in (("job", "gone-0"), ("service", "gone"), ("configmap", "gone-config"), ("networkpolicy", "gone-pods")):
         wait_for(f"{kind} {name} collected", lambda: kubectl.get(kind, name, namespace) is None, timeout=60)
     wait_for("pods collected", lambda: pods_of(kubectl, namespace, "gone") == [], timeout=60)
 

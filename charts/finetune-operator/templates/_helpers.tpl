@@ -102,6 +102,10 @@ Each rule lists exactly the verbs the operator uses; no wildcards.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+# One NetworkPolicy per FineTuneJob (trainer.networkPolicy.enabled): who may reach its pods.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create"]
 # Validate that storage.credentialsSecret exists and has the expected keys, and read progress.json
 # from the job's S3 output with it (values stay in memory: never logged, never in status).
 - apiGroups: [""]
@@ -135,4 +139,16 @@ Checks the schema cannot express. Included from the Deployment so it runs on eve
 {{- if gt (int .Values.replicaCount) 1 }}
 {{- fail "replicaCount: the operator runs standalone (no Kopf peering); use 1, or 0 to pause it" }}
 {{- end }}
+{{- end }}
+
+{{/*
+A matchLabels map as the operator's FINETUNE_METRICS_FROM_NAMESPACES: key=value pairs, comma-separated,
+sorted by key (so the Deployment does not change between renders).
+*/}}
+{{- define "finetune-operator.matchLabelsEnv" -}}
+{{- $pairs := list }}
+{{- range $k := keys . | sortAlpha }}
+{{- $pairs = append $pairs (printf "%s=%s" $k (index $ $k)) }}
+{{- end }}
+{{- join "," $pairs }}
 {{- end }}

@@ -104,6 +104,18 @@ def test_config_from_env_reads_every_setting():
     assert OperatorConfig.from_env({}) == OperatorConfig()
 
 
+def test_config_reads_the_network_policy_settings():
+    config = OperatorConfig.from_env({"FINETUNE_NETWORK_POLICY": "false",
+                                      "FINETUNE_METRICS_FROM_NAMESPACES": "team=obs, kubernetes.io/metadata.name=monitoring"})
+    assert config.defaults.network_policy is False
+    assert config.defaults.metrics_from_namespaces == (("kubernetes.io/metadata.name", "monitoring"), ("team", "obs"))
+    assert OperatorConfig.from_env({}).defaults.network_policy is True
+    with pytest.raises(SystemExit, match="FINETUNE_NETWORK_POLICY must be true or false, got 'maybe'"):
+        OperatorConfig.from_env({"FINETUNE_NETWORK_POLICY": "maybe"})
+    with pytest.raises(SystemExit, match="FINETUNE_METRICS_FROM_NAMESPACES must be key=value pairs"):
+        OperatorConfig.from_env({"FINETUNE_METRICS_FROM_NAMESPACES": "monitoring"})
+
+
 def test_config_names_the_bad_variable():
     with pytest.raises(SystemExit, match="FINETUNE_PROGRESS_INTERVAL must be a number, got 'soon'"):
         OperatorConfig.from_env({"FINETUNE_PROGRESS_INTERVAL": "soon"})

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from finetune_operator import handlers, kube
-from finetune_operator.config import OperatorConfig
+from finetune_operator.config import OperatorConfig, OperatorDefaults
 from finetune_operator.progress import ProgressReader
 from finetune_operator.views import JobView, PodView
 
@@ -70,8 +70,18 @@ def test_usable_secret_creates_the_attempts_children(fake, tmp_path):
     fake.keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     reconcile(body(tmp_path, storage={"credentialsSecret": {"name": "s3"}}))
     created = [args[0] for args in fake.named("create_owned")]
-    assert [(o["kind"], o["metadata"]["name"]) for o in created] == [("Service", "ft"), ("ConfigMap", "ft-config"), ("Job", "ft-0")]
+    # the NetworkPolicy exists before the Job's pods do
+    assert [(o["kind"], o["metadata"]["name"]) for o in created] == [
+        ("Service", "ft"), ("ConfigMap", "ft-config"), ("NetworkPolicy", "ft-pods"), ("Job", "ft-0")]
     assert fake.named("patch_status")[0][2]["phase"] == "Pending"
+
+
+def test_no_network_policy_when_the_chart_turns_it_off(fake, tmp_path, monkeypatch):
+    fake.keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    off = OperatorConfig(instance="op-0", defaults=OperatorDefaults(network_policy=False))
+    handlers.reconcile(body(tmp_path, storage={"credentialsSecret": {"name": "s3"}}), jobs=[], pods=[], config=off, handler="test")
+    kinds = [args[0]["kind"] for args in fake.named("create_owned")]
+    assert kinds == ["Service", "ConfigMap", "Job"]
 
 
 def test_a_running_job_reads_no_secret(fake, tmp_path):
@@ -108,7 +118,7 @@ def test_a_conflict_rereads_the_object_and_decides_again(fake, tmp_path, monkeyp
     monkeypatch.setattr(kube, "get_finetunejob", lambda ns, name: fresh)
     reconcile(body(tmp_path))
     assert attempts == ["7", "8"]
-    assert len(fake.named("create_owned")) == 3  # executed once, for the fresh object
+    assert len(fake.named("create_owned")) == 4  # executed once, for the fresh object (Service, ConfigMap, NetworkPolicy, Job)
 
 
 def test_children_of_another_uid_are_not_adopted(fake, tmp_path):
@@ -120,6 +130,14 @@ def test_children_of_another_uid_are_not_adopted(fake, tmp_path):
     assert (patch["phase"], patch["reason"]) == ("Pending", "ChildNameConflict")
     assert "Job ft-0 already exists and is controlled by FineTuneJob ft (uid u-old)" in patch["message"]
     assert fake.named("create_owned") == [] and fake.named("delete_job") == []
+
+
+def test_a_foreign_network_policy_with_our_name_is_a_name_conflict(fake, tmp_path):
+    fake.existing[("NetworkPolicy", "ft-pods")] = {"name": "ft-pods"}  # not ours: no owner at all
+    reconcile(body(tmp_path))
+    [(_, _, patch, _)] = fake.named("patch_status")
+    assert (patch["phase"], patch["reason"]) == ("Pending", "ChildNameConflict")
+    assert "NetworkPolicy ft-pods" in patch["message"] and fake.named("create_owned") == []
 
 
 def test_a_foreign_pod_with_our_labels_and_a_failure_message_is_ignored(fake, tmp_path):
@@ -146,7 +164,7 @@ def test_a_rejected_child_ends_in_failed_with_the_servers_message(fake, tmp_path
     monkeypatch.setattr(kube, "create_owned", create_owned)
     monkeypatch.setattr(kube, "get_finetunejob", lambda ns, name: body(tmp_path, {"phase": "Pending", "reason": "JobCreated", "attempt": 0, "jobName": "ft-0"}))
     reconcile(body(tmp_path))
-    assert created == ["Service", "ConfigMap", "Job"]  # tried once, not again
+    assert created == ["Service", "ConfigMap", "NetworkPolicy", "Job"]  # tried once, not again
     first, last = [patch for _, _, patch, _ in fake.named("patch_status")]
     assert first["phase"] == "Pending"
     assert (last["phase"], last["reason"]) == ("Failed", "ChildRejected")
