@@ -1,12 +1,14 @@
 """The output claim (issue 9 §5): a marker object at the root of spec.output.uri naming the
-FineTuneJob, by uid, that writes there.
+FineTuneJob (namespace, name, and the uid that first claimed it) that writes there.
 
 The trainer deletes old checkpoints and resumes from the newest one under its output, so two jobs
 pointed at one prefix would delete or resume each other's. The first job claims the prefix before
-anything is read or written there; every attempt of the same job finds its own uid and goes on; a job
-with another uid stops with ``OutputClaimed`` (permanent), naming the owner and how to free the
-prefix. A FineTuneJob deleted and re-created under the same name has a new uid, so it too must
-delete the marker (or pick another output) to continue from the old checkpoints.
+anything is read or written there; every attempt of the same job goes on; any other FineTuneJob (another
+name, or the same name in another namespace) stops with ``OutputClaimed`` (permanent), naming the owner
+and how to free the prefix. The claim is by namespace/name, not by uid: a FineTuneJob deleted and
+re-created under the same name (``kubectl delete -f job.yaml && kubectl apply -f job.yaml``) is the
+same training run to its owner and continues from its checkpoints, as a restart would; the namespace is
+the tenancy boundary, so no other tenant can take the prefix over that way.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ def claim_output(storage: Storage, output_uri: str, owner: dict[str, str]) -> di
 
     The trainer deletes old checkpoints and resumes from the newest one under its output: a second
     job pointed at the same prefix would delete or resume the first one's. So the first job writes a
-    marker with its uid, every attempt of the same job finds its own uid and goes on, and a job with
-    another uid stops with :class:`OutputClaimed`. The marker is written only when absent (a
+    marker with its namespace, name and uid; every attempt of the same job (and the same
+    namespace/name re-created) goes on, and any other job stops with :class:`OutputClaimed`. The marker is written only when absent (a
     conditional put on S3, an exclusive create on a filesystem) and read back, so of two jobs starting
     together exactly one wins."""
     marker = join(output_uri, CLAIM_MARKER)
@@ -40,11 +42,11 @@ def claim_output(storage: Storage, output_uri: str, owner: dict[str, str]) -> di
     if claim is None:
         _create_claim(storage, marker, {**owner, "claimedAt": _utc_now()})
         claim = _read_claim(storage, marker) or {}
-    if claim.get("uid") != owner["uid"]:
+    if (claim.get("namespace"), claim.get("name")) != (owner["namespace"], owner["name"]):
         who = f"FineTuneJob {claim.get('namespace', '?')}/{claim.get('name', '?')} (uid {claim.get('uid', '?')})"
         raise OutputClaimed(
             f"spec.output.uri {output_uri} belongs to {who} since {claim.get('claimedAt', '?')}; this job "
-            f"(uid {owner['uid']}) would delete or resume its checkpoints. Use another output.uri, or delete "
+            f"({owner['namespace']}/{owner['name']}) would delete or resume its checkpoints. Use another output.uri, or delete "
             f"{marker} if that job and its results are no longer wanted."
         )
     return claim

@@ -1,4 +1,4 @@
-"""A job claims its output with its uid (issue 9 §5): a second job on the same output fails with
+"""A job claims its output by namespace/name (issue 9 §5): a second job on the same output fails with
 OutputClaimed instead of deleting or resuming the first one's checkpoints. On local paths and S3 (moto)."""
 
 from __future__ import annotations
@@ -83,6 +83,10 @@ def test_the_pod_claims_with_the_uid_the_operator_sets(tmp_path, monkeypatch):
     monkeypatch.setenv(pod_env.JOB_UID, "uid-9")
     monkeypatch.setenv(pod_env.NAMESPACE, "ns")
     assert claim_output_from_env(config)["uid"] == "uid-9"
+    # the same namespace/name deleted and re-created (a new uid) is the same run: it goes on
     monkeypatch.setenv(pod_env.JOB_UID, "uid-10")
+    assert claim_output_from_env(config)["uid"] == "uid-9"
+    # the same name in another namespace is another tenant's job
+    monkeypatch.setenv(pod_env.NAMESPACE, "other-team")
     with pytest.raises(OutputClaimed, match="FineTuneJob ns/ft"):
         claim_output_from_env(config)
