@@ -95,6 +95,10 @@ class FineTuneJobStatus(_Model):
         json_schema_extra={"format": "date-time"},
     )
     progress: Progress | None = Field(default=None, description="Training progress reported by the trainer.")
+    progress_problem: str | None = Field(
+        default=None, max_length=4096,
+        description="Why the operator could not read the trainer's progress document (progress.json) the last time it tried; unset once a read succeeds. Progress in status is then the last good reading.",
+    )
     latest_checkpoint: str | None = Field(default=None, description="URI of the newest complete checkpoint.")
     checkpoints: list[CheckpointRef] | None = Field(default=None, description="The most recent complete checkpoints.")
     model_uri: str | None = Field(default=None, description="Where the final model was written.")

@@ -28,7 +28,7 @@ from finetune_operator import kube, metrics
 from finetune_operator.builders import CREDENTIAL_KEYS, Owner, build_config_map, build_job, build_service, config_map_name, job_name, service_name
 from finetune_operator.config import OperatorConfig
 from finetune_operator.networkpolicy import build_network_policy, network_policy_name
-from finetune_operator.progress import ProgressReader, project, secret_values
+from finetune_operator.progress import ProgressReader, endpoint_allowed, endpoint_refusal, project, secret_values
 from finetune_operator.state import Observed, Plan, decide, may_create_job
 from finetune_operator.views import JobView, PodView, foreign_owner, owned
 
@@ -182,8 +182,16 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
         progress=progress,
         name_conflict=conflict,
         create_rejected=rejected,
+        endpoint_refused=_endpoint_refused(spec, config) if creating else None,
+        progress_problem=_reader(config).problem(meta["uid"]) if spec is not None and active else None,
         timing=config.timing,
     )
+
+
+def _endpoint_refused(spec: FineTuneJobSpec | None, config: OperatorConfig) -> str | None:
+    if spec is None or endpoint_allowed(spec.storage.endpoint, config.allowed_endpoints):
+        return None
+    return endpoint_refusal(spec.storage.endpoint, config.allowed_endpoints)
 
 
 def name_conflict(owner: Owner, attempt: int, *, network_policy: bool = False) -> str | None:

@@ -60,6 +60,12 @@ class Observed:
     # The API server refused to create one of the attempt's children (400/413/422), in its own words:
     # the same object would be refused again, so the job fails instead of retrying silently.
     create_rejected: str | None = None
+    # storage.endpoint is outside the chart's storage.allowedEndpoints (progress.endpoint_allowed): the
+    # operator will not contact it, so the job is refused before a pod starts. The refusal, in words.
+    endpoint_refused: str | None = None
+    # Why the last read of the trainer's progress failed (progress.ProgressReader.problem), shown in
+    # status.progressProblem while the job is active; None once a read succeeds.
+    progress_problem: str | None = None
     timing: Timing = field(default_factory=Timing)  # the operator's time limits (pod start, restart backoff)
     now: datetime = field(default_factory=now_utc)
 
@@ -173,8 +179,13 @@ def _start(obs: Observed) -> Plan:
     status["observedGeneration"] = obs.generation
     status.setdefault("attempt", 0)
     status.setdefault("restarts", 0)
-    if obs.progress is not None and obs.status.get("phase") not in TERMINAL_PHASES:
-        status.update(project_progress(obs.progress))
+    if obs.status.get("phase") not in TERMINAL_PHASES:
+        if obs.progress is not None:
+            status.update(project_progress(obs.progress))
+        if obs.progress_problem:
+            status["progressProblem"] = obs.progress_problem
+        else:
+            status.pop("progressProblem", None)
     return Plan(status=status)
 
 
@@ -266,6 +277,8 @@ def _to_create(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) 
     plan.status.pop("nextRestartTime", None)
     if obs.create_rejected:
         return _fail(obs, plan, "ChildRejected", f"{obs.create_rejected} (fix the spec and re-create the FineTuneJob)", last_word=False)
+    if obs.endpoint_refused:
+        return _fail(obs, plan, "EndpointNotAllowed", obs.endpoint_refused, last_word=False)
     if obs.secret_problem:  # no Job of this attempt ran, so there is no last word to read
         return _fail(obs, plan, *obs.secret_problem, last_word=False)
     if obs.name_conflict:

@@ -210,3 +210,14 @@ def test_create_owned_accepts_409_only_for_what_we_control(monkeypatch):
     monkeypatch.setattr(kube, "_batch", lambda: _Api(_api_error(409, "exists"), theirs))
     with pytest.raises(kube.ForeignChild, match=r"controlled by FineTuneJob ft \(uid u-old\)"):
         kube.create_owned(JOB, "u-1")
+
+
+def test_the_allow_list_refuses_a_job_whose_endpoint_is_not_on_it(fake, tmp_path):
+    fake.keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    strict = OperatorConfig(instance="op-0", allowed_endpoints=("https://s3.internal:9000",))
+    handlers.reconcile(body(tmp_path, storage={"endpoint": "http://169.254.169.254", "credentialsSecret": {"name": "s3"}}),
+                       jobs=[], pods=[], config=strict, handler="test")
+    [(_, _, patch, _)] = fake.named("patch_status")
+    assert (patch["phase"], patch["reason"]) == ("Failed", "EndpointNotAllowed")
+    assert "http://169.254.169.254" in patch["message"] and "storage.allowedEndpoints" in patch["message"]
+    assert fake.named("create_owned") == []

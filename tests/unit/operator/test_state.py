@@ -289,3 +289,21 @@ def test_a_failed_group_waits_out_its_backoff_before_the_next_attempt():
     assert (waiting.status["phase"], waiting.status["message"]) == ("Restarting", failed.status["message"])
     due = decide(obs(failed.status, timing=timing, now=NOW + timedelta(seconds=40)))
     assert due.create_job == 1 and "nextRestartTime" not in due.status
+
+
+def test_an_endpoint_outside_the_allow_list_fails_before_any_pod_starts():
+    plan = decide(obs(endpoint_refused="storage.endpoint http://10.0.0.1 is not one of the operator's allowed storage endpoints"))
+    assert (plan.status["phase"], plan.status["reason"]) == ("Failed", "EndpointNotAllowed")
+    assert "http://10.0.0.1" in plan.status["message"]
+    assert plan.create_job is None and plan.read_final_progress is False
+    assert plan.events[0][:2] == ("Warning", "EndpointNotAllowed")
+
+
+def test_a_progress_problem_is_shown_while_active_and_cleared_by_a_good_read():
+    running = {"phase": "Running", "reason": "PodsRunning", "attempt": 0, "restarts": 0, "jobName": "ft-0"}
+    pods = [PodView("ft-0-0", 0, 0, "Running")]
+    plan = decide(obs(running, jobs=[running_job()], pods=pods, progress_problem="progress.json: body over 1048576 bytes"))
+    assert plan.status["progressProblem"] == "progress.json: body over 1048576 bytes"
+    assert plan.status["phase"] == "Running", "an unreadable progress document does not change the phase"
+    cleared = decide(obs({**running, "progressProblem": "old"}, jobs=[running_job()], pods=pods))
+    assert "progressProblem" not in cleared.status
