@@ -260,6 +260,9 @@ def test_deployment_container(helm: str) -> None:
         "FINETUNE_TRAINER_IMAGE": f"{values['trainer']['image']['repository']}:{app_version}",
         "FINETUNE_TRAINER_PULL_POLICY": "IfNotPresent",
         "FINETUNE_TERMINATION_GRACE_SECONDS": "300",
+        "FINETUNE_POD_START_TIMEOUT_SECONDS": "600",
+        "FINETUNE_RESTART_BACKOFF_SECONDS": "20",
+        "FINETUNE_RESTART_BACKOFF_MAX_SECONDS": "600",
         "FINETUNE_NETWORK_POLICY": "true",
         "FINETUNE_RESYNC_SECONDS": "10",
         "FINETUNE_METRICS_PORT": "8080",
@@ -301,6 +304,22 @@ def test_deployment_values_flow_through(helm: str) -> None:
     assert env["FINETUNE_RESYNC_SECONDS"] == "30"
     assert env["EXTRA"] == "1"
     assert pod["nodeSelector"] == {"pool": "system"}
+    assert pod["tolerations"][0]["key"] == "dedicated"
+    assert "nodeAffinity" in pod["affinity"]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]["team"] == "ml"
+    service = one(docs, "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+def test_timing_values_reach_the_operator(helm: str) -> None:
+    from finetune_operator.config import OperatorConfig
+
+    env = env_of(render(helm, {"trainer": {"podStartTimeoutSeconds": 90, "restartBackoff": {"seconds": 5, "maxSeconds": 40}}}))
+    timing = OperatorConfig.from_env(env).timing
+    assert (timing.pod_start_timeout, timing.restart_backoff, timing.restart_backoff_max) == (90, 5, 40)
+    proc = render_raw(helm, {"trainer": {"podStartTimeoutSeconds": 0}})
+    assert proc.returncode != 0 and "schema" in proc.stderr, proc.stderr
 
 
 def test_network_policy_values_reach_the_operator(helm: str) -> None:
@@ -310,12 +329,6 @@ def test_network_policy_values_reach_the_operator(helm: str) -> None:
     assert env["FINETUNE_METRICS_FROM_NAMESPACES"] == "kubernetes.io/metadata.name=monitoring,team=obs"
     proc = render_raw(helm, {"trainer": {"networkPolicy": {"metricsFrom": {"bad key!": "x"}}}})
     assert proc.returncode != 0 and "schema" in proc.stderr, proc.stderr
-    assert pod["tolerations"][0]["key"] == "dedicated"
-    assert "nodeAffinity" in pod["affinity"]
-    assert pod["priorityClassName"] == "system-cluster-critical"
-    assert one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]["team"] == "ml"
-    service = one(docs, "Service")
-    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
 
 
 def test_metrics_service_selects_the_operator_pod(helm: str) -> None:
