@@ -26,7 +26,14 @@ def kubectl(cluster) -> Kubectl:
 @pytest.fixture(scope="session")
 def crd_installed(kubectl: Kubectl) -> None:
     kubectl.run("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    kubectl.run("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.io")
+    # Polled rather than `kubectl wait`: right after a create, .status.conditions is still null and
+    # `kubectl wait --for=condition=...` fails at once on that instead of waiting.
+    def established() -> bool:
+        crd = kubectl.get("crd", "finetunejobs.finetune.io") or {}
+        conditions = {c["type"]: c["status"] for c in (crd.get("status") or {}).get("conditions") or []}
+        return conditions.get("Established") == "True"
+
+    wait_for("the FineTuneJob CRD established", established, timeout=60)
     # discovery needs a moment after Established before `kubectl get ftj` resolves the short name
     wait_for("ftj short name", lambda: kubectl.run("get", "ftj", "-A", check=False).returncode == 0, timeout=30)
 
