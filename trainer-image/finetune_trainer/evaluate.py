@@ -31,6 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from finetune_api import metric_catalogue
+from finetune_api.metric_catalogue import Direction
+from finetune_api.spec import EarlyStopping as EarlyStoppingSpec
 from finetune_api.spec import RetentionSpec
 from finetune_trainer.errors import EmptyDataset, InvalidConfig, RetentionExceeded
 
@@ -40,7 +43,7 @@ ECE_BINS = 15
 # falling as T -> 0); clamping keeps the calibrated probabilities usable.
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 1e2
-GENERATION_METRICS = ("bleu", "rouge")
+GENERATION_METRICS = tuple(metric_catalogue.GENERATION_METRICS)  # the evaluation.metrics entries: bleu, rouge
 
 __all__ = [
     "ECE_BINS",
@@ -52,6 +55,7 @@ __all__ = [
     "fit_temperature",
     "gain",
     "generate_and_score",
+    "improves",
     "majority_baseline",
     "perplexity",
     "retention_check",
@@ -510,6 +514,19 @@ def majority_baseline(train_labels: list[int], eval_labels: list[int], num_label
 # --------------------------------------------------------------------------------------- early stopping
 
 
+def improves(value: float, best: float | None, direction: Direction, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` in ``direction`` (the first value always does).
+
+    The one comparison behind early stopping, best-checkpoint selection and the gain's verdict, so that
+    they can never disagree on which way is better. NaN never improves.
+    """
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best - min_delta if direction == "min" else value > best + min_delta
+
+
 class EarlyStopping:
     """Stop when ``metric`` has not improved by more than ``min_delta`` for ``patience`` evaluations in a row.
 
@@ -525,7 +542,7 @@ class EarlyStopping:
         if min_delta < 0:
             raise ValueError(f"min_delta must be non-negative, got {min_delta}")
         self.metric = metric
-        self.mode = mode
+        self.mode: Direction = "min" if mode == "min" else "max"
         self.patience = int(patience)
         self.min_delta = float(min_delta)
         self._best: float | None = None
@@ -533,10 +550,9 @@ class EarlyStopping:
         self._bad_evals = 0
 
     @classmethod
-    def from_spec(cls, spec: Any) -> "EarlyStopping":
-        """From ``spec.evaluation.early_stopping`` (the pydantic model of the same name)."""
-        mode = str(getattr(spec.mode, "value", spec.mode))  # a defaulted field is still the enum member
-        return cls(metric=spec.metric, mode=mode, patience=spec.patience, min_delta=spec.min_delta)
+    def from_spec(cls, spec: EarlyStoppingSpec) -> "EarlyStopping":
+        """From ``spec.evaluation.early_stopping``; its mode follows the metric's direction when unset."""
+        return cls(metric=spec.metric, mode=spec.direction, patience=spec.patience, min_delta=spec.min_delta)
 
     @property
     def best(self) -> float | None:
@@ -555,13 +571,7 @@ class EarlyStopping:
         return self._bad_evals >= self.patience
 
     def is_improvement(self, value: float) -> bool:
-        if math.isnan(value):
-            return False
-        if self._best is None:
-            return True
-        if self.mode == "min":
-            return value < self._best - self.min_delta
-        return value > self._best + self.min_delta
+        return improves(value, self._best, self.mode, self.min_delta)
 
     def update(self, value: float, step: int) -> bool:
         """Record one evaluation; True when ``value`` is the new best."""

@@ -12,14 +12,15 @@ import logging
 import os
 from typing import Any
 
+from finetune_api import metric_catalogue
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9400
 
-# Eval metrics exported as finetune_eval_<name> when present in an evaluation result.
-EVAL_METRICS = ("eval_loss", "perplexity", "token_accuracy", "accuracy", "precision_macro", "recall_macro", "f1_macro", "ece")
+# Eval metrics exported as finetune_eval{metric="<label>"} when present in an evaluation result (the metric table).
+EVAL_METRICS = {m.name: m.prometheus for m in metric_catalogue.exported() if m.prometheus}
 DATA_COUNTERS = ("rows_read", "rows_kept", "rows_removed", "malformed", "exact_duplicates", "near_duplicates", "pii_redacted", "leakage")
 
 
@@ -116,10 +117,10 @@ class TrainerMetrics:
             self._l(self.gpu_memory_peak).set(torch.cuda.max_memory_allocated())
 
     def on_eval(self, result: dict[str, Any], *, best_name: str | None = None, best: float | None = None) -> None:
-        for name in EVAL_METRICS:
+        for name, label in EVAL_METRICS.items():
             value = result.get(name)
             if isinstance(value, (int, float)):
-                self._l(self.eval, metric=name).set(float(value))
+                self._l(self.eval, metric=label).set(float(value))
         if best_name and best is not None:
             self._l(self.best_metric, metric=best_name).set(best)
 

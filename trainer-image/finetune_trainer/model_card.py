@@ -18,41 +18,17 @@ from typing import Any
 
 import yaml
 
-from finetune_api.spec import FineTuneJobSpec, Task
+from finetune_api import metric_catalogue
+from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer.evaluate import gain
 
 CARD_SCHEMA_VERSION = 1
 
-# Direction of every metric the evaluation module produces; gains are only judged for these.
-METRIC_MODES = {
-    "eval_loss": "min",
-    "perplexity": "min",
-    "ece": "min",
-    "token_accuracy": "max",
-    "accuracy": "max",
-    "precision_macro": "max",
-    "recall_macro": "max",
-    "f1_macro": "max",
-    "bleu": "max",
-    "rouge_l": "max",
-}
-METRIC_TITLES = {
-    "eval_loss": "Loss",
-    "perplexity": "Perplexity",
-    "token_accuracy": "Token accuracy",
-    "accuracy": "Accuracy",
-    "f1_macro": "F1 (macro)",
-    "precision_macro": "Precision (macro)",
-    "recall_macro": "Recall (macro)",
-    "ece": "ECE (15 bins)",
-    "bleu": "BLEU",
-    "rouge_l": "ROUGE-L F1",
-    "eval_tokens": "Scored tokens",
-    "eval_samples": "Examples",
-    "generation_samples": "Generated samples",
-}
-METRIC_ORDER = list(METRIC_TITLES)
-COUNT_METRICS = {"eval_tokens", "eval_samples", "generation_samples"}
+# From the one metric table: which way is better (gains are judged only for these), titles and order.
+METRIC_MODES = {m.name: m.direction for m in metric_catalogue.METRICS if m.direction is not None}
+METRIC_TITLES = {m.name: m.title for m in metric_catalogue.METRICS}
+METRIC_ORDER = [m.name for m in metric_catalogue.METRICS]
+COUNT_METRICS = {m.name for m in metric_catalogue.METRICS if m.direction is None}
 # Never copied into the card: tensors evaluate_classification returns on request.
 NON_METRIC_KEYS = {"per_class", "logits", "labels", "majority"}
 MAX_REPORT_ROWS = 60
@@ -215,8 +191,8 @@ def primary_metric(spec: FineTuneJobSpec) -> tuple[str, str]:
     """The metric the card leads with: the early-stopping metric when set, else loss (LM) or macro F1."""
     es = spec.evaluation.early_stopping
     if es is not None:
-        return es.metric, str(_v(es.mode))
-    if spec.model.task == Task.sequence_classification.value:
+        return es.metric, es.direction
+    if spec.is_classification:
         return "f1_macro", "max"
     return "eval_loss", "min"
 
@@ -260,7 +236,7 @@ def _limitations(
     retention: Mapping[str, Any] | None,
     majority: Mapping[str, Any] | None,
 ) -> list[str]:
-    classification = spec.model.task == Task.sequence_classification.value
+    classification = spec.is_classification
     notes = [
         "Evaluated only on held-out splits of the fine-tuning data; expect lower quality on data that differs "
         "from it in domain, style or time.",
@@ -347,7 +323,7 @@ def build_model_card(
         best_checkpoint = {"uri": best_checkpoint}
     if majority_baseline is None and baseline and isinstance(baseline.get("majority"), Mapping):
         majority_baseline = dict(baseline["majority"])
-    classification = spec.model.task == Task.sequence_classification.value
+    classification = spec.is_classification
     metric, mode = primary_metric(spec)
     gains = _gains(baseline, final_eval)
     evaluated = test_eval or final_eval

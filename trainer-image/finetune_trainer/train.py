@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from finetune_api import metric_catalogue
+from finetune_api.metric_catalogue import Direction
 from finetune_api.spec import Task
 
 from . import distributed
@@ -38,17 +40,14 @@ from .collate import IGNORE_INDEX, Batching, ClassificationCollator, PaddedLMCol
 from .config import JobConfig
 from .distributed import DistInfo, dist_info
 from .errors import EXIT_PREEMPTED, CheckpointError, InvalidConfig, TrainerError
+from .evaluate import improves
 from .metrics import TrainerMetrics
 from .model import check_hardware, load_model, load_tokenizer, resolve_model_dir
 from .progress import ProgressWriter
 
 log = logging.getLogger(__name__)
 
-# What evaluation computes on the validation set, i.e. what early stopping can monitor.
-LM_METRICS = ("eval_loss", "perplexity", "token_accuracy")
-GENERATION_METRICS = {"bleu": "bleu", "rouge": "rouge_l"}  # evaluation.metrics entry -> the key it reports
 GENERATION_EVAL_SAMPLES = 32  # validation prompts completed at each evaluation when bleu/rouge are asked for
-CLASSIFICATION_METRICS = ("eval_loss", "accuracy", "f1_macro", "precision_macro", "recall_macro", "ece")
 
 
 class Preempted(BaseException):
@@ -212,9 +211,9 @@ class Trainer:
         self.state = TrainerState()
         es = self.spec.evaluation.early_stopping
         self.monitor = es.metric if es else "eval_loss"
-        self.monitor_mode = es.mode if es else "min"
-        self.generation = [m for m in (self.spec.evaluation.metrics or []) if m in GENERATION_METRICS]
-        known = CLASSIFICATION_METRICS if self.classification else LM_METRICS + tuple(GENERATION_METRICS[m] for m in self.generation)
+        self.monitor_mode: Direction = es.direction if es else "min"  # which way is better: early stopping, best model
+        self.generation = [m for m in (self.spec.evaluation.metrics or []) if m in metric_catalogue.GENERATION_METRICS]
+        known = metric_catalogue.monitorable(self.spec.model.task, self.spec.evaluation.metrics)
         if self.monitor not in known:
             raise InvalidConfig(f"evaluation.earlyStopping.metric {self.monitor!r} is not computed for this task; use one of {', '.join(known)}")
 
@@ -603,10 +602,8 @@ class Trainer:
             new_best = self.early_stopping.update_from(result, st.step)
             st.early_stopping = self.early_stopping.state_dict()
             st.best_metric, st.best_step = self.early_stopping.best, self.early_stopping.best_step
-        elif value is not None and not (isinstance(value, float) and math.isnan(value)):
-            better = st.best_metric is None or (value < st.best_metric if self.monitor_mode == "min" else value > st.best_metric)
-            if better:
-                st.best_metric, st.best_step, new_best = float(value), st.step, True
+        elif value is not None and improves(float(value), st.best_metric, self.monitor_mode):
+            st.best_metric, st.best_step, new_best = float(value), st.step, True
         self.metrics.on_eval(result, best_name=self.monitor, best=st.best_metric)
         self.progress.update(force=True, eval_loss=_finite(result.get("eval_loss")), best_metric=_finite(st.best_metric), best_metric_name=self.monitor)
         log.info("eval at step %d: %s", st.step, {k: round(v, 4) for k, v in entry.items() if isinstance(v, float)})
@@ -671,7 +668,7 @@ class Trainer:
 
         gain = None
         gain_metric = "accuracy" if self.classification and self.monitor == "eval_loss" else self.monitor
-        gain_mode = "max" if gain_metric in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "token_accuracy") else self.monitor_mode
+        gain_mode = metric_catalogue.direction(gain_metric) or self.monitor_mode
         if st.baseline and final_eval and gain_metric in st.baseline and gain_metric in final_eval:
             from .evaluate import gain as compute_gain
 
