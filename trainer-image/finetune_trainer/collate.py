@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
+"""Label of a token that is not scored (prompt, padding, a packed row's first token): cross_entropy's default ignore_index."""
 
 
 # ------------------------------------------------------------------------------------------- order

@@ -35,9 +35,9 @@ from finetune_api import metric_catalogue
 from finetune_api.metric_catalogue import Direction
 from finetune_api.spec import EarlyStopping as EarlyStoppingSpec
 from finetune_api.spec import RetentionSpec
+from finetune_trainer.collate import IGNORE_INDEX
 from finetune_trainer.errors import EmptyDataset, InvalidConfig, RetentionExceeded
 
-IGNORE_INDEX = -100
 ECE_BINS = 15
 # Temperatures outside this range mean the fit ran away (e.g. perfectly separable validation logits, where NLL keeps
 # falling as T -> 0); clamping keeps the calibrated probabilities usable.

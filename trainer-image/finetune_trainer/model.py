@@ -14,16 +14,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from finetune_api import env as pod_env
-from finetune_api.spec import FineTuneJobSpec, Task
+from finetune_api.spec import FineTuneJobSpec
 
-from .distributed import DistInfo
+from .distributed import DistInfo, launch_key, local_main_works
 from .errors import CheckpointError, InvalidConfig, ModelNotFound, UnsupportedHardware
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,8 @@ def resolve_model_dir(uri: str, storage: Any, dist: DistInfo, *, cache_dir: str 
     marker = local / ".complete"
     if marker.exists():
         return str(local)
-    if dist.is_local_main:
+
+    def download() -> str:
         prefix = uri.rstrip("/") + "/"
         try:
             files = storage.list(prefix)
@@ -81,14 +81,11 @@ def resolve_model_dir(uri: str, storage: Any, dist: DistInfo, *, cache_dir: str 
         log.info("downloading %s (%d files) to %s", uri, len(files), local)
         local.mkdir(parents=True, exist_ok=True)
         storage.download_prefix(prefix, str(local), workers=8)
-        marker.write_text(uri)
-    else:
-        deadline = time.monotonic() + _DOWNLOAD_WAIT_S
-        while not marker.exists():
-            if time.monotonic() > deadline:
-                raise ModelNotFound(f"timed out waiting for local rank 0 to download {uri}")
-            time.sleep(1.0)
-    return str(local)
+        return str(local)
+
+    failed = local.with_name(f"{local.name}.failed-{launch_key()}")
+    return local_main_works(dist, download, lambda: str(local), done=marker, failed=failed, what=f"download {uri}",
+                            timeout_s=_DOWNLOAD_WAIT_S, timeout_error=ModelNotFound, poll_s=1.0)
 
 
 # --------------------------------------------------------------------------------------- 2. tokenizer
@@ -198,7 +195,7 @@ def load_model(
 
     method = spec.method
     precision = resolve_precision(spec.hyperparameters.precision)
-    classification = spec.model.task == Task.sequence_classification.value
+    classification = spec.is_classification
     check_hardware(spec)
     if method == "qlora":
         try:
@@ -281,7 +278,7 @@ def count_parameters(model_dir: str, spec: FineTuneJobSpec) -> int:
     trust = spec.model.trust_remote_code
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
-        auto = AutoModelForSequenceClassification if spec.model.task == Task.sequence_classification.value else AutoModelForCausalLM
+        auto = AutoModelForSequenceClassification if spec.is_classification else AutoModelForCausalLM
         with torch.device("meta"):
             model = auto.from_config(config, trust_remote_code=trust)
     except Exception as e:  # noqa: BLE001

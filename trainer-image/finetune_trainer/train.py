@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from finetune_api import metric_catalogue
 from finetune_api.metric_catalogue import Direction
-from finetune_api.spec import Task
 
 from . import distributed
 from .checkpoint import CheckpointManager
@@ -200,7 +199,7 @@ class Trainer:
         self.spec = config.spec
         self.hp = config.spec.hyperparameters
         self.dist: DistInfo = dist_info()
-        self.classification = self.spec.model.task == Task.sequence_classification.value
+        self.classification = self.spec.is_classification
         self.storage, self.join = _storage_for(self.spec)
         self.output = config.output_uri
         self.work_dir = Path(work_dir or os.environ.get("FINETUNE_WORK_DIR", "/tmp/finetune-work")) / config.name
