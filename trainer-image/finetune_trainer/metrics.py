@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from finetune_api import env as pod_env
 from finetune_api import metric_catalogue
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -60,7 +61,7 @@ class TrainerMetrics:
         self._server: Any = None
         self.port = None
         if port is None:
-            port = int(os.environ.get("FINETUNE_METRICS_PORT", DEFAULT_PORT))
+            port = int(os.environ.get(pod_env.METRICS_PORT, DEFAULT_PORT))
         if port:
             # Several ranks of one pod share the pod's network: rank i serves port + local rank.
             port += int(os.environ.get("LOCAL_RANK", 0))

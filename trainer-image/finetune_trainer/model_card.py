@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from finetune_api import metric_catalogue
+from finetune_api.documents import DATA_REPORT_FILE
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer.evaluate import gain
 
@@ -139,7 +140,7 @@ def _data_report_lines(report: Mapping[str, Any] | None) -> list[str]:
     report = _jsonable(dict(report or {}))
     sizes, total = report.get("final_sizes"), report.get("total")
     if not isinstance(sizes, dict) or not isinstance(total, dict):
-        return _key_value_table(report, "data report", see="data-report.json")
+        return _key_value_table(report, "data report", see=DATA_REPORT_FILE)
     lines = _table(["Split", "Rows after cleaning"], [[name, n] for name, n in sizes.items() if n is not None])
     titles = {"pii_total": "PII redacted"}
     counts = [[titles.get(k, k.replace("_", " ").capitalize()), v] for k, v in total.items() if _is_number(v)]
@@ -164,7 +165,7 @@ def _data_report_lines(report: Mapping[str, Any] | None) -> list[str]:
         lines += _table(["Class", "Examples"], list(map(list, train_balance["counts"].items()))[:MAX_REPORT_ROWS])
         if _is_number(train_balance.get("imbalance_ratio")):
             lines += ["", f"Imbalance ratio (largest / smallest class): {fmt(train_balance['imbalance_ratio'], real=True)}."]
-    lines += ["", "The full report is in `data-report.json`."]
+    lines += ["", f"The full report is in `{DATA_REPORT_FILE}`."]
     return lines
 
 

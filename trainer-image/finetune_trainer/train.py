@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from finetune_api import env as pod_env
 from finetune_api import metric_catalogue
+from finetune_api.documents import DATA_REPORT_FILE
 from finetune_api.metric_catalogue import Direction
 
 from . import distributed
@@ -46,6 +48,7 @@ from .progress import ProgressWriter
 
 log = logging.getLogger(__name__)
 
+DEFAULT_WORK_DIR = "/tmp/finetune-work"  # outside a pod (the operator sets FINETUNE_WORK_DIR to an emptyDir)
 GENERATION_EVAL_SAMPLES = 32  # validation prompts completed at each evaluation when bleu/rouge are asked for
 
 
@@ -202,7 +205,7 @@ class Trainer:
         self.classification = self.spec.is_classification
         self.storage, self.join = _storage_for(self.spec)
         self.output = config.output_uri
-        self.work_dir = Path(work_dir or os.environ.get("FINETUNE_WORK_DIR", "/tmp/finetune-work")) / config.name
+        self.work_dir = Path(work_dir or os.environ.get(pod_env.WORK_DIR, DEFAULT_WORK_DIR)) / config.name
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = TrainerMetrics(config.name, self.dist.rank)
         self.progress = ProgressWriter(self.storage, self.output, enabled=self.dist.is_main, join=self.join)
@@ -250,7 +253,7 @@ class Trainer:
         set_seed(self.hp.seed)
 
         self._stage("preparing-data")
-        model_dir = self.model_dir = resolve_model_dir(self.spec.model.uri, self.storage, self.dist, cache_dir=os.environ.get("FINETUNE_CACHE_DIR"))
+        model_dir = self.model_dir = resolve_model_dir(self.spec.model.uri, self.storage, self.dist, cache_dir=os.environ.get(pod_env.CACHE_DIR))
         self.tokenizer = load_tokenizer(model_dir, self.spec)
         # Local rank 0 prepares the (deterministic) data for its node; the other local ranks map the same files.
         self.data = _prepare_data(self.spec, self.storage, self.tokenizer, self.work_dir, self.dist)
@@ -294,7 +297,7 @@ class Trainer:
     # --------------------------------------------------------------------------------- data report
 
     def _publish_data_report(self) -> None:
-        report_uri = self.join(self.output, "data-report.json")
+        report_uri = self.join(self.output, DATA_REPORT_FILE)
         summary = self.data.summary(report_uri)
         summary_dict = summary.model_dump() if hasattr(summary, "model_dump") else dict(summary)
         summary_dict["report_uri"] = report_uri
