@@ -161,3 +161,38 @@ def padding_fraction(batch: dict[str, torch.Tensor]) -> float:
 def label_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens the causal-LM loss is computed on (labels shift by one inside the model)."""
     return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+
+
+# ------------------------------------------------------------------------------------- loading rows
+
+
+def rows_of(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
+    """Rows ``indices`` of an Arrow dataset as dicts (one columnar read instead of one per row)."""
+    cols = dataset[indices]
+    keys = list(cols)
+    return [{k: cols[k][i] for k in keys} for i in range(len(indices))]
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, dataset: Any, columns: list[str]):
+        self.dataset = dataset
+        self.columns = [c for c in columns if c in dataset.column_names]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.dataset[int(i)]
+        return {c: row[c] for c in self.columns}
+
+
+def eval_loader(dataset: Any, *, classification: bool, batch_size: int, pad_token_id: int,
+                max_samples: int | None = None) -> torch.utils.data.DataLoader | None:
+    """Padded, unshuffled batches of ``dataset`` (None when there is nothing to evaluate)."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    if max_samples is not None and len(dataset) > max_samples:
+        dataset = dataset.select(range(max_samples))
+    collate = ClassificationCollator(pad_token_id) if classification else PaddedLMCollator(pad_token_id)
+    cols = ["input_ids", "label"] if classification else ["input_ids", "labels"]
+    return torch.utils.data.DataLoader(_ListDataset(dataset, cols), batch_size=batch_size, shuffle=False, collate_fn=collate)

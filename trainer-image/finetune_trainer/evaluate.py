@@ -58,6 +58,7 @@ __all__ = [
     "improves",
     "majority_baseline",
     "perplexity",
+    "prompts_and_references",
     "retention_check",
     "score_texts",
 ]
@@ -349,6 +350,24 @@ def _check_metrics(metrics: Sequence[str]) -> None:
     unknown = sorted(set(metrics) - set(GENERATION_METRICS))
     if unknown:
         raise ValueError(f"unknown generation metrics {unknown}; known: {list(GENERATION_METRICS)}")
+
+
+def prompts_and_references(rows: Iterable[Mapping[str, Any]], tokenizer: Any) -> tuple[list[str], list[str]]:
+    """Prompts and reference completions recovered from tokenised rows (``input_ids``, ``labels``).
+
+    The prompt is everything before the first scored token, the reference the first scored span (a completion
+    or an assistant turn). Rows with no prompt (plain text) or nothing scored are skipped.
+    """
+    prompts, references = [], []
+    for row in rows:
+        ids, labels = list(row["input_ids"]), list(row["labels"])
+        first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), None)
+        if not first:  # no prompt (plain text rows) or nothing scored
+            continue
+        end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+        prompts.append(tokenizer.decode(ids[:first], skip_special_tokens=True))
+        references.append(tokenizer.decode(ids[first:end], skip_special_tokens=True).strip())
+    return prompts, references
 
 
 @torch.no_grad()

@@ -1,0 +1,171 @@
+"""Stage 5: what a finished run measured, in one object.
+
+After the loop, :func:`final_report` evaluates the chosen weights once more: the validation set, the
+temperature fit (classification), the test set (at that temperature, with BLEU/ROUGE when asked), the
+retention set, and the gain over the base model on the metric the run monitored. :class:`RunSummary`
+then carries those numbers with the run's bookkeeping; it is what :func:`finetune_trainer.train.run`
+returns (:meth:`RunSummary.to_dict`), what the model card is built from, and what
+:mod:`.export` writes next to the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from finetune_api import metric_catalogue
+from finetune_api.spec import FineTuneJobSpec
+
+from .evaluate import calibrate, gain, majority_baseline, retention_check
+
+if TYPE_CHECKING:
+    from .train import Trainer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEST_GENERATIONS = 64  # test prompts completed for BLEU/ROUGE when evaluation.maxEvalSamples is unset
+
+
+def public(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An eval result without tensors (logits/labels), fit for JSON."""
+    if result is None:
+        return None
+    return {k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}
+
+
+@dataclass
+class FinalEvaluation:
+    """The chosen weights, measured once after training (None where there was nothing to measure)."""
+
+    final: dict[str, Any] | None = None  # validation set
+    test: dict[str, Any] | None = None  # test set, at the calibrated temperature
+    calibration: dict[str, Any] | None = None
+    retention: dict[str, Any] | None = None
+    gain: dict[str, Any] | None = None  # on the monitored metric (accuracy for classifiers monitoring the loss)
+
+
+@dataclass
+class RunSummary:
+    """A finished run: bookkeeping, evaluations and the facts about the model, for the card and the caller."""
+
+    job: str
+    spec: FineTuneJobSpec
+    steps: int
+    total_steps: int
+    stopped_early: bool
+    best_step: int | None
+    best_metric: float | None
+    monitor: str
+    baseline: dict[str, Any] | None
+    evaluation: FinalEvaluation
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    data_report: dict[str, Any] = field(default_factory=dict)
+    best_checkpoint: dict[str, Any] | None = None  # uri, step, metric, value of the exported best checkpoint
+    precision: str | None = None
+    target_modules: list[str] | str | None = None
+    world_size: int = 1
+    distributed_strategy: str | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+
+    @property
+    def final_eval(self) -> dict[str, Any] | None:
+        return self.evaluation.final
+
+    @property
+    def test_eval(self) -> dict[str, Any] | None:
+        return self.evaluation.test
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run's summary as :func:`finetune_trainer.train.run` returns it."""
+        ev = self.evaluation
+        return {
+            "job": self.job, "steps": self.steps, "total_steps": self.total_steps, "stopped_early": self.stopped_early,
+            "best_step": self.best_step, "best_metric": self.best_metric, "monitor": self.monitor, "baseline": self.baseline,
+            "final_eval": ev.final, "test_eval": ev.test, "calibration": ev.calibration, "retention": ev.retention,
+            "gain": ev.gain, "history": self.history, "evals": self.evals,
+        }
+
+    def training(self) -> dict[str, Any]:
+        """The model card's "Training run": how far the run went, what it monitored, and the model's shape."""
+        return {
+            "steps": self.steps, "total_steps": self.total_steps, "stopped_early": self.stopped_early,
+            "best_step": self.best_step, "best_metric": self.best_metric, "monitor": self.monitor,
+            "gain": self.evaluation.gain, "history": self.history, "evals": self.evals,
+            "precision": self.precision, "target_modules": self.target_modules, "world_size": self.world_size,
+            "distributed_strategy": self.distributed_strategy,
+            "trainable_params": self.trainable_params, "total_params": self.total_params,
+        }
+
+
+# ---------------------------------------------------------------------------------------- the baseline
+
+
+def measure_baseline(trainer: Trainer) -> tuple[dict[str, Any] | None, float | None]:
+    """The base model before training: validation metrics (and, for classifiers, the majority-class floor)
+    when evaluation.baseline is on, and the retention-set loss the retention check compares against."""
+    baseline: dict[str, Any] = {}
+    if trainer.spec.evaluation.baseline and trainer.val_loader is not None:
+        baseline = public(trainer.evaluate()) or {}
+        if trainer.classification:
+            train_labels = [int(x) for x in trainer.data.train["label"]]
+            eval_labels = [int(x) for x in trainer.data.validation["label"]]
+            baseline["majority"] = majority_baseline(train_labels, eval_labels, trainer.num_labels)
+        log.info("baseline: %s", {k: v for k, v in baseline.items() if isinstance(v, float)})
+    retention = trainer.retention_loader()
+    retention_before = float(trainer.evaluate(retention)["eval_loss"]) if retention is not None else None
+    return baseline or None, retention_before
+
+
+# ----------------------------------------------------------------------------------- the final report
+
+
+def final_report(trainer: Trainer) -> FinalEvaluation:
+    """Evaluate the weights the trainer holds now (the best checkpoint's, when it was restored).
+
+    A collective under DDP/FSDP: every rank calls it and gets the same numbers.
+    """
+    spec, data = trainer.spec, trainer.data
+    report = FinalEvaluation()
+    if trainer.val_loader is not None:
+        report.final = public(trainer.evaluate(return_logits=False))
+    temperature = 1.0
+    if trainer.classification and spec.evaluation.calibration and trainer.val_loader is not None:
+        val = trainer.evaluate(return_logits=True)
+        report.calibration = calibrate(val["logits"], val["labels"])
+        temperature = report.calibration["temperature"]
+    test_loader = trainer.eval_loader(data.test)
+    if test_loader is not None:
+        kwargs = {"temperature": temperature} if trainer.classification else {}
+        report.test = public(trainer.evaluate(test_loader, **kwargs))
+    generation = trainer.generation_metrics(data.test, spec.evaluation.max_eval_samples or DEFAULT_TEST_GENERATIONS) if trainer.generation else None
+    if generation and report.test is not None:
+        report.test.update(generation)
+    report.retention = _retention(trainer)
+    report.gain = _gain(trainer.state.baseline, report.final, trainer.monitor, trainer.monitor_mode, trainer.classification)
+    return report
+
+
+def _retention(trainer: Trainer) -> dict[str, Any] | None:
+    loader = trainer.retention_loader()
+    before = trainer.state.retention_before
+    retention_spec = trainer.spec.evaluation.retention
+    if loader is None or before is None or retention_spec is None:
+        return None
+    after = float(trainer.evaluate(loader)["eval_loss"])
+    result = retention_check(before, after, retention_spec)  # raises RetentionExceeded with action fail
+    if not result["passed"]:
+        log.warning("retention check failed: loss %.4f -> %.4f", result["loss_before"], result["loss_after"])
+    return result
+
+
+def _gain(baseline: dict[str, Any] | None, final: dict[str, Any] | None, monitor: str, monitor_mode: metric_catalogue.Direction,
+          classification: bool) -> dict[str, Any] | None:
+    """Base model -> fine-tuned on validation, on the monitored metric (a classifier monitoring its loss: accuracy)."""
+    metric = "accuracy" if classification and monitor == "eval_loss" else monitor
+    if not baseline or not final or metric not in baseline or metric not in final:
+        return None
+    return gain(baseline, final, metric, metric_catalogue.direction(metric) or monitor_mode)
