@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import datasets
 
 IGNORE_INDEX = -100
 """Label of a token that is not scored (prompt, padding, a packed row's first token): cross_entropy's default ignore_index."""
@@ -138,7 +141,11 @@ class ClassificationCollator:
         }
 
 
-def make_collator(*, classification: bool, packing: bool, pad_token_id: int) -> Any:
+Collator = ClassificationCollator | PackedLMCollator | PaddedLMCollator
+"""What turns a list of rows into one batch of tensors."""
+
+
+def make_collator(*, classification: bool, packing: bool, pad_token_id: int) -> Collator:
     if classification:
         return ClassificationCollator(pad_token_id)
     if packing:
@@ -166,7 +173,7 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> int:
 # ------------------------------------------------------------------------------------- loading rows
 
 
-def rows_of(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
+def rows_of(dataset: datasets.Dataset, indices: list[int]) -> list[dict[str, Any]]:
     """Rows ``indices`` of an Arrow dataset as dicts (one columnar read instead of one per row)."""
     cols = dataset[indices]
     keys = list(cols)
@@ -174,7 +181,7 @@ def rows_of(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
 
 
 class _ListDataset(torch.utils.data.Dataset):
-    def __init__(self, dataset: Any, columns: list[str]):
+    def __init__(self, dataset: datasets.Dataset, columns: list[str]):
         self.dataset = dataset
         self.columns = [c for c in columns if c in dataset.column_names]
 
@@ -186,7 +193,7 @@ class _ListDataset(torch.utils.data.Dataset):
         return {c: row[c] for c in self.columns}
 
 
-def eval_loader(dataset: Any, *, classification: bool, batch_size: int, pad_token_id: int,
+def eval_loader(dataset: datasets.Dataset | None, *, classification: bool, batch_size: int, pad_token_id: int,
                 max_samples: int | None = None) -> torch.utils.data.DataLoader | None:
     """Padded, unshuffled batches of ``dataset`` (None when there is nothing to evaluate)."""
     if dataset is None or len(dataset) == 0:

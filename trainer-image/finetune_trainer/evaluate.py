@@ -26,7 +26,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,12 @@ from finetune_api.spec import EarlyStopping as EarlyStoppingSpec
 from finetune_api.spec import RetentionSpec
 from finetune_trainer.collate import IGNORE_INDEX
 from finetune_trainer.errors import EmptyDataset, InvalidConfig, RetentionExceeded
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+_T = TypeVar("_T")
 
 ECE_BINS = 15
 # Temperatures outside this range mean the fit ran away (e.g. perfectly separable validation logits, where NLL keeps
@@ -67,7 +73,7 @@ __all__ = [
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _device_of(model: torch.nn.Module, accelerator: Any) -> torch.device:
+def _device_of(model: torch.nn.Module, accelerator: Accelerator | None) -> torch.device:
     if accelerator is not None:
         return accelerator.device
     device = getattr(model, "device", None)
@@ -118,7 +124,7 @@ def _batches(dataloader: Iterable[Mapping[str, Any]], max_batches: int | None) -
             dataloader.end()
 
 
-def _gather(accelerator: Any, tensors: Any) -> Any:
+def _gather(accelerator: Accelerator | None, tensors: _T) -> _T:
     return tensors if accelerator is None else accelerator.gather_for_metrics(tensors)
 
 
@@ -152,7 +158,7 @@ def evaluate_lm(
     model: torch.nn.Module,
     dataloader: Iterable[Mapping[str, torch.Tensor]],
     *,
-    accelerator: Any = None,
+    accelerator: Accelerator | None = None,
     max_batches: int | None = None,
 ) -> dict[str, float]:
     """Token-weighted loss, perplexity and next-token accuracy of a causal LM.
@@ -231,7 +237,7 @@ def evaluate_classification(
     *,
     num_labels: int,
     label_names: Sequence[str] | None = None,
-    accelerator: Any = None,
+    accelerator: Accelerator | None = None,
     temperature: float = 1.0,
     return_logits: bool = False,
 ) -> dict[str, Any]:
@@ -352,7 +358,7 @@ def _check_metrics(metrics: Sequence[str]) -> None:
         raise ValueError(f"unknown generation metrics {unknown}; known: {list(GENERATION_METRICS)}")
 
 
-def prompts_and_references(rows: Iterable[Mapping[str, Any]], tokenizer: Any) -> tuple[list[str], list[str]]:
+def prompts_and_references(rows: Iterable[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], list[str]]:
     """Prompts and reference completions recovered from tokenised rows (``input_ids``, ``labels``).
 
     The prompt is everything before the first scored token, the reference the first scored span (a completion
@@ -373,7 +379,7 @@ def prompts_and_references(rows: Iterable[Mapping[str, Any]], tokenizer: Any) ->
 @torch.no_grad()
 def generate_and_score(
     model: torch.nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     references: list[str],
     *,
@@ -397,7 +403,7 @@ def generate_and_score(
 
 @torch.no_grad()
 def generate_greedy(
-    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8
 ) -> list[str]:
     """Greedy completions (new text only, special tokens skipped, stripped)."""
     if max_new_tokens < 1 or batch_size < 1:

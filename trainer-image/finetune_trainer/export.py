@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_api.spec import FineTuneJobSpec
 
@@ -21,10 +21,14 @@ from .model import LoadedModel
 from .report import RunSummary, public
 from .storage import Storage
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
 
-def export_model(summary: RunSummary, model_uri: str, *, model: Any, tokenizer: Any, loaded: LoadedModel, model_dir: str,
+def export_model(summary: RunSummary, model_uri: str, *, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, loaded: LoadedModel, model_dir: str,
                  work_dir: Path, storage: Storage, full_weights: dict[str, Any] | None = None) -> None:
     """Write the model, its tokenizer and card to ``work_dir/model`` and upload that folder to ``model_uri``.
 
@@ -63,7 +67,7 @@ def _card(summary: RunSummary) -> tuple[dict[str, Any], str]:
         return card, f"# {summary.job}\n\nFine-tuned from {spec.model.uri} with {spec.method}.\n"
 
 
-def export_merged(model: Any, tokenizer: Any, spec: FineTuneJobSpec, *, precision: str, model_dir: str, dest: Path,
+def export_merged(model: PeftModel, tokenizer: PreTrainedTokenizerBase, spec: FineTuneJobSpec, *, precision: str, model_dir: str, dest: Path,
                   adapter_dir: Path) -> None:
     """Base weights + adapter folded in, as a plain transformers model.
 

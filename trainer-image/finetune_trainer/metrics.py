@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from threading import Thread
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from finetune_api import env as pod_env
 from finetune_api import metric_catalogue
@@ -58,7 +60,7 @@ class TrainerMetrics:
         self.tokens = Counter("finetune_tokens", "Real tokens trained on by this rank.", names, registry=r)
         self.data_rows = gauge("data_rows", "Data report counters.", ("kind",))
         self._stage: str | None = None
-        self._server: Any = None
+        self._server: tuple[WSGIServer, Thread] | None = None
         self.port = None
         if port is None:
             port = int(os.environ.get(pod_env.METRICS_PORT, DEFAULT_PORT))
@@ -79,7 +81,7 @@ class TrainerMetrics:
             server.server_close()
             self._server = None
 
-    def _l(self, series: Any, **extra: str) -> Any:
+    def _l(self, series: Gauge | Counter, **extra: str) -> Any:
         return series.labels(**self.labels, **extra)
 
     def set_stage(self, stage: str) -> None:

@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from finetune_api import env as pod_env
@@ -24,6 +24,11 @@ from finetune_api.spec import FineTuneJobSpec
 
 from .distributed import DistInfo, launch_key, local_main_works
 from .errors import CheckpointError, InvalidConfig, ModelNotFound, UnsupportedHardware
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ def _cache_root() -> Path:
     return Path(os.environ.get(pod_env.CACHE_DIR, DEFAULT_CACHE_DIR))
 
 
-def resolve_model_dir(uri: str, storage: Any, dist: DistInfo, *, cache_dir: str | Path | None = None) -> str:
+def resolve_model_dir(uri: str, storage: Storage, dist: DistInfo, *, cache_dir: str | Path | None = None) -> str:
     """A local folder (or, for hf://, a hub id) that ``from_pretrained`` can load."""
     if uri.startswith("hf://"):
         return uri.removeprefix("hf://")
@@ -91,7 +96,7 @@ def resolve_model_dir(uri: str, storage: Any, dist: DistInfo, *, cache_dir: str 
 # --------------------------------------------------------------------------------------- 2. tokenizer
 
 
-def load_tokenizer(model_dir: str, spec: FineTuneJobSpec) -> Any:
+def load_tokenizer(model_dir: str, spec: FineTuneJobSpec) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
@@ -147,7 +152,7 @@ def attention_implementation(precision: str) -> str | None:
 
 @dataclass
 class LoadedModel:
-    model: Any  # the (possibly peft-wrapped) model to train
+    model: PreTrainedModel  # the model to train (a peft wrapper around one with an adapter method)
     precision: str  # bf16 / fp16 / fp32: the compute precision for autocast
     is_adapter: bool
     target_modules: list[str] | str | None
@@ -155,7 +160,7 @@ class LoadedModel:
     total_params: int
 
 
-def _override_dropout(config: Any, p: float) -> list[str]:
+def _override_dropout(config: PretrainedConfig, p: float) -> list[str]:
     changed = []
     for key, value in list(vars(config).items()):
         if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")) and "classifier" not in key:
@@ -185,7 +190,7 @@ def load_model(
     spec: FineTuneJobSpec,
     *,
     labels: list[str] | None = None,
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     dist: DistInfo | None = None,
     empty: bool = False,
 ) -> LoadedModel:

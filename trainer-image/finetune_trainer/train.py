@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,15 @@ from .report import RunSummary, final_report, measure_baseline, public
 from .resume import maybe_resume
 from .state import HISTORY_LIMIT, TrainerState, thin_history
 from .storage import Storage, join
+
+if TYPE_CHECKING:
+    import datasets
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .collate import Collator
+    from .parallel import ModelState
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +162,7 @@ class Trainer:
         self.checkpoints = self._setup_checkpoints()
         self.metrics.set_total_steps(self.state.total_steps)
 
-    def _setup_data(self) -> tuple[str, Any, PreparedData]:
+    def _setup_data(self) -> tuple[str, PreTrainedTokenizerBase, PreparedData]:
         """The base model's folder and tokenizer, then the prepared data (its report published)."""
         from .data.shared import prepare_data_per_node
 
@@ -181,7 +190,7 @@ class Trainer:
         except Exception:  # noqa: BLE001 - the report is informative only
             pass
 
-    def _setup_model(self) -> tuple[str, LoadedModel, Any]:
+    def _setup_model(self) -> tuple[str, LoadedModel, Accelerator]:
         """The distributed strategy, the loaded model and the accelerator (which joins the process group)."""
         from transformers import set_seed
 
@@ -200,7 +209,7 @@ class Trainer:
                             empty=strategy == FSDP and not self.dist.is_main)
         return strategy, loaded, make_accelerator(loaded.precision)
 
-    def _setup_batches(self) -> tuple[Batching, Any, torch.Tensor | None]:
+    def _setup_batches(self) -> tuple[Batching, Collator, torch.Tensor | None]:
         """Which rows form each micro-batch on this rank, how they are collated, and the class weights of the loss."""
         hp = self.hp
         batching = Batching(len(self.data.train), hp.batch_size, self.dist.world_size, self.dist.rank, hp.seed)
@@ -210,7 +219,7 @@ class Trainer:
             class_weights = torch.tensor(self.data.class_weights, dtype=torch.float32, device=self.accelerator.device)
         return batching, collate, class_weights
 
-    def _setup_optimizer(self, loaded: LoadedModel) -> tuple[Any, Any, Any, Any, Any]:
+    def _setup_optimizer(self, loaded: LoadedModel) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, PreTrainedModel, ModelState]:
         """(model, optimizer, scheduler, unwrapped model, ModelState): AdamW without decay on norms and biases."""
         from transformers import get_scheduler
 
@@ -219,7 +228,8 @@ class Trainer:
         hp, model = self.hp, loaded.model
         if self.strategy == FSDP:
             model = shard(model, loaded.precision, is_main=self.dist.is_main)  # before the optimizer: sharding replaces the parameters
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for name, p in model.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
@@ -239,7 +249,7 @@ class Trainer:
         raw_model = self.accelerator.unwrap_model(model)
         return model, optimizer, scheduler, raw_model, ModelState(self.strategy, model, raw_model, optimizer, is_main=self.dist.is_main)
 
-    def _setup_eval(self) -> tuple[EarlyStopping | None, Any]:
+    def _setup_eval(self) -> tuple[EarlyStopping | None, DataLoader | None]:
         """Early stopping (evaluation.earlyStopping) and the validation loader (None without validation data)."""
         es = self.spec.evaluation.early_stopping
         early_stopping = EarlyStopping.from_spec(es) if es else None
@@ -259,7 +269,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- evaluate
 
-    def eval_loader(self, dataset: Any, max_samples: int | None = None) -> Any:
+    def eval_loader(self, dataset: datasets.Dataset | None, max_samples: int | None = None) -> DataLoader | None:
         """Padded eval batches; under DDP each rank takes a shard and the metrics are gathered (exactly, see evaluate)."""
         loader = eval_loader(dataset, classification=self.classification, batch_size=self.hp.batch_size,
                              pad_token_id=self.tokenizer.pad_token_id, max_samples=max_samples)
@@ -267,7 +277,7 @@ class Trainer:
             loader = self.accelerator.prepare(loader)  # no sampler generator: does not touch any RNG
         return loader
 
-    def evaluate(self, loader: Any = None, **kwargs: Any) -> dict[str, Any]:
+    def evaluate(self, loader: DataLoader | None = None, **kwargs: Any) -> dict[str, Any]:
         """Collective under DDP: every rank calls it and gets the same, global result."""
         from .evaluate import evaluate_classification, evaluate_lm
 
@@ -279,12 +289,12 @@ class Trainer:
                                                accelerator=accelerator, **kwargs)
             return evaluate_lm(self.raw_model, loader, accelerator=accelerator)
 
-    def retention_loader(self) -> Any:
+    def retention_loader(self) -> DataLoader | None:
         if self.spec.evaluation.retention is None or getattr(self.data, "retention", None) is None:
             return None
         return self.eval_loader(self.data.retention, max_samples=self.spec.evaluation.max_eval_samples)
 
-    def generation_metrics(self, dataset: Any, limit: int) -> dict[str, float] | None:
+    def generation_metrics(self, dataset: datasets.Dataset | None, limit: int) -> dict[str, float] | None:
         """BLEU / ROUGE-L of greedy completions on up to ``limit`` rows of ``dataset`` (evaluation.metrics).
 
         Rank 0 only (every rank under FSDP, where each forward is a collective).
