@@ -71,6 +71,19 @@ class RunSummary:
     trainable_params: int | None = None
     total_params: int | None = None
 
+    @classmethod
+    def of(cls, trainer: Trainer, evaluation: FinalEvaluation, best_checkpoint: dict[str, Any] | None) -> RunSummary:
+        """The summary of ``trainer``'s finished run."""
+        st, loaded = trainer.state, trainer.loaded
+        return cls(
+            job=trainer.config.name, spec=trainer.spec, steps=st.step, total_steps=st.total_steps, stopped_early=st.stopped_early,
+            best_step=st.best_step, best_metric=st.best_metric, monitor=trainer.monitor, baseline=st.baseline,
+            evaluation=evaluation, history=st.history, evals=st.evals, data_report=trainer.data.report,
+            best_checkpoint=best_checkpoint, precision=loaded.precision, target_modules=loaded.target_modules,
+            world_size=trainer.dist.world_size, distributed_strategy=trainer.strategy,
+            trainable_params=loaded.trainable_params, total_params=loaded.total_params,
+        )
+
     @property
     def final_eval(self) -> dict[str, Any] | None:
         return self.evaluation.final

@@ -11,10 +11,8 @@ scheduler and every rank's RNG come back from the checkpoint), a clean checkpoin
 and only rank 0 touching shared storage. accelerate provides the process group (DDP from the torchrun
 environment), mixed precision and gradient sync.
 
-Gradient accumulation: a window of ``gradientAccumulationSteps`` micro-batches is one optimizer step.
-The loss of each micro-batch is summed and divided by the window's total count of loss tokens (LM) or
-rows (classification; sum of class weights when weighted), so every token weighs the same however the
-rows fall into micro-batches, and the logged step loss is the window's mean token loss.
+Gradient accumulation: a window of ``gradientAccumulationSteps`` micro-batches is one optimizer step,
+and its loss is the window's mean token loss however the rows fall into micro-batches (:mod:`.loss`).
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from finetune_api import env as pod_env
 from finetune_api import metric_catalogue
 from finetune_api.documents import DATA_REPORT_FILE
@@ -37,14 +34,15 @@ from finetune_api.metric_catalogue import Direction
 
 from . import distributed
 from .checkpoint import CheckpointManager
-from .collate import IGNORE_INDEX, Batching, eval_loader, label_tokens, make_collator, rows_of, token_counts
+from .collate import Batching, eval_loader, make_collator, rows_of, token_counts
 from .config import JobConfig
-from .data.prepare import PreparedData
 from .distributed import DistInfo, dist_info
 from .errors import InvalidConfig, TrainerError
 from .evaluate import EarlyStopping, improves
+from .loss import WindowLoss
 from .metrics import TrainerMetrics
 from .model import LoadedModel, check_hardware, load_model, load_tokenizer, resolve_model_dir
+from .optim import build_optimizer, build_scheduler
 from .preemption import Preempted, SigtermFlag
 from .progress import ProgressWriter
 from .report import RunSummary, final_report, measure_baseline, public
@@ -59,6 +57,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from .collate import Collator
+    from .data.prepare import PreparedData
     from .parallel import ModelState
 
 log = logging.getLogger(__name__)
@@ -153,7 +152,7 @@ class Trainer:
         self.num_labels = len(self.data.labels) if self.data.labels else self.spec.model.num_labels
         self._stage("loading-model")
         self.strategy, self.loaded, self.accelerator = self._setup_model()
-        self.batching, self.collate, self.class_weights = self._setup_batches()
+        self.batching, self.collate, self.loss = self._setup_batches()
         self.steps_per_epoch = math.ceil(self.batching.batches_per_epoch / self.hp.gradient_accumulation_steps)
         self.state.total_steps = self.hp.max_steps or max(1, math.ceil(self.hp.total_epochs * self.steps_per_epoch))
         self.state.world_size = self.dist.world_size
@@ -209,39 +208,25 @@ class Trainer:
                             empty=strategy == FSDP and not self.dist.is_main)
         return strategy, loaded, make_accelerator(loaded.precision)
 
-    def _setup_batches(self) -> tuple[Batching, Collator, torch.Tensor | None]:
-        """Which rows form each micro-batch on this rank, how they are collated, and the class weights of the loss."""
+    def _setup_batches(self) -> tuple[Batching, Collator, WindowLoss]:
+        """Which rows form each micro-batch on this rank, how they are collated, and the loss (with class weights)."""
         hp = self.hp
         batching = Batching(len(self.data.train), hp.batch_size, self.dist.world_size, self.dist.rank, hp.seed)
         collate = make_collator(classification=self.classification, packing=hp.packing, pad_token_id=self.tokenizer.pad_token_id)
         class_weights = None
         if self.classification and self.data.class_weights and self.spec.dataset.preprocessing.class_weights:
             class_weights = torch.tensor(self.data.class_weights, dtype=torch.float32, device=self.accelerator.device)
-        return batching, collate, class_weights
+        return batching, collate, WindowLoss(self.classification, class_weights)
 
     def _setup_optimizer(self, loaded: LoadedModel) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, PreTrainedModel, ModelState]:
-        """(model, optimizer, scheduler, unwrapped model, ModelState): AdamW without decay on norms and biases."""
-        from transformers import get_scheduler
-
+        """(model, optimizer, scheduler, unwrapped model, ModelState), the model sharded first under FSDP."""
         from .parallel import FSDP, ModelState, shard
 
-        hp, model = self.hp, loaded.model
+        model = loaded.model
         if self.strategy == FSDP:
             model = shard(model, loaded.precision, is_main=self.dist.is_main)  # before the optimizer: sharding replaces the parameters
-        decay: list[torch.nn.Parameter] = []
-        no_decay: list[torch.nn.Parameter] = []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate)
-        scheduler = get_scheduler(
-            hp.lr_scheduler, optimizer,
-            num_warmup_steps=int(round(hp.warmup_ratio * self.state.total_steps)),
-            num_training_steps=self.state.total_steps,
-        )
-        # The scheduler is stepped by us, once per optimizer step: accelerate's wrapper would step it
-        # world_size times per step.
+        optimizer = build_optimizer(model, self.hp)
+        scheduler = build_scheduler(optimizer, self.hp, self.state.total_steps)  # not prepared: we step it once per step
         if self.strategy == FSDP:
             model, optimizer = model, self.accelerator.prepare(optimizer)
         else:
@@ -316,25 +301,6 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- train
 
-    def _loss(self, batch: dict[str, torch.Tensor], denominator: float) -> torch.Tensor:
-        labels = batch["labels"]
-        inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
-        if not self.classification:
-            # No KV cache: with one, transformers skips the packed-row detection that keeps attention per row.
-            inputs["use_cache"] = False
-        logits = self.model(**inputs).logits.float()
-        if self.classification:
-            return F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum") / denominator
-        shifted = labels[..., 1:].reshape(-1)
-        return F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]), shifted, ignore_index=IGNORE_INDEX, reduction="sum") / denominator
-
-    def _denominator(self, batches: list[dict[str, torch.Tensor]]) -> float:
-        if not self.classification:
-            return float(max(1, sum(label_tokens(b) for b in batches)))
-        if self.class_weights is not None:
-            return float(sum(self.class_weights[b["labels"]].sum().item() for b in batches)) or 1.0
-        return float(sum(int(b["labels"].numel()) for b in batches))
-
     def _windows(self) -> Iterator[tuple[int, int, list[list[int]]]]:
         """(epoch, first micro-batch index, [row index lists]) for every remaining optimizer step, forever."""
         epoch, batch, accum = self.state.epoch, self.state.batch, self.hp.gradient_accumulation_steps
@@ -350,14 +316,14 @@ class Trainer:
         device = self.accelerator.device
         self.model.train()
         batches = [{k: v.to(device) for k, v in self.collate(rows_of(self.data.train, rows)).items()} for rows in window]
-        denominator = self._denominator(batches)
+        denominator = self.loss.denominator(batches)
         window_loss = torch.zeros((), device=device)
         real = total = 0
         for i, batch in enumerate(batches):
             # Gradients are all-reduced once per window, on its last micro-batch.
             sync = contextlib.nullcontext() if i == len(batches) - 1 else self.model_state.no_sync(self.accelerator)
             with sync, self.accelerator.autocast():
-                loss = self._loss(batch, denominator)
+                loss = self.loss(self.model, batch, denominator)
                 self.accelerator.backward(loss)
             window_loss += loss.detach()
             r, t = token_counts(batch)
@@ -478,14 +444,7 @@ class Trainer:
         evaluation = final_report(self)
         if evaluation.gain is not None:
             self.progress.set_gain(evaluation.gain["metric"], _finite(evaluation.gain["baseline"]), _finite(evaluation.gain["final"]))
-        summary = RunSummary(
-            job=self.config.name, spec=self.spec, steps=st.step, total_steps=st.total_steps, stopped_early=st.stopped_early,
-            best_step=st.best_step, best_metric=st.best_metric, monitor=self.monitor, baseline=st.baseline,
-            evaluation=evaluation, history=st.history, evals=st.evals, data_report=self.data.report,
-            best_checkpoint=best_checkpoint, precision=self.loaded.precision, target_modules=self.loaded.target_modules,
-            world_size=self.dist.world_size, distributed_strategy=self.strategy,
-            trainable_params=self.loaded.trainable_params, total_params=self.loaded.total_params,
-        )
+        summary = RunSummary.of(self, evaluation, best_checkpoint)
         # Replicas must end identical; the checksum in every rank's log makes a divergence visible.
         log.info("final trainable parameter checksum %.12e", self.model_state.checksum())
         model_uri = self.join(self.output, "model")
