@@ -1,11 +1,12 @@
-"""Stage 5: what a finished run measured, in one object.
+"""Stage 5: what the run measured, in one object.
 
-After the loop, :func:`final_report` evaluates the chosen weights once more: the validation set, the
-temperature fit (classification), the test set (at that temperature, with BLEU/ROUGE when asked), the
-retention set, and the gain over the base model on the metric the run monitored. :class:`RunSummary`
-then carries those numbers with the run's bookkeeping; it is what :func:`finetune_trainer.train.run`
-returns (:meth:`RunSummary.to_dict`), what the model card is built from, and what
-:mod:`.export` writes next to the model.
+Before training, :func:`measure_baseline` scores the base model. After the loop, :func:`final_report`
+evaluates the chosen weights once more: the validation set, the temperature fit (classification), the
+test set (at that temperature, with BLEU/ROUGE when asked), the retention set, and the gain over the
+base model on the metric the run monitored. :class:`RunSummary` then carries those numbers with the
+run's bookkeeping; it is what :func:`finetune_trainer.train.run` returns (:meth:`RunSummary.to_dict`),
+what the model card is built from, and what :mod:`.export` writes next to the model. The evaluations
+themselves go through :class:`~.evaluator.Evaluator`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from finetune_api.spec import FineTuneJobSpec
 from .evaluate import calibrate, gain, majority_baseline, retention_check
 
 if TYPE_CHECKING:
+    from .evaluator import Evaluator
+    from .state import TrainerState
     from .train import Trainer
 
 log = logging.getLogger(__name__)
@@ -117,58 +120,58 @@ class RunSummary:
 # ---------------------------------------------------------------------------------------- the baseline
 
 
-def measure_baseline(trainer: Trainer) -> tuple[dict[str, Any] | None, float | None]:
+def measure_baseline(evaluator: Evaluator) -> tuple[dict[str, Any] | None, float | None]:
     """The base model before training: validation metrics (and, for classifiers, the majority-class floor)
     when evaluation.baseline is on, and the retention-set loss the retention check compares against."""
     baseline: dict[str, Any] = {}
-    if trainer.spec.evaluation.baseline and trainer.val_loader is not None:
-        baseline = public(trainer.evaluate()) or {}
-        if trainer.classification:
-            train_labels = [int(x) for x in trainer.data.train["label"]]
-            eval_labels = [int(x) for x in trainer.data.validation["label"]]
-            baseline["majority"] = majority_baseline(train_labels, eval_labels, trainer.num_labels)
+    if evaluator.spec.evaluation.baseline and evaluator.validation is not None:
+        baseline = public(evaluator.evaluate()) or {}
+        if evaluator.classification:
+            train_labels = [int(x) for x in evaluator.data.train["label"]]
+            eval_labels = [int(x) for x in evaluator.data.validation["label"]]
+            baseline["majority"] = majority_baseline(train_labels, eval_labels, evaluator.num_labels)
         log.info("baseline: %s", {k: v for k, v in baseline.items() if isinstance(v, float)})
-    retention = trainer.retention_loader()
-    retention_before = float(trainer.evaluate(retention)["eval_loss"]) if retention is not None else None
+    retention = evaluator.retention_loader()
+    retention_before = float(evaluator.evaluate(retention)["eval_loss"]) if retention is not None else None
     return baseline or None, retention_before
 
 
 # ----------------------------------------------------------------------------------- the final report
 
 
-def final_report(trainer: Trainer) -> FinalEvaluation:
-    """Evaluate the weights the trainer holds now (the best checkpoint's, when it was restored).
+def final_report(evaluator: Evaluator, state: TrainerState, monitor: str, monitor_mode: metric_catalogue.Direction) -> FinalEvaluation:
+    """Evaluate the weights the model holds now (the best checkpoint's, when it was restored).
 
     A collective under DDP/FSDP: every rank calls it and gets the same numbers.
     """
-    spec, data = trainer.spec, trainer.data
+    spec, data, classification = evaluator.spec, evaluator.data, evaluator.classification
     report = FinalEvaluation()
-    if trainer.val_loader is not None:
-        report.final = public(trainer.evaluate(return_logits=False))
+    if evaluator.validation is not None:
+        report.final = public(evaluator.evaluate(return_logits=False))
     temperature = 1.0
-    if trainer.classification and spec.evaluation.calibration and trainer.val_loader is not None:
-        val = trainer.evaluate(return_logits=True)
+    if classification and spec.evaluation.calibration and evaluator.validation is not None:
+        val = evaluator.evaluate(return_logits=True)
         report.calibration = calibrate(val["logits"], val["labels"])
         temperature = report.calibration["temperature"]
-    test_loader = trainer.eval_loader(data.test)
+    test_loader = evaluator.loader(data.test)
     if test_loader is not None:
-        kwargs = {"temperature": temperature} if trainer.classification else {}
-        report.test = public(trainer.evaluate(test_loader, **kwargs))
-    generation = trainer.generation_metrics(data.test, spec.evaluation.max_eval_samples or DEFAULT_TEST_GENERATIONS) if trainer.generation else None
+        kwargs = {"temperature": temperature} if classification else {}
+        report.test = public(evaluator.evaluate(test_loader, **kwargs))
+    limit = spec.evaluation.max_eval_samples or DEFAULT_TEST_GENERATIONS
+    generation = evaluator.generation_metrics(data.test, limit) if evaluator.generation else None
     if generation and report.test is not None:
         report.test.update(generation)
-    report.retention = _retention(trainer)
-    report.gain = _gain(trainer.state.baseline, report.final, trainer.monitor, trainer.monitor_mode, trainer.classification)
+    report.retention = _retention(evaluator, state.retention_before)
+    report.gain = _gain(state.baseline, report.final, monitor, monitor_mode, classification)
     return report
 
 
-def _retention(trainer: Trainer) -> dict[str, Any] | None:
-    loader = trainer.retention_loader()
-    before = trainer.state.retention_before
-    retention_spec = trainer.spec.evaluation.retention
+def _retention(evaluator: Evaluator, before: float | None) -> dict[str, Any] | None:
+    loader = evaluator.retention_loader()
+    retention_spec = evaluator.spec.evaluation.retention
     if loader is None or before is None or retention_spec is None:
         return None
-    after = float(trainer.evaluate(loader)["eval_loss"])
+    after = float(evaluator.evaluate(loader)["eval_loss"])
     result = retention_check(before, after, retention_spec)  # raises RetentionExceeded with action fail
     if not result["passed"]:
         log.warning("retention check failed: loss %.4f -> %.4f", result["loss_before"], result["loss_after"])

@@ -34,11 +34,12 @@ from finetune_api.metric_catalogue import Direction
 
 from . import distributed
 from .checkpoint import CheckpointManager
-from .collate import Batching, eval_loader, make_collator, rows_of, token_counts
+from .collate import Batching, make_collator, rows_of, token_counts
 from .config import JobConfig
 from .distributed import DistInfo, dist_info
 from .errors import InvalidConfig, TrainerError
 from .evaluate import EarlyStopping, improves
+from .evaluator import Evaluator
 from .loss import WindowLoss
 from .metrics import TrainerMetrics
 from .model import LoadedModel, check_hardware, load_model, load_tokenizer, resolve_model_dir
@@ -51,9 +52,7 @@ from .state import HISTORY_LIMIT, TrainerState, thin_history
 from .storage import Storage, join
 
 if TYPE_CHECKING:
-    import datasets
     from accelerate import Accelerator
-    from torch.utils.data import DataLoader
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from .collate import Collator
@@ -65,7 +64,7 @@ log = logging.getLogger(__name__)
 DEFAULT_WORK_DIR = "/tmp/finetune-work"  # outside a pod (the operator sets FINETUNE_WORK_DIR to an emptyDir)
 GENERATION_EVAL_SAMPLES = 32  # validation prompts completed at each evaluation when bleu/rouge are asked for
 
-__all__ = ["HISTORY_LIMIT", "Preempted", "Trainer", "TrainerState", "eval_loader", "run", "thin_history"]
+__all__ = ["HISTORY_LIMIT", "Preempted", "Trainer", "TrainerState", "run", "thin_history"]
 
 
 def _finite(x: Any) -> float | None:
@@ -95,7 +94,6 @@ class Trainer:
         es = self.spec.evaluation.early_stopping
         self.monitor = es.metric if es else "eval_loss"
         self.monitor_mode: Direction = es.direction if es else "min"  # which way is better: early stopping, best model
-        self.generation = [m for m in (self.spec.evaluation.metrics or []) if m in metric_catalogue.GENERATION_METRICS]
         known = metric_catalogue.monitorable(self.spec.model.task, self.spec.evaluation.metrics)
         if self.monitor not in known:
             raise InvalidConfig(f"evaluation.earlyStopping.metric {self.monitor!r} is not computed for this task; use one of {', '.join(known)}")
@@ -130,9 +128,9 @@ class Trainer:
         if resumed_from is None:
             # Different dropout streams per rank; a resumed run gets each rank's own stream back instead.
             torch.manual_seed(self.hp.seed + 1000 * self.dist.rank)
-        if resumed_from is None and (self.spec.evaluation.baseline or self.retention_loader() is not None):
+        if resumed_from is None and (self.spec.evaluation.baseline or self.evaluator.retention_loader() is not None):
             self._stage("baseline")
-            self.state.baseline, self.state.retention_before = measure_baseline(self)
+            self.state.baseline, self.state.retention_before = measure_baseline(self.evaluator)
 
         self._stage("training", total_steps=self.state.total_steps, best_metric_name=self.monitor)
         self._train()
@@ -157,7 +155,7 @@ class Trainer:
         self.state.total_steps = self.hp.max_steps or max(1, math.ceil(self.hp.total_epochs * self.steps_per_epoch))
         self.state.world_size = self.dist.world_size
         self.model, self.optimizer, self.scheduler, self.raw_model, self.model_state = self._setup_optimizer(self.loaded)
-        self.early_stopping, self.val_loader = self._setup_eval()
+        self.early_stopping, self.evaluator = self._setup_eval()
         self.checkpoints = self._setup_checkpoints()
         self.metrics.set_total_steps(self.state.total_steps)
 
@@ -234,11 +232,12 @@ class Trainer:
         raw_model = self.accelerator.unwrap_model(model)
         return model, optimizer, scheduler, raw_model, ModelState(self.strategy, model, raw_model, optimizer, is_main=self.dist.is_main)
 
-    def _setup_eval(self) -> tuple[EarlyStopping | None, DataLoader | None]:
-        """Early stopping (evaluation.earlyStopping) and the validation loader (None without validation data)."""
+    def _setup_eval(self) -> tuple[EarlyStopping | None, Evaluator]:
+        """Early stopping (evaluation.earlyStopping) and the evaluator (with the validation loader, when there is data)."""
         es = self.spec.evaluation.early_stopping
-        early_stopping = EarlyStopping.from_spec(es) if es else None
-        return early_stopping, self.eval_loader(self.data.validation, max_samples=self.spec.evaluation.max_eval_samples)
+        evaluator = Evaluator(self.spec, self.dist, accelerator=self.accelerator, tokenizer=self.tokenizer, data=self.data,
+                              num_labels=self.num_labels, model=self.raw_model, sharded=self.model_state.sharded)
+        return (EarlyStopping.from_spec(es) if es else None), evaluator
 
     def _setup_checkpoints(self) -> CheckpointManager:
         checkpoints = CheckpointManager(
@@ -251,53 +250,6 @@ class Trainer:
     @property
     def scaler(self) -> Any:
         return getattr(self.accelerator, "scaler", None)
-
-    # ----------------------------------------------------------------------------------- evaluate
-
-    def eval_loader(self, dataset: datasets.Dataset | None, max_samples: int | None = None) -> DataLoader | None:
-        """Padded eval batches; under DDP each rank takes a shard and the metrics are gathered (exactly, see evaluate)."""
-        loader = eval_loader(dataset, classification=self.classification, batch_size=self.hp.batch_size,
-                             pad_token_id=self.tokenizer.pad_token_id, max_samples=max_samples)
-        if loader is not None and self.dist.distributed:
-            loader = self.accelerator.prepare(loader)  # no sampler generator: does not touch any RNG
-        return loader
-
-    def evaluate(self, loader: DataLoader | None = None, **kwargs: Any) -> dict[str, Any]:
-        """Collective under DDP: every rank calls it and gets the same, global result."""
-        from .evaluate import evaluate_classification, evaluate_lm
-
-        loader = loader if loader is not None else self.val_loader
-        accelerator = self.accelerator if self.dist.distributed else None
-        with self.accelerator.autocast():
-            if self.classification:
-                return evaluate_classification(self.raw_model, loader, num_labels=self.num_labels, label_names=self.data.labels,
-                                               accelerator=accelerator, **kwargs)
-            return evaluate_lm(self.raw_model, loader, accelerator=accelerator)
-
-    def retention_loader(self) -> DataLoader | None:
-        if self.spec.evaluation.retention is None or getattr(self.data, "retention", None) is None:
-            return None
-        return self.eval_loader(self.data.retention, max_samples=self.spec.evaluation.max_eval_samples)
-
-    def generation_metrics(self, dataset: datasets.Dataset | None, limit: int) -> dict[str, float] | None:
-        """BLEU / ROUGE-L of greedy completions on up to ``limit`` rows of ``dataset`` (evaluation.metrics).
-
-        Rank 0 only (every rank under FSDP, where each forward is a collective).
-        """
-        wanted = self.generation
-        if self.classification or not wanted or dataset is None or not (self.dist.is_main or self.model_state.sharded):
-            return None
-        from .evaluate import generate_and_score, prompts_and_references
-
-        prompts, references = prompts_and_references(dataset.select(range(min(limit, len(dataset)))), self.tokenizer)
-        if not prompts:
-            log.warning("evaluation.metrics %s need prompt/completion or chat rows; skipped", wanted)
-            return None
-        with self.accelerator.autocast():
-            scores = generate_and_score(self.raw_model, self.tokenizer, prompts, references, metrics=wanted,
-                                        max_new_tokens=min(128, self.hp.max_seq_length), batch_size=self.hp.batch_size)
-        log.info("generation metrics on %d %s prompts: %s", len(prompts), "test" if dataset is self.data.test else "validation", scores)
-        return scores
 
     # -------------------------------------------------------------------------------------- train
 
@@ -370,7 +322,7 @@ class Trainer:
                 # Evaluate, then decide whether to checkpoint and whether to stop.
                 last = st.step >= st.total_steps
                 due = (ev.strategy == "steps" and st.step % ev.every_steps == 0) or (ev.strategy == "epoch" and epoch_done)
-                new_best = self._eval_step() if self.val_loader is not None and (due or last) else False
+                new_best = self._eval_step() if self.evaluator.validation is not None and (due or last) else False
                 stop_early = self.early_stopping is not None and self.early_stopping.should_stop
                 preempt = distributed.any_rank(self.sigterm.requested)
                 keep_best = new_best and self.use_best
@@ -393,10 +345,10 @@ class Trainer:
 
     def _eval_step(self) -> bool:
         st = self.state
-        result = public(self.evaluate()) or {}
-        if self.generation:
+        result = public(self.evaluator.evaluate()) or {}
+        if self.evaluator.generation:
             # Scored on rank 0 (every rank under FSDP); the decision to stop must be the same everywhere.
-            scores = distributed.broadcast_object(self.generation_metrics(self.data.validation, GENERATION_EVAL_SAMPLES))
+            scores = distributed.broadcast_object(self.evaluator.generation_metrics(self.data.validation, GENERATION_EVAL_SAMPLES))
             result.update(scores or {})
         value = result.get(self.monitor)
         entry = {"step": st.step, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
@@ -432,7 +384,7 @@ class Trainer:
     @property
     def use_best(self) -> bool:
         """Keep the best checkpoint and finish with its weights (evaluation.useBestModel, with validation data)."""
-        return self.spec.evaluation.use_best_model and self.val_loader is not None
+        return self.spec.evaluation.use_best_model and self.evaluator.validation is not None
 
     def _finish(self) -> dict[str, Any]:
         """Best weights back, the final report, then the model published (rank 0) and the run's summary returned."""
@@ -441,7 +393,7 @@ class Trainer:
         st = self.state
         best_checkpoint = self._restore_best()
         self._stage("testing")
-        evaluation = final_report(self)
+        evaluation = final_report(self.evaluator, self.state, self.monitor, self.monitor_mode)
         if evaluation.gain is not None:
             self.progress.set_gain(evaluation.gain["metric"], _finite(evaluation.gain["baseline"]), _finite(evaluation.gain["final"]))
         summary = RunSummary.of(self, evaluation, best_checkpoint)
