@@ -412,9 +412,8 @@ class EarlyStopping(_Model):
         """Fill an absent mode from the metric, so the stored config says which way is better."""
         if isinstance(data, dict) and data.get("mode") is None:
             metric = data.get("metric", "eval_loss")
-            data = {**data, "mode": metric_catalogue.direction(metric) if isinstance(metric, str) else None}
-            if data["mode"] is None:
-                data["mode"] = Mode.min.value
+            known = metric_catalogue.direction(metric) if isinstance(metric, str) else None
+            data = {**data, "mode": known or Mode.min.value}
         return data
 
     @model_validator(mode="after")
