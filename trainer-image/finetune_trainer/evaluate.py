@@ -7,12 +7,13 @@ Read top to bottom:
    across ranks: they sum per-example statistics, gather them with ``accelerator.gather_for_metrics`` (which drops
    the samples accelerate repeats to even out the last batch) and divide once at the end.
 2. :func:`generate_and_score` greedily generates completions and scores them with sacrebleu (BLEU) and
-   rouge-score (ROUGE-L).
+   rouge-score (ROUGE-L); :func:`prompts_and_references` recovers prompts and references from tokenised rows.
 3. :func:`expected_calibration_error`, :func:`fit_temperature` and :func:`calibrate`: temperature scaling
    (Guo et al., 2017, "On Calibration of Modern Neural Networks") for classifiers.
 4. :func:`majority_baseline`: the score of always predicting the most frequent training class, the floor a
    classifier has to beat to have learnt anything.
-5. :class:`EarlyStopping`: a small, serialisable plateau detector whose state goes into checkpoints.
+5. :class:`EarlyStopping`: a small, serialisable plateau detector whose state goes into checkpoints, and
+   :func:`improves`, the one "is this better" test (direction from :mod:`finetune_api.metric_catalogue`).
 6. :func:`retention_check` and :func:`gain`: catastrophic forgetting and improvement over the base model.
 
 Library code does the metric arithmetic wherever a maintained library has it (scikit-learn for classification
