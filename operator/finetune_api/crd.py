@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from finetune_api import spec as S
+from finetune_api import spec
 from finetune_api.status import FineTuneJobStatus
 
 _KEEP = {
@@ -118,7 +118,7 @@ def _object_defaults(schema: dict[str, Any], model_cls: type[BaseModel]) -> None
         if sub is None:
             continue
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, S._Model):
+        if isinstance(ann, type) and issubclass(ann, spec._Model):
             if field.default_factory is not None:
                 # the full default object, not {}: the API server validates a default (CEL rules
                 # included) as written, before nested defaults would fill it in
@@ -127,8 +127,8 @@ def _object_defaults(schema: dict[str, Any], model_cls: type[BaseModel]) -> None
 
 
 def spec_schema() -> dict[str, Any]:
-    schema = model_schema(S.FineTuneJobSpec)
-    _object_defaults(schema, S.FineTuneJobSpec)
+    schema = model_schema(spec.FineTuneJobSpec)
+    _object_defaults(schema, spec.FineTuneJobSpec)
     return schema
 
 
@@ -150,21 +150,21 @@ def crd() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{S.PLURAL}.{S.API_GROUP}"},
+        "metadata": {"name": f"{spec.PLURAL}.{spec.API_GROUP}"},
         "spec": {
-            "group": S.API_GROUP,
+            "group": spec.API_GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": S.KIND,
-                "listKind": f"{S.KIND}List",
-                "plural": S.PLURAL,
-                "singular": S.SINGULAR,
-                "shortNames": list(S.SHORT_NAMES),
+                "kind": spec.KIND,
+                "listKind": f"{spec.KIND}List",
+                "plural": spec.PLURAL,
+                "singular": spec.SINGULAR,
+                "shortNames": list(spec.SHORT_NAMES),
                 "categories": ["all", "ml"],
             },
             "versions": [
                 {
-                    "name": S.API_VERSION,
+                    "name": spec.API_VERSION,
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonDict
 
+from finetune_api import metric_catalogue
+
 API_GROUP = "finetune.io"
 API_VERSION = "v1alpha1"
 KIND = "FineTuneJob"
@@ -466,13 +468,54 @@ class Mode(str, Enum):
     max = "max"
 
 
+def _mode_cel(direction: metric_catalogue.Direction) -> dict[str, Any]:
+    names = ", ".join(f"'{m}'" for m in metric_catalogue.judged(direction))
+    return cel(f"!has(self.mode) || !(self.metric in [{names}]) || self.mode == '{direction}'", metric_catalogue.mode_rule(direction))
+
+
 class EarlyStopping(_Model):
-    """Stop when the monitored metric stops improving."""
+    """Stop when the monitored metric stops improving.
+
+    ``mode`` follows the metric (:mod:`finetune_api.metric_catalogue`) when unset: ``max`` for accuracy and
+    F1, ``min`` for losses. A mode that contradicts a known metric is rejected, because it would stop on
+    the wrong trend and, with useBestModel, export the worst checkpoint.
+    """
 
     metric: str = Field(default="eval_loss", max_length=128, description="Metric to monitor, e.g. eval_loss, accuracy, f1_macro.")
-    mode: Mode = Field(default=Mode.min, description="min when lower is better, max when higher is better.")
+    mode: Mode | None = Field(
+        default=None,
+        description=(
+            "min when lower is better, max when higher is better. Default: the metric's own direction "
+            f"(max for {', '.join(metric_catalogue.judged('max'))}; min for {', '.join(metric_catalogue.judged('min'))} "
+            "and any other metric). Must agree with it for the metrics named here."
+        ),
+    )
     patience: int = Field(default=3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(default=0.0, ge=0.0, description="Smallest change that counts as an improvement.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, data: Any) -> Any:
+        """Fill an absent mode from the metric, so the stored config says which way is better."""
+        if isinstance(data, dict) and data.get("mode") is None:
+            metric = data.get("metric", "eval_loss")
+            known = metric_catalogue.direction(metric) if isinstance(metric, str) else None
+            data = {**data, "mode": known or Mode.min.value}
+        return data
+
+    @model_validator(mode="after")
+    def _mode_agrees(self) -> "EarlyStopping":
+        expected = metric_catalogue.direction(self.metric)
+        if expected is not None and self.direction != expected:
+            raise ValueError(metric_catalogue.mode_rule(expected))
+        return self
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_mode_cel("min"), _mode_cel("max")]})
+
+    @property
+    def direction(self) -> metric_catalogue.Direction:
+        """``min`` or ``max``: the mode, always set after validation."""
+        return "max" if self.mode == Mode.max.value else "min"
 
 
 class RetentionSpec(_Model):
@@ -691,7 +734,7 @@ class FineTuneJobSpec(_Model):
     def _cross(self) -> "FineTuneJobSpec":
         if self.lora is not None and self.method not in ADAPTER_METHODS:
             raise ValueError("spec.lora is only valid with method lora, qlora or dora")
-        classification = self.model.task == Task.sequence_classification.value
+        classification = self.is_classification
         if classification != (self.dataset.format == DataFormat.classification.value):
             raise ValueError("dataset.format classification goes with model.task sequence-classification, and only with it")
         if any(m in ("bleu", "rouge") for m in (self.evaluation.metrics or [])) and classification:
@@ -729,6 +772,11 @@ class FineTuneJobSpec(_Model):
     @property
     def is_adapter(self) -> bool:
         return self.method in ADAPTER_METHODS
+
+    @property
+    def is_classification(self) -> bool:
+        """The task is sequence classification (classifier head, class labels, calibration) rather than causal LM."""
+        return self.model.task == Task.sequence_classification.value
 
     @property
     def lora_or_default(self) -> LoraSpec:

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    import datasets
+
 IGNORE_INDEX = -100
+"""Label of a token that is not scored (prompt, padding, a packed row's first token): cross_entropy's default ignore_index."""
 
 
 # ------------------------------------------------------------------------------------------- order
@@ -137,7 +141,11 @@ class ClassificationCollator:
         }
 
 
-def make_collator(*, classification: bool, packing: bool, pad_token_id: int) -> Any:
+Collator = ClassificationCollator | PackedLMCollator | PaddedLMCollator
+"""What turns a list of rows into one batch of tensors."""
+
+
+def make_collator(*, classification: bool, packing: bool, pad_token_id: int) -> Collator:
     if classification:
         return ClassificationCollator(pad_token_id)
     if packing:
@@ -160,3 +168,38 @@ def padding_fraction(batch: dict[str, torch.Tensor]) -> float:
 def label_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens the causal-LM loss is computed on (labels shift by one inside the model)."""
     return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+
+
+# ------------------------------------------------------------------------------------- loading rows
+
+
+def rows_of(dataset: datasets.Dataset, indices: list[int]) -> list[dict[str, Any]]:
+    """Rows ``indices`` of an Arrow dataset as dicts (one columnar read instead of one per row)."""
+    cols = dataset[indices]
+    keys = list(cols)
+    return [{k: cols[k][i] for k in keys} for i in range(len(indices))]
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, dataset: datasets.Dataset, columns: list[str]):
+        self.dataset = dataset
+        self.columns = [c for c in columns if c in dataset.column_names]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.dataset[int(i)]
+        return {c: row[c] for c in self.columns}
+
+
+def eval_loader(dataset: datasets.Dataset | None, *, classification: bool, batch_size: int, pad_token_id: int,
+                max_samples: int | None = None) -> torch.utils.data.DataLoader | None:
+    """Padded, unshuffled batches of ``dataset`` (None when there is nothing to evaluate)."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    if max_samples is not None and len(dataset) > max_samples:
+        dataset = dataset.select(range(max_samples))
+    collate = ClassificationCollator(pad_token_id) if classification else PaddedLMCollator(pad_token_id)
+    cols = ["input_ids", "label"] if classification else ["input_ids", "labels"]
+    return torch.utils.data.DataLoader(_ListDataset(dataset, cols), batch_size=batch_size, shuffle=False, collate_fn=collate)

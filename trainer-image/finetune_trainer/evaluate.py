@@ -7,12 +7,13 @@ Read top to bottom:
    across ranks: they sum per-example statistics, gather them with ``accelerator.gather_for_metrics`` (which drops
    the samples accelerate repeats to even out the last batch) and divide once at the end.
 2. :func:`generate_and_score` greedily generates completions and scores them with sacrebleu (BLEU) and
-   rouge-score (ROUGE-L).
+   rouge-score (ROUGE-L); :func:`prompts_and_references` recovers prompts and references from tokenised rows.
 3. :func:`expected_calibration_error`, :func:`fit_temperature` and :func:`calibrate`: temperature scaling
    (Guo et al., 2017, "On Calibration of Modern Neural Networks") for classifiers.
 4. :func:`majority_baseline`: the score of always predicting the most frequent training class, the floor a
    classifier has to beat to have learnt anything.
-5. :class:`EarlyStopping`: a small, serialisable plateau detector whose state goes into checkpoints.
+5. :class:`EarlyStopping`: a small, serialisable plateau detector whose state goes into checkpoints, and
+   :func:`improves`, the one "is this better" test (direction from :mod:`finetune_api.metric_catalogue`).
 6. :func:`retention_check` and :func:`gain`: catastrophic forgetting and improvement over the base model.
 
 Library code does the metric arithmetic wherever a maintained library has it (scikit-learn for classification
@@ -26,21 +27,30 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
+from finetune_api import metric_catalogue
+from finetune_api.metric_catalogue import Direction
+from finetune_api.spec import EarlyStopping as EarlyStoppingSpec
 from finetune_api.spec import RetentionSpec
+from finetune_trainer.collate import IGNORE_INDEX
 from finetune_trainer.errors import EmptyDataset, InvalidConfig, RetentionExceeded
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+_T = TypeVar("_T")
+
 ECE_BINS = 15
 # Temperatures outside this range mean the fit ran away (e.g. perfectly separable validation logits, where NLL keeps
 # falling as T -> 0); clamping keeps the calibrated probabilities usable.
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 1e2
-GENERATION_METRICS = ("bleu", "rouge")
+GENERATION_METRICS = tuple(metric_catalogue.GENERATION_METRICS)  # the evaluation.metrics entries: bleu, rouge
 
 __all__ = [
     "ECE_BINS",
@@ -52,8 +62,10 @@ __all__ = [
     "fit_temperature",
     "gain",
     "generate_and_score",
+    "improves",
     "majority_baseline",
     "perplexity",
+    "prompts_and_references",
     "retention_check",
     "score_texts",
 ]
@@ -62,7 +74,7 @@ __all__ = [
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _device_of(model: torch.nn.Module, accelerator: Any) -> torch.device:
+def _device_of(model: torch.nn.Module, accelerator: Accelerator | None) -> torch.device:
     if accelerator is not None:
         return accelerator.device
     device = getattr(model, "device", None)
@@ -113,7 +125,7 @@ def _batches(dataloader: Iterable[Mapping[str, Any]], max_batches: int | None) -
             dataloader.end()
 
 
-def _gather(accelerator: Any, tensors: Any) -> Any:
+def _gather(accelerator: Accelerator | None, tensors: _T) -> _T:
     return tensors if accelerator is None else accelerator.gather_for_metrics(tensors)
 
 
@@ -147,7 +159,7 @@ def evaluate_lm(
     model: torch.nn.Module,
     dataloader: Iterable[Mapping[str, torch.Tensor]],
     *,
-    accelerator: Any = None,
+    accelerator: Accelerator | None = None,
     max_batches: int | None = None,
 ) -> dict[str, float]:
     """Token-weighted loss, perplexity and next-token accuracy of a causal LM.
@@ -226,7 +238,7 @@ def evaluate_classification(
     *,
     num_labels: int,
     label_names: Sequence[str] | None = None,
-    accelerator: Any = None,
+    accelerator: Accelerator | None = None,
     temperature: float = 1.0,
     return_logits: bool = False,
 ) -> dict[str, Any]:
@@ -347,10 +359,28 @@ def _check_metrics(metrics: Sequence[str]) -> None:
         raise ValueError(f"unknown generation metrics {unknown}; known: {list(GENERATION_METRICS)}")
 
 
+def prompts_and_references(rows: Iterable[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], list[str]]:
+    """Prompts and reference completions recovered from tokenised rows (``input_ids``, ``labels``).
+
+    The prompt is everything before the first scored token, the reference the first scored span (a completion
+    or an assistant turn). Rows with no prompt (plain text) or nothing scored are skipped.
+    """
+    prompts, references = [], []
+    for row in rows:
+        ids, labels = list(row["input_ids"]), list(row["labels"])
+        first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), None)
+        if not first:  # no prompt (plain text rows) or nothing scored
+            continue
+        end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+        prompts.append(tokenizer.decode(ids[:first], skip_special_tokens=True))
+        references.append(tokenizer.decode(ids[first:end], skip_special_tokens=True).strip())
+    return prompts, references
+
+
 @torch.no_grad()
 def generate_and_score(
     model: torch.nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     references: list[str],
     *,
@@ -374,7 +404,7 @@ def generate_and_score(
 
 @torch.no_grad()
 def generate_greedy(
-    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8
 ) -> list[str]:
     """Greedy completions (new text only, special tokens skipped, stripped)."""
     if max_new_tokens < 1 or batch_size < 1:
@@ -510,6 +540,19 @@ def majority_baseline(train_labels: list[int], eval_labels: list[int], num_label
 # --------------------------------------------------------------------------------------- early stopping
 
 
+def improves(value: float, best: float | None, direction: Direction, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` in ``direction`` (the first value always does).
+
+    The one comparison behind early stopping, best-checkpoint selection and the gain's verdict, so that
+    they can never disagree on which way is better. NaN never improves.
+    """
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best - min_delta if direction == "min" else value > best + min_delta
+
+
 class EarlyStopping:
     """Stop when ``metric`` has not improved by more than ``min_delta`` for ``patience`` evaluations in a row.
 
@@ -525,7 +568,7 @@ class EarlyStopping:
         if min_delta < 0:
             raise ValueError(f"min_delta must be non-negative, got {min_delta}")
         self.metric = metric
-        self.mode = mode
+        self.mode: Direction = "min" if mode == "min" else "max"
         self.patience = int(patience)
         self.min_delta = float(min_delta)
         self._best: float | None = None
@@ -533,10 +576,9 @@ class EarlyStopping:
         self._bad_evals = 0
 
     @classmethod
-    def from_spec(cls, spec: Any) -> "EarlyStopping":
-        """From ``spec.evaluation.early_stopping`` (the pydantic model of the same name)."""
-        mode = str(getattr(spec.mode, "value", spec.mode))  # a defaulted field is still the enum member
-        return cls(metric=spec.metric, mode=mode, patience=spec.patience, min_delta=spec.min_delta)
+    def from_spec(cls, spec: EarlyStoppingSpec) -> "EarlyStopping":
+        """From ``spec.evaluation.early_stopping``; its mode follows the metric's direction when unset."""
+        return cls(metric=spec.metric, mode=spec.direction, patience=spec.patience, min_delta=spec.min_delta)
 
     @property
     def best(self) -> float | None:
@@ -555,13 +597,7 @@ class EarlyStopping:
         return self._bad_evals >= self.patience
 
     def is_improvement(self, value: float) -> bool:
-        if math.isnan(value):
-            return False
-        if self._best is None:
-            return True
-        if self.mode == "min":
-            return value < self._best - self.min_delta
-        return value > self._best + self.min_delta
+        return improves(value, self._best, self.mode, self.min_delta)
 
     def update(self, value: float, step: int) -> bool:
         """Record one evaluation; True when ``value`` is the new best."""

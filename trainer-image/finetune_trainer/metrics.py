@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+from threading import Thread
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
+from finetune_api import env as pod_env
+from finetune_api import metric_catalogue
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9400
 
-# Eval metrics exported as finetune_eval_<name> when present in an evaluation result.
-EVAL_METRICS = ("eval_loss", "perplexity", "token_accuracy", "accuracy", "precision_macro", "recall_macro", "f1_macro", "ece")
+# Eval metrics exported as finetune_eval{metric="<label>"} when present in an evaluation result (the metric table).
+EVAL_METRICS = {m.name: m.prometheus for m in metric_catalogue.exported() if m.prometheus}
 DATA_COUNTERS = ("rows_read", "rows_kept", "rows_removed", "malformed", "exact_duplicates", "near_duplicates", "pii_redacted", "leakage")
 
 
@@ -56,10 +60,10 @@ class TrainerMetrics:
         self.tokens = Counter("finetune_tokens", "Real tokens trained on by this rank.", names, registry=r)
         self.data_rows = gauge("data_rows", "Data report counters.", ("kind",))
         self._stage: str | None = None
-        self._server: Any = None
+        self._server: tuple[WSGIServer, Thread] | None = None
         self.port = None
         if port is None:
-            port = int(os.environ.get("FINETUNE_METRICS_PORT", DEFAULT_PORT))
+            port = int(os.environ.get(pod_env.METRICS_PORT, DEFAULT_PORT))
         if port:
             # Several ranks of one pod share the pod's network: rank i serves port + local rank.
             port += int(os.environ.get("LOCAL_RANK", 0))
@@ -77,7 +81,7 @@ class TrainerMetrics:
             server.server_close()
             self._server = None
 
-    def _l(self, series: Any, **extra: str) -> Any:
+    def _l(self, series: Gauge | Counter, **extra: str) -> Any:
         return series.labels(**self.labels, **extra)
 
     def set_stage(self, stage: str) -> None:
@@ -116,10 +120,10 @@ class TrainerMetrics:
             self._l(self.gpu_memory_peak).set(torch.cuda.max_memory_allocated())
 
     def on_eval(self, result: dict[str, Any], *, best_name: str | None = None, best: float | None = None) -> None:
-        for name in EVAL_METRICS:
+        for name, label in EVAL_METRICS.items():
             value = result.get(name)
             if isinstance(value, (int, float)):
-                self._l(self.eval, metric=name).set(float(value))
+                self._l(self.eval, metric=label).set(float(value))
         if best_name and best is not None:
             self._l(self.best_metric, metric=best_name).set(best)
 

@@ -14,17 +14,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from finetune_api import env as pod_env
-from finetune_api.spec import FineTuneJobSpec, Task
+from finetune_api.spec import FineTuneJobSpec
 
-from .distributed import DistInfo
+from .distributed import DistInfo, launch_key, local_main_works
 from .errors import CheckpointError, InvalidConfig, ModelNotFound, UnsupportedHardware
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def _cache_root() -> Path:
     return Path(os.environ.get(pod_env.CACHE_DIR, DEFAULT_CACHE_DIR))
 
 
-def resolve_model_dir(uri: str, storage: Any, dist: DistInfo, *, cache_dir: str | Path | None = None) -> str:
+def resolve_model_dir(uri: str, storage: Storage, dist: DistInfo, *, cache_dir: str | Path | None = None) -> str:
     """A local folder (or, for hf://, a hub id) that ``from_pretrained`` can load."""
     if uri.startswith("hf://"):
         return uri.removeprefix("hf://")
@@ -70,7 +74,8 @@ def resolve_model_dir(uri: str, storage: Any, dist: DistInfo, *, cache_dir: str 
     marker = local / ".complete"
     if marker.exists():
         return str(local)
-    if dist.is_local_main:
+
+    def download() -> str:
         prefix = uri.rstrip("/") + "/"
         try:
             files = storage.list(prefix)
@@ -81,20 +86,17 @@ def resolve_model_dir(uri: str, storage: Any, dist: DistInfo, *, cache_dir: str 
         log.info("downloading %s (%d files) to %s", uri, len(files), local)
         local.mkdir(parents=True, exist_ok=True)
         storage.download_prefix(prefix, str(local), workers=8)
-        marker.write_text(uri)
-    else:
-        deadline = time.monotonic() + _DOWNLOAD_WAIT_S
-        while not marker.exists():
-            if time.monotonic() > deadline:
-                raise ModelNotFound(f"timed out waiting for local rank 0 to download {uri}")
-            time.sleep(1.0)
-    return str(local)
+        return str(local)
+
+    failed = local.with_name(f"{local.name}.failed-{launch_key()}")
+    return local_main_works(dist, download, lambda: str(local), done=marker, failed=failed, what=f"download {uri}",
+                            timeout_s=_DOWNLOAD_WAIT_S, timeout_error=ModelNotFound, poll_s=1.0)
 
 
 # --------------------------------------------------------------------------------------- 2. tokenizer
 
 
-def load_tokenizer(model_dir: str, spec: FineTuneJobSpec) -> Any:
+def load_tokenizer(model_dir: str, spec: FineTuneJobSpec) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
@@ -152,7 +154,7 @@ def attention_implementation(precision: str) -> str | None:
 
 @dataclass
 class LoadedModel:
-    model: Any  # the (possibly peft-wrapped) model to train
+    model: PreTrainedModel  # the model to train (a peft wrapper around one with an adapter method)
     precision: str  # bf16 / fp16 / fp32: the compute precision for autocast
     is_adapter: bool
     target_modules: list[str] | str | None
@@ -160,7 +162,7 @@ class LoadedModel:
     total_params: int
 
 
-def _override_dropout(config: Any, p: float) -> list[str]:
+def _override_dropout(config: PretrainedConfig, p: float) -> list[str]:
     changed = []
     for key, value in list(vars(config).items()):
         if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")) and "classifier" not in key:
@@ -190,7 +192,7 @@ def load_model(
     spec: FineTuneJobSpec,
     *,
     labels: list[str] | None = None,
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     dist: DistInfo | None = None,
     empty: bool = False,
 ) -> LoadedModel:
@@ -200,7 +202,7 @@ def load_model(
 
     method = spec.method
     precision = resolve_precision(spec.hyperparameters.precision)
-    classification = spec.model.task == Task.sequence_classification.value
+    classification = spec.is_classification
     check_hardware(spec)
     if method == "qlora":
         try:
@@ -283,7 +285,7 @@ def count_parameters(model_dir: str, spec: FineTuneJobSpec) -> int:
     trust = spec.model.trust_remote_code
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
-        auto = AutoModelForSequenceClassification if spec.model.task == Task.sequence_classification.value else AutoModelForCausalLM
+        auto = AutoModelForSequenceClassification if spec.is_classification else AutoModelForCausalLM
         with torch.device("meta"):
             model = auto.from_config(config, trust_remote_code=trust)
     except Exception as e:  # noqa: BLE001

@@ -14,45 +14,23 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from finetune_api.spec import FineTuneJobSpec, Task
+from finetune_api import metric_catalogue
+from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer.evaluate import gain
+from finetune_trainer.report import RunSummary
 
 CARD_SCHEMA_VERSION = 1
 
-# Direction of every metric the evaluation module produces; gains are only judged for these.
-METRIC_MODES = {
-    "eval_loss": "min",
-    "perplexity": "min",
-    "ece": "min",
-    "token_accuracy": "max",
-    "accuracy": "max",
-    "precision_macro": "max",
-    "recall_macro": "max",
-    "f1_macro": "max",
-    "bleu": "max",
-    "rouge_l": "max",
-}
-METRIC_TITLES = {
-    "eval_loss": "Loss",
-    "perplexity": "Perplexity",
-    "token_accuracy": "Token accuracy",
-    "accuracy": "Accuracy",
-    "f1_macro": "F1 (macro)",
-    "precision_macro": "Precision (macro)",
-    "recall_macro": "Recall (macro)",
-    "ece": "ECE (15 bins)",
-    "bleu": "BLEU",
-    "rouge_l": "ROUGE-L F1",
-    "eval_tokens": "Scored tokens",
-    "eval_samples": "Examples",
-    "generation_samples": "Generated samples",
-}
-METRIC_ORDER = list(METRIC_TITLES)
-COUNT_METRICS = {"eval_tokens", "eval_samples", "generation_samples"}
+# From the one metric table: which way is better (gains are judged only for these), titles and order.
+METRIC_MODES = {m.name: m.direction for m in metric_catalogue.METRICS if m.direction is not None}
+METRIC_TITLES = {m.name: m.title for m in metric_catalogue.METRICS}
+METRIC_ORDER = [m.name for m in metric_catalogue.METRICS]
+COUNT_METRICS = {m.name for m in metric_catalogue.METRICS if m.direction is None}
 # Never copied into the card: tensors evaluate_classification returns on request.
 NON_METRIC_KEYS = {"per_class", "logits", "labels", "majority"}
 MAX_REPORT_ROWS = 60
@@ -157,41 +135,6 @@ def _key_value_table(data: Mapping[str, Any] | None, what: str, see: str | None 
     return lines
 
 
-def _data_report_lines(report: Mapping[str, Any] | None) -> list[str]:
-    """The data pipeline's report (data/prepare.py) summarised: split sizes, what cleaning removed, leakage found,
-    class balance. A report of another shape is shown flattened."""
-    report = _jsonable(dict(report or {}))
-    sizes, total = report.get("final_sizes"), report.get("total")
-    if not isinstance(sizes, dict) or not isinstance(total, dict):
-        return _key_value_table(report, "data report", see="data-report.json")
-    lines = _table(["Split", "Rows after cleaning"], [[name, n] for name, n in sizes.items() if n is not None])
-    titles = {"pii_total": "PII redacted"}
-    counts = [[titles.get(k, k.replace("_", " ").capitalize()), v] for k, v in total.items() if _is_number(v)]
-    pii = total.get("pii")
-    if isinstance(pii, dict) and pii:
-        counts.append(["PII redacted by kind", ", ".join(f"{kind} {n}" for kind, n in pii.items())])
-    if counts:
-        lines += ["", "Cleaning, summed over the job's inputs (each row counted at the first step that dropped it):", ""]
-        lines += _table(["Step", "Rows / tokens"], counts)
-    leakage = report.get("leakage")
-    if isinstance(leakage, dict) and leakage.get("policy") not in (None, "off"):
-        found = [
-            f"{split}: {fmt(leakage[split].get('exact'))} exact, {fmt(leakage[split].get('near'))} near"
-            for split in ("validation", "test")
-            if isinstance(leakage.get(split), dict)
-        ]
-        lines += ["", f"Leakage check ({leakage['policy']}): " + ("; ".join(found) if found else "nothing found") + "."]
-    classes = report.get("classes")
-    train_balance = classes.get("train") if isinstance(classes, dict) else None
-    if isinstance(train_balance, dict) and isinstance(train_balance.get("counts"), dict):
-        lines += ["", "Training examples per class:", ""]
-        lines += _table(["Class", "Examples"], list(map(list, train_balance["counts"].items()))[:MAX_REPORT_ROWS])
-        if _is_number(train_balance.get("imbalance_ratio")):
-            lines += ["", f"Imbalance ratio (largest / smallest class): {fmt(train_balance['imbalance_ratio'], real=True)}."]
-    lines += ["", "The full report is in `data-report.json`."]
-    return lines
-
-
 def _scalars(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if metrics is None:
         return None
@@ -215,8 +158,8 @@ def primary_metric(spec: FineTuneJobSpec) -> tuple[str, str]:
     """The metric the card leads with: the early-stopping metric when set, else loss (LM) or macro F1."""
     es = spec.evaluation.early_stopping
     if es is not None:
-        return es.metric, str(_v(es.mode))
-    if spec.model.task == Task.sequence_classification.value:
+        return es.metric, es.direction
+    if spec.is_classification:
         return "f1_macro", "max"
     return "eval_loss", "min"
 
@@ -238,7 +181,7 @@ def _v(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
-def _label_names(spec: FineTuneJobSpec, data_report: Mapping[str, Any] | None) -> list[str] | None:
+def label_names(spec: FineTuneJobSpec, data_report: Mapping[str, Any] | None) -> list[str] | None:
     """Class names from the spec, else the ones the data pipeline derived from the data."""
     if spec.model.labels:
         return list(spec.model.labels)
@@ -247,25 +190,52 @@ def _label_names(spec: FineTuneJobSpec, data_report: Mapping[str, Any] | None) -
     return [str(x) for x in labels] if isinstance(labels, (list, tuple)) else None
 
 
-def _hub_id(uri: str) -> str:
-    return uri[len("hf://") :] if uri.startswith("hf://") else uri
+@dataclass(frozen=True)
+class CardView:
+    """A :class:`~.report.RunSummary` as the card reads it: the derived values computed once, for every section."""
+
+    summary: RunSummary
+    spec: FineTuneJobSpec
+    classification: bool
+    metric: str  # the metric the card leads with
+    mode: str
+    baseline: Mapping[str, Any] | None
+    final_eval: Mapping[str, Any]
+    test_eval: Mapping[str, Any] | None
+    majority: Mapping[str, Any] | None  # always predicting the most frequent training class (classification)
+    gains: dict[str, dict[str, Any]]
+    per_class: Mapping[str, Mapping[str, Any]] | None
+    hyper: dict[str, Any]
+    adapter: dict[str, Any] | None
+
+    @property
+    def evaluated(self) -> Mapping[str, Any]:
+        """The numbers the card stands on: test when there was a test set, else validation."""
+        return self.test_eval or self.final_eval
 
 
-def _limitations(
-    spec: FineTuneJobSpec,
-    baseline: Mapping[str, Any] | None,
-    final_eval: Mapping[str, Any],
-    test_eval: Mapping[str, Any] | None,
-    calibration: Mapping[str, Any] | None,
-    retention: Mapping[str, Any] | None,
-    majority: Mapping[str, Any] | None,
-) -> list[str]:
-    classification = spec.model.task == Task.sequence_classification.value
+def card_view(summary: RunSummary) -> CardView:
+    spec, baseline = summary.spec, summary.baseline
+    majority = dict(baseline["majority"]) if baseline and isinstance(baseline.get("majority"), Mapping) else None
+    final_eval = summary.final_eval or {}
+    metric, mode = primary_metric(spec)
+    evaluated = summary.test_eval or final_eval
+    return CardView(
+        summary=summary, spec=spec, classification=spec.is_classification, metric=metric, mode=mode, baseline=baseline,
+        final_eval=final_eval, test_eval=summary.test_eval, majority=majority, gains=_gains(baseline, final_eval),
+        per_class=evaluated.get("per_class") if spec.is_classification else None,
+        hyper=spec.hyperparameters.model_dump(by_alias=True, mode="json"),
+        adapter=spec.lora_or_default.model_dump(by_alias=True, mode="json") if spec.is_adapter else None,
+    )
+
+
+def limitations(v: CardView) -> list[str]:
+    """What a reader must know before trusting the numbers: what was not measured, and what looked wrong."""
     notes = [
         "Evaluated only on held-out splits of the fine-tuning data; expect lower quality on data that differs "
         "from it in domain, style or time.",
     ]
-    if classification:
+    if v.classification:
         notes.append(
             "Predicts only the classes it was trained on; inputs outside them still get one of these labels, "
             "often with high confidence."
@@ -275,16 +245,24 @@ def _limitations(
             "Loss and perplexity measure fit to reference text, not factual accuracy or safety: the model can "
             "produce fluent but wrong, biased or harmful text. Review outputs before relying on them."
         )
-    if test_eval is None:
+    if v.test_eval is None:
         notes.append(
             "No test-set evaluation was run: the numbers come from the validation set that also chose the best "
             "checkpoint, so they are optimistic."
         )
-    evaluated = test_eval or final_eval
+    notes += _measurement_notes(v)
+    notes += _data_notes(v.spec)
+    return notes
+
+
+def _measurement_notes(v: CardView) -> list[str]:
+    notes = []
+    evaluated, majority = v.evaluated, v.majority
+    calibration, retention = v.summary.evaluation.calibration, v.summary.evaluation.retention
     n = evaluated.get("eval_samples")
-    if classification and _is_number(n) and n < SMALL_EVAL_SET:
+    if v.classification and _is_number(n) and n < SMALL_EVAL_SET:
         notes.append(f"The evaluation set is small ({fmt(n)} examples): differences of a few points may be noise.")
-    if baseline is None:
+    if v.baseline is None:
         notes.append("The base model was not evaluated (evaluation.baseline is off), so the gain from fine-tuning is unknown.")
     if majority and "accuracy" in evaluated and _is_number(majority.get("accuracy")):
         if evaluated["accuracy"] <= majority["accuracy"]:
@@ -292,7 +270,7 @@ def _limitations(
                 f"Accuracy ({fmt(evaluated['accuracy'])}) does not beat always predicting the most frequent class "
                 f"({fmt(majority['accuracy'])}): the model has not learnt the task."
             )
-    if classification and calibration is None:
+    if v.classification and calibration is None:
         notes.append("Confidence scores were not calibrated (evaluation.calibration is off); do not read them as probabilities.")
     elif calibration is not None and _is_number(calibration.get("ece_after")) and calibration["ece_after"] > ECE_STILL_HIGH:
         notes.append(
@@ -306,8 +284,12 @@ def _limitations(
             f"Retention check failed: loss on general data rose by {pct(retention.get('relative_increase'))} "
             f"(allowed {pct(retention.get('threshold'))}); the model has lost some general ability."
         )
-    pre = spec.dataset.preprocessing
-    if not pre.redact_pii:
+    return notes
+
+
+def _data_notes(spec: FineTuneJobSpec) -> list[str]:
+    notes = []
+    if not spec.dataset.preprocessing.redact_pii:
         notes.append("PII redaction was off: the model may reproduce personal data from the training set.")
     if _v(spec.dataset.leakage_check) in ("off", "warn"):
         notes.append(
@@ -320,306 +302,44 @@ def _limitations(
 # ------------------------------------------------------------------------------------------------ build
 
 
-def build_model_card(
-    *,
-    job_name: str,
-    spec: FineTuneJobSpec,
-    data_report: dict,
-    baseline: dict | None,
-    final_eval: dict,
-    test_eval: dict | None,
-    calibration: dict | None,
-    retention: dict | None,
-    best_checkpoint: dict | str | None,
-    training: dict,
-    majority_baseline: dict | None = None,
-) -> tuple[dict, str]:
-    """``(model_card.json content, README.md text)``.
+def build_model_card(summary: RunSummary) -> tuple[dict[str, Any], str]:
+    """``(model_card.json content, README.md text)`` of a finished run.
 
-    ``best_checkpoint`` is a dict (step, metric, uri, ...) or just its URI. The majority-class baseline is taken
-    from ``majority_baseline`` or, failing that, from ``baseline["majority"]``.
-
-    ``baseline`` and ``final_eval`` are validation metrics of the base and the fine-tuned model, ``test_eval`` the
-    test metrics of the best checkpoint, as returned by the evaluation module. ``majority_baseline`` (optional,
-    classification) is :func:`finetune_trainer.evaluate.majority_baseline` on the evaluated split.
+    ``summary.baseline`` and ``summary.final_eval`` are validation metrics of the base and the fine-tuned model,
+    ``summary.test_eval`` the test metrics of the chosen checkpoint, as the evaluation module returns them; the
+    majority-class baseline (classification) is ``baseline["majority"]``.
     """
-    if isinstance(best_checkpoint, str):
-        best_checkpoint = {"uri": best_checkpoint}
-    if majority_baseline is None and baseline and isinstance(baseline.get("majority"), Mapping):
-        majority_baseline = dict(baseline["majority"])
-    classification = spec.model.task == Task.sequence_classification.value
-    metric, mode = primary_metric(spec)
-    gains = _gains(baseline, final_eval)
-    evaluated = test_eval or final_eval
-    per_class = evaluated.get("per_class") if classification else None
-    limitations = _limitations(spec, baseline, final_eval, test_eval, calibration, retention, majority_baseline)
-    hyper = spec.hyperparameters.model_dump(by_alias=True, mode="json")
-    adapter = spec.lora_or_default.model_dump(by_alias=True, mode="json") if spec.is_adapter else None
+    from .readme import readme
 
+    v = card_view(summary)
+    spec = v.spec
+    notes = limitations(v)
     card = {
         "schemaVersion": CARD_SCHEMA_VERSION,
-        "jobName": job_name,
+        "jobName": summary.job,
         "baseModel": spec.model.uri,
         "task": _v(spec.model.task),
         "method": _v(spec.method),
-        "adapter": adapter,
-        "labels": _label_names(spec, data_report) if classification else None,
+        "adapter": v.adapter,
+        "labels": label_names(spec, summary.data_report) if v.classification else None,
         "dataset": spec.dataset.model_dump(by_alias=True, mode="json", exclude_none=True),
-        "dataReport": _jsonable(data_report or {}),
-        "hyperparameters": hyper,
-        "training": _jsonable(training or {}),
+        "dataReport": _jsonable(summary.data_report or {}),
+        "hyperparameters": v.hyper,
+        "training": _jsonable(summary.training()),
         "evaluation": {
-            "primaryMetric": metric,
-            "mode": mode,
-            "baseline": _scalars(baseline),
-            "final": _scalars(final_eval),
-            "test": _scalars(test_eval),
-            "majorityBaseline": _scalars(majority_baseline),
-            "gain": _jsonable(gains),
-            "perClass": _jsonable(per_class),
+            "primaryMetric": v.metric,
+            "mode": v.mode,
+            "baseline": _scalars(v.baseline),
+            "final": _scalars(v.final_eval),
+            "test": _scalars(v.test_eval),
+            "majorityBaseline": _scalars(v.majority),
+            "gain": _jsonable(v.gains),
+            "perClass": _jsonable(v.per_class),
         },
-        "bestCheckpoint": _jsonable(best_checkpoint),
-        "calibration": _jsonable(calibration),
-        "retention": _jsonable(retention),
-        "limitations": limitations,
+        "bestCheckpoint": _jsonable(summary.best_checkpoint),
+        "calibration": _jsonable(summary.evaluation.calibration),
+        "retention": _jsonable(summary.evaluation.retention),
+        "limitations": notes,
     }
     json.dumps(card, allow_nan=False)  # fail here, not in the writer, if something slipped through
-
-    readme = _readme(
-        job_name=job_name,
-        spec=spec,
-        classification=classification,
-        metric=metric,
-        data_report=data_report,
-        baseline=baseline,
-        final_eval=final_eval,
-        test_eval=test_eval,
-        majority=majority_baseline,
-        gains=gains,
-        per_class=per_class,
-        calibration=calibration,
-        retention=retention,
-        best_checkpoint=best_checkpoint,
-        training=training,
-        hyper=hyper,
-        adapter=adapter,
-        limitations=limitations,
-    )
-    return card, readme
-
-
-def _front_matter(job_name: str, spec: FineTuneJobSpec, classification: bool, results: Mapping[str, Any], split: str) -> str:
-    pipeline = "text-classification" if classification else "text-generation"
-    meta: dict[str, Any] = {
-        "base_model": _hub_id(spec.model.uri),
-        "library_name": "peft" if spec.is_adapter else "transformers",
-        "pipeline_tag": pipeline,
-        "tags": ["finetune-operator", str(_v(spec.method)), str(_v(spec.model.task))] + (["peft"] if spec.is_adapter else []),
-    }
-    metrics = [
-        {"type": name, "value": float(results[name]), "name": f"{split.capitalize()} {METRIC_TITLES.get(name, name)}"}
-        for name in _metric_names(results)
-        if name in METRIC_MODES and math.isfinite(float(results[name]))
-    ]
-    if metrics:
-        meta["model-index"] = [
-            {
-                "name": job_name,
-                "results": [
-                    {
-                        "task": {"type": pipeline, "name": "Text classification" if classification else "Text generation"},
-                        "dataset": {"name": f"{job_name} {split} split", "type": "custom", "split": split},
-                        "metrics": metrics,
-                    }
-                ],
-            }
-        ]
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
-
-
-def _readme(
-    *,
-    job_name: str,
-    spec: FineTuneJobSpec,
-    classification: bool,
-    metric: str,
-    data_report: Mapping[str, Any] | None,
-    baseline: Mapping[str, Any] | None,
-    final_eval: Mapping[str, Any],
-    test_eval: Mapping[str, Any] | None,
-    majority: Mapping[str, Any] | None,
-    gains: Mapping[str, Mapping[str, Any]],
-    per_class: Mapping[str, Mapping[str, Any]] | None,
-    calibration: Mapping[str, Any] | None,
-    retention: Mapping[str, Any] | None,
-    best_checkpoint: Mapping[str, Any] | None,
-    training: Mapping[str, Any] | None,
-    hyper: Mapping[str, Any],
-    adapter: Mapping[str, Any] | None,
-    limitations: list[str],
-) -> str:
-    ds = spec.dataset
-    method_words = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (4-bit base)", "dora": "DoRA"}
-    task_words = "sequence classification" if classification else "causal language modelling"
-    out: list[str] = [
-        _front_matter(job_name, spec, classification, test_eval or final_eval, "test" if test_eval else "validation"),
-        f"# {job_name}",
-        "",
-        f"`{spec.model.uri}` fine-tuned for {task_words} with {method_words[_v(spec.method)]} "
-        "by finetune-operator.",
-    ]
-    headline = (test_eval or final_eval).get(metric)
-    if _is_number(headline):
-        where = "test" if test_eval and metric in test_eval else "validation"
-        line = f"{METRIC_TITLES.get(metric, metric)} on the {where} set: **{fmt(headline, real=True)}**"
-        if metric in gains:
-            line += f" (base model: {fmt(gains[metric]['baseline'], real=True)} on validation)"
-        out += ["", line + "."]
-
-    # Model details
-    out += ["", "## Model details", ""]
-    details = [
-        ["Base model", f"`{spec.model.uri}`"],
-        ["Task", _v(spec.model.task)],
-        ["Method", method_words[_v(spec.method)]],
-    ]
-    if adapter:
-        targets = adapter.get("targetModules") or ["architecture default"]
-        details.append(
-            ["Adapter", f"r={adapter['r']}, alpha={adapter['alpha']}, dropout={fmt(adapter['dropout'])}, "
-             f"target modules: {', '.join(targets)}"]
-        )
-        details.append(["Merged copy written", fmt(spec.output.merge_adapter)])
-    if classification:
-        names = _label_names(spec, data_report)
-        details.append(["Labels", ", ".join(names) if names else "taken from the data"])
-    details.append(["Output", f"`{spec.output.uri}`"])
-    out += _table(["", ""], details)
-
-    # Training data
-    out += ["", "## Training data", ""]
-    sources = [["Train", f"`{ds.train}`"]]
-    carved = "of train, split with seed {seed}" + (", stratified" if ds.split.stratify and classification else "")
-    for name, given, fraction in (("Validation", ds.validation, ds.split.validation), ("Test", ds.test, ds.split.test)):
-        carved_text = f"{fraction:.0%} " + carved.format(seed=ds.split.seed) if fraction else "none"
-        sources.append([name, f"`{given}`" if given else carved_text])
-    sources.append(["Format", _v(ds.format)])
-    pre = ds.preprocessing
-    cleaning = [
-        "Unicode NFKC normalisation" if pre.normalize else None,
-        "lower-casing" if pre.lowercase else None,
-        "exact dedupe" if pre.dedupe.exact else None,
-        f"near-dedupe (Jaccard ≥ {fmt(pre.dedupe.near_threshold)})" if pre.dedupe.near else None,
-        "PII redaction" if pre.redact_pii else None,
-        "inverse-frequency class weights" if classification and pre.class_weights else None,
-    ]
-    sources.append(["Cleaning", ", ".join(c for c in cleaning if c) or "none"])
-    sources.append(["Leakage check (train vs validation/test)", _v(ds.leakage_check)])
-    out += _table(["", ""], sources)
-    out += ["", "### Data report", ""]
-    out += _data_report_lines(data_report)
-
-    # Training procedure
-    out += ["", "## Training procedure", "", "### Hyperparameters", ""]
-    shown = dict(hyper)
-    if shown.get("epochs") is None and shown.get("maxSteps") is None:
-        shown["epochs"] = f"{fmt(spec.hyperparameters.total_epochs)} (default)"
-    out += _table(["Hyperparameter", "Value"], [[f"`{k}`", v] for k, v in shown.items()])
-    out += ["", "### Training run", ""]
-    out += _key_value_table(training, "training summary")
-    if best_checkpoint:
-        out += ["", "### Best checkpoint", ""]
-        out += _key_value_table(best_checkpoint, "best checkpoint")
-
-    # Evaluation
-    out += ["", "## Evaluation", ""]
-    intro = "The fine-tuned model on the validation set"
-    if baseline is not None:
-        intro += ", next to the base model before training"
-    if test_eval is not None:
-        intro += "; the chosen checkpoint on the held-out test set"
-    intro += "."
-    if baseline is not None:
-        intro += " Change is fine-tuned minus base (lower is better for loss, perplexity and ECE)."
-    out += [intro, ""]
-    header = ["Metric"]
-    if baseline is not None:
-        header.append("Base model (validation)")
-    if majority is not None:
-        header.append("Majority class")
-    header.append("Fine-tuned (validation)")
-    if baseline is not None:
-        header.append("Change")
-    header.append("Test")
-    rows = []
-    for name in _metric_names(baseline, final_eval, test_eval):
-        show = (lambda v: v) if name in COUNT_METRICS else _real
-        row: list[Any] = [METRIC_TITLES.get(name, f"`{name}`")]
-        if baseline is not None:
-            row.append(show(baseline.get(name)))
-        if majority is not None:
-            row.append(show(majority.get(name)))
-        row.append(show(final_eval.get(name)))
-        if baseline is not None:
-            g = gains.get(name)
-            row.append("—" if g is None else f"{_signed(g['delta'])} ({pct(g['relative'])})")
-        row.append(show(test_eval.get(name)) if test_eval is not None else None)
-        rows.append(row)
-    out += _table(header, rows)
-    if baseline is None:
-        out += ["", "The base model was not evaluated before training (evaluation.baseline is off)."]
-    if test_eval is None:
-        out += ["", "No test set was evaluated."]
-    if per_class:
-        out += ["", f"### Per class ({'test' if test_eval else 'validation'} set)", ""]
-        out += _table(
-            ["Class", "Precision", "Recall", "F1", "Support"],
-            [[name, _real(s.get("precision")), _real(s.get("recall")), _real(s.get("f1")), s.get("support")]
-             for name, s in per_class.items()],
-        )
-
-    # Calibration
-    out += ["", "## Calibration", ""]
-    if calibration:
-        out += [
-            "Temperature scaling (Guo et al., 2017) divides the logits by one temperature fitted to minimise the "
-            "validation negative log-likelihood; it changes confidence scores, never the predicted class. Measured "
-            "on the validation set the temperature was fitted on.",
-            "",
-        ]
-        out += _table(
-            ["", "Before", "After"],
-            [
-                ["ECE (15 bins)", _real(calibration.get("ece_before")), _real(calibration.get("ece_after"))],
-                ["NLL", _real(calibration.get("nll_before")), _real(calibration.get("nll_after"))],
-            ],
-        )
-        out += ["", f"Temperature: **{fmt(calibration.get('temperature'), real=True)}** (apply as `softmax(logits / T)`)."]
-        if test_eval is not None and _is_number(test_eval.get("ece")):
-            out.append(f"Test-set ECE as evaluated: {fmt(test_eval['ece'], real=True)}.")
-    elif classification:
-        out += ["Not run (evaluation.calibration is off): the softmax scores are uncalibrated."]
-    else:
-        out += ["Not applicable to causal language models."]
-
-    # Retention
-    out += ["", "## Retention (catastrophic forgetting)", ""]
-    if retention:
-        verdict = "passed" if retention.get("passed") else "**failed**"
-        out += [
-            "Loss on general data, not used for training, before and after fine-tuning.",
-            "",
-        ]
-        out += _table(
-            ["Loss before", "Loss after", "Relative increase", "Allowed", "Result"],
-            [[_real(retention.get("loss_before")), _real(retention.get("loss_after")), pct(retention.get("relative_increase")),
-              pct(retention.get("threshold")), verdict]],
-        )
-    else:
-        out += ["Not measured: no evaluation.retention dataset was configured."]
-
-    # Limitations
-    out += ["", "## Limitations", ""]
-    out += [f"- {note}" for note in limitations]
-    out += ["", f"_Generated by finetune-operator for FineTuneJob `{job_name}`._", ""]
-    return "\n".join(out)
+    return card, readme(v, notes)

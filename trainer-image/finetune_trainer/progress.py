@@ -11,9 +11,13 @@ import logging
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from finetune_api.documents import PROGRESS_FILE, CheckpointRef, DataSummary, Gain, ProgressDocument
+
+if TYPE_CHECKING:
+    from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,7 @@ def _now() -> str:
 
 
 class ProgressWriter:
-    def __init__(self, storage: Any, output_uri: str, *, enabled: bool, join: Any, min_interval: float = 10.0):
+    def __init__(self, storage: Storage, output_uri: str, *, enabled: bool, join: Callable[..., str], min_interval: float = 10.0):
         self.storage = storage
         self.uri = join(output_uri, PROGRESS_FILE)
         self.enabled = enabled

@@ -112,3 +112,60 @@ def test_the_crd_carries_one_overlap_rule_per_input():
     rules = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
     fields = [r["message"].split(" lie inside ")[1].split(" ")[0] for r in rules if r["message"].startswith("output.uri must not")]
     assert fields == ["model.uri", "dataset.train", "dataset.validation", "dataset.test", "evaluation.retention.dataset"]
+
+
+# ----------------------------------------------------------------------- early stopping follows the metric
+
+
+def _with_early_stopping(**early_stopping):
+    return parse_spec({**MINIMAL, "evaluation": {"earlyStopping": early_stopping}})
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode"),
+    [("f1_macro", "max"), ("accuracy", "max"), ("token_accuracy", "max"), ("rouge_l", "max"),
+     ("eval_loss", "min"), ("perplexity", "min"), ("ece", "min"), ("my_custom_metric", "min")],
+)
+def test_early_stopping_mode_defaults_to_the_metric_direction(metric, mode):
+    """Before the metric table, every metric defaulted to min: f1_macro early-stopped on falling F1."""
+    es = _with_early_stopping(metric=metric).evaluation.early_stopping
+    assert es.mode == mode and es.direction == mode
+    assert _with_early_stopping(metric=metric).wire()["evaluation"]["earlyStopping"]["mode"] == mode  # stored as such
+
+
+def test_an_explicit_mode_that_agrees_or_an_unknown_metric_is_accepted():
+    assert _with_early_stopping(metric="accuracy", mode="max").evaluation.early_stopping.mode == "max"
+    assert _with_early_stopping(metric="my_custom_metric", mode="max").evaluation.early_stopping.mode == "max"
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode", "message"),
+    [("accuracy", "min", "evaluation.earlyStopping.mode must be max for metric token_accuracy, accuracy, f1_macro"),
+     ("f1_macro", "min", "(higher is better); leave mode unset to follow the metric"),
+     ("eval_loss", "max", "evaluation.earlyStopping.mode must be min for metric eval_loss, perplexity, ece (lower is better)")],
+)
+def test_a_mode_contradicting_a_known_metric_is_rejected(metric, mode, message):
+    from finetune_api.validation import validation_message
+
+    with pytest.raises(ValidationError) as err:
+        _with_early_stopping(metric=metric, mode=mode)
+    line = validation_message(err.value)
+    assert line.startswith("spec.evaluation.earlyStopping: evaluation.earlyStopping.mode must be ") and message in line
+
+
+def test_the_crd_leaves_mode_unset_and_carries_the_same_rule():
+    """A schema default of min would make the API server store min for f1_macro, which the rule then rejects."""
+    from finetune_api import crd, metric_catalogue
+
+    es = crd.spec_schema()["properties"]["evaluation"]["properties"]["earlyStopping"]
+    assert "default" not in es["properties"]["mode"]
+    rules = {r["message"]: r["rule"] for r in es["x-kubernetes-validations"]}
+    assert set(rules) == {metric_catalogue.mode_rule("min"), metric_catalogue.mode_rule("max")}
+    assert "'f1_macro'" in rules[metric_catalogue.mode_rule("max")] and "self.mode == 'max'" in rules[metric_catalogue.mode_rule("max")]
+
+
+def test_is_classification():
+    assert not parse_spec(MINIMAL).is_classification
+    spec = parse_spec({**MINIMAL, "model": {"uri": "s3://models/m", "task": "sequence-classification"},
+                       "dataset": {"train": "s3://data/x", "format": "classification"}})
+    assert spec.is_classification

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def _per_rank(pattern: str, log: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for rank, value in re.findall(r"\[rank (\d)\] INFO finetune_trainer\.train: " + pattern, log):
+    for rank, value in re.findall(r"\[rank (\d)\] INFO finetune_trainer\.[\w.]+: " + pattern, log):
         out.setdefault(rank, []).append(value)
     return out
 
@@ -29,7 +29,7 @@ def _single_process_baseline(spec, assets) -> float:
     from finetune_trainer.data import prepare_data
     from finetune_trainer.evaluate import evaluate_lm
     from finetune_trainer.storage import Storage
-    from finetune_trainer.train import eval_loader
+    from finetune_trainer.collate import eval_loader
 
     parsed = FineTuneJobSpec.model_validate(spec)
     tokenizer = AutoTokenizer.from_pretrained(assets["llama"])

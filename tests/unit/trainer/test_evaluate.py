@@ -444,6 +444,27 @@ def test_early_stopping_from_spec_and_missing_metric():
         es.update_from({"eval_loss": 1.0}, 20)
 
 
+
+@pytest.mark.parametrize("metric", ["f1_macro", "accuracy"])
+def test_early_stopping_on_a_score_keeps_the_higher_value_when_mode_is_left_unset(metric):
+    """The spec's own example (earlyStopping.metric f1_macro, no mode) used to minimise F1: it kept 0.40 as the
+    best, stopped while F1 was rising, and useBestModel exported the worst checkpoint."""
+    es = EarlyStopping.from_spec(EarlyStoppingSpec(metric=metric, patience=2))
+    assert es.mode == "max"
+    assert es.update(0.40, 1) and es.update(0.55, 2) and es.update(0.70, 3)
+    assert not es.update(0.65, 4) and not es.should_stop
+    assert es.best == 0.70 and es.best_step == 3
+
+
+def test_improves_follows_the_direction():
+    from finetune_trainer.evaluate import improves
+
+    assert improves(0.7, 0.5, "max") and not improves(0.7, 0.5, "min")
+    assert improves(0.3, 0.5, "min") and not improves(0.5, 0.5, "min")
+    assert improves(1.0, None, "max") and not improves(float("nan"), None, "min")
+    assert not improves(0.52, 0.5, "max", min_delta=0.05)
+
+
 # ----------------------------------------------------------------------------------- generation metrics
 
 

@@ -11,6 +11,7 @@ import yaml
 
 from finetune_api.spec import parse_spec
 from finetune_trainer.model_card import build_model_card, fmt
+from finetune_trainer.report import FinalEvaluation, RunSummary
 
 SECTIONS = [
     "## Model details",
@@ -49,12 +50,22 @@ def classification_spec():
     )
 
 
+def _summary(spec, *, job_name="job", data_report=None, baseline=None, final_eval=None, test_eval=None, calibration=None,
+             retention=None, best_checkpoint=None, **run):
+    """A RunSummary as the trainer builds it, from the pieces the tests vary."""
+    facts = dict(steps=0, total_steps=0, stopped_early=False, best_step=None, best_metric=None, monitor="eval_loss")
+    facts.update(run)
+    return RunSummary(job=job_name, spec=spec, baseline=baseline, data_report=data_report or {}, best_checkpoint=best_checkpoint,
+                      evaluation=FinalEvaluation(final=final_eval, test=test_eval, calibration=calibration, retention=retention),
+                      **facts)
+
+
 def _full_card(spec, **overrides):
     args = dict(
         job_name="sentiment-a",
-        spec=spec,
         data_report={"rows": {"train": 1234, "validation": 150, "test": 149}, "dropped": {"exact_duplicates": 56}},
-        baseline={"eval_loss": 1.0986, "accuracy": 0.3412, "f1_macro": 0.2101, "ece": 0.0456, "eval_samples": 150.0},
+        baseline={"eval_loss": 1.0986, "accuracy": 0.3412, "f1_macro": 0.2101, "ece": 0.0456, "eval_samples": 150.0,
+                  "majority": {"accuracy": 0.4667, "f1_macro": 0.2121, "majority_class": 0.0}},
         final_eval={
             "eval_loss": 0.4567, "accuracy": 0.8123, "f1_macro": 0.7951, "ece": 0.0812, "eval_samples": 150.0,
             "per_class": {"neg": {"precision": 0.9, "recall": 0.85, "f1": 0.874, "support": 70}},
@@ -70,11 +81,11 @@ def _full_card(spec, **overrides):
         calibration={"temperature": 1.734, "ece_before": 0.0812, "ece_after": 0.0231, "nll_before": 0.4567, "nll_after": 0.4102},
         retention={"loss_before": 2.1, "loss_after": 2.2, "relative_increase": 0.047619, "threshold": 0.1, "passed": True},
         best_checkpoint={"step": 300, "value": 0.7951, "uri": "s3://out-bucket/jobs/a/checkpoints/step-00000300"},
-        training={"global_step": 450, "train_loss": 0.3921, "runtime_s": 1234.5, "stopped_early": True},
-        majority_baseline={"accuracy": 0.4667, "f1_macro": 0.2121, "majority_class": 0.0},
+        steps=450, total_steps=600, stopped_early=True, best_step=300, best_metric=0.3921, monitor="f1_macro",
+        trainable_params=1234567, total_params=22713216, precision="fp32",
     )
     args.update(overrides)
-    return build_model_card(**args)
+    return build_model_card(_summary(spec, **args))
 
 
 def test_card_contains_the_numbers_it_was_given(classification_spec):
@@ -87,7 +98,7 @@ def test_card_contains_the_numbers_it_was_given(classification_spec):
         "0.9137", "0.8642", "0.8883", "710", "0.4499",  # per class
         "1.7340", "0.0812", "0.0231", "0.4102",  # calibration
         "2.1000", "2.2000", "+4.76%", "+10.00%",  # retention
-        "1234", "56", "00000300", "0.3921", "1234.5",  # data report, best checkpoint, training
+        "1234", "56", "00000300", "0.3921", "| `total_params` | 22713216 |", "| `steps` | 450 |",  # data report, best checkpoint, training
         "0.4667",  # majority class
         "| `learningRate` | 0.00031 |",  # learning rate
     ]:
@@ -138,18 +149,11 @@ def test_card_renders_with_no_optional_parts():
             "output": {"uri": "/out"},
         }
     )
-    card, readme = build_model_card(
+    card, readme = build_model_card(_summary(
+        spec,
         job_name="lm-b",
-        spec=spec,
-        data_report={},
-        baseline=None,
         final_eval={"eval_loss": 2.3456, "perplexity": 10.4392, "token_accuracy": 0.4123, "eval_tokens": 5120.0},
-        test_eval=None,
-        calibration=None,
-        retention=None,
-        best_checkpoint=None,
-        training={},
-    )
+    ))
     for section in SECTIONS:
         assert section in readme, section
     meta = _front_matter(readme)
@@ -212,8 +216,8 @@ def test_fmt_real_keeps_decimals():
     assert fmt(2.0, real=True) == "2.0000"
 
 
-# The shape data/prepare.py writes (trimmed), and the way train.py calls the builder: best checkpoint as a URI,
-# the majority-class baseline inside the baseline dict.
+# The shape data/prepare.py writes (trimmed), and the summary as train.py builds it: the majority-class baseline
+# inside the baseline dict.
 PIPELINE_REPORT = {
     "format": "classification",
     "inputs": {"train": {"uri": "s3://data-bucket/train.jsonl", "rows_read": 125, "rows_kept": 120}},
@@ -235,18 +239,15 @@ def test_card_from_the_data_pipeline_report_and_train_loop_arguments():
             "output": {"uri": "/out"},
         }
     )
-    card, readme = build_model_card(
+    card, readme = build_model_card(_summary(
+        spec,
         job_name="clf",
-        spec=spec,
         data_report=PIPELINE_REPORT,
         baseline={"accuracy": 0.5, "f1_macro": 0.4, "majority": {"accuracy": 0.6667, "f1_macro": 0.4, "majority_class": 0.0}},
         final_eval={"accuracy": 0.75, "f1_macro": 0.7},
-        test_eval=None,
-        calibration=None,
-        retention=None,
-        best_checkpoint="/out/checkpoints/step-00000040",
-        training={"steps": 40, "stopped_early": False, "history": [{"step": 1, "loss": 0.7}] * 3},
-    )
+        best_checkpoint={"uri": "/out/checkpoints/step-00000040"},
+        steps=40, history=[{"step": 1, "loss": 0.7}] * 3,
+    ))
     report = readme.split("### Data report")[1].split("## Training procedure")[0]
     for text in ["| train | 92 |", "| validation | 12 |", "| Rows read | 125 |", "| Exact duplicates | 5 |",
                  "| PII redacted | 9 |", "EMAIL 7, PHONE 2", "validation: 1 exact, 2 near; test: 0 exact, 1 near",
@@ -262,3 +263,26 @@ def test_card_from_the_data_pipeline_report_and_train_loop_arguments():
     assert "`history` | 3 items" in readme
     assert "Confidence scores were not calibrated" in readme
     json.dumps(card, allow_nan=False)
+
+
+def test_the_card_reads_the_direction_of_a_metric_given_without_mode():
+    """earlyStopping {metric: f1_macro} used to be card mode 'min'; the gain verdict follows the metric table."""
+    spec = parse_spec({"model": {"uri": "/m", "task": "sequence-classification"}, "output": {"uri": "/out"},
+                       "dataset": {"train": "/d.jsonl", "format": "classification"},
+                       "evaluation": {"earlyStopping": {"metric": "f1_macro"}}})
+    card, readme = build_model_card(_summary(spec, baseline={"f1_macro": 0.4}, final_eval={"f1_macro": 0.7}, monitor="f1_macro"))
+    assert card["evaluation"]["primaryMetric"] == "f1_macro" and card["evaluation"]["mode"] == "max"
+    assert card["evaluation"]["gain"]["f1_macro"]["improved"] is True
+    assert "F1 (macro) on the validation set: **0.7000** (base model: 0.4000 on validation)." in readme
+
+
+def test_the_summary_keeps_the_keys_the_trainer_has_always_written():
+    spec = parse_spec({"model": {"uri": "/m"}, "dataset": {"train": "/d.jsonl"}, "output": {"uri": "/out"}})
+    summary = _summary(spec, steps=3, total_steps=4, precision="fp32", world_size=2)
+    assert list(summary.to_dict()) == ["job", "steps", "total_steps", "stopped_early", "best_step", "best_metric", "monitor",
+                                       "baseline", "final_eval", "test_eval", "calibration", "retention", "gain", "history", "evals"]
+    training = summary.training()
+    assert list(training) == ["steps", "total_steps", "stopped_early", "best_step", "best_metric", "monitor", "gain", "history",
+                              "evals", "precision", "target_modules", "world_size", "distributed_strategy", "trainable_params",
+                              "total_params"]
+    assert (training["steps"], training["world_size"], training["precision"]) == (3, 2, "fp32")

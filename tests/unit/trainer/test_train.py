@@ -272,20 +272,18 @@ def test_weighted_classification_loss_is_the_weighted_mean_over_the_whole_window
 
     import torch.nn.functional as F
 
-    from finetune_trainer.train import Trainer
+    from finetune_trainer.loss import WindowLoss
 
     torch.manual_seed(0)
     logits, labels = torch.randn(7, 3), torch.tensor([0, 1, 2, 2, 1, 0, 2])
-    trainer = Trainer.__new__(Trainer)  # only the loss pieces, no run
-    trainer.classification = True
-    trainer.class_weights = torch.tensor([1.0, 4.0, 0.5])
-    trainer.model = lambda input_ids, **_: SimpleNamespace(logits=logits[input_ids])
+    model = lambda input_ids, **_: SimpleNamespace(logits=logits[input_ids])  # noqa: E731
     window = [{"input_ids": torch.arange(0, 4), "labels": labels[:4]}, {"input_ids": torch.arange(4, 7), "labels": labels[4:]}]
-    denominator = trainer._denominator(window)
-    total = sum(trainer._loss(b, denominator) for b in window)
-    torch.testing.assert_close(total, F.cross_entropy(logits, labels, weight=trainer.class_weights))
-    trainer.class_weights = None
-    total = sum(trainer._loss(b, trainer._denominator(window)) for b in window)
+    loss = WindowLoss(classification=True, class_weights=torch.tensor([1.0, 4.0, 0.5]))
+    denominator = loss.denominator(window)
+    total = sum(loss(model, b, denominator) for b in window)
+    torch.testing.assert_close(total, F.cross_entropy(logits, labels, weight=loss.class_weights))
+    loss = WindowLoss(classification=True)
+    total = sum(loss(model, b, loss.denominator(window)) for b in window)
     torch.testing.assert_close(total, F.cross_entropy(logits, labels))
 
 

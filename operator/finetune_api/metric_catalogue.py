@@ -1,0 +1,101 @@
+"""Every evaluation metric the trainer reports, in one table: name -> task, direction, title, exporter name.
+
+Early stopping and best-model selection (which way is better), the gain over the base model, the model
+card (titles, column order, which numbers are counts) and the Prometheus exporter (which series exist)
+all read this table, and the spec reads it to default ``earlyStopping.mode`` to the metric's direction
+and to reject a mode that contradicts it. A metric missing here is one no consumer knows about.
+
+The table is in the contract package because both sides need it: the operator's admission (the spec
+and its CEL rules) and the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Direction = Literal["min", "max"]
+MetricTask = Literal["causal-lm", "sequence-classification", "any"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One reported number.
+
+    ``direction`` is None for counts (how many rows or tokens were scored): they are shown, never judged.
+    ``needs`` is the ``evaluation.metrics`` entry that turns the metric on (bleu, rouge), None when it is
+    always computed for its task. ``prometheus`` is the ``metric`` label of the ``finetune_eval`` series,
+    None when the number is not exported.
+    """
+
+    name: str
+    task: MetricTask
+    direction: Direction | None
+    title: str
+    prometheus: str | None
+    needs: str | None = None
+
+
+# In the order the model card lists them.
+METRICS: tuple[Metric, ...] = (
+    Metric("eval_loss", "any", "min", "Loss", "eval_loss"),
+    Metric("perplexity", "causal-lm", "min", "Perplexity", "perplexity"),
+    Metric("token_accuracy", "causal-lm", "max", "Token accuracy", "token_accuracy"),
+    Metric("accuracy", "sequence-classification", "max", "Accuracy", "accuracy"),
+    Metric("f1_macro", "sequence-classification", "max", "F1 (macro)", "f1_macro"),
+    Metric("precision_macro", "sequence-classification", "max", "Precision (macro)", "precision_macro"),
+    Metric("recall_macro", "sequence-classification", "max", "Recall (macro)", "recall_macro"),
+    Metric("ece", "sequence-classification", "min", "ECE (15 bins)", "ece"),
+    Metric("bleu", "causal-lm", "max", "BLEU", "bleu", needs="bleu"),
+    Metric("rouge_l", "causal-lm", "max", "ROUGE-L F1", "rouge_l", needs="rouge"),
+    Metric("eval_tokens", "causal-lm", None, "Scored tokens", None),
+    Metric("eval_samples", "sequence-classification", None, "Examples", None),
+    Metric("generation_samples", "causal-lm", None, "Generated samples", None),
+)
+BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
+
+GENERATION_METRICS: dict[str, str] = {m.needs: m.name for m in METRICS if m.needs}
+"""``evaluation.metrics`` entry -> the metric it reports (``rouge`` -> ``rouge_l``)."""
+
+
+def direction(name: str) -> Direction | None:
+    """``min`` or ``max`` for a judged metric; None for counts and metrics not in the table."""
+    metric = BY_NAME.get(name)
+    return metric.direction if metric else None
+
+
+def judged(direction_: Direction) -> tuple[str, ...]:
+    """The metrics for which ``direction_`` is better, in table order (the CEL rules list them)."""
+    return tuple(m.name for m in METRICS if m.direction == direction_)
+
+
+def monitorable(task: str, requested: list[str] | None = None) -> tuple[str, ...]:
+    """What an evaluation of ``task`` computes and early stopping can therefore watch.
+
+    ``requested`` is ``evaluation.metrics``: the generation metrics are computed only when asked for.
+    """
+    wanted = set(requested or ())
+    return tuple(
+        m.name
+        for m in METRICS
+        if m.direction is not None and m.task in (task, "any") and (m.needs is None or m.needs in wanted)
+    )
+
+
+def title(name: str) -> str:
+    metric = BY_NAME.get(name)
+    return metric.title if metric else name
+
+
+def exported() -> tuple[Metric, ...]:
+    """The metrics the trainer exports as ``finetune_eval{metric=...}``."""
+    return tuple(m for m in METRICS if m.prometheus)
+
+
+def mode_rule(direction_: Direction) -> str:
+    """The words used when ``earlyStopping.mode`` contradicts the metric (pydantic and CEL alike)."""
+    better = "lower" if direction_ == "min" else "higher"
+    return (
+        f"evaluation.earlyStopping.mode must be {direction_} for metric {', '.join(judged(direction_))} "
+        f"({better} is better); leave mode unset to follow the metric"
+    )

@@ -1,0 +1,23 @@
+"""The one metric table: what each task computes, which way is better, and the names each consumer uses."""
+
+from finetune_api import metric_catalogue as mc
+
+
+def test_every_judged_metric_has_one_direction_and_counts_have_none():
+    assert mc.judged("max") == ("token_accuracy", "accuracy", "f1_macro", "precision_macro", "recall_macro", "bleu", "rouge_l")
+    assert mc.judged("min") == ("eval_loss", "perplexity", "ece")
+    assert [m.name for m in mc.METRICS if m.direction is None] == ["eval_tokens", "eval_samples", "generation_samples"]
+    assert mc.direction("f1_macro") == "max" and mc.direction("eval_samples") is None and mc.direction("nope") is None
+    assert len(mc.BY_NAME) == len(mc.METRICS)
+
+
+def test_what_each_task_computes():
+    assert mc.monitorable("sequence-classification") == ("eval_loss", "accuracy", "f1_macro", "precision_macro", "recall_macro", "ece")
+    assert mc.monitorable("causal-lm") == ("eval_loss", "perplexity", "token_accuracy")
+    assert mc.monitorable("causal-lm", ["rouge"]) == ("eval_loss", "perplexity", "token_accuracy", "rouge_l")
+    assert mc.GENERATION_METRICS == {"bleu": "bleu", "rouge": "rouge_l"}
+
+
+def test_titles_and_exported_names():
+    assert mc.title("f1_macro") == "F1 (macro)" and mc.title("unknown") == "unknown"
+    assert {m.name for m in mc.exported()} == set(mc.judged("min") + mc.judged("max"))

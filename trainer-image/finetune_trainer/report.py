@@ -1,0 +1,187 @@
+"""Stage 5: what the run measured, in one object.
+
+Before training, :func:`measure_baseline` scores the base model. After the loop, :func:`final_report`
+evaluates the chosen weights once more: the validation set, the temperature fit (classification), the
+test set (at that temperature, with BLEU/ROUGE when asked), the retention set, and the gain over the
+base model on the metric the run monitored. :class:`RunSummary` then carries those numbers with the
+run's bookkeeping; it is what :func:`finetune_trainer.train.run` returns (:meth:`RunSummary.to_dict`),
+what the model card is built from, and what :mod:`.export` writes next to the model. The evaluations
+themselves go through :class:`~.evaluator.Evaluator`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from finetune_api import metric_catalogue
+from finetune_api.spec import FineTuneJobSpec
+
+from .evaluate import calibrate, gain, majority_baseline, retention_check
+
+if TYPE_CHECKING:
+    from .evaluator import Evaluator
+    from .state import TrainerState
+    from .train import Trainer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEST_GENERATIONS = 64  # test prompts completed for BLEU/ROUGE when evaluation.maxEvalSamples is unset
+
+
+def public(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An eval result without tensors (logits/labels), fit for JSON."""
+    if result is None:
+        return None
+    return {k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}
+
+
+@dataclass
+class FinalEvaluation:
+    """The chosen weights, measured once after training (None where there was nothing to measure)."""
+
+    final: dict[str, Any] | None = None  # validation set
+    test: dict[str, Any] | None = None  # test set, at the calibrated temperature
+    calibration: dict[str, Any] | None = None
+    retention: dict[str, Any] | None = None
+    gain: dict[str, Any] | None = None  # on the monitored metric (accuracy for classifiers monitoring the loss)
+
+
+@dataclass
+class RunSummary:
+    """A finished run: bookkeeping, evaluations and the facts about the model, for the card and the caller."""
+
+    job: str
+    spec: FineTuneJobSpec
+    steps: int
+    total_steps: int
+    stopped_early: bool
+    best_step: int | None
+    best_metric: float | None
+    monitor: str
+    baseline: dict[str, Any] | None
+    evaluation: FinalEvaluation
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    data_report: dict[str, Any] = field(default_factory=dict)
+    best_checkpoint: dict[str, Any] | None = None  # uri, step, metric, value of the exported best checkpoint
+    precision: str | None = None
+    target_modules: list[str] | str | None = None
+    world_size: int = 1
+    distributed_strategy: str | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+
+    @classmethod
+    def of(cls, trainer: Trainer, evaluation: FinalEvaluation, best_checkpoint: dict[str, Any] | None) -> RunSummary:
+        """The summary of ``trainer``'s finished run."""
+        st, loaded = trainer.state, trainer.loaded
+        return cls(
+            job=trainer.config.name, spec=trainer.spec, steps=st.step, total_steps=st.total_steps, stopped_early=st.stopped_early,
+            best_step=st.best_step, best_metric=st.best_metric, monitor=trainer.monitor, baseline=st.baseline,
+            evaluation=evaluation, history=st.history, evals=st.evals, data_report=trainer.data.report,
+            best_checkpoint=best_checkpoint, precision=loaded.precision, target_modules=loaded.target_modules,
+            world_size=trainer.dist.world_size, distributed_strategy=trainer.strategy,
+            trainable_params=loaded.trainable_params, total_params=loaded.total_params,
+        )
+
+    @property
+    def final_eval(self) -> dict[str, Any] | None:
+        return self.evaluation.final
+
+    @property
+    def test_eval(self) -> dict[str, Any] | None:
+        return self.evaluation.test
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run's summary as :func:`finetune_trainer.train.run` returns it."""
+        ev = self.evaluation
+        return {
+            "job": self.job, "steps": self.steps, "total_steps": self.total_steps, "stopped_early": self.stopped_early,
+            "best_step": self.best_step, "best_metric": self.best_metric, "monitor": self.monitor, "baseline": self.baseline,
+            "final_eval": ev.final, "test_eval": ev.test, "calibration": ev.calibration, "retention": ev.retention,
+            "gain": ev.gain, "history": self.history, "evals": self.evals,
+        }
+
+    def training(self) -> dict[str, Any]:
+        """The model card's "Training run": how far the run went, what it monitored, and the model's shape."""
+        return {
+            "steps": self.steps, "total_steps": self.total_steps, "stopped_early": self.stopped_early,
+            "best_step": self.best_step, "best_metric": self.best_metric, "monitor": self.monitor,
+            "gain": self.evaluation.gain, "history": self.history, "evals": self.evals,
+            "precision": self.precision, "target_modules": self.target_modules, "world_size": self.world_size,
+            "distributed_strategy": self.distributed_strategy,
+            "trainable_params": self.trainable_params, "total_params": self.total_params,
+        }
+
+
+# ---------------------------------------------------------------------------------------- the baseline
+
+
+def measure_baseline(evaluator: Evaluator) -> tuple[dict[str, Any] | None, float | None]:
+    """The base model before training: validation metrics (and, for classifiers, the majority-class floor)
+    when evaluation.baseline is on, and the retention-set loss the retention check compares against."""
+    baseline: dict[str, Any] = {}
+    if evaluator.spec.evaluation.baseline and evaluator.validation is not None:
+        baseline = public(evaluator.evaluate()) or {}
+        if evaluator.classification:
+            train_labels = [int(x) for x in evaluator.data.train["label"]]
+            eval_labels = [int(x) for x in evaluator.data.validation["label"]]
+            baseline["majority"] = majority_baseline(train_labels, eval_labels, evaluator.num_labels)
+        log.info("baseline: %s", {k: v for k, v in baseline.items() if isinstance(v, float)})
+    retention = evaluator.retention_loader()
+    retention_before = float(evaluator.evaluate(retention)["eval_loss"]) if retention is not None else None
+    return baseline or None, retention_before
+
+
+# ----------------------------------------------------------------------------------- the final report
+
+
+def final_report(evaluator: Evaluator, state: TrainerState, monitor: str, monitor_mode: metric_catalogue.Direction) -> FinalEvaluation:
+    """Evaluate the weights the model holds now (the best checkpoint's, when it was restored).
+
+    A collective under DDP/FSDP: every rank calls it and gets the same numbers.
+    """
+    spec, data, classification = evaluator.spec, evaluator.data, evaluator.classification
+    report = FinalEvaluation()
+    if evaluator.validation is not None:
+        report.final = public(evaluator.evaluate(return_logits=False))
+    temperature = 1.0
+    if classification and spec.evaluation.calibration and evaluator.validation is not None:
+        val = evaluator.evaluate(return_logits=True)
+        report.calibration = calibrate(val["logits"], val["labels"])
+        temperature = report.calibration["temperature"]
+    test_loader = evaluator.loader(data.test)
+    if test_loader is not None:
+        kwargs = {"temperature": temperature} if classification else {}
+        report.test = public(evaluator.evaluate(test_loader, **kwargs))
+    limit = spec.evaluation.max_eval_samples or DEFAULT_TEST_GENERATIONS
+    generation = evaluator.generation_metrics(data.test, limit) if evaluator.generation else None
+    if generation and report.test is not None:
+        report.test.update(generation)
+    report.retention = _retention(evaluator, state.retention_before)
+    report.gain = _gain(state.baseline, report.final, monitor, monitor_mode, classification)
+    return report
+
+
+def _retention(evaluator: Evaluator, before: float | None) -> dict[str, Any] | None:
+    loader = evaluator.retention_loader()
+    retention_spec = evaluator.spec.evaluation.retention
+    if loader is None or before is None or retention_spec is None:
+        return None
+    after = float(evaluator.evaluate(loader)["eval_loss"])
+    result = retention_check(before, after, retention_spec)  # raises RetentionExceeded with action fail
+    if not result["passed"]:
+        log.warning("retention check failed: loss %.4f -> %.4f", result["loss_before"], result["loss_after"])
+    return result
+
+
+def _gain(baseline: dict[str, Any] | None, final: dict[str, Any] | None, monitor: str, monitor_mode: metric_catalogue.Direction,
+          classification: bool) -> dict[str, Any] | None:
+    """Base model -> fine-tuned on validation, on the monitored metric (a classifier monitoring its loss: accuracy)."""
+    metric = "accuracy" if classification and monitor == "eval_loss" else monitor
+    if not baseline or not final or metric not in baseline or metric not in final:
+        return None
+    return gain(baseline, final, metric, metric_catalogue.direction(metric) or monitor_mode)
