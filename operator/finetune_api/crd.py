@@ -180,7 +180,7 @@ def crd() -> dict[str, Any]:
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "APIVersion of this object."},
                                 "kind": {"type": "string", "description": "Kind of this object."},
-                                "metadata": {"type": "object", "properties": {"name": S.METADATA_NAME_SCHEMA}},
+                                "metadata": {"type": "object", "properties": {"name": spec.METADATA_NAME_SCHEMA}},
                                 "spec": spec_schema(),
                                 "status": status_schema(),
                             },
