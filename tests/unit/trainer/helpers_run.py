@@ -30,9 +30,9 @@ if _sleep > 0:
 
 _prep_sleep = float(os.environ.get("FT_TEST_PREP_SLEEP", "0") or 0)
 if _prep_sleep > 0:
-    from finetune_trainer.data import prepare as _prepare
+    from finetune_trainer.data import staging as _staging  # where the staged rows are tokenised
 
-    _tokenize_batch = _prepare.tokenize_batch
+    _tokenize_batch = _staging.tokenize_batch
 
     def _slow_tokenize_batch(*args, **kw):
         if args and args[0]:  # a real batch, not the final empty flush
@@ -40,7 +40,7 @@ if _prep_sleep > 0:
             time.sleep(_prep_sleep)
         return _tokenize_batch(*args, **kw)
 
-    _prepare.tokenize_batch = _slow_tokenize_batch
+    _staging.tokenize_batch = _slow_tokenize_batch
 
 _tokenizer_sleep = float(os.environ.get("FT_TEST_TOKENIZER_SLEEP", "0") or 0)
 if _tokenizer_sleep > 0:
