@@ -111,6 +111,14 @@ def _model_details(v: CardView) -> list[str]:
     return ["", "## Model details", "", *_table(["", ""], details)]
 
 
+# What each preprocessing.normalize form does to the training text, in the card's words.
+_NORMALISATION = {
+    "safe": "safe Unicode normalisation (NFC, invisible/control characters and trailing spaces removed; indentation and symbols kept)",
+    "aggressive": "aggressive Unicode normalisation (NFKC, whitespace runs collapsed)",
+    "none": None,
+}
+
+
 def _training_data(v: CardView) -> list[str]:
     ds = v.spec.dataset
     sources = [["Train", f"`{ds.train}`"]]
@@ -121,15 +129,17 @@ def _training_data(v: CardView) -> list[str]:
     sources.append(["Format", _v(ds.format)])
     pre = ds.preprocessing
     cleaning = [
-        "Unicode NFKC normalisation" if pre.normalize else None,
+        _NORMALISATION.get(_v(pre.normalize)),
         "lower-casing" if pre.lowercase else None,
-        "exact dedupe" if pre.dedupe.exact else None,
-        f"near-dedupe (Jaccard ≥ {fmt(pre.dedupe.near_threshold)})" if pre.dedupe.near else None,
+        f"exact dedupe (key: {_v(pre.dedupe.key)})" if pre.dedupe.exact else None,
+        f"near-dedupe (Jaccard ≥ {fmt(pre.dedupe.near_threshold)}, key: {_v(pre.dedupe.key)})" if pre.dedupe.near else None,
+        f"label conflicts: {_v(pre.label_conflicts)}" if v.classification else None,
         "PII redaction" if pre.redact_pii else None,
         "inverse-frequency class weights" if v.classification and pre.class_weights else None,
     ]
     sources.append(["Cleaning", ", ".join(c for c in cleaning if c) or "none"])
-    sources.append(["Leakage check (train vs validation/test)", _v(ds.leakage_check)])
+    sources.append(["Leakage check (validation/test vs train, test vs validation, retention vs train)",
+                    f"{_v(ds.leakage_check)} (key: {_v(ds.leakage_key)})"])
     out = ["", "## Training data", "", *_table(["", ""], sources)]
     return out + ["", "### Data report", "", *_data_report_lines(v.summary.data_report)]
 

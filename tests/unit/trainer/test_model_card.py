@@ -286,3 +286,20 @@ def test_the_summary_keeps_the_keys_the_trainer_has_always_written():
                               "evals", "precision", "target_modules", "world_size", "distributed_strategy", "trainable_params",
                               "total_params"]
     assert (training["steps"], training["world_size"], training["precision"]) == (3, 2, "fp32")
+
+
+@pytest.mark.parametrize(("normalize", "said", "unsaid"), [
+    ("safe", "safe Unicode normalisation", "NFKC"),
+    ("aggressive", "aggressive Unicode normalisation (NFKC", "safe Unicode"),
+    ("none", None, "normalisation"),
+])
+def test_the_card_names_the_normalisation_that_ran(normalize, said, unsaid):
+    """Before: "Unicode NFKC normalisation" whatever preprocessing.normalize said (the string none is truthy)."""
+    spec = parse_spec({"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t.jsonl", "preprocessing": {"normalize": normalize}},
+                       "output": {"uri": "s3://out/x"}})
+    _, readme = build_model_card(_summary(spec))
+    cleaning = next(line for line in readme.splitlines() if line.startswith("| Cleaning"))
+    if said:
+        assert said in cleaning
+    assert unsaid not in cleaning
+    assert "key: turns" in cleaning and "label conflicts" not in cleaning  # not a classification job
