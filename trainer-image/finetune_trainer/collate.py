@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+# The one label of a token that is not scored, defined where labels are made; loss and evaluate take it from here.
+from finetune_trainer.data.tokenize import IGNORE_INDEX
+
 if TYPE_CHECKING:
     import datasets
 
-IGNORE_INDEX = -100
-"""Label of a token that is not scored (prompt, padding, a packed row's first token): cross_entropy's default ignore_index."""
 
 
 # ------------------------------------------------------------------------------------------- order

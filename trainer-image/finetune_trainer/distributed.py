@@ -152,7 +152,7 @@ def local_main_works(dist: DistInfo, work: Callable[[], T], then: Callable[[], T
             raise
         except Exception as e:  # noqa: BLE001 - the waiters must not wait forever; the error itself propagates here
             _write_atomic(failed, json.dumps({"reason": errors.TrainerError.reason,
-                                              "message": f"{what} failed on local rank 0: {type(e).__name__}: {e}"}))
+                                              "message": f"local rank 0 could not {what}: {type(e).__name__}: {e}"}))
             raise
         _write_atomic(done, "")
         return result

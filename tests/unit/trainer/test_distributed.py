@@ -76,3 +76,33 @@ def test_a_waiter_gives_up_after_the_timeout(tmp_path):
     with pytest.raises(ModelNotFound, match="timed out waiting for local rank 0 to download x"):
         local_main_works(_ranks(2)[1], lambda: None, lambda: None, done=tmp_path / "done", failed=tmp_path / "failed",
                          what="download x", timeout_s=0.1, timeout_error=ModelNotFound, poll_s=0.02)
+
+
+def test_data_is_prepared_once_per_node_through_the_same_helper(tmp_path, monkeypatch):
+    """data/shared.py uses local_main_works: rank 0 prepares, the waiters load its manifest or share its failure."""
+    from finetune_trainer.data import shared
+    from finetune_trainer.data.prepare import PreparedData
+
+    prepared = []
+
+    def prepare(spec, storage, tokenizer, *, cache_dir):
+        prepared.append(cache_dir)
+        return PreparedData(train=None, validation=None, test=None, retention=None, labels=["a", "b"], class_weights=None, report={"rows": 2})
+
+    monkeypatch.setattr(shared, "prepare_data", prepare)
+
+    def target(dist):
+        return shared.prepare_data_per_node(None, None, None, root=tmp_path, local_rank=dist.local_rank,
+                                            local_world_size=dist.local_world_size, poll_seconds=0.05)
+
+    results = _run_all(target, _ranks(3))
+    assert len(prepared) == 1, "only local rank 0 prepares"
+    assert all(r.labels == ["a", "b"] and r.report == {"rows": 2} for r in results.values())
+
+    def broken(spec, storage, tokenizer, *, cache_dir):
+        raise MalformedData("train.jsonl line 7 is not JSON")
+
+    monkeypatch.setattr(shared, "prepare_data", broken)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the next launch: a fresh folder
+    results = _run_all(target, _ranks(3))
+    assert all(type(r) is MalformedData and "line 7" in r.message for r in results.values())

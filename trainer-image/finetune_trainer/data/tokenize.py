@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
+"""Label of a token that is not scored (prompt, padding, a packed row's first token): cross_entropy's
+default ignore_index. The trainer's one definition (collate, loss and evaluate import it)."""
 
 
 @dataclass
