@@ -1,4 +1,6 @@
-"""Evaluation: validation metrics, calibration, early stopping, the retention check and the gain over the base model.
+"""Evaluation: validation metrics, early stopping, the retention check and the gain over the base model
+(generation metrics live in :mod:`finetune_trainer.generation`, temperature scaling in
+:mod:`finetune_trainer.calibration`, early stopping and "is this better" in :mod:`finetune_trainer.early_stopping`).
 
 Read top to bottom:
 
@@ -6,15 +8,9 @@ Read top to bottom:
    plain ``float`` metrics (ready for progress.json and the model card). Both are exact across uneven batches and
    across ranks: they sum per-example statistics, gather them with ``accelerator.gather_for_metrics`` (which drops
    the samples accelerate repeats to even out the last batch) and divide once at the end.
-2. :func:`generate_and_score` greedily generates completions and scores them with sacrebleu (BLEU) and
-   rouge-score (ROUGE-L); :func:`prompts_and_references` recovers prompts and references from tokenised rows.
-3. :func:`expected_calibration_error`, :func:`fit_temperature` and :func:`calibrate`: temperature scaling
-   (Guo et al., 2017, "On Calibration of Modern Neural Networks") for classifiers.
-4. :func:`majority_baseline`: the score of always predicting the most frequent training class, the floor a
+2. :func:`majority_baseline`: the score of always predicting the most frequent training class, the floor a
    classifier has to beat to have learnt anything.
-5. :class:`EarlyStopping`: a small, serialisable plateau detector whose state goes into checkpoints, and
-   :func:`improves`, the one "is this better" test (direction from :mod:`finetune_api.metric_catalogue`).
-6. :func:`retention_check` and :func:`gain`: catastrophic forgetting and improvement over the base model.
+3. :func:`retention_check` and :func:`gain`: catastrophic forgetting and improvement over the base model.
 
 Library code does the metric arithmetic wherever a maintained library has it (scikit-learn for classification
 metrics, sacrebleu, rouge-score); what is hand-written here is what none of them provides: ECE, the temperature
@@ -24,7 +20,6 @@ fit and the token-exact LM loss.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,49 +27,31 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 import torch.nn.functional as F
 
-from finetune_api import metric_catalogue
-from finetune_api.metric_catalogue import Direction
-from finetune_api.spec import EarlyStopping as EarlyStoppingSpec
 from finetune_api.spec import RetentionSpec
+from finetune_trainer.calibration import ECE_BINS, expected_calibration_error
 from finetune_trainer.collate import IGNORE_INDEX
-from finetune_trainer.errors import EmptyDataset, InvalidConfig, RetentionExceeded
+from finetune_trainer.errors import EmptyDataset, RetentionExceeded
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-    from transformers import PreTrainedTokenizerBase
 
 _T = TypeVar("_T")
 
-ECE_BINS = 15
-# Temperatures outside this range mean the fit ran away (e.g. perfectly separable validation logits, where NLL keeps
-# falling as T -> 0); clamping keeps the calibrated probabilities usable.
-MIN_TEMPERATURE = 1e-2
-MAX_TEMPERATURE = 1e2
-GENERATION_METRICS = tuple(metric_catalogue.GENERATION_METRICS)  # the evaluation.metrics entries: bleu, rouge
 
 __all__ = [
-    "ECE_BINS",
-    "EarlyStopping",
-    "calibrate",
     "evaluate_classification",
     "evaluate_lm",
-    "expected_calibration_error",
-    "fit_temperature",
     "gain",
-    "generate_and_score",
-    "improves",
     "majority_baseline",
     "perplexity",
-    "prompts_and_references",
     "retention_check",
-    "score_texts",
 ]
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _device_of(model: torch.nn.Module, accelerator: Accelerator | None) -> torch.device:
+def device_of(model: torch.nn.Module, accelerator: Accelerator | None) -> torch.device:
     if accelerator is not None:
         return accelerator.device
     device = getattr(model, "device", None)
@@ -129,7 +106,7 @@ def _gather(accelerator: Accelerator | None, tensors: _T) -> _T:
     return tensors if accelerator is None else accelerator.gather_for_metrics(tensors)
 
 
-class _EvalMode:
+class EvalMode:
     """``model.eval()`` for the duration, then the previous mode back (evaluation runs mid-training)."""
 
     def __init__(self, model: torch.nn.Module):
@@ -177,11 +154,11 @@ def evaluate_lm(
 
     Pass an accelerator-prepared dataloader when ``accelerator`` is given; every rank gets the global result.
     """
-    device = _device_of(model, accelerator)
+    device = device_of(model, accelerator)
     loss_sum = 0.0
     tokens = 0
     correct = 0
-    with _EvalMode(model):
+    with EvalMode(model):
         for batch in _batches(dataloader, max_batches):
             batch = _to_device(batch, device)
             if "labels" not in batch:
@@ -267,10 +244,10 @@ def evaluate_classification(
     if len(set(names)) != len(names):
         raise ValueError("label_names must be unique")
 
-    device = _device_of(model, accelerator)
+    device = device_of(model, accelerator)
     all_logits: list[torch.Tensor] = []
     all_labels: list[torch.Tensor] = []
-    with _EvalMode(model):
+    with EvalMode(model):
         for batch in _batches(dataloader, None):
             batch = _to_device(batch, device)
             if "labels" not in batch:
@@ -314,205 +291,7 @@ def evaluate_classification(
     return result
 
 
-# ------------------------------------------------------------------------------------ generation metrics
-
-
-class _WordTokenizer:
-    """Lower-cased Unicode word tokens for ROUGE.
-
-    rouge-score's default tokenizer keeps only ``[a-z0-9]`` and so scores any non-English text as empty; this one
-    keeps every Unicode letter and digit. No stemming: it is English-only.
-    """
-
-    _word = re.compile(r"\w+", re.UNICODE)
-
-    def tokenize(self, text: str) -> list[str]:
-        return self._word.findall(text.lower())
-
-
-def score_texts(
-    hypotheses: Sequence[str], references: Sequence[str], *, metrics: Sequence[str] = GENERATION_METRICS
-) -> dict[str, float]:
-    """Corpus BLEU (sacrebleu, 0-100, default 13a tokenisation) and mean ROUGE-L F1 (rouge-score, 0-1)."""
-    _check_metrics(metrics)
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    if not references:
-        raise EmptyDataset("no references to score generations against")
-    scores: dict[str, float] = {"generation_samples": float(len(references))}
-    if "bleu" in metrics:
-        import sacrebleu
-
-        scores["bleu"] = float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
-    if "rouge" in metrics:
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WordTokenizer())
-        f1s = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references)]
-        scores["rouge_l"] = float(sum(f1s) / len(f1s))
-    return scores
-
-
-def _check_metrics(metrics: Sequence[str]) -> None:
-    unknown = sorted(set(metrics) - set(GENERATION_METRICS))
-    if unknown:
-        raise ValueError(f"unknown generation metrics {unknown}; known: {list(GENERATION_METRICS)}")
-
-
-def prompts_and_references(rows: Iterable[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], list[str]]:
-    """Prompts and reference completions recovered from tokenised rows (``input_ids``, ``labels``).
-
-    The prompt is everything before the first scored token, the reference the first scored span (a completion
-    or an assistant turn). Rows with no prompt (plain text) or nothing scored are skipped.
-    """
-    prompts, references = [], []
-    for row in rows:
-        ids, labels = list(row["input_ids"]), list(row["labels"])
-        first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), None)
-        if not first:  # no prompt (plain text rows) or nothing scored
-            continue
-        end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
-        prompts.append(tokenizer.decode(ids[:first], skip_special_tokens=True))
-        references.append(tokenizer.decode(ids[first:end], skip_special_tokens=True).strip())
-    return prompts, references
-
-
-@torch.no_grad()
-def generate_and_score(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    references: list[str],
-    *,
-    metrics: Sequence[str] = GENERATION_METRICS,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-) -> dict[str, float]:
-    """Greedy-decode a completion for each prompt and score it against its reference with :func:`score_texts`.
-
-    Prompts must be formatted as in training (chat template applied for chat data). They are left-padded in
-    batches (decoder-only models continue from the last position); the tokenizer's padding side and pad token are
-    restored afterwards. Only the newly generated tokens are decoded. Run it on one process with the unwrapped
-    model.
-    """
-    _check_metrics(metrics)
-    if len(prompts) != len(references):
-        raise ValueError(f"{len(prompts)} prompts for {len(references)} references")
-    hypotheses = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return score_texts(hypotheses, references, metrics=metrics)
-
-
-@torch.no_grad()
-def generate_greedy(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8
-) -> list[str]:
-    """Greedy completions (new text only, special tokens skipped, stripped)."""
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError("max_new_tokens and batch_size must be at least 1")
-    device = _device_of(model, None)
-    saved_side, saved_pad = tokenizer.padding_side, tokenizer.pad_token
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has neither a pad token nor an eos token to pad prompts with")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    outputs: list[str] = []
-    try:
-        with _EvalMode(model):
-            for start in range(0, len(prompts), batch_size):
-                chunk = list(prompts[start : start + batch_size])
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, return_token_type_ids=False).to(device)
-                generated = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                new_tokens = generated[:, enc["input_ids"].shape[1] :]
-                outputs.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = saved_side
-        if saved_pad is None:
-            tokenizer.pad_token = None
-    return outputs
-
-
-# ------------------------------------------------------------------------------------------ calibration
-
-
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> float:
-    """Expected calibration error of the top-class confidence (Guo et al., 2017).
-
-    Confidences fall into ``n_bins`` equal-width bins ``(k/n, (k+1)/n]``; ECE is the sample-weighted mean of
-    ``|accuracy - mean confidence|`` over the bins. ``probs`` is ``(N, K)`` with rows summing to 1.
-    """
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
-    probs = probs.detach().to("cpu", torch.float64)
-    labels = labels.detach().to("cpu").long().reshape(-1)
-    if probs.ndim != 2 or probs.shape[0] != labels.shape[0]:
-        raise ValueError(f"probs must be (N, K) and labels (N,); got {tuple(probs.shape)} and {tuple(labels.shape)}")
-    if labels.numel() == 0:
-        raise ValueError("expected_calibration_error needs at least one sample")
-    confidence, predicted = probs.max(dim=1)
-    correct = (predicted == labels).double()
-    inner_edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)[1:-1]
-    bins = torch.bucketize(confidence, inner_edges, right=False)  # edges[k-1] < c <= edges[k]
-    gap_sums = torch.zeros(n_bins, dtype=torch.float64)
-    gap_sums.index_add_(0, bins, correct - confidence)  # per bin: n_b * (accuracy_b - confidence_b)
-    return float(gap_sums.abs().sum() / labels.numel())
-
-
-def _nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
-    return F.cross_entropy(logits / temperature, labels)
-
-
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature ``T > 0`` minimising the NLL of ``softmax(logits / T)`` (temperature scaling).
-
-    Optimised over ``log T`` with L-BFGS in float64, clamped to [0.01, 100]; falls back to ``1.0`` if the fit does
-    not beat it (so calibrating never makes the validation NLL worse).
-    """
-    logits = logits.detach().to("cpu", torch.float64)
-    labels = labels.detach().to("cpu").long().reshape(-1)
-    if logits.ndim != 2 or logits.shape[0] != labels.shape[0] or labels.numel() == 0:
-        raise ValueError(f"logits must be (N, K) and labels (N,) with N > 0; got {tuple(logits.shape)}, {tuple(labels.shape)}")
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [log_t], lr=1.0, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = _nll(logits, labels, log_t.exp())
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    temperature = float(log_t.detach().exp().clamp(MIN_TEMPERATURE, MAX_TEMPERATURE))
-    if not math.isfinite(temperature) or float(_nll(logits, labels, temperature)) > float(_nll(logits, labels)):
-        return 1.0
-    return temperature
-
-
-def calibrate(logits_val: torch.Tensor, labels_val: torch.Tensor) -> dict[str, float]:
-    """Fit temperature scaling on validation logits and report ECE and NLL before and after, on that same set.
-
-    The "after" numbers are optimistic (the temperature was fitted on them); evaluate the test set with
-    ``evaluate_classification(..., temperature=result["temperature"])`` for an unbiased ECE.
-    """
-    logits = logits_val.detach().to("cpu", torch.float64)
-    labels = labels_val.detach().to("cpu").long().reshape(-1)
-    temperature = fit_temperature(logits, labels)
-    return {
-        "temperature": temperature,
-        "ece_before": expected_calibration_error(logits.softmax(dim=1), labels),
-        "ece_after": expected_calibration_error((logits / temperature).softmax(dim=1), labels),
-        "nll_before": float(_nll(logits, labels)),
-        "nll_after": float(_nll(logits, labels, temperature)),
-    }
+# ------------------------------------------------------------------------------------------ baselines
 
 
 def majority_baseline(train_labels: list[int], eval_labels: list[int], num_labels: int) -> dict[str, float]:
@@ -535,110 +314,6 @@ def majority_baseline(train_labels: list[int], eval_labels: list[int], num_label
         "f1_macro": float(f1_score(eval_labels, predicted, average="macro", zero_division=0)),
         "majority_class": float(majority),
     }
-
-
-# --------------------------------------------------------------------------------------- early stopping
-
-
-def improves(value: float, best: float | None, direction: Direction, min_delta: float = 0.0) -> bool:
-    """Whether ``value`` beats ``best`` by more than ``min_delta`` in ``direction`` (the first value always does).
-
-    The one comparison behind early stopping, best-checkpoint selection and the gain's verdict, so that
-    they can never disagree on which way is better. NaN never improves.
-    """
-    if math.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value < best - min_delta if direction == "min" else value > best + min_delta
-
-
-class EarlyStopping:
-    """Stop when ``metric`` has not improved by more than ``min_delta`` for ``patience`` evaluations in a row.
-
-    Pure and serialisable: :meth:`state_dict` goes into every checkpoint so a resumed run stops exactly where an
-    uninterrupted one would. The first value seen is always the best. NaN never counts as an improvement.
-    """
-
-    def __init__(self, metric: str, mode: str, patience: int, min_delta: float):
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if patience < 1:
-            raise ValueError(f"patience must be at least 1, got {patience}")
-        if min_delta < 0:
-            raise ValueError(f"min_delta must be non-negative, got {min_delta}")
-        self.metric = metric
-        self.mode: Direction = "min" if mode == "min" else "max"
-        self.patience = int(patience)
-        self.min_delta = float(min_delta)
-        self._best: float | None = None
-        self._best_step: int | None = None
-        self._bad_evals = 0
-
-    @classmethod
-    def from_spec(cls, spec: EarlyStoppingSpec) -> "EarlyStopping":
-        """From ``spec.evaluation.early_stopping``; its mode follows the metric's direction when unset."""
-        return cls(metric=spec.metric, mode=spec.direction, patience=spec.patience, min_delta=spec.min_delta)
-
-    @property
-    def best(self) -> float | None:
-        return self._best
-
-    @property
-    def best_step(self) -> int | None:
-        return self._best_step
-
-    @property
-    def bad_evals(self) -> int:
-        return self._bad_evals
-
-    @property
-    def should_stop(self) -> bool:
-        return self._bad_evals >= self.patience
-
-    def is_improvement(self, value: float) -> bool:
-        return improves(value, self._best, self.mode, self.min_delta)
-
-    def update(self, value: float, step: int) -> bool:
-        """Record one evaluation; True when ``value`` is the new best."""
-        value = float(value)
-        if self.is_improvement(value):
-            self._best, self._best_step, self._bad_evals = value, int(step), 0
-            return True
-        self._bad_evals += 1
-        return False
-
-    def update_from(self, metrics: Mapping[str, Any], step: int) -> bool:
-        """:meth:`update` with ``metrics[self.metric]``, failing with a usable message when it was not computed."""
-        if self.metric not in metrics:
-            available = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
-            raise InvalidConfig(
-                f"evaluation.earlyStopping.metric {self.metric!r} is not among the computed metrics {available}"
-            )
-        return self.update(metrics[self.metric], step)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "metric": self.metric,
-            "mode": self.mode,
-            "patience": self.patience,
-            "min_delta": self.min_delta,
-            "best": self._best,
-            "best_step": self._best_step,
-            "bad_evals": self._bad_evals,
-        }
-
-    def load_state_dict(self, d: Mapping[str, Any]) -> None:
-        """Restore the counters. The metric and mode must match: the spec is immutable, so a mismatch means the
-        checkpoint belongs to another job. Patience and min_delta come from this object (the current spec)."""
-        if d.get("metric") != self.metric or d.get("mode") != self.mode:
-            raise ValueError(
-                f"early-stopping state monitors {d.get('metric')!r} ({d.get('mode')}), "
-                f"this run monitors {self.metric!r} ({self.mode})"
-            )
-        self._best = None if d.get("best") is None else float(d["best"])
-        self._best_step = None if d.get("best_step") is None else int(d["best_step"])
-        self._bad_evals = int(d.get("bad_evals", 0))
 
 
 # ----------------------------------------------------------------------------- retention and the gain

@@ -72,7 +72,7 @@ class Evaluator:
         wanted = self.generation
         if self.classification or not wanted or dataset is None or not (self.dist.is_main or self.sharded):
             return None
-        from .evaluate import generate_and_score, prompts_and_references
+        from .generation import generate_and_score, prompts_and_references
 
         prompts, references = prompts_and_references(dataset.select(range(min(limit, len(dataset)))), self.tokenizer)
         if not prompts:

@@ -17,7 +17,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
 
 from finetune_api import metric_catalogue
 from finetune_api.spec import FineTuneJobSpec

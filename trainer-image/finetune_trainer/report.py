@@ -19,7 +19,8 @@ import torch
 from finetune_api import metric_catalogue
 from finetune_api.spec import FineTuneJobSpec
 
-from .evaluate import calibrate, gain, majority_baseline, retention_check
+from .calibration import calibrate
+from .evaluate import gain, majority_baseline, retention_check
 
 if TYPE_CHECKING:
     from .evaluator import Evaluator

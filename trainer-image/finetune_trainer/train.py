@@ -38,7 +38,7 @@ from .collate import Batching, make_collator, rows_of, token_counts
 from .config import JobConfig
 from .distributed import DistInfo, dist_info
 from .errors import InvalidConfig, TrainerError
-from .evaluate import EarlyStopping, improves
+from .early_stopping import EarlyStopping, improves
 from .evaluator import Evaluator
 from .loss import WindowLoss
 from .metrics import TrainerMetrics

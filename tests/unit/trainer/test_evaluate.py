@@ -15,20 +15,17 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 from finetune_api.spec import EarlyStopping as EarlyStoppingSpec
 from finetune_api.spec import RetentionSpec
 from finetune_trainer.errors import EmptyDataset, InvalidConfig, RetentionExceeded
+from finetune_trainer.calibration import calibrate, expected_calibration_error, fit_temperature
+from finetune_trainer.early_stopping import EarlyStopping
 from finetune_trainer.evaluate import (
-    EarlyStopping,
-    calibrate,
     evaluate_classification,
     evaluate_lm,
-    expected_calibration_error,
-    fit_temperature,
     gain,
-    generate_and_score,
     majority_baseline,
     perplexity,
     retention_check,
-    score_texts,
 )
+from finetune_trainer.generation import generate_and_score, score_texts
 
 VOCAB = 48
 EOS, PAD = 2, 0
@@ -457,7 +454,7 @@ def test_early_stopping_on_a_score_keeps_the_higher_value_when_mode_is_left_unse
 
 
 def test_improves_follows_the_direction():
-    from finetune_trainer.evaluate import improves
+    from finetune_trainer.early_stopping import improves
 
     assert improves(0.7, 0.5, "max") and not improves(0.7, 0.5, "min")
     assert improves(0.3, 0.5, "min") and not improves(0.5, 0.5, "min")
