@@ -53,6 +53,7 @@ class DataSummary(WireModel):
     rows_kept: int | None = Field(default=None, description="Rows used for training after cleaning.")
     rows_removed: int | None = Field(default=None, description="Rows removed by cleaning.")
     malformed: int | None = Field(default=None, description="Rows that could not be parsed.")
+    label_conflicts: int | None = Field(default=None, description="Rows dropped (or kept first) because the same text carries different labels.")
     exact_duplicates: int | None = Field(default=None, description="Exact duplicates removed.")
     near_duplicates: int | None = Field(default=None, description="Near-duplicates removed.")
     pii_redacted: int | None = Field(default=None, description="PII spans replaced by placeholders.")

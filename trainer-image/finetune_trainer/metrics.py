@@ -24,7 +24,7 @@ DEFAULT_PORT = 9400
 
 # Eval metrics exported as finetune_eval{metric="<label>"} when present in an evaluation result (the metric table).
 EVAL_METRICS = {m.name: m.prometheus for m in metric_catalogue.exported() if m.prometheus}
-DATA_COUNTERS = ("rows_read", "rows_kept", "rows_removed", "malformed", "exact_duplicates", "near_duplicates", "pii_redacted", "leakage")
+DATA_COUNTERS = ("rows_read", "rows_kept", "rows_removed", "malformed", "label_conflicts", "exact_duplicates", "near_duplicates", "pii_redacted", "leakage")
 
 
 class TrainerMetrics:

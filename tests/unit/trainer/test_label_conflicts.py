@@ -54,6 +54,10 @@ def test_default_drops_every_row_of_a_conflicting_text_and_reports_redacted_exam
     assert "label conflicts 2" in format_report(data.report)
     report = DataReport.model_validate(json.loads(json.dumps(data.report)))
     assert undeclared_keys(report) == [] and report.inputs["train"].label_conflicts == 2
+    # ...and in the summary the trainer puts into progress.json (status.data) and the metrics
+    from finetune_trainer.data.report import summary
+    from finetune_trainer.metrics import DATA_COUNTERS
+    assert summary(data.report).label_conflicts == 2 and "label_conflicts" in DATA_COUNTERS
 
 
 def test_keep_first_keeps_the_first_label(tmp_path, tokenizer):

@@ -99,6 +99,7 @@ def summary(report: dict[str, Any], report_uri: str | None = None) -> DataSummar
         rows_kept=final["train"],
         rows_removed=total["rows_read"] - kept_everywhere,
         malformed=total["malformed"],
+        label_conflicts=total.get("label_conflicts", 0),
         exact_duplicates=total["exact_duplicates"],
         near_duplicates=total["near_duplicates"],
         pii_redacted=total["pii_total"],
