@@ -22,7 +22,7 @@ def test_recreated_job_does_not_adopt_the_old_ones_children(kubectl, operator, n
     cluster.pod_succeed(namespace, pod["metadata"]["name"])
     wait_phase(kubectl, namespace, "again", "Succeeded")
     old_uid = kubectl.get("ftj", "again", namespace)["metadata"]["uid"]
-    # orphan: the old Job (Complete), Service and ConfigMap linger without an owner
+    # orphan: the old Job (Complete), Service, ConfigMap and NetworkPolicy linger without an owner
     kubectl.run("delete", "ftj", "again", "-n", namespace, "--cascade=orphan", "--wait=true")
     wait_for("old job orphaned", lambda: not (kubectl.get("job", "again-0", namespace)["metadata"].get("ownerReferences")))
     kubectl.create(ftj("again", namespace))
@@ -32,7 +32,7 @@ def test_recreated_job_does_not_adopt_the_old_ones_children(kubectl, operator, n
     st = status(kubectl, namespace, "again")
     assert (st["phase"], st["reason"]) == ("Pending", "ChildNameConflict")  # not Succeeded from the old Job
     assert kubectl.get("job", "again-0", namespace)["status"].get("succeeded") == 1  # left alone
-    kubectl.run("delete", "job/again-0", "service/again", "configmap/again-config", "-n", namespace, "--wait=true")
+    kubectl.run("delete", "job/again-0", "service/again", "configmap/again-config", "networkpolicy/again-pods", "-n", namespace, "--wait=true")
     (pod,) = running_pods(kubectl, namespace, "again", 0, 1)
     new_uid = kubectl.get("ftj", "again", namespace)["metadata"]["uid"]
     job = kubectl.get("job", "again-0", namespace)
