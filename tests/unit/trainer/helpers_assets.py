@@ -168,3 +168,16 @@ def torchrun(config: Path, tmp: Path, *, nproc: int = 2, timeout: float = 420) -
 
 def checkpoint_state(output: Path, step: int) -> dict[str, Any]:
     return json.loads((output / "checkpoints" / f"step-{step:08d}" / "trainer_state.json").read_text())
+
+
+class CountingScheduler:
+    """The smallest LR-scheduler stand-in a checkpoint saves and restores: one counter in its state."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"n": self.n}
+
+    def load_state_dict(self, d: dict[str, int]) -> None:
+        self.n = d["n"]

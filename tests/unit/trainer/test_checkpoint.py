@@ -12,17 +12,7 @@ from finetune_trainer.distributed import DistInfo
 from finetune_trainer.errors import CheckpointError, InvalidConfig
 from finetune_trainer.parallel import ModelState
 from finetune_trainer.storage import Storage, join
-
-
-class _Sched:
-    def __init__(self):
-        self.n = 0
-
-    def state_dict(self):
-        return {"n": self.n}
-
-    def load_state_dict(self, d):
-        self.n = d["n"]
+from helpers_assets import CountingScheduler
 
 
 def _setup(tmp_path, keep_last=2):
@@ -32,7 +22,7 @@ def _setup(tmp_path, keep_last=2):
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     mgr = CheckpointManager(Storage(), str(tmp_path / "out"), tmp_path / "work", DistInfo(), keep_last=keep_last, is_adapter=False, join=join)
-    return model, opt, _Sched(), mgr
+    return model, opt, CountingScheduler(), mgr
 
 
 def _ms(model, opt):

@@ -21,17 +21,7 @@ from finetune_trainer.distributed import DistInfo
 from finetune_trainer.errors import CheckpointError
 from finetune_trainer.parallel import ModelState
 from finetune_trainer.storage import Storage, join
-
-
-class _Sched:
-    def __init__(self):
-        self.n = 0
-
-    def state_dict(self):
-        return {"n": self.n}
-
-    def load_state_dict(self, d):
-        self.n = d["n"]
+from helpers_assets import CountingScheduler
 
 
 class Payload:
@@ -85,14 +75,14 @@ def test_the_payload_is_live_when_unpickled_the_unsafe_way(tmp_path):
 @pytest.mark.parametrize("name", ["scheduler.pt", "rng_state_rank0.pt", "optimizer.pt"])
 def test_a_pickle_payload_in_a_checkpoint_file_is_refused_and_never_runs(tmp_path, name):
     model, opt, mgr = _setup(tmp_path)
-    uri = _save(mgr, model, opt, _Sched(), 3)
+    uri = _save(mgr, model, opt, CountingScheduler(), 3)
     marker = tmp_path / "payload-ran"
     _replace(tmp_path / "out/checkpoints/step-00000003", name, {"n": 1, "evil": Payload(marker)})
     model2, opt2, _ = _setup(tmp_path / "other")
     with torch.no_grad():
         model2.weight.zero_()
     with pytest.raises(CheckpointError) as err:
-        mgr.load(uri, model_state=_ms(model2, opt2), scheduler=_Sched(), scaler=None)
+        mgr.load(uri, model_state=_ms(model2, opt2), scheduler=CountingScheduler(), scaler=None)
     assert not marker.exists()
     assert err.value.reason == "CheckpointError" and not BY_REASON["CheckpointError"].permanent  # resume falls back to an older one
     assert f"{uri}/{name} holds pickled objects other than tensors and plain values" in err.value.message
@@ -103,7 +93,7 @@ def test_a_pickle_payload_in_a_checkpoint_file_is_refused_and_never_runs(tmp_pat
 
 def test_every_file_of_a_new_checkpoint_needs_no_allow_listed_global(tmp_path):
     model, opt, mgr = _setup(tmp_path)
-    _save(mgr, model, opt, _Sched(), 1)
+    _save(mgr, model, opt, CountingScheduler(), 1)
     folder = tmp_path / "out/checkpoints/step-00000001"
     pt_files = sorted(p.name for p in folder.glob("*.pt"))
     assert pt_files == ["optimizer.pt", "rng_state_rank0.pt", "scheduler.pt"]
@@ -113,7 +103,7 @@ def test_every_file_of_a_new_checkpoint_needs_no_allow_listed_global(tmp_path):
 
 def test_an_older_trainers_numpy_rng_file_is_read_through_the_safe_path(tmp_path):
     model, opt, mgr = _setup(tmp_path)
-    sched = _Sched()
+    sched = CountingScheduler()
     uri = _save(mgr, model, opt, sched, 2)
     random.seed(5)
     np.random.seed(6)
@@ -123,16 +113,16 @@ def test_an_older_trainers_numpy_rng_file_is_read_through_the_safe_path(tmp_path
     _replace(tmp_path / "out/checkpoints/step-00000002", "rng_state_rank0.pt", old_format)
     other = _ms(*_setup(tmp_path / "o")[:2])
     torch.manual_seed(99)
-    mgr.load(uri, model_state=other, scheduler=_Sched(), scaler=None)
+    mgr.load(uri, model_state=other, scheduler=CountingScheduler(), scaler=None)
     got = (random.random(), np.random.rand(), torch.rand(2))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
 
 
 def test_an_rng_file_of_the_wrong_shape_is_refused_before_anything_is_restored(tmp_path):
     model, opt, mgr = _setup(tmp_path)
-    uri = _save(mgr, model, opt, _Sched(), 4)
+    uri = _save(mgr, model, opt, CountingScheduler(), 4)
     _replace(tmp_path / "out/checkpoints/step-00000004", "rng_state_rank0.pt", {"python": (1, 2), "numpy": {}, "torch": torch.zeros(3)})
-    other, sched = _ms(*_setup(tmp_path / "o")[:2]), _Sched()
+    other, sched = _ms(*_setup(tmp_path / "o")[:2]), CountingScheduler()
     torch.manual_seed(11)
     expected = torch.rand(2)
     torch.manual_seed(11)
