@@ -245,6 +245,19 @@ class ClassesReport(ReportModel):
     class_weights: list[float] | None = None
 
 
+class PiiKind(ReportModel):
+    kind: str = Field(description="The placeholder's name (EMAIL, PHONE, SECRET, ...), as counted in pii.")
+    what: str = Field(description="What was looked for under it, and how it was checked.")
+
+
+class PiiCoverage(ReportModel):
+    """Which kinds of PII redaction looked for, and which it did not (the same list the model card shows)."""
+
+    regions: list[str] = Field(description="preprocessing.piiRegions: national phone and identity-number formats looked for.")
+    looked_for: list[PiiKind]
+    not_looked_for: list[str] = Field(description="Kinds of personal data that were not detected, so may remain in the data.")
+
+
 class DataReport(ReportModel):
     """data-report.json, written once by rank 0 after data preparation."""
 
@@ -252,6 +265,7 @@ class DataReport(ReportModel):
     task: str
     max_seq_length: int
     preprocessing: dict[str, Any]
+    pii_coverage: PiiCoverage | None = None
     inputs: dict[str, InputCounts]
     total: Totals
     split: SplitInfo

@@ -295,6 +295,9 @@ class DedupeSpec(_Model):
     key: MatchKey = Field(default=MatchKey.turns, description=MATCH_KEY_DESCRIPTION.format(what="exact and near dedupe"))
 
 
+PII_REGIONS_DEFAULT = ("US", "GB", "FR", "DE")
+
+
 class PreprocessingSpec(_Model):
     """Data cleaning applied to every split before tokenisation; each step is counted in the data report."""
 
@@ -308,7 +311,23 @@ class PreprocessingSpec(_Model):
     dedupe: DedupeSpec = Field(default_factory=DedupeSpec, description="Exact and near-duplicate removal.")
     redact_pii: bool = Field(
         default=True,
-        description="Replace emails, phone numbers, card numbers, IP addresses, IBANs and SSNs with typed placeholders.",
+        description=(
+            "Replace personal data and credentials with typed placeholders: emails, phone numbers, payment card numbers "
+            "(Luhn), IBANs (mod 97), IP addresses, US SSNs, national identity numbers and cloud keys/API tokens/private "
+            "keys. Person names and postal addresses are not detected. The data report (pii_coverage) and the model "
+            "card list what was and was not looked for."
+        ),
+    )
+    pii_regions: list[str] = Field(
+        default_factory=lambda: list(PII_REGIONS_DEFAULT),
+        min_length=1,
+        max_length=MAX_LIST,
+        description=(
+            "ISO 3166 country codes whose national phone-number formats (libphonenumber) and identity numbers "
+            "(US SSN, GB NINO/NHS, FR NIR, DE tax id, ES DNI/NIE, IT codice fiscale, NL BSN, each checksum-validated) "
+            "redactPii looks for. Numbers in +international format are found whatever the list."
+        ),
+        json_schema_extra={"items": {"type": "string", "pattern": "^[A-Za-z]{2}$"}},
     )
     max_malformed_fraction: float = Field(
         default=0.05,
@@ -328,6 +347,17 @@ class PreprocessingSpec(_Model):
             "with examples, as label_conflicts in the data report."
         ),
     )
+
+    @field_validator("pii_regions")
+    @classmethod
+    def _pii_regions(cls, value: list[str]) -> list[str]:
+        out: list[str] = []
+        for code in value:
+            if not (len(code) == 2 and code.isascii() and code.isalpha()):
+                raise ValueError(f"piiRegions: {code!r} is not a two-letter ISO 3166 country code")
+            if code.upper() not in out:
+                out.append(code.upper())
+        return out
 
     @field_validator("normalize", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ from typing import Any
 
 from finetune_api import metric_catalogue
 from finetune_api.spec import FineTuneJobSpec
+from finetune_trainer.data.pii import coverage as pii_coverage
 from finetune_trainer.evaluate import gain
 from finetune_trainer.report import RunSummary
 
@@ -288,8 +289,15 @@ def _measurement_notes(v: CardView) -> list[str]:
 
 def _data_notes(spec: FineTuneJobSpec) -> list[str]:
     notes = []
-    if not spec.dataset.preprocessing.redact_pii:
+    pre = spec.dataset.preprocessing
+    if not pre.redact_pii:
         notes.append("PII redaction was off: the model may reproduce personal data from the training set.")
+    else:
+        missed = pii_coverage(pre.pii_regions)["not_looked_for"]
+        notes.append(
+            "PII redaction did not look for " + "; ".join(missed)
+            + ": the model may reproduce any of these that the training data contains."
+        )
     if _v(spec.dataset.leakage_check) in ("off", "warn"):
         notes.append(
             f"The train/evaluation leakage check was '{_v(spec.dataset.leakage_check)}': evaluation examples may also be "
@@ -323,6 +331,7 @@ def build_model_card(summary: RunSummary) -> tuple[dict[str, Any], str]:
         "labels": label_names(spec, summary.data_report) if v.classification else None,
         "dataset": spec.dataset.model_dump(by_alias=True, mode="json", exclude_none=True),
         "dataReport": _jsonable(summary.data_report or {}),
+        "piiCoverage": pii_coverage(spec.dataset.preprocessing.pii_regions, enabled=spec.dataset.preprocessing.redact_pii),
         "hyperparameters": v.hyper,
         "training": _jsonable(summary.training()),
         "evaluation": {

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from finetune_api.documents import DATA_REPORT_FILE
+from finetune_trainer.data.pii import coverage as pii_coverage
 
 from .model_card import (
     COUNT_METRICS,
@@ -138,6 +139,9 @@ def _training_data(v: CardView) -> list[str]:
         "inverse-frequency class weights" if v.classification and pre.class_weights else None,
     ]
     sources.append(["Cleaning", ", ".join(c for c in cleaning if c) or "none"])
+    coverage = pii_coverage(pre.pii_regions, enabled=pre.redact_pii)
+    sources.append(["PII looked for", "; ".join(f"{i['what']} ({i['kind']})" for i in coverage["looked_for"]) or "nothing"])
+    sources.append(["PII not looked for", "; ".join(coverage["not_looked_for"])])
     sources.append(["Leakage check (validation/test vs train, test vs validation, retention vs train)",
                     f"{_v(ds.leakage_check)} (key: {_v(ds.leakage_key)})"])
     out = ["", "## Training data", "", *_table(["", ""], sources)]

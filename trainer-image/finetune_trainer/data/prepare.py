@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import DataSummary
+from finetune_trainer.data import pii
 from finetune_trainer.data import report as reports
 from finetune_trainer.data.formats import CHAT, CLASSIFICATION
 from finetune_trainer.data.labels import class_balance, inverse_frequency_weights, resolve_labels
@@ -256,6 +257,7 @@ def prepare_data(spec: FineTuneJobSpec, storage: Storage, tokenizer: PreTrainedT
         "task": wire_value(spec.model.task),
         "max_seq_length": spec.hyperparameters.max_seq_length,
         "preprocessing": pre.wire(),
+        "pii_coverage": pii.coverage(pre.pii_regions, enabled=pre.redact_pii),
         "inputs": input_reports,
         "total": reports.totals([r for name, r in input_reports.items() if name != "retention"]),
         "split": split_info,

@@ -108,6 +108,19 @@ def summary(report: dict[str, Any], report_uri: str | None = None) -> DataSummar
     )
 
 
+def pii_coverage_lines(coverage: dict[str, Any] | None, indent: str = "") -> list[str]:
+    """``pii looked for: ...`` and ``pii not looked for: ...`` from the report's ``pii_coverage``
+    (:func:`finetune_trainer.data.pii.coverage`)."""
+    if not coverage:
+        return []
+    found = [item["kind"] for item in coverage.get("looked_for", [])]
+    regions = ", ".join(coverage.get("regions", []))
+    return [
+        f"{indent}pii looked for: " + (", ".join(found) + (f" (regions {regions})" if regions and found else "") if found else "nothing"),
+        f"{indent}pii not looked for: " + "; ".join(coverage.get("not_looked_for", [])),
+    ]
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A short multi-line summary of the data report for the log."""
     final = report["final_sizes"]
@@ -127,6 +140,7 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"             malformed {example['row']}: {example['reason']}")
     if total["pii"]:
         lines.append("  pii redacted: " + ", ".join(f"{kind} {n}" for kind, n in total["pii"].items()))
+    lines += pii_coverage_lines(report.get("pii_coverage"), indent="  ")
     split = report.get("split", {})
     if split.get("method") == "ratio":
         lines.append(

@@ -2,7 +2,7 @@
 
 Rows stream through::
 
-    read -> parse format -> normalise -> lowercase -> redact PII -> drop empty -> label conflicts
+    read -> parse format -> normalise -> redact PII -> lowercase -> drop empty -> label conflicts
          -> exact dedupe -> near dedupe -> tokenise -> min/max tokens -> keep
 
 and are written in batches to ``staged-<input>.arrow`` in the work folder (memory-mapped by
@@ -37,7 +37,7 @@ from finetune_trainer.data import report as reports
 from finetune_trainer.data.cleaning import NORMALIZERS, DuplicateIndex, dedupe_key, key_hash, signature
 from finetune_trainer.data.formats import CLASSIFICATION, Record, is_empty, key_text, map_texts, parse_record
 from finetune_trainer.data.labels import check_label
-from finetune_trainer.data.pii import redact
+from finetune_trainer.data.pii import lower_keeping_placeholders, redact
 from finetune_trainer.data.readers import Malformed, data_files, read_rows
 from finetune_trainer.data.report import StepCounts
 from finetune_trainer.data.tokenize import tokenize_batch
@@ -200,10 +200,13 @@ def _clean(record: Record, ctx: PrepareContext, counts: StepCounts) -> Record:
     normalizer = NORMALIZERS.get(wire_value(ctx.pre.normalize))
     if normalizer is not None:
         record = map_texts(record, normalizer)
-    if ctx.pre.lowercase:
+    if ctx.pre.redact_pii:  # before lowercasing: key, token, IBAN and identity-number formats are case-sensitive
+        regions = ctx.pre.pii_regions
+        record = map_texts(record, lambda text: redact(text, counts.pii, regions))
+        if ctx.pre.lowercase:
+            record = map_texts(record, lower_keeping_placeholders)
+    elif ctx.pre.lowercase:
         record = map_texts(record, str.lower)
-    if ctx.pre.redact_pii:
-        record = map_texts(record, lambda text: redact(text, counts.pii))
     return record
 
 
@@ -212,13 +215,13 @@ def _records(ctx: PrepareContext, files: list[str], counts: StepCounts, known_la
     for item in read_rows(ctx.storage, counts.uri, ctx.work_dir, files):
         counts.rows_read += 1
         if isinstance(item, Malformed):
-            raw = redact(item.raw) if ctx.pre.redact_pii else item.raw
+            raw = redact(item.raw, regions=ctx.pre.pii_regions) if ctx.pre.redact_pii else item.raw
             counts.add_malformed(item.origin, item.reason, raw)
             continue
         parsed = parse_record(item.data, ctx.fmt, ctx.spec.dataset.fields)
         if isinstance(parsed, str):
             raw = str(item.data)
-            counts.add_malformed(item.origin, parsed, redact(raw) if ctx.pre.redact_pii else raw)
+            counts.add_malformed(item.origin, parsed, redact(raw, regions=ctx.pre.pii_regions) if ctx.pre.redact_pii else raw)
             continue
         if known_labels is not None:
             check_label(parsed["label"], known_labels, item.origin, label_where)
