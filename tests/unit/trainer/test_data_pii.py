@@ -75,3 +75,109 @@ def test_no_false_positives_on_ordinary_numbers(text):
     counts: Counter[str] = Counter()
     assert redact(text, counts) == text
     assert sum(counts.values()) == 0
+
+
+# ------------------------------------------------------------------ wider coverage (issue 10 §7)
+# Each case below was missed (or, for the negatives, wrongly redacted) by the hand-written regexes.
+
+AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
+GITHUB_TOKEN = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+SLACK_TOKEN = "xoxb-123456789012-1234567890123-" + "abcdefghijklmnopqrstuvwx"
+STRIPE_KEY = "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc"
+JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIn0."
+       "SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
+PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7Zq\n9fL2k+Qx1/ab==\n-----END RSA PRIVATE KEY-----"
+
+
+@pytest.mark.parametrize(
+    "text, expected, kind",
+    [
+        ("call 020 7946 0958 now", "call [PHONE] now", "PHONE"),  # GB national format
+        ("appelez le 06 12 34 56 78.", "appelez le [PHONE].", "PHONE"),  # FR national format
+        ("Tel. 030 1234567 (Büro)", "Tel. [PHONE] (Büro)", "PHONE"),  # DE national format
+        ("+33 6 12 34 56 78 mobile", "[PHONE] mobile", "PHONE"),
+        ("phone: 0612345678", "phone: [PHONE]", "PHONE"),  # one digit run: a phone after a keyword
+        ("SSN 123456789 on file", "SSN [SSN] on file", "SSN"),  # no dashes, after a keyword
+        ("social security number 123 45 6789", "social security number [SSN]", "SSN"),  # spaces
+        ("NI number QQ123456C", "NI number QQ123456C", None),  # QQ: never allocated by HMRC
+        ("NI number AB 12 34 56 C", "NI number [NATIONAL_ID]", "NATIONAL_ID"),
+        ("NIR 2 55 08 14 168 025 38", "NIR [NATIONAL_ID]", "NATIONAL_ID"),  # FR, mod-97 key
+        ("Steuer-ID 65929970489", "Steuer-ID [NATIONAL_ID]", "NATIONAL_ID"),  # DE, after a keyword
+        (f"export AWS_ACCESS_KEY_ID={AWS_KEY}", "export AWS_ACCESS_KEY_ID=[SECRET]", "SECRET"),
+        (f"token {GITHUB_TOKEN} in CI", "token [SECRET] in CI", "SECRET"),
+        (f"bot {SLACK_TOKEN}", "bot [SECRET]", "SECRET"),
+        (f"stripe {STRIPE_KEY}.", "stripe [SECRET].", "SECRET"),
+        (f"Authorization: Bearer {JWT}", "Authorization: Bearer [SECRET]", "SECRET"),
+        (f"key:\n{PEM}\nend", "key:\n[SECRET]\nend", "SECRET"),
+        ("db postgres://admin:hunter2@db.internal/app", "db postgres://admin:[SECRET]@db.internal/app", "SECRET"),
+        ("HF_TOKEN=hf_" + "aBcDeFgHiJkLmNoPqRsTuVwXyZ01234567", "HF_TOKEN=[SECRET]", "SECRET"),
+    ],
+)
+def test_issue_examples_are_redacted(text, expected, kind):
+    counts: Counter[str] = Counter()
+    assert redact(text, counts) == expected
+    assert counts == (Counter({kind: 1}) if kind else Counter())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "pip install foo==1.2.3.4",  # the issue's example: a version pin, not an IP
+        "requires bar>=10.0.0.1 and baz~=2.3.4.5",
+        "see section 1.2.3.4 of the spec, version 4.3.2.1",
+        "pkg-1.2.3.4.tar.gz and v1.2.3.4",
+        "population 8123456789 and 1234567",  # bare digit runs with no phone keyword
+        "order #20240115-0042, invoice 2024-000123",
+        "sha1 3f786850e387550fdab836ed7e6dc881de23001b, uuid 123e4567-e89b-12d3-a456-426614174000",
+        "ts 1700000000 and 1700000000123",
+        "AKIA is a prefix; AKIAIOSFODNN7 is too short",
+    ],
+)
+def test_hard_negatives_are_left_alone(text):
+    counts: Counter[str] = Counter()
+    assert redact(text, counts) == text
+    assert sum(counts.values()) == 0
+
+
+def test_a_real_ip_beside_a_version_pin_is_still_redacted():
+    assert redact("foo==1.2.3.4 served from 10.0.0.7") == "foo==1.2.3.4 served from [IP]"
+
+
+def test_regions_choose_the_national_formats_and_ids():
+    fr = "appelez le 06 12 34 56 78"
+    assert redact(fr, regions=["US"]) == fr  # not a US number
+    assert redact(fr, regions=["FR"]) == "appelez le [PHONE]"
+    assert redact("+33 6 12 34 56 78", regions=["US"]) == "[PHONE]"  # international format: any region
+    dni = "DNI 12345678Z"
+    assert redact(dni) == dni  # ES not in the default regions
+    assert redact(dni, regions=["ES"]) == "DNI [NATIONAL_ID]"
+    assert redact("SSN 123-45-6789", regions=["GB"]) == "SSN 123-45-6789"
+
+
+def test_lowercasing_after_redaction_keeps_placeholders():
+    from finetune_trainer.data.pii import lower_keeping_placeholders
+
+    assert lower_keeping_placeholders(redact(f"Key {AWS_KEY} From A@B.IO")) == "key [SECRET] from [EMAIL]"
+
+
+def test_coverage_lists_what_was_and_was_not_looked_for():
+    from finetune_trainer.data.pii import KINDS, coverage
+
+    cov = coverage(["US", "GB", "FR", "DE"])
+    assert [i["kind"] for i in cov["looked_for"]] == list(KINDS)
+    assert "US, GB, FR, DE" in next(i["what"] for i in cov["looked_for"] if i["kind"] == "PHONE")
+    assert any(s.startswith("person names") for s in cov["not_looked_for"])
+    assert any(s.startswith("postal addresses") for s in cov["not_looked_for"])
+    assert "SSN" not in [i["kind"] for i in coverage(["GB"])["looked_for"]]
+    assert coverage(["US"], enabled=False)["looked_for"] == []
+
+
+def test_pii_regions_in_the_spec():
+    from pydantic import ValidationError
+
+    from finetune_api.spec import PreprocessingSpec
+
+    assert PreprocessingSpec().pii_regions == ["US", "GB", "FR", "DE"]
+    assert PreprocessingSpec.model_validate({"piiRegions": ["es", "ES", "it"]}).pii_regions == ["ES", "IT"]
+    with pytest.raises(ValidationError, match="two-letter"):
+        PreprocessingSpec.model_validate({"piiRegions": ["USA"]})

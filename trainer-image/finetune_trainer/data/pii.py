@@ -11,8 +11,8 @@ What is looked for, and with what (the same list, :func:`coverage`, goes into th
   sees the ``BEGIN`` line). detect-secrets' entropy and keyword plugins are not used: they flag hashes and code.
 - ``EMAIL``: a regular expression.
 - ``IBAN``: candidates validated by ``stdnum.iban`` (country length and format, ISO 13616 mod-97).
-- ``CREDIT_CARD``: 13-19 digits, optionally grouped, with a card issuer's prefix (:data:`_CARD_PREFIX`) and a valid
-  Luhn checksum (``stdnum.luhn``).
+- ``CREDIT_CARD``: 13-19 digits, optionally grouped, with a card network's prefix and length (:data:`_CARD_NETWORKS`)
+  and a valid Luhn checksum (``stdnum.luhn``).
 - ``SSN`` (US, region ``US``): ``123-45-6789`` or ``123 45 6789``, and nine bare digits only after a keyword such as
   "SSN" or "social security"; validated by ``stdnum.us.ssn`` (never-issued areas, groups and serials rejected).
 - ``NATIONAL_ID``: per configured region, the identity numbers in :data:`_NATIONAL_IDS`, each validated by its
@@ -21,7 +21,7 @@ What is looked for, and with what (the same list, :func:`coverage`, goes into th
 - ``IP``: IPv4 and IPv6 addresses that parse with :mod:`ipaddress`; a dotted quad after ``==``, ``>=``, ``~=``, ``-``,
   ``v``, "version", "section" and the like is a version or section number, not an address.
 - ``PHONE``: ``phonenumbers.PhoneNumberMatcher`` (Google's libphonenumber metadata) run once per configured region
-  at leniency ``VALID``, so national formats (``020 7946 0958`` in GB, ``06 12 34 56 78`` in FR) are found, and
+  at leniency ``STRICT_GROUPING`` (a valid number, its digit groups where the region writes them), so national formats (``020 7946 0958`` in GB, ``06 12 34 56 78`` in FR) are found, and
   ``+``-prefixed international numbers in any country. A national number written as one run of digits with no
   separator counts only after a keyword ("tel", "phone", "call", ...): ``population 8123456789`` is a number.
 
@@ -195,14 +195,22 @@ def luhn_valid(digits: str) -> bool:
 
 
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
-# Issuer identification numbers of the card networks: Visa 4; Mastercard 51-55, 2221-2720; Amex 34, 37;
-# Discover 6011, 644-649, 65; JCB 3528-3589; Diners 300-305, 36, 38-39; UnionPay 62; Maestro 50, 56-58, 6.
-_CARD_PREFIX = re.compile(r"4|5[0-8]|2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|3[47]|30[0-5]|3[689]|35(?:2[89]|[3-8]\d)|6")
+# Issuer identification numbers and card lengths of the networks (a number of another length with the prefix is no card).
+_CARD_NETWORKS: tuple[tuple[re.Pattern[str], range], ...] = (
+    (re.compile(r"4"), range(13, 20)),  # Visa (13, 16, 19 in use)
+    (re.compile(r"5[1-5]|2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)"), range(16, 17)),  # Mastercard
+    (re.compile(r"3[47]"), range(15, 16)),  # American Express
+    (re.compile(r"30[0-5]|3[689]"), range(14, 20)),  # Diners Club
+    (re.compile(r"6011|64[4-9]|65"), range(16, 20)),  # Discover
+    (re.compile(r"35(?:2[89]|[3-8]\d)"), range(16, 20)),  # JCB
+    (re.compile(r"62"), range(16, 20)),  # UnionPay
+    (re.compile(r"5[0678]|6"), range(13, 20)),  # Maestro
+)
 
 
 def _card_valid(candidate: str) -> bool:
     digits = _digits(candidate)
-    return (13 <= len(digits) <= 19 and len(set(digits)) > 1 and _CARD_PREFIX.match(digits) is not None
+    return (len(set(digits)) > 1 and any(p.match(digits) and len(digits) in lengths for p, lengths in _CARD_NETWORKS)
             and luhn_valid(digits))
 
 
@@ -312,7 +320,7 @@ def _phone_spans(text: str, regions: Sequence[str]) -> Iterator[tuple[int, int]]
     if _SEVEN_DIGITS.search(text) is None:
         return
     for region in regions:
-        for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
+        for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.STRICT_GROUPING):
             raw = match.raw_string
             international = raw.startswith("+") or raw.startswith("00")
             if not international and raw.isdigit() and not _keyword_before(text, match.start, _PHONE_KEYWORD):
