@@ -181,3 +181,47 @@ def test_pii_regions_in_the_spec():
     assert PreprocessingSpec.model_validate({"piiRegions": ["es", "ES", "it"]}).pii_regions == ["ES", "IT"]
     with pytest.raises(ValidationError, match="two-letter"):
         PreprocessingSpec.model_validate({"piiRegions": ["USA"]})
+
+
+# ------------------------------------------------------------- the data report and the model card
+
+
+def test_pipeline_redacts_keys_before_lowercasing_and_reports_coverage(tmp_path):
+    """The report says which kinds were looked for and which were not; a key survives lowercasing's order."""
+    from test_data_pipeline import make_spec, make_tokenizer, prepare, write_jsonl
+
+    from finetune_api.documents import DataReport, undeclared_keys
+    from finetune_trainer.data import format_report
+
+    rows = [{"text": f"w1 w2 {AWS_KEY} w3"}, {"text": "w4 call 020 7946 0958 w5"}, {"text": "w6 foo==1.2.3.4 w7"}]
+    spec = make_spec(write_jsonl(tmp_path / "t.jsonl", rows), preprocessing={"lowercase": True, "dedupe": {"near": False}},
+                     leakageCheck="off")
+    data = prepare(spec, make_tokenizer(), tmp_path)
+    assert data.report["inputs"]["train"]["pii"] == {"PHONE": 1, "SECRET": 1}
+    coverage = data.report["pii_coverage"]
+    assert coverage["regions"] == ["US", "GB", "FR", "DE"]
+    assert {"SECRET", "PHONE", "NATIONAL_ID", "SSN", "IBAN"} <= {i["kind"] for i in coverage["looked_for"]}
+    assert any(s.startswith("person names") for s in coverage["not_looked_for"])
+    assert undeclared_keys(DataReport.model_validate(data.report)) == []
+    log = format_report(data.report)
+    assert "pii looked for: SECRET, EMAIL, IBAN" in log and "pii not looked for: person names" in log
+
+
+def test_the_model_card_says_what_pii_was_and_was_not_looked_for():
+    from finetune_api.spec import parse_spec
+    from finetune_trainer.model_card import build_model_card
+    from test_model_card import _summary
+
+    body = {"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t.jsonl"}, "output": {"uri": "s3://out/x"}}
+    card, readme = build_model_card(_summary(parse_spec(body)))
+    looked = next(line for line in readme.splitlines() if line.startswith("| PII looked for"))
+    assert "(SECRET)" in looked and "(PHONE)" in looked and "US, GB, FR, DE" in looked
+    missed = next(line for line in readme.splitlines() if line.startswith("| PII not looked for"))
+    assert "person names" in missed and "postal addresses" in missed
+    assert any("PII redaction did not look for person names" in note for note in card["limitations"])
+    assert card["piiCoverage"]["not_looked_for"][0].startswith("person names")
+
+    body["dataset"]["preprocessing"] = {"redactPii": False}
+    card, readme = build_model_card(_summary(parse_spec(body)))
+    assert card["piiCoverage"]["looked_for"] == []
+    assert any("PII redaction was off" in note for note in card["limitations"])
