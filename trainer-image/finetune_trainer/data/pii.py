@@ -23,7 +23,8 @@ What is looked for, and with what (the same list, :func:`coverage`, goes into th
 - ``PHONE``: ``phonenumbers.PhoneNumberMatcher`` (Google's libphonenumber metadata) run once per configured region
   at leniency ``STRICT_GROUPING`` (a valid number, its digit groups where the region writes them), so national formats (``020 7946 0958`` in GB, ``06 12 34 56 78`` in FR) are found, and
   ``+``-prefixed international numbers in any country. A national number written as one run of digits with no
-  separator counts only after a keyword ("tel", "phone", "call", ...): ``population 8123456789`` is a number.
+  separator counts only after a keyword ("tel", "phone", "call", ...): ``population 8123456789`` is a number; nor
+  does one right after "zip"/"postcode"/"PLZ", or glued to a code (``SKU ABC-04272-333``).
 
 Not looked for (:data:`NOT_DETECTED`): person names and postal addresses (no NER model ships with the image, and
 Presidio without one finds neither), dates of birth, passport and driving-licence numbers, identity numbers of
@@ -313,6 +314,7 @@ _PHONE_KEYWORD = re.compile(
     r"rufnummer)\b\.?|☎|📞",
     re.IGNORECASE,
 )
+_NOT_PHONE_KEYWORD = re.compile(r"\b(?:zip|zip code|postcode|postal code|plz|cp)\b\W{0,3}$", re.IGNORECASE)
 _SEVEN_DIGITS = re.compile(r"\d(?:\D{0,3}\d){6}")  # fewer digits than this are never a phone number
 
 
@@ -322,6 +324,11 @@ def _phone_spans(text: str, regions: Sequence[str]) -> Iterator[tuple[int, int]]
     for region in regions:
         for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.STRICT_GROUPING):
             raw = match.raw_string
+            before = text[match.start - 1 : match.start]
+            if before.isalnum() or (before in "-_/#" and before and _alnum(text, match.start - 2)):
+                continue  # the tail of a code (SKU ABC-04272-333, ref #A-1234567), not a number on its own
+            if _NOT_PHONE_KEYWORD.search(text, max(0, match.start - 16), match.start):
+                continue  # a US ZIP+4 such as 08026-0754 is also a valid German number
             international = raw.startswith("+") or raw.startswith("00")
             if not international and raw.isdigit() and not _keyword_before(text, match.start, _PHONE_KEYWORD):
                 continue  # one bare run of digits: a phone number only after a keyword
