@@ -318,9 +318,7 @@ def score(lines: list[Line], find: Callable[[str], list[pii.Span]]) -> dict:
     support = dict.fromkeys(kinds, 0)
     negatives = negatives_hit = 0
     examples_fp: list[str] = []
-    t0 = time.perf_counter()
     predicted = [find(text) for text, _ in lines]
-    seconds = time.perf_counter() - t0
     for (text, gold), spans in zip(lines, predicted):
         overlaps = lambda s, g: s.start < g[2] and g[1] < s.end  # noqa: E731
         for g in gold:
@@ -352,19 +350,26 @@ def score(lines: list[Line], find: Callable[[str], list[pii.Span]]) -> dict:
                   "redaction_recall": ratio(sum(protected.values()), total_support)},
         "negatives_redacted": ratio(negatives_hit, negatives),
         "false_positive_examples": examples_fp,
-        "lines_per_s": round(len(lines) / seconds, 1),
+        "lines_per_s": throughput(find, [text for text, _ in lines]),
     }
+
+
+def throughput(find: Callable[[str], list[pii.Span]], texts: list[str], repeats: int = 5) -> float:
+    """Lines per second, the best of ``repeats`` passes (the machine may be shared: the best pass is the least disturbed)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for text in texts:
+            find(text)
+        best = min(best, time.perf_counter() - t0)
+    return round(len(texts) / best, 1)
 
 
 def prose_throughput(find: Callable[[str], list[pii.Span]], n: int = 2000) -> float:
     """Lines per second on ordinary review sentences with no PII (finetune_devcluster's sentiment rows)."""
     from finetune_devcluster.assets import sentiment_rows
 
-    texts = [r["text"] for r in sentiment_rows(n, seed=0, planted=False)]
-    t0 = time.perf_counter()
-    for text in texts:
-        find(text)
-    return round(len(texts) / (time.perf_counter() - t0), 1)
+    return throughput(find, [r["text"] for r in sentiment_rows(n, seed=0, planted=False)])
 
 
 def main() -> None:
@@ -391,7 +396,7 @@ def main() -> None:
             "PERSON_NAME and POSTAL_ADDRESS are in the set to show they are not detected (recall 0 by design).",
             "Generated FR numbers 06 9x xx xx xx are Réunion (+262) numbers, invalid in FR: libphonenumber misses "
             "them with region FR, which is where the PHONE misses come from.",
-            "lines_per_s is on this PII-dense set (almost every line has a 7-digit run, so the phone matcher runs "
+            "lines_per_s (best of 5 passes) is on this PII-dense set (almost every line has a 7-digit run, so the phone matcher runs "
             "for every region on every line); prose_lines_per_s is on ordinary sentences without PII.",
         ],
     }

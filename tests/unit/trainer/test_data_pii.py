@@ -111,6 +111,7 @@ PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7Zq\n9fL2k+Qx1/ab==\n---
         (f"key:\n{PEM}\nend", "key:\n[SECRET]\nend", "SECRET"),
         ("db postgres://admin:hunter2@db.internal/app", "db postgres://admin:[SECRET]@db.internal/app", "SECRET"),
         ("HF_TOKEN=hf_" + "aBcDeFgHiJkLmNoPqRsTuVwXyZ01234567", "HF_TOKEN=[SECRET]", "SECRET"),
+        ("card 4111 1111 1111 1111 123 (cvv)", "card [CREDIT_CARD] 123 (cvv)", "CREDIT_CARD"),  # ran on into the CVV
     ],
 )
 def test_issue_examples_are_redacted(text, expected, kind):

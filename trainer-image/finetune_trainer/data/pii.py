@@ -5,7 +5,8 @@ What is looked for, and with what (the same list, :func:`coverage`, goes into th
 
 - ``SECRET``: cloud keys and API tokens, by the regular expressions of the ``detect-secrets`` plugins listed in
   :data:`_SECRET_PLUGINS` (AWS access keys, GitHub/GitLab/Slack/Stripe/Twilio/SendGrid/npm/PyPI/OpenAI/... tokens,
-  JWTs whose header and payload decode to JSON, passwords in ``scheme://user:password@host`` URLs), plus
+  passwords in ``scheme://user:password@host`` URLs), JWTs (``header.payload.signature`` whose header and payload
+  decode to JSON: detect-secrets' check), plus
   :data:`_EXTRA_SECRETS` for formats that release does not know (GitHub fine-grained tokens, Google API keys,
   Hugging Face tokens, Slack app tokens, Stripe test keys) and whole PEM/OpenSSH private-key blocks (the plugin only
   sees the ``BEGIN`` line). detect-secrets' entropy and keyword plugins are not used: they flag hashes and code.
@@ -170,18 +171,19 @@ def _secret_spans(text: str) -> Iterator[tuple[int, int]]:
 # ------------------------------------------------------------------------------------ email, iban, cards
 
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-_IBAN = re.compile(r"\b[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]){11,30}\b")
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 
 
-def _iban_spans(text: str) -> Iterator[tuple[int, int]]:
-    for match in _IBAN.finditer(text):
+def _valid_prefix_spans(pattern: re.Pattern[str], text: str, valid: Callable[[str], bool], separators: str) -> Iterator[tuple[int, int]]:
+    """Matches of ``pattern`` that ``valid`` accepts, each cut back group by group (at ``separators``) until it does:
+    a pattern can run on into what follows ("DE89... 00 AB", a card number and then its CVV "4111 ... 1111 123")."""
+    for match in pattern.finditer(text):
         candidate = match.group(0)
-        # The pattern may run on into the next word ("DE89... and"): try shorter ends at group boundaries.
         while candidate:
-            if std_iban.is_valid(candidate) and candidate[:2].isupper():
+            if valid(candidate):
                 yield match.start(), match.start() + len(candidate)
                 break
-            cut = candidate.rfind(" ")
+            cut = max(candidate.rfind(sep) for sep in separators)
             candidate = candidate[:cut] if cut > 0 else ""
 
 
@@ -354,8 +356,8 @@ def find(text: str, regions: Sequence[str] = DEFAULT_REGIONS) -> list[Span]:
     if "@" in text:
         candidates["EMAIL"] = _validated(_EMAIL, text)
     if has_digit:
-        candidates["IBAN"] = _iban_spans(text)
-        candidates["CREDIT_CARD"] = _validated(_CARD, text, _card_valid)
+        candidates["IBAN"] = _valid_prefix_spans(_IBAN, text, iban_valid, " ")
+        candidates["CREDIT_CARD"] = _valid_prefix_spans(_CARD, text, _card_valid, " -")
         candidates["NATIONAL_ID"] = _national_id_spans(text, regions)
         if "US" in regions:
             candidates["SSN"] = _ssn_spans(text)
