@@ -140,7 +140,7 @@ def _training_data(v: CardView) -> list[str]:
     ]
     sources.append(["Cleaning", ", ".join(c for c in cleaning if c) or "none"])
     coverage = pii_coverage(pre.pii_regions, enabled=pre.redact_pii)
-    sources.append(["PII looked for", "; ".join(f"{i['what']} ({i['kind']})" for i in coverage["looked_for"]) or "nothing"])
+    sources.append(["PII looked for", "; ".join(f"{i['kind']}: {i['what']}" for i in coverage["looked_for"]) or "nothing"])
     sources.append(["PII not looked for", "; ".join(coverage["not_looked_for"])])
     sources.append(["Leakage check (validation/test vs train, test vs validation, retention vs train)",
                     f"{_v(ds.leakage_check)} (key: {_v(ds.leakage_key)})"])

@@ -216,7 +216,7 @@ def test_the_model_card_says_what_pii_was_and_was_not_looked_for():
     body = {"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t.jsonl"}, "output": {"uri": "s3://out/x"}}
     card, readme = build_model_card(_summary(parse_spec(body)))
     looked = next(line for line in readme.splitlines() if line.startswith("| PII looked for"))
-    assert "(SECRET)" in looked and "(PHONE)" in looked and "US, GB, FR, DE" in looked
+    assert "SECRET: cloud keys" in looked and "PHONE: phone numbers" in looked and "US, GB, FR, DE" in looked
     missed = next(line for line in readme.splitlines() if line.startswith("| PII not looked for"))
     assert "person names" in missed and "postal addresses" in missed
     assert any("PII redaction did not look for person names" in note for note in card["limitations"])
