@@ -22,13 +22,15 @@ What is looked for, and with what (the same list, :func:`coverage`, goes into th
 - ``IP``: IPv4 and IPv6 addresses that parse with :mod:`ipaddress`; a dotted quad after ``==``, ``>=``, ``~=``, ``-``,
   ``v``, "version", "section" and the like is a version or section number, not an address.
 - ``PHONE``: ``phonenumbers.PhoneNumberMatcher`` (Google's libphonenumber metadata) run once per configured region
-  at leniency ``STRICT_GROUPING`` (a valid number, its digit groups where the region writes them), so national formats (``020 7946 0958`` in GB, ``06 12 34 56 78`` in FR) are found, and
-  ``+``-prefixed international numbers in any country. A national number written as one run of digits with no
+  at leniency ``STRICT_GROUPING`` (a valid number, its digit groups where the region writes them), so national
+  formats (``020 7946 0958`` in GB, ``06 12 34 56 78`` in FR) are found, and ``+``-prefixed international numbers
+  in any country. A national number written as one run of digits with no
   separator counts only after a keyword ("tel", "phone", "call", ...): ``population 8123456789`` is a number; nor
   does one right after "zip"/"postcode"/"PLZ", or glued to a code (``SKU ABC-04272-333``).
 
 Not looked for (:data:`NOT_DETECTED`): person names and postal addresses (no NER model ships with the image, and
-Presidio without one finds neither), dates of birth, passport and driving-licence numbers, identity numbers of
+Presidio without one finds neither; spaCy's maintainers do not publish their models on PyPI, and third-party
+re-uploads are not a dependency to trust with this), dates of birth, passport and driving-licence numbers, identity numbers of
 regions that are not configured, and secrets without a recognisable prefix or structure.
 
 All detectors run on the original text; where their spans overlap, the more specific kind (the order of
