@@ -150,6 +150,29 @@ def secret_keys(namespace: str, name: str) -> set[str] | None:
     return set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
 
 
+_METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+
+
+def secret_labels(namespace: str, name: str) -> dict[str, str] | None:
+    """A Secret's labels, or None when it does not exist. A metadata-only GET (the API server answers
+    a PartialObjectMetadata): the Secret's data never leaves the API server."""
+    try:
+        resp = api_client().call_api(
+            "/api/v1/namespaces/{namespace}/secrets/{name}", "GET",
+            path_params={"namespace": namespace, "name": name},
+            header_params={"Accept": _METADATA_ONLY},
+            auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+            _preload_content=False,
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    meta = json.loads(resp.data).get("metadata") or {}
+    return dict(meta.get("labels") or {})
+
+
 def read_secret(namespace: str, name: str) -> client.V1Secret | None:
     """The Secret object, or None. Callers keep its values in memory only."""
     try:
