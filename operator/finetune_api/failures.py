@@ -115,4 +115,9 @@ NAMESPACE_NOT_ENABLED = Refusal(
     "The job's namespace lacks the labels the chart's namespaceSelector requires: nothing is created and no Secret "
     "is read there; the job stays Pending until the namespace is labelled.")
 
+# The labels the docs, the examples and the devcluster use for the two opt-ins (chart values
+# storage.credentialsSecretLabels and namespaceSelector); the chart may name any others.
+CREDENTIALS_SECRET_LABEL = ("finetune.io/credentials", "true")
+NAMESPACE_ENABLED_LABEL = ("finetune.io/enabled", "true")
+
 REFUSALS: tuple[Refusal, ...] = (IMAGE_NOT_ALLOWED, PRIORITY_CLASS_NOT_ALLOWED, SECRET_NOT_LABELLED, NAMESPACE_NOT_ENABLED)
