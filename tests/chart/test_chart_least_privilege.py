@@ -1,0 +1,73 @@
+"""The chart's least-privilege values (namespaceSelector, storage.credentialsSecretLabels,
+trainer.allowedImages, trainer.allowedPriorityClasses) reach the operator as the settings
+:class:`finetune_operator.config.OperatorConfig` reads; bad entries fail at ``helm template``; and the
+RBAC the secure modes leave is what the README says."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from finetune_api.spec import parse_spec
+from finetune_operator.config import OperatorConfig
+from finetune_operator.policy import image_allowed, pod_spec_refusal
+from test_chart import CLUSTER_RULES, NAMESPACED_RULES, env_of, helm, of_kind, one, render, render_raw, rule_map  # noqa: F401
+
+KEYS = ("FINETUNE_NAMESPACE_SELECTOR", "FINETUNE_CREDENTIALS_SECRET_LABELS", "FINETUNE_ALLOWED_IMAGES", "FINETUNE_ALLOWED_PRIORITY_CLASSES")
+BASE = {"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t.jsonl"}, "output": {"uri": "s3://out/x"}}
+
+
+def test_defaults_restrict_nothing(helm: str) -> None:
+    env = env_of(render(helm))
+    assert not set(KEYS) & set(env)
+    config = OperatorConfig.from_env(env)
+    assert (config.namespace_selector, config.secret_selector, config.allowed_images, config.allowed_priority_classes) == ((), (), (), ())
+
+
+def test_the_secure_mode_flows_into_the_operator_config(helm: str) -> None:
+    values = {
+        "namespaceSelector": {"finetune.io/enabled": "true"},
+        "storage": {"credentialsSecretLabels": {"finetune.io/credentials": "true", "team": "ml"}},
+        "trainer": {"allowedImages": ["registry.example.com/ml", "ghcr.io/org/trainer:*"],
+                    "allowedPriorityClasses": ["batch-low", "batch-high"]},
+    }
+    docs = render(helm, values)
+    env = env_of(docs)
+    assert env["FINETUNE_NAMESPACE_SELECTOR"] == "finetune.io/enabled=true"
+    assert env["FINETUNE_CREDENTIALS_SECRET_LABELS"] == "finetune.io/credentials=true,team=ml"
+    config = OperatorConfig.from_env(env)
+    assert config.namespace_selector == (("finetune.io/enabled", "true"),)
+    assert config.secret_selector == (("finetune.io/credentials", "true"), ("team", "ml"))
+    assert config.allowed_images == ("registry.example.com/ml", "ghcr.io/org/trainer:*")
+    assert config.allowed_priority_classes == ("batch-low", "batch-high")
+    assert image_allowed("ghcr.io/org/trainer:1.2", config.allowed_images)
+    assert not image_allowed("registry.example.com/ml-evil/x", config.allowed_images)
+    # the chart's own default trainer image stays allowed whatever the list holds
+    default = config.defaults.trainer_image
+    assert pod_spec_refusal(parse_spec({**BASE, "resources": {"image": default}}), default_image=default,
+                            allowed_images=config.allowed_images, allowed_priority_classes=config.allowed_priority_classes) is None
+    # the operator's RBAC is unchanged: these values narrow what it does, not what its token may do
+    assert rule_map(one(docs, "ClusterRole")["rules"]) == {**CLUSTER_RULES, **NAMESPACED_RULES}
+
+
+def test_with_watch_namespaces_no_secret_is_readable_outside_them(helm: str) -> None:
+    docs = render(helm, {"watchNamespaces": ["team-a"], "storage": {"credentialsSecretLabels": {"finetune.io/credentials": "true"}}})
+    assert ("", "secrets") not in rule_map(one(docs, "ClusterRole")["rules"])
+    [role] = of_kind(docs, "Role")
+    assert role["metadata"]["namespace"] == "team-a" and rule_map(role["rules"])[("", "secrets")] == {"get"}
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"trainer": {"allowedImages": [""]}}, "/trainer/allowedImages/0"),
+    ({"trainer": {"allowedImages": ["registry.example.com/a b"]}}, "/trainer/allowedImages/0"),
+    ({"trainer": {"allowedImages": ["a,b"]}}, "/trainer/allowedImages/0"),
+    ({"trainer": {"allowedPriorityClasses": ["Not_A_Name"]}}, "/trainer/allowedPriorityClasses/0"),
+    ({"trainer": {"allowedImage": []}}, "allowedImage"),
+    ({"namespaceSelector": {"bad key!": "x"}}, "/namespaceSelector"),
+    ({"namespaceSelector": ["finetune.io/enabled=true"]}, "/namespaceSelector"),
+    ({"storage": {"credentialsSecretLabels": {"finetune.io/credentials": True}}}, "/storage/credentialsSecretLabels"),
+])
+def test_schema_rejects_bad_least_privilege_settings(helm: str, values: dict[str, Any], message: str) -> None:
+    proc = render_raw(helm, values)
+    assert proc.returncode != 0 and "schema" in proc.stderr and message in proc.stderr, proc.stderr
