@@ -134,7 +134,7 @@ async def ftj_bodies(namespace: str, name: str, body: kopf.Body, **_: Any) -> di
 
 if CONFIG.namespace_selector:  # namespaceSelector: the labels of every namespace, watch-fed (Kopf fills
     # every index before it calls any handler, so the first reconciles already see them)
-    @kopf.index("v1", "namespaces")  # type: ignore[arg-type]
+    @kopf.index("v1", "namespaces")
     async def ftj_namespaces(name: str, labels: Mapping[str, str], **_: Any) -> dict[str, dict[str, str]]:
         return {name: dict(labels)}
 
