@@ -110,6 +110,10 @@ SECRET_NOT_LABELLED = Refusal(
     "SecretNotLabelled",
     "storage.credentialsSecret lacks the labels the chart's storage.credentialsSecretLabels require; its values "
     "are never read (the job Fails).")
+SECRET_FORBIDDEN = Refusal(
+    "SecretForbidden",
+    "The operator may not read Secrets in the job's namespace (chart value rbac.clusterWideSecrets: false and no "
+    "RoleBinding there); the job Fails.")
 NAMESPACE_NOT_ENABLED = Refusal(
     "NamespaceNotEnabled",
     "The job's namespace lacks the labels the chart's namespaceSelector requires: nothing is created and no Secret "
@@ -120,4 +124,5 @@ NAMESPACE_NOT_ENABLED = Refusal(
 CREDENTIALS_SECRET_LABEL = ("finetune.io/credentials", "true")
 NAMESPACE_ENABLED_LABEL = ("finetune.io/enabled", "true")
 
-REFUSALS: tuple[Refusal, ...] = (IMAGE_NOT_ALLOWED, PRIORITY_CLASS_NOT_ALLOWED, SECRET_NOT_LABELLED, NAMESPACE_NOT_ENABLED)
+REFUSALS: tuple[Refusal, ...] = (IMAGE_NOT_ALLOWED, PRIORITY_CLASS_NOT_ALLOWED, SECRET_NOT_LABELLED, SECRET_FORBIDDEN,
+                                 NAMESPACE_NOT_ENABLED)

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from finetune_api.failures import SECRET_FORBIDDEN
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import TERMINAL_PHASES
 from finetune_api.validation import validation_message
@@ -100,14 +101,22 @@ def check_secret(namespace: str, spec: FineTuneJobSpec, selector: Selector = ())
         f"{', '.join(CREDENTIAL_KEYS)} (kubectl create secret generic {ref.name} --from-literal=AWS_ACCESS_KEY_ID=... "
         f"--from-literal=AWS_SECRET_ACCESS_KEY=...), then re-create this FineTuneJob",
     )
-    if selector:
-        labels = kube.secret_labels(namespace, ref.name)
-        if labels is None:
-            return missing_secret
-        refused = secret_refusal(namespace, ref.name, labels, selector)
-        if refused:
-            return refused
-    keys = kube.secret_keys(namespace, ref.name)
+    try:
+        if selector:
+            labels = kube.secret_labels(namespace, ref.name)
+            if labels is None:
+                return missing_secret
+            refused = secret_refusal(namespace, ref.name, labels, selector)
+            if refused:
+                return refused
+        keys = kube.secret_keys(namespace, ref.name)
+    except kube.SecretForbidden:
+        return (
+            SECRET_FORBIDDEN.reason,
+            f"the operator may not read Secrets in namespace {namespace}, so it cannot check storage.credentialsSecret "
+            f"{ref.name!r}: on this cluster a cluster admin grants that per namespace (chart values rbac.clusterWideSecrets: "
+            f"false, rbac.credentialsNamespaces; see the chart README), then re-create this FineTuneJob",
+        )
     if keys is None:
         return missing_secret
     missing = [k for k in CREDENTIAL_KEYS if k not in keys]

@@ -71,3 +71,38 @@ def test_with_watch_namespaces_no_secret_is_readable_outside_them(helm: str) -> 
 def test_schema_rejects_bad_least_privilege_settings(helm: str, values: dict[str, Any], message: str) -> None:
     proc = render_raw(helm, values)
     assert proc.returncode != 0 and "schema" in proc.stderr and message in proc.stderr, proc.stderr
+
+
+def test_secrets_can_be_granted_per_namespace_instead_of_cluster_wide(helm: str) -> None:
+    docs = render(helm, {"rbac": {"clusterWideSecrets": False, "credentialsNamespaces": ["team-a", "team-b"]}})
+    roles = {r["metadata"]["name"]: r for r in of_kind(docs, "ClusterRole")}
+    main, credentials = roles["ftop-finetune-operator"], roles["ftop-finetune-operator-credentials"]
+    without_secrets = {k: v for k, v in {**CLUSTER_RULES, **NAMESPACED_RULES}.items() if k != ("", "secrets")}
+    assert rule_map(main["rules"]) == without_secrets
+    assert rule_map(credentials["rules"]) == {("", "secrets"): {"get"}}
+    [cluster_binding] = of_kind(docs, "ClusterRoleBinding")
+    assert cluster_binding["roleRef"]["name"] == "ftop-finetune-operator"  # the credentials role is bound per namespace only
+    bindings = {b["metadata"]["namespace"]: b for b in of_kind(docs, "RoleBinding")}
+    assert set(bindings) == {"team-a", "team-b"}
+    sa = one(docs, "ServiceAccount")["metadata"]["name"]
+    for binding in bindings.values():
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ftop-finetune-operator-credentials"}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "finetune-system"}]
+    # the default stays one ClusterRole with Secrets in it
+    assert [r["metadata"]["name"] for r in of_kind(render(helm), "ClusterRole")] == ["ftop-finetune-operator"]
+
+
+@pytest.mark.parametrize("values", [
+    {"rbac": {"credentialsNamespaces": ["team-a"]}},  # clusterWideSecrets still true
+    {"rbac": {"clusterWideSecrets": False, "credentialsNamespaces": ["team-a"]}, "watchNamespaces": ["team-a"]},
+])
+def test_credentials_namespaces_without_per_namespace_secrets_is_refused(helm: str, values: dict[str, Any]) -> None:
+    proc = render_raw(helm, values)
+    assert proc.returncode != 0 and "rbac.credentialsNamespaces needs" in proc.stderr, proc.stderr
+
+
+def test_watch_namespaces_keep_secrets_in_their_roles_whatever_cluster_wide_secrets_says(helm: str) -> None:
+    docs = render(helm, {"watchNamespaces": ["team-a"], "rbac": {"clusterWideSecrets": False}})
+    assert [r["metadata"]["name"] for r in of_kind(docs, "ClusterRole")] == ["ftop-finetune-operator"]
+    [role] = of_kind(docs, "Role")
+    assert rule_map(role["rules"]) == NAMESPACED_RULES

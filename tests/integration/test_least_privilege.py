@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from tests.integration.conftest import OperatorProcess
+from tests.integration.conftest import ROOT, OperatorProcess
 from tests.integration.kubeutil import wait_for
 from tests.integration.test_operator import events_for, ftj, pods_of, status, wait_phase
 
@@ -103,3 +103,40 @@ def test_a_namespace_that_has_not_opted_in_gets_nothing_until_it_is_labelled(kub
         assert status(kubectl, ns, "waiting")["reason"] in ("JobCreated", "WaitingForPods", "PodsRunning")
     finally:
         kubectl.run("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_without_cluster_wide_secrets_the_operator_reads_secrets_only_where_granted(cluster, kubectl, restricted, namespace, tmp_path):
+    """rbac.clusterWideSecrets: false, installed for real: the chart's ServiceAccount may read Secrets
+    only in rbac.credentialsNamespaces, and a job elsewhere fails SecretForbidden, before any pod."""
+    from finetune_devcluster.stack import token_kubeconfig
+    from tests.integration.test_chart_install import can_i, helm
+
+    release, release_ns = "ftlp", "finetune-lp"
+    other = f"lp-nosecrets-{uuid.uuid4().hex[:6]}"
+    kubectl.run("create", "namespace", other)
+    kubectl.run("label", "namespace", other, "finetune.io/test=true")
+    helm(cluster, "install", release, str(ROOT / "charts" / "finetune-operator"), "-n", release_ns, "--create-namespace",
+         "--set", "replicaCount=0", "--set", "rbac.clusterWideSecrets=false", "--set", f"rbac.credentialsNamespaces={{{namespace}}}")
+    restricted.stop()
+    sa_op = None
+    try:
+        sa = f"{release}-finetune-operator"
+        who = f"system:serviceaccount:{release_ns}:{sa}"
+        assert can_i(kubectl, who, "get", "secrets", namespace)
+        assert not can_i(kubectl, who, "get", "secrets", other) and not can_i(kubectl, who, "get", "secrets", "kube-system")
+        assert can_i(kubectl, who, "create", "jobs.batch", other)  # the rest of its rights stay cluster-wide
+        kubeconfig = token_kubeconfig(cluster, sa, release_ns, tmp_path / "sa.kubeconfig")
+        sa_op = OperatorProcess(str(kubeconfig), tmp_path, {k: v for k, v in RESTRICTIONS.items() if k != "FINETUNE_CREDENTIALS_SECRET_LABELS"})
+        sa_op.start()
+        for ns in (namespace, other):
+            secret(kubectl, ns, "s3", labelled=True)
+            kubectl.create(ftj("creds", ns, storage={"credentialsSecret": {"name": "s3"}}))
+        wait_for("job where Secrets are granted", lambda: kubectl.get("job", "creds-0", namespace))
+        st = assert_refused_before_any_child(kubectl, other, "creds", "SecretForbidden")
+        assert f"namespace {other}" in st["message"]
+    finally:
+        if sa_op is not None:
+            sa_op.stop()
+        helm(cluster, "uninstall", release, "-n", release_ns)
+        kubectl.run("delete", "namespace", other, release_ns, "--wait=false", check=False)
+        restricted.start()

@@ -296,3 +296,26 @@ def test_the_progress_reader_reads_only_labelled_secrets(monkeypatch):
     assert reader("ns", "other") is None and reader("ns", "missing") is None
     assert read == [("ns", "s3")]
     assert handlers.secret_reader(()) is kube.read_secret
+
+
+def test_a_secret_the_operator_may_not_read_fails_the_job_with_what_to_grant(fake, tmp_path, monkeypatch):
+    def forbidden(ns, name):
+        raise kube.SecretForbidden('secrets "s3" is forbidden')
+    monkeypatch.setattr(kube, "secret_keys", forbidden)
+    reconcile(body(tmp_path, storage={"credentialsSecret": {"name": "s3"}}))
+    [(_, _, patch, _)] = fake.named("patch_status")
+    assert (patch["phase"], patch["reason"]) == ("Failed", "SecretForbidden")
+    assert "namespace ns" in patch["message"] and "rbac.credentialsNamespaces" in patch["message"]
+    assert fake.named("create_owned") == []
+
+
+def test_secret_reads_turn_403_into_secret_forbidden(monkeypatch):
+    from kubernetes.client.exceptions import ApiException
+
+    class Core:
+        def read_namespaced_secret(self, name, ns):
+            raise ApiException(status=403, reason="Forbidden")
+
+    monkeypatch.setattr(kube, "_core", Core)
+    with pytest.raises(kube.SecretForbidden):
+        kube.secret_keys("ns", "s3")
