@@ -5,6 +5,7 @@ RBAC the secure modes leave is what the README says."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,8 @@ import pytest
 from finetune_api.spec import parse_spec
 from finetune_operator.config import OperatorConfig
 from finetune_operator.policy import image_allowed, pod_spec_refusal
-from test_chart import CLUSTER_RULES, NAMESPACED_RULES, env_of, helm, of_kind, one, render, render_raw, rule_map  # noqa: F401
+from test_chart import (CLUSTER_RULES, NAMESPACED_RULES, _render_notes, env_of, helm, of_kind, one, render,  # noqa: F401
+                        render_raw, rule_map)
 
 KEYS = ("FINETUNE_NAMESPACE_SELECTOR", "FINETUNE_CREDENTIALS_SECRET_LABELS", "FINETUNE_ALLOWED_IMAGES", "FINETUNE_ALLOWED_PRIORITY_CLASSES")
 BASE = {"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t.jsonl"}, "output": {"uri": "s3://out/x"}}
@@ -106,3 +108,15 @@ def test_watch_namespaces_keep_secrets_in_their_roles_whatever_cluster_wide_secr
     assert [r["metadata"]["name"] for r in of_kind(docs, "ClusterRole")] == ["ftop-finetune-operator"]
     [role] = of_kind(docs, "Role")
     assert rule_map(role["rules"]) == NAMESPACED_RULES
+
+
+def test_notes_label_the_secret_and_say_how_to_opt_in(helm: str, tmp_path: Path) -> None:
+    plain = _render_notes(helm, tmp_path / "plain")
+    assert "kubectl -n default label secret s3-credentials finetune.io/credentials=true" in plain
+    assert "namespaceSelector" not in plain and "rolebinding" not in plain
+    secure = _render_notes(helm, tmp_path / "secure", {"namespaceSelector": {"finetune.io/enabled": "true"},
+                                                       "rbac": {"clusterWideSecrets": False, "credentialsNamespaces": ["team-a"]}})
+    assert "kubectl label namespace default finetune.io/enabled=true" in secure
+    assert "It may read Secrets only in: team-a" in secure
+    assert ("kubectl -n default create rolebinding ftop-finetune-operator-credentials --clusterrole=ftop-finetune-operator-credentials "
+            "--serviceaccount=finetune-system:ftop-finetune-operator") in secure
