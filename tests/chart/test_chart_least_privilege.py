@@ -66,7 +66,7 @@ def test_with_watch_namespaces_no_secret_is_readable_outside_them(helm: str) -> 
     ({"trainer": {"allowedImages": ["a,b"]}}, "/trainer/allowedImages/0"),
     ({"trainer": {"allowedPriorityClasses": ["Not_A_Name"]}}, "/trainer/allowedPriorityClasses/0"),
     ({"trainer": {"allowedImage": []}}, "allowedImage"),
-    ({"namespaceSelector": {"bad key!": "x"}}, "/namespaceSelector"),
+    ({"namespaceSelector": {"bad key!": "x"}}, "invalid propertyName 'bad key!'"),
     ({"namespaceSelector": ["finetune.io/enabled=true"]}, "/namespaceSelector"),
     ({"storage": {"credentialsSecretLabels": {"finetune.io/credentials": True}}}, "/storage/credentialsSecretLabels"),
 ])
