@@ -140,3 +140,13 @@ def test_without_cluster_wide_secrets_the_operator_reads_secrets_only_where_gran
         helm(cluster, "uninstall", release, "-n", release_ns)
         kubectl.run("delete", "namespace", other, release_ns, "--wait=false", check=False)
         restricted.start()
+
+
+def test_the_devcluster_demo_secret_is_labelled_for_the_secure_mode(cluster, kubectl, namespace):
+    from finetune_api.failures import CREDENTIALS_SECRET_LABEL
+    from finetune_devcluster import stack
+
+    for _ in range(2):  # `make demo` runs it on every start
+        stack.ensure_secret(cluster, namespace, "AKIADEMO", "demo-secret")
+    labels = kubectl.get("secret", stack.SECRET, namespace)["metadata"].get("labels") or {}
+    assert labels.get(CREDENTIALS_SECRET_LABEL[0]) == CREDENTIALS_SECRET_LABEL[1]
