@@ -120,3 +120,16 @@ def test_notes_label_the_secret_and_say_how_to_opt_in(helm: str, tmp_path: Path)
     assert "It may read Secrets only in: team-a" in secure
     assert ("kubectl -n default create rolebinding ftop-finetune-operator-credentials --clusterrole=ftop-finetune-operator-credentials "
             "--serviceaccount=finetune-system:ftop-finetune-operator") in secure
+
+
+def test_rbac_covers_the_raw_api_calls_too() -> None:
+    """kube.secret_labels calls the API directly (a metadata-only GET), which the generated-client scan
+    in test_chart.test_rbac_covers_every_api_call_of_the_operator does not see."""
+    import re
+
+    from test_chart import REPO
+
+    source = (REPO / "operator" / "finetune_operator" / "kube.py").read_text()
+    calls = re.findall(r'call_api\(\s*"/api/v1/namespaces/\{namespace\}/(\w+)/\{name\}",\s*"(\w+)"', source)
+    assert calls == [("secrets", "GET")]
+    assert "get" in {**CLUSTER_RULES, **NAMESPACED_RULES}[("", "secrets")]
