@@ -191,6 +191,11 @@ def ensure_secret(cluster: LocalCluster, namespace: str, access_key: str, secret
                                f"--from-literal=AWS_ACCESS_KEY_ID={access_key}", f"--from-literal=AWS_SECRET_ACCESS_KEY={secret_key}",
                                "--dry-run=client", "-o", "yaml").stdout
     cluster.kubectl("apply", "-f", "-", input=manifest)
+    # labelled, so an operator with storage.credentialsSecretLabels (the secure mode) reads it too
+    from finetune_api.failures import CREDENTIALS_SECRET_LABEL  # the stack runs the operator: it is installed
+
+    key, value = CREDENTIALS_SECRET_LABEL
+    cluster.kubectl("label", "secret", SECRET, "-n", namespace, f"{key}={value}", "--overwrite")
 
 
 def seed(s3: Any, state: Path) -> dict[str, str]:

@@ -89,3 +89,40 @@ def last_meaningful_line(message: str) -> str:
         if line.strip().strip("=-") and not line.strip().startswith(_LAUNCHER_PREFIXES)
     ]
     return lines[-1] if lines else message.strip()[:200]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A reason the operator gives, before any pod of the job exists, when the operator's own
+    restrictions (the chart's values) refuse what a FineTuneJob asks for. Not written by the trainer,
+    so not in :data:`CATALOGUE`; the reason is the FineTuneJob's status.reason and its Event's."""
+
+    reason: str
+    doc: str
+
+
+IMAGE_NOT_ALLOWED = Refusal(
+    "ImageNotAllowed", "spec.resources.image is not covered by the chart's trainer.allowedImages (the job Fails).")
+PRIORITY_CLASS_NOT_ALLOWED = Refusal(
+    "PriorityClassNotAllowed",
+    "spec.resources.priorityClassName is not in the chart's trainer.allowedPriorityClasses (the job Fails).")
+SECRET_NOT_LABELLED = Refusal(
+    "SecretNotLabelled",
+    "storage.credentialsSecret lacks the labels the chart's storage.credentialsSecretLabels require; its values "
+    "are never read (the job Fails).")
+SECRET_FORBIDDEN = Refusal(
+    "SecretForbidden",
+    "The operator may not read Secrets in the job's namespace (chart value rbac.clusterWideSecrets: false and no "
+    "RoleBinding there); the job Fails.")
+NAMESPACE_NOT_ENABLED = Refusal(
+    "NamespaceNotEnabled",
+    "The job's namespace lacks the labels the chart's namespaceSelector requires: nothing is created and no Secret "
+    "is read there; the job stays Pending until the namespace is labelled.")
+
+# The labels the docs, the examples and the devcluster use for the two opt-ins (chart values
+# storage.credentialsSecretLabels and namespaceSelector); the chart may name any others.
+CREDENTIALS_SECRET_LABEL = ("finetune.io/credentials", "true")
+NAMESPACE_ENABLED_LABEL = ("finetune.io/enabled", "true")
+
+REFUSALS: tuple[Refusal, ...] = (IMAGE_NOT_ALLOWED, PRIORITY_CLASS_NOT_ALLOWED, SECRET_NOT_LABELLED, SECRET_FORBIDDEN,
+                                 NAMESPACE_NOT_ENABLED)

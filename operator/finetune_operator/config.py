@@ -65,6 +65,11 @@ def _labels(environ: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...
     return tuple(sorted(pairs))
 
 
+def _list(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list, entries stripped, empty ones dropped."""
+    return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
+
+
 def _float(environ: Mapping[str, str], name: str, default: float) -> float:
     raw = environ.get(name, "").strip()
     if not raw:
@@ -106,6 +111,11 @@ class OperatorConfig:
     allowed_endpoints: tuple[str, ...] = ()  # storage endpoints the operator may contact; empty = any ("aws" = AWS S3)
     progress_local_paths: bool = False  # read local-path outputs from the operator's own filesystem (dev only)
     ca_bundle: str | None = None  # extra CA certificates for https storage endpoints (botocore's AWS_CA_BUNDLE)
+    # Least privilege (finetune_operator.policy); each empty = no restriction.
+    namespace_selector: tuple[tuple[str, str], ...] = ()  # matchLabels of the namespaces served
+    secret_selector: tuple[tuple[str, str], ...] = ()  # matchLabels a credentials Secret must carry to be read
+    allowed_images: tuple[str, ...] = ()  # prefixes or globs of spec.resources.image (the default image is always allowed)
+    allowed_priority_classes: tuple[str, ...] = ()  # names spec.resources.priorityClassName may take
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -134,7 +144,11 @@ class OperatorConfig:
             ),
             progress_deadline_seconds=max(0.5, _float(env, "FINETUNE_PROGRESS_DEADLINE_SECONDS", 5.0)),
             progress_max_bytes=max(1024, _int(env, "FINETUNE_PROGRESS_MAX_BYTES", 1 << 20)),
-            allowed_endpoints=tuple(e.strip() for e in env.get("FINETUNE_ALLOWED_ENDPOINTS", "").split(",") if e.strip()),
+            allowed_endpoints=_list(env, "FINETUNE_ALLOWED_ENDPOINTS"),
             progress_local_paths=env.get("FINETUNE_PROGRESS_LOCAL_PATHS") == "1",
             ca_bundle=env.get("AWS_CA_BUNDLE") or None,
+            namespace_selector=_labels(env, "FINETUNE_NAMESPACE_SELECTOR"),
+            secret_selector=_labels(env, "FINETUNE_CREDENTIALS_SECRET_LABELS"),
+            allowed_images=_list(env, "FINETUNE_ALLOWED_IMAGES"),
+            allowed_priority_classes=_list(env, "FINETUNE_ALLOWED_PRIORITY_CLASSES"),
         )

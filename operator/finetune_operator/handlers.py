@@ -16,11 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
+from finetune_api.failures import SECRET_FORBIDDEN
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import TERMINAL_PHASES
 from finetune_api.validation import validation_message
@@ -28,6 +29,7 @@ from finetune_operator import kube, metrics
 from finetune_operator.builders import CREDENTIAL_KEYS, Owner, build_config_map, build_job, build_service, config_map_name, job_name, service_name
 from finetune_operator.config import OperatorConfig
 from finetune_operator.networkpolicy import build_network_policy, network_policy_name
+from finetune_operator.policy import Selector, matches, namespace_refusal, pod_spec_refusal, secret_refusal
 from finetune_operator.progress import ProgressReader, endpoint_allowed, endpoint_refusal, project, secret_values
 from finetune_operator.state import Observed, Plan, decide, may_create_job
 from finetune_operator.views import JobView, PodView, foreign_owner, owned
@@ -57,7 +59,7 @@ def _reader(config: OperatorConfig) -> ProgressReader:
     """One reader for the whole operator (its cache and thread pool are shared by all jobs)."""
     global _progress_reader
     if _progress_reader is None:
-        _progress_reader = ProgressReader(secret_values(kube.read_secret), interval=config.progress_interval)
+        _progress_reader = ProgressReader(secret_values(secret_reader(config.secret_selector)), interval=config.progress_interval)
     return _progress_reader
 
 
@@ -73,18 +75,50 @@ def parse(body: Mapping[str, Any]) -> tuple[FineTuneJobSpec | None, str | None]:
         return None, spec_error(err)
 
 
-def check_secret(namespace: str, spec: FineTuneJobSpec) -> tuple[str, str] | None:
+def secret_reader(selector: Selector) -> Callable[[str, str], Any]:
+    """``kube.read_secret``, or with a selector (storage.credentialsSecretLabels) one that reads a
+    Secret's values only after its metadata showed the labels (else None: no credentials)."""
+    if not selector:
+        return kube.read_secret
+
+    def read(namespace: str, name: str) -> Any:
+        labels = kube.secret_labels(namespace, name)
+        return kube.read_secret(namespace, name) if labels is not None and matches(labels, selector) else None
+
+    return read
+
+
+def check_secret(namespace: str, spec: FineTuneJobSpec, selector: Selector = ()) -> tuple[str, str] | None:
+    """(reason, message) when storage.credentialsSecret is not usable. With a ``selector``
+    (storage.credentialsSecretLabels) the Secret's metadata is read first, and its keys only when it
+    carries the labels: the values of a Secret not meant for the operator never reach it."""
     ref = spec.storage.credentials_secret
     if ref is None:
         return None
-    keys = kube.secret_keys(namespace, ref.name)
-    if keys is None:
+    missing_secret = (
+        "SecretNotFound",
+        f"storage.credentialsSecret {ref.name!r} does not exist in namespace {namespace}: create it with keys "
+        f"{', '.join(CREDENTIAL_KEYS)} (kubectl create secret generic {ref.name} --from-literal=AWS_ACCESS_KEY_ID=... "
+        f"--from-literal=AWS_SECRET_ACCESS_KEY=...), then re-create this FineTuneJob",
+    )
+    try:
+        if selector:
+            labels = kube.secret_labels(namespace, ref.name)
+            if labels is None:
+                return missing_secret
+            refused = secret_refusal(namespace, ref.name, labels, selector)
+            if refused:
+                return refused
+        keys = kube.secret_keys(namespace, ref.name)
+    except kube.SecretForbidden:
         return (
-            "SecretNotFound",
-            f"storage.credentialsSecret {ref.name!r} does not exist in namespace {namespace}: create it with keys "
-            f"{', '.join(CREDENTIAL_KEYS)} (kubectl create secret generic {ref.name} --from-literal=AWS_ACCESS_KEY_ID=... "
-            f"--from-literal=AWS_SECRET_ACCESS_KEY=...), then re-create this FineTuneJob",
+            SECRET_FORBIDDEN.reason,
+            f"the operator may not read Secrets in namespace {namespace}, so it cannot check storage.credentialsSecret "
+            f"{ref.name!r}: on this cluster a cluster admin grants that per namespace (chart values rbac.clusterWideSecrets: "
+            f"false, rbac.credentialsNamespaces; see the chart README), then re-create this FineTuneJob",
         )
+    if keys is None:
+        return missing_secret
     missing = [k for k in CREDENTIAL_KEYS if k not in keys]
     if missing:
         return (
@@ -116,27 +150,30 @@ def reconcile(
     pods: Iterable[PodView],
     config: OperatorConfig,
     handler: str,
+    namespace_labels: Mapping[str, str] | None = None,
 ) -> None:
-    """Drive one FineTuneJob one step towards its desired state."""
+    """Drive one FineTuneJob one step towards its desired state. ``namespace_labels``: the labels of
+    its namespace (from the operator's namespace index), needed only with ``config.namespace_selector``."""
     meta = body["metadata"]
     uid = meta["uid"]
     with _lock(uid), metrics.DURATION.labels(handler).time():
         metrics.RECONCILES.labels(handler).inc()
         try:
-            _reconcile_locked(dict(body), list(jobs), list(pods), config)
+            _reconcile_locked(dict(body), list(jobs), list(pods), config, namespace_labels)
         except Exception:
             metrics.ERRORS.labels(handler).inc()
             raise
 
 
-def _reconcile_locked(body: dict[str, Any], jobs: list[JobView], pods: list[PodView], config: OperatorConfig) -> None:
+def _reconcile_locked(body: dict[str, Any], jobs: list[JobView], pods: list[PodView], config: OperatorConfig,
+                      namespace_labels: Mapping[str, str] | None = None) -> None:
     """observe -> decide -> apply, again on a fresh read when the object changed under it (Conflict) or
     when the API server refused a child (Rejected), which the next decision then sees."""
     rejected: str | None = None
     for _ in range(3):
         if body["metadata"].get("deletionTimestamp"):
             return
-        observed = observe(body, jobs, pods, config, rejected=rejected)
+        observed = observe(body, jobs, pods, config, rejected=rejected, namespace_labels=namespace_labels)
         try:
             _apply(body, observed.spec, decide(observed), config)
             return
@@ -154,12 +191,14 @@ def _reconcile_locked(body: dict[str, Any], jobs: list[JobView], pods: list[PodV
 
 
 def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], config: OperatorConfig,
-            rejected: str | None = None) -> Observed:
+            rejected: str | None = None, namespace_labels: Mapping[str, str] | None = None) -> Observed:
     """Everything :func:`decide` needs, read before it decides.
 
     The progress document comes from the reader's cache (refreshed in the background) while the job
     is active. The credentials Secret is read only when the state allows a new Job
-    (:func:`may_create_job`), not on every reconcile: it is the one GET a reconcile may add."""
+    (:func:`may_create_job`), not on every reconcile: it is the one GET a reconcile may add. In a
+    namespace that has not opted in (``config.namespace_selector``) nothing is read at all: no Secret,
+    no child names."""
     meta = body["metadata"]
     status = dict(body.get("status") or {})
     spec, error = parse(body)
@@ -167,8 +206,14 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
     active = bool(status.get("jobName")) and status.get("phase") not in TERMINAL_PHASES
     progress = _reader(config).read(meta["uid"], meta["namespace"], spec) if spec is not None and active else None
     creating = spec is not None and may_create_job(status, spec, jobs)
-    secret_problem = check_secret(meta["namespace"], spec) if spec is not None and creating else None
-    conflict = name_conflict(_owner(body), int(status.get("attempt") or 0), network_policy=config.defaults.network_policy) if creating else None
+    namespace_refused = namespace_refusal(meta["namespace"], namespace_labels, config.namespace_selector) if creating else None
+    checking = creating and namespace_refused is None
+    policy_refused = pod_spec_refusal(
+        spec, default_image=config.defaults.trainer_image, allowed_images=config.allowed_images,
+        allowed_priority_classes=config.allowed_priority_classes) if spec is not None and checking else None
+    # A refused image or PriorityClass fails the job anyway: no Secret is read for it.
+    secret_problem = check_secret(meta["namespace"], spec, config.secret_selector) if spec is not None and checking and not policy_refused else None
+    conflict = name_conflict(_owner(body), int(status.get("attempt") or 0), network_policy=config.defaults.network_policy) if checking else None
     return Observed(
         name=meta["name"],
         namespace=meta["namespace"],
@@ -182,7 +227,9 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
         progress=progress,
         name_conflict=conflict,
         create_rejected=rejected,
-        endpoint_refused=_endpoint_refused(spec, config) if creating else None,
+        endpoint_refused=_endpoint_refused(spec, config) if checking else None,
+        policy_refused=policy_refused,
+        namespace_refused=namespace_refused,
         progress_problem=_reader(config).problem(meta["uid"]) if spec is not None and active else None,
         timing=config.timing,
     )

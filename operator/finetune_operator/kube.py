@@ -62,6 +62,10 @@ class Rejected(Exception):
         self.kind, self.name, self.server_message = kind, name, message
 
 
+class SecretForbidden(Exception):
+    """The API server refused the operator a Secret (403): its RBAC does not cover that namespace."""
+
+
 class ForeignChild(Exception):
     """A child's name is taken by an object this FineTuneJob does not control."""
 
@@ -140,14 +144,43 @@ def set_job_suspend(namespace: str, name: str, suspend: bool) -> None:
 
 
 def secret_keys(namespace: str, name: str) -> set[str] | None:
-    """The key names of a Secret (never its values), or None when it does not exist."""
+    """The key names of a Secret (never its values), or None when it does not exist; 403 raises
+    :class:`SecretForbidden`."""
     try:
         secret = _core().read_namespaced_secret(name, namespace)
     except ApiException as exc:
         if exc.status == 404:
             return None
+        if exc.status == 403:
+            raise SecretForbidden(server_message(exc)) from None
         raise
     return set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
+
+
+_METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+
+
+def secret_labels(namespace: str, name: str) -> dict[str, str] | None:
+    """A Secret's labels, or None when it does not exist (403 raises :class:`SecretForbidden`). A
+    metadata-only GET (the API server answers a PartialObjectMetadata): the Secret's data never leaves
+    the API server."""
+    try:
+        resp = api_client().call_api(
+            "/api/v1/namespaces/{namespace}/secrets/{name}", "GET",
+            path_params={"namespace": namespace, "name": name},
+            header_params={"Accept": _METADATA_ONLY},
+            auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+            _preload_content=False,
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        if exc.status == 403:
+            raise SecretForbidden(server_message(exc)) from None
+        raise
+    meta = json.loads(resp.data).get("metadata") or {}
+    return dict(meta.get("labels") or {})
 
 
 def read_secret(namespace: str, name: str) -> client.V1Secret | None:

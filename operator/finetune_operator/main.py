@@ -19,6 +19,7 @@ from finetune_api.spec import API_GROUP, API_VERSION, PLURAL
 from finetune_operator import handlers, kube, metrics
 from finetune_operator.builders import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY
 from finetune_operator.config import OperatorConfig
+from finetune_operator.policy import check_image_patterns
 from finetune_operator.progress import ProgressReader, check_allowlist, secret_values
 from finetune_operator.views import JobView, PodView, job_view, pod_view
 
@@ -79,7 +80,11 @@ def _install_progress_reader(config: OperatorConfig) -> None:
         check_allowlist(config.allowed_endpoints)
     except ValueError as exc:
         raise kopf.PermanentError(f"FINETUNE_ALLOWED_ENDPOINTS: {exc}") from None
-    handlers._progress_reader = ProgressReader.from_config(config, secret_values(kube.read_secret))
+    try:
+        check_image_patterns(config.allowed_images)
+    except ValueError as exc:
+        raise kopf.PermanentError(f"FINETUNE_ALLOWED_IMAGES: {exc}") from None
+    handlers._progress_reader = ProgressReader.from_config(config, secret_values(handlers.secret_reader(config.secret_selector)))
 
 
 def _libc_trim() -> Callable[[int], int] | None:
@@ -127,18 +132,26 @@ async def ftj_bodies(namespace: str, name: str, body: kopf.Body, **_: Any) -> di
     return {(namespace, name): snapshot}
 
 
-_INDEXES: dict[str, kopf.Index[IndexKey, Any]] = {}
+if CONFIG.namespace_selector:  # namespaceSelector: the labels of every namespace, watch-fed (Kopf fills
+    # every index before it calls any handler, so the first reconciles already see them)
+    @kopf.index("v1", "namespaces")
+    async def ftj_namespaces(name: str, labels: Mapping[str, str], **_: Any) -> dict[str, dict[str, str]]:
+        return {name: dict(labels)}
+
+
+_INDEXES: dict[str, kopf.Index[Any, Any]] = {}
 # Reconciles block on the API (sync client); they run here, never on the event loop.
 _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="reconcile")
 
 
-def _remember(**indexes: kopf.Index[IndexKey, Any]) -> None:
+def _remember(**indexes: kopf.Index[Any, Any] | None) -> None:
     """Keep the index objects (they live as long as the operator) for the resync loop."""
     for name, index in indexes.items():
-        _INDEXES.setdefault(name, index)
+        if index is not None:
+            _INDEXES.setdefault(name, index)
 
 
-def _snapshot(index: kopf.Index[IndexKey, Any] | None, key: IndexKey) -> list[Any]:
+def _snapshot(index: kopf.Index[Any, Any] | None, key: Any) -> list[Any]:
     """Copy an index entry on the event loop (the loop mutates indexes; threads must not iterate them)."""
     return list(index.get(key, ())) if index is not None else []
 
@@ -147,8 +160,10 @@ async def _reconcile(body: Mapping[str, Any], handler: str) -> None:
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     jobs, pods = _snapshot(_INDEXES.get("jobs"), key), _snapshot(_INDEXES.get("pods"), key)
     snapshot: dict[str, Any] = detached_copy(body)
+    found = _snapshot(_INDEXES.get("namespaces"), key[0]) if CONFIG.namespace_selector else []
+    ns_labels = found[0] if found else None
     await asyncio.get_running_loop().run_in_executor(
-        _POOL, lambda: handlers.reconcile(snapshot, jobs=jobs, pods=pods, config=CONFIG, handler=handler)
+        _POOL, lambda: handlers.reconcile(snapshot, jobs=jobs, pods=pods, config=CONFIG, handler=handler, namespace_labels=ns_labels)
     )
 
 
@@ -162,7 +177,7 @@ async def on_event(type: str | None, body: kopf.Body, ftj_jobs: JobIndex, ftj_po
     Level-triggered on purpose: the reconcile reads the whole state each time, so no per-handler
     progress has to be persisted on the object (no annotation patches, no finalizer blocking deletion)
     and an operator killed at any point converges when it starts again."""
-    _remember(bodies=ftj_bodies, jobs=ftj_jobs, pods=ftj_pods)
+    _remember(bodies=ftj_bodies, jobs=ftj_jobs, pods=ftj_pods, namespaces=_.get("ftj_namespaces"))
     if type == "DELETED":
         meta = body["metadata"]
         # Children carry owner references: the garbage collector removes them.

@@ -11,8 +11,10 @@ deterministic child names make every action idempotent.
 (:func:`_finished`), past its deadline (:func:`_deadline_passed`), suspended (:func:`_suspend`,
 :func:`_resume`), to create (:func:`_to_create`), succeeded (:func:`_succeeded`), failed
 (:func:`_failed`, with an exponential restart backoff: :func:`restart_delay`), running
-(:func:`_running`), pods that do not start (:func:`_waiting`) and child names held by objects the job
-does not control (:func:`_name_conflict`). Only children the FineTuneJob controls by uid reach
+(:func:`_running`), pods that do not start (:func:`_waiting`), child names held by objects the job
+does not control (:func:`_name_conflict`) and a namespace that has not opted in
+(:func:`_namespace_not_enabled`; the chart's other restrictions fail the job, see
+``finetune_operator.policy``). Only children the FineTuneJob controls by uid reach
 ``decide`` (``finetune_operator.views.owned``, applied by the handler's observe step).
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 from finetune_api.status import ProgressDocument
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import Phase, TERMINAL_PHASES
-from finetune_api.failures import EXIT_PREEMPTED, PERMANENT_EXIT_CODES, find_termination_line, last_meaningful_line
+from finetune_api.failures import NAMESPACE_NOT_ENABLED, EXIT_PREEMPTED, PERMANENT_EXIT_CODES, find_termination_line, last_meaningful_line
 
 from finetune_operator.builders import Owner, job_name
 from finetune_operator.config import Timing
@@ -63,6 +65,12 @@ class Observed:
     # storage.endpoint is outside the chart's storage.allowedEndpoints (progress.endpoint_allowed): the
     # operator will not contact it, so the job is refused before a pod starts. The refusal, in words.
     endpoint_refused: str | None = None
+    # The chart's restrictions (finetune_operator.policy), checked like the Secret only when
+    # may_create_job() holds. policy_refused: (reason, message) for an image or PriorityClass the chart
+    # does not allow: the job fails. namespace_refused: the namespace has not opted in (namespaceSelector):
+    # the job waits Pending, and the handler has read no Secret and made no other check there.
+    policy_refused: tuple[str, str] | None = None
+    namespace_refused: str | None = None
     # Why the last read of the trainer's progress failed (progress.ProgressReader.problem), shown in
     # status.progressProblem while the job is active; None once a read succeeds.
     progress_problem: str | None = None
@@ -275,10 +283,14 @@ def _to_create(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) 
         plan.requeue_after = (due - obs.now).total_seconds()
         return plan
     plan.status.pop("nextRestartTime", None)
+    if obs.namespace_refused:
+        return _namespace_not_enabled(obs, plan, obs.namespace_refused)
     if obs.create_rejected:
         return _fail(obs, plan, "ChildRejected", f"{obs.create_rejected} (fix the spec and re-create the FineTuneJob)", last_word=False)
     if obs.endpoint_refused:
         return _fail(obs, plan, "EndpointNotAllowed", obs.endpoint_refused, last_word=False)
+    if obs.policy_refused:
+        return _fail(obs, plan, *obs.policy_refused, last_word=False)
     if obs.secret_problem:  # no Job of this attempt ran, so there is no last word to read
         return _fail(obs, plan, *obs.secret_problem, last_word=False)
     if obs.name_conflict:
@@ -286,9 +298,18 @@ def _to_create(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) 
     plan.create_job = group.attempt
     plan.status.setdefault("startTime", iso(obs.now))
     plan.status["jobName"] = job_name(Owner(obs.name, obs.namespace, ""), group.attempt)
-    if old.get("phase") in (None, Phase.suspended.value):
+    # A job that waited for its namespace to opt in says so no longer once its Job exists.
+    if old.get("phase") in (None, Phase.suspended.value) or old.get("reason") == NAMESPACE_NOT_ENABLED.reason:
         _transition(obs, plan, Phase.pending.value, "JobCreated",
                     f"created Job {plan.status['jobName']} ({spec.resources.nodes} node(s) x {spec.resources.gpus_per_node} GPU)")
+    return plan
+
+
+def _namespace_not_enabled(obs: Observed, plan: Plan, why: str) -> Plan:
+    """The namespace has not opted in: create nothing, wait Pending (labelling the namespace lets the
+    next resync go on), with one Warning saying who can fix it."""
+    _transition(obs, plan, Phase.pending.value, NAMESPACE_NOT_ENABLED.reason, why, "Warning")
+    plan.requeue_after = 10.0
     return plan
 
 

@@ -41,8 +41,9 @@ def crd_installed(kubectl: Kubectl) -> None:
 class OperatorProcess:
     """`python -m finetune_operator` as a subprocess: the same entry point the image runs."""
 
-    def __init__(self, kubeconfig: str, log_dir: Path):
+    def __init__(self, kubeconfig: str, log_dir: Path, extra_env: dict[str, str] | None = None):
         self.kubeconfig = kubeconfig
+        self.extra_env = dict(extra_env or {})  # operator settings on top of the defaults below
         self.log_path = log_dir / "operator.log"
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -61,6 +62,7 @@ class OperatorProcess:
             "FINETUNE_TERMINATION_GRACE_SECONDS": "5",
             "MALLOC_ARENA_MAX": "2",  # as in operator/Dockerfile
             "FINETUNE_PROGRESS_INTERVAL": "2",
+            **self.extra_env,
         }
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen([sys.executable, "-m", "finetune_operator"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -81,6 +81,17 @@ RBAC rules for objects that live in the namespaces of FineTuneJobs. Rendered int
 when all namespaces are watched, or into one Role per entry of watchNamespaces.
 Each rule lists exactly the verbs the operator uses; no wildcards.
 */}}
+{{- define "finetune-operator.secretRules" -}}
+# Validate that storage.credentialsSecret exists and has the expected keys, and read progress.json
+# from the job's S3 output with it (values stay in memory: never logged, never in status).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end }}
+
+{{/*
+Everything the operator does in a namespace it serves, except reading Secrets (secretRules).
+*/}}
 {{- define "finetune-operator.namespacedRules" -}}
 # The custom resources: watch them, patch for Kopf's finalizer and progress annotations, and delete
 # a finished job once spec.runPolicy.ttlSecondsAfterFinished has passed.
@@ -106,11 +117,6 @@ Each rule lists exactly the verbs the operator uses; no wildcards.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "create"]
-# Validate that storage.credentialsSecret exists and has the expected keys, and read progress.json
-# from the job's S3 output with it (values stay in memory: never logged, never in status).
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
 # Kubernetes events on FineTuneJobs (Kopf posts through both APIs).
 - apiGroups: [""]
   resources: ["events"]
@@ -138,6 +144,9 @@ Checks the schema cannot express. Included from the Deployment so it runs on eve
 {{- define "finetune-operator.validate" -}}
 {{- if gt (int .Values.replicaCount) 1 }}
 {{- fail "replicaCount: the operator runs standalone (no Kopf peering); use 1, or 0 to pause it" }}
+{{- end }}
+{{- if and .Values.rbac.credentialsNamespaces (or .Values.watchNamespaces .Values.rbac.clusterWideSecrets) }}
+{{- fail "rbac.credentialsNamespaces needs watchNamespaces: [] and rbac.clusterWideSecrets: false (otherwise the operator already reads Secrets there)" }}
 {{- end }}
 {{- end }}
 

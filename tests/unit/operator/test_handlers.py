@@ -16,6 +16,7 @@ CONFIG = OperatorConfig(instance="op-0")
 class FakeKube:
     def __init__(self, secret_keys=None):
         self.keys = secret_keys
+        self.labels = None  # the credentials Secret's labels (None: no such Secret)
         self.calls = []
         self.existing = {}  # (kind, name) -> metadata of what the API server already holds
 
@@ -26,6 +27,7 @@ class FakeKube:
                 return result
             return call
         monkeypatch.setattr(kube, "secret_keys", lambda ns, name: self.calls.append(("secret_keys", (ns, name), {})) or self.keys)
+        monkeypatch.setattr(kube, "secret_labels", lambda ns, name: self.calls.append(("secret_labels", (ns, name), {})) or self.labels)
         monkeypatch.setattr(kube, "read_meta", lambda kind, ns, name: self.calls.append(("read_meta", (kind, ns, name), {})) or self.existing.get((kind, name)))
         for name in ("patch_status", "post_event", "delete_job", "set_job_suspend", "create_owned", "delete_finetunejob"):
             monkeypatch.setattr(kube, name, record(name))
@@ -221,3 +223,99 @@ def test_the_allow_list_refuses_a_job_whose_endpoint_is_not_on_it(fake, tmp_path
     assert (patch["phase"], patch["reason"]) == ("Failed", "EndpointNotAllowed")
     assert "http://169.254.169.254" in patch["message"] and "storage.allowedEndpoints" in patch["message"]
     assert fake.named("create_owned") == []
+
+
+# ------------------------------------------------------------------- least privilege (finetune_operator.policy)
+
+LABEL = (("finetune.io/credentials", "true"),)
+
+
+def test_an_unlabelled_secret_fails_the_job_and_its_values_are_never_read(fake, tmp_path):
+    fake.keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    fake.labels = {"app": "something-else"}
+    config = OperatorConfig(instance="op-0", secret_selector=LABEL)
+    handlers.reconcile(body(tmp_path, storage={"credentialsSecret": {"name": "s3"}}), jobs=[], pods=[], config=config, handler="test")
+    assert fake.named("secret_labels") == [("ns", "s3")]
+    assert fake.named("secret_keys") == []  # only the metadata was read
+    [(_, _, patch, _)] = fake.named("patch_status")
+    assert (patch["phase"], patch["reason"]) == ("Failed", "SecretNotLabelled")
+    assert "kubectl -n ns label secret s3 finetune.io/credentials=true" in patch["message"]
+    assert fake.named("create_owned") == []
+    assert [(t, r) for _, t, r, _ in fake.named("post_event")] == [("Warning", "SecretNotLabelled")]
+
+
+def test_a_labelled_secret_is_checked_as_before_and_the_job_starts(fake, tmp_path):
+    fake.keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    fake.labels = {"finetune.io/credentials": "true"}
+    config = OperatorConfig(instance="op-0", secret_selector=LABEL)
+    handlers.reconcile(body(tmp_path, storage={"credentialsSecret": {"name": "s3"}}), jobs=[], pods=[], config=config, handler="test")
+    assert fake.named("secret_labels") == [("ns", "s3")] and fake.named("secret_keys") == [("ns", "s3")]
+    assert [o[0]["kind"] for o in fake.named("create_owned")][-1] == "Job"
+
+
+def test_with_a_selector_a_missing_secret_is_still_secret_not_found(fake, tmp_path):
+    config = OperatorConfig(instance="op-0", secret_selector=LABEL)
+    handlers.reconcile(body(tmp_path, storage={"credentialsSecret": {"name": "s3"}}), jobs=[], pods=[], config=config, handler="test")
+    assert fake.named("patch_status")[0][2]["reason"] == "SecretNotFound" and fake.named("secret_keys") == []
+
+
+def test_a_namespace_that_has_not_opted_in_gets_nothing_created_and_no_secret_read(fake, tmp_path):
+    fake.keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    config = OperatorConfig(instance="op-0", namespace_selector=(("finetune.io/enabled", "true"),))
+    b = body(tmp_path, storage={"credentialsSecret": {"name": "s3"}})
+    handlers.reconcile(b, jobs=[], pods=[], config=config, handler="test", namespace_labels={"kubernetes.io/metadata.name": "ns"})
+    assert [n for n, _, _ in fake.calls if n not in ("patch_status", "post_event")] == []  # no Secret, no child name read
+    [(_, _, patch, _)] = fake.named("patch_status")
+    assert (patch["phase"], patch["reason"]) == ("Pending", "NamespaceNotEnabled")
+    fake.calls.clear()
+    handlers.reconcile({**b, "status": patch}, jobs=[], pods=[], config=config, handler="test", namespace_labels={"finetune.io/enabled": "true"})
+    assert fake.named("secret_keys") == [("ns", "s3")] and [o[0]["kind"] for o in fake.named("create_owned")][-1] == "Job"
+    assert fake.named("patch_status")[0][2]["reason"] == "JobCreated"
+
+
+def test_a_disallowed_image_fails_before_the_secret_is_read(fake, tmp_path):
+    fake.keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    config = OperatorConfig(instance="op-0", allowed_images=("registry.example.com/",), allowed_priority_classes=("low",))
+    handlers.reconcile(body(tmp_path, storage={"credentialsSecret": {"name": "s3"}}, resources={"image": "evil.io/miner:1"}),
+                       jobs=[], pods=[], config=config, handler="test")
+    [(_, _, patch, _)] = fake.named("patch_status")
+    assert (patch["phase"], patch["reason"]) == ("Failed", "ImageNotAllowed") and "evil.io/miner:1" in patch["message"]
+    assert fake.named("secret_keys") == [] and fake.named("create_owned") == []
+    fake.calls.clear()
+    handlers.reconcile(body(tmp_path, resources={"priorityClassName": "system-cluster-critical"}), jobs=[], pods=[], config=config, handler="test")
+    assert fake.named("patch_status")[0][2]["reason"] == "PriorityClassNotAllowed" and fake.named("create_owned") == []
+
+
+def test_the_progress_reader_reads_only_labelled_secrets(monkeypatch):
+    read = []
+    monkeypatch.setattr(kube, "read_secret", lambda ns, name: read.append((ns, name)) or "the secret")
+    labels = {"s3": {"finetune.io/credentials": "true"}, "other": {}}
+    monkeypatch.setattr(kube, "secret_labels", lambda ns, name: labels.get(name))
+    reader = handlers.secret_reader(LABEL)
+    assert reader("ns", "s3") == "the secret"
+    assert reader("ns", "other") is None and reader("ns", "missing") is None
+    assert read == [("ns", "s3")]
+    assert handlers.secret_reader(()) is kube.read_secret
+
+
+def test_a_secret_the_operator_may_not_read_fails_the_job_with_what_to_grant(fake, tmp_path, monkeypatch):
+    def forbidden(ns, name):
+        raise kube.SecretForbidden('secrets "s3" is forbidden')
+    monkeypatch.setattr(kube, "secret_keys", forbidden)
+    reconcile(body(tmp_path, storage={"credentialsSecret": {"name": "s3"}}))
+    [(_, _, patch, _)] = fake.named("patch_status")
+    assert (patch["phase"], patch["reason"]) == ("Failed", "SecretForbidden")
+    assert "namespace ns" in patch["message"] and "rbac.credentialsNamespaces" in patch["message"]
+    assert fake.named("create_owned") == []
+
+
+def test_secret_reads_turn_403_into_secret_forbidden(monkeypatch):
+    from kubernetes.client.exceptions import ApiException
+
+    class Core:
+        def read_namespaced_secret(self, name, ns):
+            raise ApiException(status=403, reason="Forbidden")
+
+    monkeypatch.setattr(kube, "_core", Core)
+    with pytest.raises(kube.SecretForbidden):
+        kube.secret_keys("ns", "s3")
