@@ -98,6 +98,13 @@ def _messages(value: Any, column: str) -> list[dict[str, str]]:
 # ------------------------------------------------------------------------------ record helpers
 
 
+def texts(record: Record) -> list[str]:
+    """The record's free-text fields (what :func:`map_texts` applies to), in order."""
+    if "messages" in record:
+        return [m["content"] for m in record["messages"]]
+    return [record[key] for key in ("text", "prompt", "completion") if key in record]
+
+
 def map_texts(record: Record, fn: Callable[[str], str]) -> Record:
     """A copy of ``record`` with ``fn`` applied to every free-text field (never to roles or labels)."""
     if "messages" in record:
