@@ -15,9 +15,9 @@ import os
 import subprocess
 import sys
 import textwrap
-import zlib
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -25,15 +25,15 @@ import pytest
 from finetune_api.spec import DataLimits, DatasetSpec, bytes_quantity, quantity_bytes
 from finetune_trainer.data.cleaning import nfkc_expansion
 from finetune_trainer.data.limits import row_slices
+from finetune_trainer.data.readers import Malformed, read_file
 
 MiB = 1 << 20
 HEADROOM = 1 << 30  # address space the reading subprocess may add past its imports
 RSS_BUDGET = 96 * MiB  # peak RSS growth allowed while reading one hostile file
 
 _CHILD = """
-import json, resource, sys, traceback
+import json, resource
 from pathlib import Path
-{imports}
 from finetune_api.spec import DataLimits
 from finetune_trainer.errors import TrainerError
 
@@ -63,10 +63,10 @@ _READ = """
 """
 
 
-def _in_subprocess(body: str, imports: str = "") -> dict:
+def _in_subprocess(body: str) -> dict:
     root = Path(__file__).resolve().parents[3]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(root / p) for p in ("operator", "trainer-image", "devcluster"))}
-    code = _CHILD.format(imports=imports, headroom=HEADROOM, body=textwrap.indent(textwrap.dedent(body).strip(), "    "))
+    code = _CHILD.format(headroom=HEADROOM, body=textwrap.indent(textwrap.dedent(body).strip(), "    "))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -215,8 +215,6 @@ def test_parquet_nested_chat_rows_and_nulls_read_within_the_caps(tmp_path):
 
 
 def test_row_slices_never_exceed_the_budget_but_take_at_least_one_row():
-    import numpy as np
-
     sizes = np.array([5, 5, 5, 20, 1, 1, 9])
     assert list(row_slices(sizes, 10)) == [(0, 2), (2, 3), (3, 4), (4, 6), (6, 7)]
 
@@ -284,3 +282,11 @@ def test_limits_are_quantities_with_safe_defaults_and_explained():
         DataLimits.model_validate({"maxNormalizationExpansion": 0.5})
     for name, field in DataLimits.model_fields.items():
         assert "MalformedData" in (field.description or "") or "malformed" in (field.description or ""), name
+
+
+def test_a_json_array_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"text": "a"}, 3]).encode())
+    items = list(read_file(path))
+    assert [type(i).__name__ for i in items] == ["Row", "Malformed"] and items[0].data == {"text": "a"}
+    assert isinstance(items[1], Malformed) and items[1].origin.endswith("train.json[1]")

@@ -18,7 +18,7 @@ the cap and the spec field that sets it, well before the pod's memory limit:
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Union
 
 import numpy as np
 
@@ -27,6 +27,8 @@ from finetune_trainer.errors import MalformedData
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+ByteStream = Union[BinaryIO, io.BufferedIOBase]  # a plain file, a gzip file, a buffered reader
 
 DEFAULT_LIMITS = DataLimits()
 JSON_BUFFER = 64 * 1024  # bytes the streaming JSON parser asks for at a time
@@ -56,7 +58,7 @@ def row_too_large(display: str, where: str, limit: int) -> str:
 class CappedStream(io.RawIOBase):
     """The bytes of ``inner``, failing with MalformedData once more than ``limit`` were read."""
 
-    def __init__(self, inner: BinaryIO, limit: int, display: str):
+    def __init__(self, inner: ByteStream, limit: int, display: str):
         self._inner = inner
         self.limit = limit
         self.display = display
@@ -80,7 +82,7 @@ class CappedStream(io.RawIOBase):
             super().close()
 
 
-def open_capped(raw: BinaryIO, limits: DataLimits, display: str) -> io.BufferedReader:
+def open_capped(raw: ByteStream, limits: DataLimits, display: str) -> io.BufferedReader:
     """``raw`` (a plain or gzip file opened for bytes) buffered behind a :class:`CappedStream`."""
     return io.BufferedReader(CappedStream(raw, limits.file_bytes, display), buffer_size=JSON_BUFFER)
 
@@ -93,7 +95,7 @@ class ElementBudget:
     means one element is that large, so the read fails instead of letting it grow.
     """
 
-    def __init__(self, inner: BinaryIO, limit: int, display: str):
+    def __init__(self, inner: ByteStream, limit: int, display: str):
         self._inner = inner
         self.limit = limit
         self.display = display

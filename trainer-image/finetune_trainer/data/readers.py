@@ -20,6 +20,7 @@ Every read is bounded by ``dataset.limits`` (see :mod:`.limits`): a file's bytes
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -178,7 +179,7 @@ def _unreadable(display: str, kind: str, count: int, exc: BaseException) -> str:
 def _open_binary(path: Path, display: str, limits: DataLimits) -> io.BufferedReader:
     """The file's bytes (a ``.gz`` file's decompressed bytes), failing past ``limits.maxFileBytes``."""
     raw = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
-    return open_capped(raw, limits, display)  # type: ignore[arg-type]
+    return open_capped(raw, limits, display)
 
 
 def _open_text(path: Path, display: str, limits: DataLimits) -> io.TextIOBase:
@@ -265,7 +266,9 @@ def _read_json_array(path: Path, display: str, limits: DataLimits) -> Iterator[R
     import ijson
 
     with _open_binary(path, display, limits) as f:
-        budget = ElementBudget(f, limits.record_bytes, display)  # type: ignore[arg-type]
+        if f.peek(3).startswith(codecs.BOM_UTF8):
+            f.read(3)
+        budget = ElementBudget(f, limits.record_bytes, display)
         try:
             for obj in ijson.items(budget, "item", use_float=True, buf_size=JSON_BUFFER):
                 origin = f"{display}[{budget.index}]"
