@@ -290,3 +290,20 @@ def test_a_json_array_with_a_byte_order_mark_is_read(tmp_path):
     items = list(read_file(path))
     assert [type(i).__name__ for i in items] == ["Row", "Malformed"] and items[0].data == {"text": "a"}
     assert isinstance(items[1], Malformed) and items[1].origin.endswith("train.json[1]")
+
+
+def test_parquet_is_read_only_for_the_columns_the_format_needs(tmp_path):
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"extra": [b"\0" * 1000] * 3, "text": ["a", "b", "c"], "label": ["x", "y", "x"]}), path)
+    rows = list(read_file(path, columns=["label", "text", "absent"]))
+    assert [r.data for r in rows] == [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "c", "label": "x"}]
+    assert [r.data for r in read_file(path, columns=["absent"])] == [{}, {}, {}]  # then each row is missing its column
+
+
+def test_parquet_rows_averaging_over_the_record_cap_are_refused_from_the_metadata(tmp_path):
+    path = tmp_path / "lists.parquet"
+    # every row a list of 300k zeros: RLE makes the file tiny, decoded each row is 2.4 MB of int64
+    pq.write_table(pa.table({"text": pa.array([[0] * 300_000] * 8, type=pa.list_(pa.int64()))}), path, compression="zstd")
+    assert path.stat().st_size < MiB
+    result = _read_bounded(path, maxRecordBytes="1Mi")
+    _assert_refused(result, "the average row of row group 0", "longer than 1Mi (dataset.limits.maxRecordBytes)")

@@ -49,6 +49,19 @@ def parse_record(row: dict[str, Any], fmt: str, fields: FieldNames) -> Record | 
     raise ValueError(f"unknown dataset format {fmt!r}")
 
 
+def columns(fmt: str, fields: FieldNames) -> list[str]:
+    """The columns :func:`parse_record` reads for ``fmt`` (all a columnar file needs to be read for)."""
+    by_format = {
+        TEXT: [fields.text],
+        CLASSIFICATION: [fields.text, fields.label],
+        PROMPT_COMPLETION: [fields.prompt, fields.completion],
+        CHAT: [fields.messages],
+    }
+    if fmt not in by_format:
+        raise ValueError(f"unknown dataset format {fmt!r}")
+    return by_format[fmt]
+
+
 def _string(row: dict[str, Any], column: str) -> str:
     """The column's text (numbers are accepted as text)."""
     value = row.get(column)

@@ -27,6 +27,7 @@ from finetune_trainer.errors import MalformedData
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    import pyarrow.parquet
 
 ByteStream = Union[BinaryIO, io.BufferedIOBase]  # a plain file, a gzip file, a buffered reader
 
@@ -118,6 +119,45 @@ class ElementBudget:
 
 
 # ------------------------------------------------------------------------------ Parquet batches
+
+# Arrow bytes per leaf value once read, by Parquet physical type (BYTE_ARRAY: a dictionary index, the
+# dictionary itself counted with the chunk's uncompressed bytes), plus 4 for list offsets and validity.
+_VALUE_BYTES = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8, "BYTE_ARRAY": 4}
+_OFFSET_BYTES = 4
+
+
+def _reads(path: str, columns: list[str]) -> bool:
+    """Whether a leaf column (``a.list.element.b``) belongs to one of the top-level ``columns``."""
+    return any(path == name or path.startswith(name + ".") for name in columns)
+
+
+def parquet_batch_rows(metadata: pa.parquet.FileMetaData, columns: list[str], limits: DataLimits, display: str, most: int) -> list[int]:
+    """Rows per batch for each row group, from what the file's metadata declares, before reading it.
+
+    A row group's leaf value counts (``num_values``) and uncompressed bytes give the Arrow memory reading
+    all of it would take (text read as dictionaries). More than ``maxFileBytes`` over the file, or rows
+    averaging more than ``maxRecordBytes``, is refused; otherwise each batch is sized to hold about one
+    ``maxRecordBytes`` of it on average (at most ``most`` rows). What metadata cannot show, one row far
+    larger than its row group's average, is measured per batch by :func:`batch_row_bytes`.
+    """
+    record, total = limits.record_bytes, 0
+    plan: list[int] = []
+    for group in range(metadata.num_row_groups):
+        meta = metadata.row_group(group)
+        declared = 0
+        for j in range(meta.num_columns):
+            chunk = meta.column(j)
+            if _reads(chunk.path_in_schema, columns):
+                width = _VALUE_BYTES.get(chunk.physical_type, 16) + _OFFSET_BYTES
+                declared += chunk.num_values * width + chunk.total_uncompressed_size
+        total += declared
+        if total > limits.file_bytes:
+            raise MalformedData(f"{display}: its Parquet metadata declares more column data than it may hold. " + file_too_large(display, limits.file_bytes))
+        average = declared // max(meta.num_rows, 1)
+        if average > record:
+            raise MalformedData(row_too_large(display, f"the average row of row group {group} ({average} bytes decoded)", record))
+        plan.append(max(1, min(most, record // max(average, 1))))
+    return plan
 
 
 def row_bytes(array: pa.Array) -> np.ndarray:

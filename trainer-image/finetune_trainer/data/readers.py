@@ -30,6 +30,7 @@ import sys
 import tempfile
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,6 +44,7 @@ from finetune_trainer.data.limits import (
     batch_row_bytes,
     file_too_large,
     open_capped,
+    parquet_batch_rows,
     row_slices,
     row_too_large,
 )
@@ -109,10 +111,16 @@ def data_files(storage: Storage, uri: str) -> list[str]:
 
 
 def read_rows(
-    storage: Storage, uri: str, scratch_dir: Path, files: list[str] | None = None, limits: DataLimits = DEFAULT_LIMITS
+    storage: Storage,
+    uri: str,
+    scratch_dir: Path,
+    files: list[str] | None = None,
+    limits: DataLimits = DEFAULT_LIMITS,
+    columns: list[str] | None = None,
 ) -> Iterator[Row | Malformed]:
     """Every row of every data file under ``uri`` (or of ``files``, from :func:`data_files`), in order,
-    each file read within ``limits`` (``dataset.limits``)."""
+    each file read within ``limits`` (``dataset.limits``). ``columns``: the only ones a columnar file
+    (Parquet) is read for; rows of the other formats hold whatever they hold."""
     for file_uri in files if files is not None else data_files(storage, uri):
         if is_s3(file_uri):
             tmp = Path(tempfile.mkdtemp(prefix="download-", dir=scratch_dir))
@@ -121,14 +129,16 @@ def read_rows(
                     local = storage.download(file_uri, tmp / file_uri.rsplit("/", 1)[-1])
                 except FileNotFoundError:
                     raise DatasetNotFound(f"dataset file {file_uri} disappeared while reading.") from None
-                yield from read_file(local, display=file_uri, limits=limits)
+                yield from read_file(local, display=file_uri, limits=limits, columns=columns)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         else:
-            yield from read_file(Path(file_uri), display=file_uri, limits=limits)
+            yield from read_file(Path(file_uri), display=file_uri, limits=limits, columns=columns)
 
 
-def read_file(path: Path, display: str | None = None, limits: DataLimits = DEFAULT_LIMITS) -> Iterator[Row | Malformed]:
+def read_file(
+    path: Path, display: str | None = None, limits: DataLimits = DEFAULT_LIMITS, columns: list[str] | None = None
+) -> Iterator[Row | Malformed]:
     """Every row of one file. A file that cannot be decoded (a truncated or corrupt ``.gz``, a damaged
     Parquet page, bytes that are not the format at all) raises MalformedData naming the file, the cause
     and how many rows of it were read before the damage (those were already yielded and counted); so
@@ -140,7 +150,7 @@ def read_file(path: Path, display: str | None = None, limits: DataLimits = DEFAU
     elif kind == "csv":
         reader = _read_csv
     elif kind == "parquet":
-        reader = _read_parquet
+        reader = partial(_read_parquet, columns=columns)
     else:  # pragma: no cover - data_files() filters these out
         raise ValueError(f"not a data file: {display}")
     count = 0
@@ -321,36 +331,38 @@ def _read_csv(path: Path, display: str, limits: DataLimits) -> Iterator[Row | Ma
         yield Row(dict(zip(header, values)), origin)
 
 
-def _read_parquet(path: Path, display: str, limits: DataLimits) -> Iterator[Row | Malformed]:
-    """Batch by batch, with every text (BYTE_ARRAY) column read as a dictionary, so a batch holds what
-    the file holds: a dictionary bomb (one long value repeated in every row) stays one value and its
-    indices. Each row's decoded size is computed from that before anything is decoded into Python."""
+def _read_parquet(path: Path, display: str, limits: DataLimits, columns: list[str] | None = None) -> Iterator[Row | Malformed]:
+    """Batch by batch, only ``columns`` (all when None; those the file lacks are left out), with every
+    text (BYTE_ARRAY) column read as a dictionary, so a batch holds what the file holds: a dictionary
+    bomb (one long value repeated in every row) stays one value and its indices. The metadata sizes the
+    batches (:func:`~.limits.parquet_batch_rows`) and each row's decoded size is computed before anything
+    is decoded into Python."""
     import pyarrow.parquet as pq
 
     try:
         metadata = pq.ParquetFile(path).metadata
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise MalformedData(f"{display} is not a readable Parquet file ({exc}).") from None
-    file_cap, row_cap = limits.file_bytes, limits.record_bytes
-    stored = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
-    if stored > file_cap:  # the column data uncompressed, as the file's metadata declares it
-        raise MalformedData(f"{display}: its Parquet metadata declares {stored} bytes of column data. " + file_too_large(display, file_cap))
+    names = metadata.schema.to_arrow_schema().names
+    wanted = names if columns is None else [name for name in names if name in columns]
+    batch_rows = parquet_batch_rows(metadata, wanted, limits, display, PARQUET_BATCH_ROWS)
     schema = metadata.schema
     texts = [schema.column(i).path for i in range(len(schema)) if schema.column(i).physical_type == "BYTE_ARRAY"]
     parquet = pq.ParquetFile(path, metadata=metadata, read_dictionary=texts)
+    row_cap, file_cap = limits.record_bytes, limits.file_bytes
     index = decoded = 0
     # One row group at a time: a batch spanning row groups would need chunked nested dictionaries,
     # which pyarrow cannot build.
-    batches = (b for group in range(metadata.num_row_groups) for b in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group]))
-    for batch in batches:
-        sizes = batch_row_bytes(batch)
-        over = np.flatnonzero(sizes > row_cap)
-        if len(over):
-            raise MalformedData(row_too_large(display, f"row {index + int(over[0])} ({int(sizes[over[0]])} bytes decoded)", row_cap))
-        decoded += int(sizes.sum())
-        if decoded > file_cap:
-            raise MalformedData(file_too_large(display, file_cap))
-        for start, stop in row_slices(sizes, row_cap):
-            for obj in batch.slice(start, stop - start).to_pylist():
-                yield Row(obj, f"{display}#{index}")
-                index += 1
+    for group, rows in enumerate(batch_rows):
+        for batch in parquet.iter_batches(batch_size=rows, row_groups=[group], columns=wanted):
+            sizes = batch_row_bytes(batch)
+            over = np.flatnonzero(sizes > row_cap)
+            if len(over):
+                raise MalformedData(row_too_large(display, f"row {index + int(over[0])} ({int(sizes[over[0]])} bytes decoded)", row_cap))
+            decoded += int(sizes.sum())
+            if decoded > file_cap:
+                raise MalformedData(file_too_large(display, file_cap))
+            for start, stop in row_slices(sizes, row_cap):
+                for obj in batch.slice(start, stop - start).to_pylist():
+                    yield Row(obj, f"{display}#{index}")
+                    index += 1

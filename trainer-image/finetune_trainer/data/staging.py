@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from finetune_api.spec import FineTuneJobSpec, PreprocessingSpec
 from finetune_trainer.data import report as reports
 from finetune_trainer.data.cleaning import NORMALIZERS, DuplicateIndex, dedupe_key, key_hash, nfkc_expansion, signature
-from finetune_trainer.data.formats import CLASSIFICATION, Record, is_empty, key_text, map_texts, parse_record, texts
+from finetune_trainer.data.formats import CLASSIFICATION, Record, columns, is_empty, key_text, map_texts, parse_record, texts
 from finetune_trainer.data.labels import check_label
 from finetune_trainer.data.pii import redact
 from finetune_trainer.data.readers import Malformed, data_files, read_rows
@@ -213,7 +213,8 @@ def _clean(record: Record, ctx: PrepareContext, counts: StepCounts) -> Record:
 def _records(ctx: PrepareContext, files: list[str], counts: StepCounts, known_labels: list[str] | None, label_where: str) -> Iterator[tuple[Record, str]]:
     """Parsed, cleaned records of one input's files (malformed rows counted and skipped)."""
     limits = ctx.spec.dataset.limits
-    for item in read_rows(ctx.storage, counts.uri, ctx.work_dir, files, limits):
+    needed = columns(ctx.fmt, ctx.spec.dataset.fields)
+    for item in read_rows(ctx.storage, counts.uri, ctx.work_dir, files, limits, needed):
         counts.rows_read += 1
         if isinstance(item, Malformed):
             raw = redact(item.raw) if ctx.pre.redact_pii else item.raw
