@@ -202,7 +202,7 @@ def test_parquet_whose_metadata_declares_more_than_max_file_bytes_is_refused_unr
     path = tmp_path / "big.parquet"
     pq.write_table(pa.table({"text": [f"row {i} " * 40 for i in range(20_000)]}), path, use_dictionary=False)
     result = _read_bounded(path, maxFileBytes="1Mi")
-    _assert_refused(result, "Parquet metadata declares", "more than 1Mi (dataset.limits.maxFileBytes)")
+    _assert_refused(result, "big.parquet: its Parquet metadata declares more than 1Mi (dataset.limits.maxFileBytes)", "not read")
     assert result["rows"] == 0
 
 

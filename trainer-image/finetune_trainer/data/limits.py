@@ -9,6 +9,8 @@ the cap and the spec field that sets it, well before the pod's memory limit:
   once more than ``maxFileBytes`` were read from it: a gzip bomb stops at the cap.
 - :class:`ElementBudget`: a stream for the streaming JSON parser (ijson) that fails when one array
   element has taken more than ``maxRecordBytes`` without being complete.
+- :func:`parquet_batch_rows`: from a Parquet file's metadata, before reading it, whether it declares
+  more than the caps allow, and how many rows each batch of a row group may hold.
 - :func:`row_bytes` / :func:`row_slices`: the decoded size of each row of a Parquet batch that was
   read with its text columns as dictionaries, computed from the dictionary and its indices without
   decoding anything, so a dictionary bomb (one long string repeated in every row) is refused before it
@@ -40,12 +42,18 @@ def _cap(limit: int, field: str) -> str:
     return f"{bytes_quantity(limit)} (dataset.limits.{field})"
 
 
+_FILE_ADVICE = (
+    "A highly compressed file that expands this far is usually not data (a decompression bomb); split a real "
+    "file into several, or raise dataset.limits.maxFileBytes."
+)
+
+
 def file_too_large(display: str, limit: int) -> str:
-    return (
-        f"{display} holds more than {_cap(limit, 'maxFileBytes')} after decompression; reading stopped there. "
-        "A highly compressed file that expands this far is usually not data (a decompression bomb); split a real "
-        "file into several, or raise dataset.limits.maxFileBytes."
-    )
+    return f"{display} holds more than {_cap(limit, 'maxFileBytes')} after decompression; reading stopped there. {_FILE_ADVICE}"
+
+
+def declared_too_large(display: str, limit: int) -> str:
+    return f"{display}: its Parquet metadata declares more than {_cap(limit, 'maxFileBytes')} of column data once read; it was not read. {_FILE_ADVICE}"
 
 
 def row_too_large(display: str, where: str, limit: int) -> str:
@@ -152,7 +160,7 @@ def parquet_batch_rows(metadata: pa.parquet.FileMetaData, columns: list[str], li
                 declared += chunk.num_values * width + chunk.total_uncompressed_size
         total += declared
         if total > limits.file_bytes:
-            raise MalformedData(f"{display}: its Parquet metadata declares more column data than it may hold. " + file_too_large(display, limits.file_bytes))
+            raise MalformedData(declared_too_large(display, limits.file_bytes))
         average = declared // max(meta.num_rows, 1)
         if average > record:
             raise MalformedData(row_too_large(display, f"the average row of row group {group} ({average} bytes decoded)", record))
