@@ -12,6 +12,10 @@ from importlib.resources import files
 from typing import Any, Mapping
 
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"  # value "fake": kwok manages the node and its pods
+# Disk the local cluster's nodes (kwok's and the process node) advertise: every trainer pod requests
+# resources.cacheSize + scratchSize + 1Gi of ephemeral storage (61Gi by default), and the pods' own
+# limit (pods, GPUs) should decide how many fit on a node, not this.
+FAKE_EPHEMERAL_STORAGE = "64Ti"
 # The Stage file names these four literally (tests/unit/devcluster/test_components.py checks they agree).
 EXIT_ANNOTATION = "finetune.io/kwok-exit"  # "0" -> Succeeded, other integer -> Failed with that exit code
 MESSAGE_ANNOTATION = "finetune.io/kwok-message"  # containerStatuses[].state.terminated.message
@@ -28,7 +32,7 @@ def fake_node(name: str, resources: Mapping[str, str], kubelet_version: str) -> 
     """A Node that kwok manages, advertising ``resources`` (capacity = allocatable) and labelled like a
     GPU node (``nvidia.com/gpu.present``), so jobs that select GPU nodes land on it."""
     res = dict(resources)
-    res.setdefault("ephemeral-storage", "1Ti")
+    res.setdefault("ephemeral-storage", FAKE_EPHEMERAL_STORAGE)
     return {
         "apiVersion": "v1",
         "kind": "Node",

@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .kwok import FAKE_EPHEMERAL_STORAGE
 from .procutil import free_port, free_port_block
 
 log = logging.getLogger("finetune_devcluster.procnode")
@@ -137,7 +138,8 @@ class ProcessNode:
         self.coord = client.CoordinationV1Api(api)
         self.name = name
         self.workdir = Path(workdir or f"/tmp/finetune-procnode-{name}").resolve()
-        self.capacity = {"cpu": cpu, "memory": memory, "pods": str(pods), "nvidia.com/gpu": str(gpus), "ephemeral-storage": "100Gi"}
+        self.capacity = {"cpu": cpu, "memory": memory, "pods": str(pods), "nvidia.com/gpu": str(gpus),
+                         "ephemeral-storage": FAKE_EPHEMERAL_STORAGE}
         self.path_prepend = path_prepend if path_prepend is not None else [str(Path(sys.executable).parent)]
         self.extra_env = extra_env or {}
         # With a taint only pods that tolerate it land here (a cluster that also has kwok nodes).

@@ -368,6 +368,71 @@ class PreprocessingSpec(_Model):
         return value
 
 
+# A size in bytes with a binary suffix, at least 1Ki ("16Mi", "32Gi"): a Kubernetes quantity that
+# quantity_bytes() reads without a Kubernetes client (the trainer has none).
+BYTES_QUANTITY = r"^[1-9][0-9]*(Ki|Mi|Gi|Ti)$"
+_BINARY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """The bytes in a :data:`BYTES_QUANTITY` quantity (``"16Mi"`` -> 16777216)."""
+    return int(quantity[:-2]) * _BINARY_SUFFIXES[quantity[-2:]]
+
+
+def bytes_quantity(n: int) -> str:
+    """``n`` bytes as a Kubernetes quantity, in the largest binary suffix that divides it exactly."""
+    for suffix, size in reversed(_BINARY_SUFFIXES.items()):
+        if n and n % size == 0:
+            return f"{n // size}{suffix}"
+    return str(n)
+
+
+class DataLimits(_Model):
+    """Caps on what one data file may make the trainer read and hold, so a hostile or broken file (a gzip
+    or Parquet dictionary bomb, a file with no line breaks, text that Unicode normalisation blows up) fails
+    the job with reason MalformedData, naming the file and the cap, instead of the pod being OOM-killed."""
+
+    max_file_bytes: str = Field(
+        default="32Gi",
+        max_length=32,
+        pattern=BYTES_QUANTITY,
+        description=(
+            "Most bytes one data file may hold after decompression (a .gz file's text, a Parquet file's decoded "
+            "values), e.g. 32Gi. Files are streamed, so this bounds time and not memory; a file past it fails the "
+            "job with reason MalformedData (split the file or raise the cap)."
+        ),
+    )
+    max_record_bytes: str = Field(
+        default="16Mi",
+        max_length=32,
+        pattern=BYTES_QUANTITY,
+        description=(
+            "Most bytes one row may take: a JSON Lines line, a CSV record (all its lines), an element of a JSON "
+            "array, a Parquet row's decoded values. This is what the trainer holds of a file at once; a longer row "
+            "fails the job with reason MalformedData (the cause is usually a file without line breaks or the wrong "
+            "format). Rows far longer than hyperparameters.maxSeqLength tokens are truncated anyway."
+        ),
+    )
+    max_normalization_expansion: float = Field(
+        default=4.0,
+        ge=1.0,
+        le=100.0,
+        description=(
+            "Most times longer a row's text may become under Unicode NFKC, which the duplicate and leakage checks "
+            "(and normalize: aggressive) apply: one character can expand up to 18-fold (U+FDFA). A row past it is "
+            "counted as malformed (see maxMalformedFraction), not normalised. Real text stays near 1."
+        ),
+    )
+
+    @property
+    def file_bytes(self) -> int:
+        return quantity_bytes(self.max_file_bytes)
+
+    @property
+    def record_bytes(self) -> int:
+        return quantity_bytes(self.max_record_bytes)
+
+
 class DatasetSpec(_Model):
     """Where the data is and how to prepare it."""
 
@@ -395,6 +460,9 @@ class DatasetSpec(_Model):
     fields: FieldNames = Field(default_factory=FieldNames, description="Column names in the data files.")
     split: SplitSpec = Field(default_factory=SplitSpec, description="Split ratios and seed, used when validation/test are not given.")
     preprocessing: PreprocessingSpec = Field(default_factory=PreprocessingSpec, description="Cleaning steps.")
+    limits: DataLimits = Field(
+        default_factory=DataLimits, description="Caps on file, row and normalised-text size that bound the trainer's memory and time on any input."
+    )
     leakage_check: LeakagePolicy = Field(
         default=LeakagePolicy.fail,
         description=(
@@ -663,6 +731,27 @@ class ResourcesSpec(_Model):
     image_pull_secrets: list[LocalObjectReference] | None = Field(default=None, max_length=16, description="Secrets for pulling the image.")
     shm_size: str = Field(
         default="8Gi", max_length=64, pattern=r"^[0-9]+(Ki|Mi|Gi)?$", description="Size of the in-memory /dev/shm volume (NCCL and data loaders need it)."
+    )
+    cache_size: str = Field(
+        default="40Gi",
+        max_length=32,
+        pattern=BYTES_QUANTITY,
+        description=(
+            "Disk for the /cache emptyDir of each pod (its sizeLimit): the downloaded base model and the Hugging Face "
+            "cache. Raise it for models over about 8B parameters. Part of the pod's ephemeral-storage request and limit "
+            "(cacheSize + scratchSize + 1Gi for logs); a pod that writes more is evicted by the kubelet."
+        ),
+    )
+    scratch_size: str = Field(
+        default="20Gi",
+        max_length=32,
+        pattern=BYTES_QUANTITY,
+        description=(
+            "Disk for the /tmp emptyDir of each pod (its sizeLimit): the work folder with the dataset file being "
+            "read, the tokenised datasets, checkpoints before upload and the exported model. Raise it for full "
+            "fine-tunes (a checkpoint holds the weights and optimizer state). Part of the pod's ephemeral-storage "
+            "request and limit, like cacheSize."
+        ),
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from finetune_api import env as pod_env
-from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec, bytes_quantity, quantity_bytes
 from finetune_operator.config import METRICS_PORT, OperatorDefaults
 
 MANAGED_BY = "finetune-operator"
@@ -25,6 +25,9 @@ METRICS_PORT_NAME = "metrics"
 # torchrun runs max(gpusPerNode, 1) processes per pod; the spec caps gpusPerNode at 16.
 MAX_PROCS_PER_NODE = 16
 TERMINATION_LOG = pod_env.DEFAULT_TERMINATION_LOG
+# Ephemeral storage a pod uses besides its emptyDirs (its root filesystem is read-only): the container
+# logs and the termination message, which the kubelet counts against the pod's ephemeral-storage limit.
+LOG_STORAGE_BYTES = 1 << 30
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_CREDENTIAL_KEYS = ("AWS_SESSION_TOKEN",)
 
@@ -192,22 +195,27 @@ def trainer_command(owner: Owner, spec: FineTuneJobSpec, attempt: int) -> list[s
     ]
 
 
+def ephemeral_storage(spec: FineTuneJobSpec) -> str:
+    """The pod's ephemeral-storage request and limit: both disk emptyDirs full (``resources.cacheSize`` +
+    ``resources.scratchSize``, their sizeLimits) plus the logs. /dev/shm is memory, not counted here."""
+    res = spec.resources
+    return bytes_quantity(quantity_bytes(res.cache_size) + quantity_bytes(res.scratch_size) + LOG_STORAGE_BYTES)
+
+
 def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """Requests equal limits: cpu and memory when the spec sets them, ephemeral storage always (a pod
+    that fills its disk is evicted, alone, instead of filling the node's)."""
     res = spec.resources
     amounts: dict[str, str] = {}
     if res.cpu:
         amounts["cpu"] = res.cpu
     if res.memory:
         amounts["memory"] = res.memory
+    amounts["ephemeral-storage"] = ephemeral_storage(spec)
     limits = dict(amounts)
     if res.gpus_per_node > 0:
         limits["nvidia.com/gpu"] = str(res.gpus_per_node)
-    out: dict[str, Any] = {}
-    if amounts:
-        out["requests"] = amounts
-    if limits:
-        out["limits"] = limits
-    return out
+    return {"requests": amounts, "limits": limits}
 
 
 def _container(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults) -> dict[str, Any]:
@@ -260,8 +268,8 @@ def _pod_spec(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Opera
         "containers": [_container(owner, spec, attempt, defaults)],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(owner)}},
-            {"name": "cache", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {"sizeLimit": res.cache_size}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": res.scratch_size}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
         ],
     }

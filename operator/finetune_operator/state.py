@@ -128,6 +128,8 @@ def _first_failure(pods: list[PodView], job: JobView | None) -> tuple[str, str, 
     if failed:
         pod = failed[0]
         what = pod.reason or "Error"
+        if pod.status_message:  # an eviction says why: the disk or memory past its limit
+            what = f"{what}: {pod.status_message}"
         return "PodFailed", f"pod {pod.name} failed ({what}, exit code {pod.exit_code})", pod.exit_code, False
     if job and job.failed_condition:
         reason, message = job.failed_condition

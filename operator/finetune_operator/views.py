@@ -24,6 +24,9 @@ class PodView:
     exit_code: int | None = None
     message: str | None = None
     reason: str | None = None
+    # the pod-level status.message: why the kubelet ended it, e.g. an eviction for an emptyDir past its
+    # sizeLimit (``Usage of EmptyDir volume "tmp" exceeds the limit "20Gi".``)
+    status_message: str | None = None
     deleting: bool = False
     owner_uid: str | None = None  # uid of the pod's controller (its batch Job)
     # (reason, message) of why the pod is not running: a container waiting on an error
@@ -150,6 +153,7 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         exit_code=exit_code,
         message=message,
         reason=reason or status.get("reason"),
+        status_message=" ".join(str(status.get("message") or "").split())[:512] or None,
         deleting=bool(meta.get("deletionTimestamp")),
         owner_uid=controller_uid(meta),
         waiting=_waiting(status) if (status.get("phase") or "Pending") == "Pending" else None,

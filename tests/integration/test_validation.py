@@ -58,6 +58,11 @@ BAD_SPECS = [
     ("endpoint-url", with_("storage.endpoint", "minio:9000"), "should match"),
     ("strategy-enum", with_("hyperparameters.distributedStrategy", "zero3"), 'Unsupported value: "zero3"'),
     ("fsdp-with-lora", with_("hyperparameters.distributedStrategy", "fsdp"), "distributedStrategy fsdp needs method full"),
+    ("record-cap-quantity", with_("dataset.limits.maxRecordBytes", "16MB"), "should match"),
+    ("file-cap-zero", with_("dataset.limits.maxFileBytes", "0Gi"), "should match"),
+    ("expansion-below-one", with_("dataset.limits.maxNormalizationExpansion", 0.5), "should be greater than or equal to 1"),
+    ("cache-size-plain-number", with_("resources.cacheSize", "100"), "should match"),
+    ("scratch-size-decimal", with_("resources.scratchSize", "1.5Gi"), "should match"),
 ]
 
 
@@ -82,6 +87,8 @@ def test_good_spec_is_accepted_with_defaults_filled_in(kubectl, crd_installed, n
     assert stored["hyperparameters"]["learningRate"] == 0.0002
     assert stored["dataset"]["split"] == {"validation": 0.1, "test": 0.1, "seed": 42, "stratify": True}
     assert stored["runPolicy"]["backoffLimit"] == 3
+    assert stored["dataset"]["limits"] == {"maxFileBytes": "32Gi", "maxRecordBytes": "16Mi", "maxNormalizationExpansion": 4}
+    assert (stored["resources"]["cacheSize"], stored["resources"]["scratchSize"]) == ("40Gi", "20Gi")
     assert parse_spec(stored) == parse_spec(GOOD)
 
 

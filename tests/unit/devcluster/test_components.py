@@ -135,6 +135,6 @@ def test_fake_node_is_a_kwok_gpu_node() -> None:
     assert node["metadata"]["labels"]["nvidia.com/gpu.present"] == "true"
     assert node["metadata"]["labels"]["kubernetes.io/hostname"] == "kwok-node-0"
     assert node["status"]["capacity"] == node["status"]["allocatable"] == {
-        "cpu": "32", "nvidia.com/gpu": "8", "ephemeral-storage": "1Ti",
+        "cpu": "32", "nvidia.com/gpu": "8", "ephemeral-storage": "64Ti",
     }
     assert node["status"]["nodeInfo"]["kubeletVersion"] == "v1.33.13"

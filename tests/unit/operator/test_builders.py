@@ -61,9 +61,36 @@ def test_indexed_job_shape():
     assert c["image"] == "trainer:1"
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
-    assert c["resources"] == {"requests": {"cpu": "16", "memory": "128Gi"},
-                              "limits": {"cpu": "16", "memory": "128Gi", "nvidia.com/gpu": "8"}}
+    assert c["resources"] == {"requests": {"cpu": "16", "memory": "128Gi", "ephemeral-storage": "61Gi"},
+                              "limits": {"cpu": "16", "memory": "128Gi", "ephemeral-storage": "61Gi", "nvidia.com/gpu": "8"}}
     assert {"name": "config", "mountPath": "/etc/finetune", "readOnly": True} in c["volumeMounts"]
+
+
+def _volumes(job) -> dict:
+    return {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_every_emptydir_has_a_size_limit_and_the_pod_requests_their_disk():
+    job = _job()
+    volumes = _volumes(job)
+    empty_dirs = {name: v["emptyDir"] for name, v in volumes.items() if "emptyDir" in v}
+    assert empty_dirs == {"cache": {"sizeLimit": "40Gi"}, "tmp": {"sizeLimit": "20Gi"}, "dshm": {"medium": "Memory", "sizeLimit": "8Gi"}}
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    # both disk emptyDirs full plus 1Gi of logs; /dev/shm is memory and counts against the memory limit
+    assert c["resources"]["requests"]["ephemeral-storage"] == c["resources"]["limits"]["ephemeral-storage"] == "61Gi"
+
+
+def test_cache_and_scratch_sizes_come_from_the_spec():
+    spec = {**SPEC, "resources": {"cacheSize": "500Gi", "scratchSize": "1536Mi", "shmSize": "1Gi"}}
+    job = _job(spec)
+    volumes = _volumes(job)
+    assert volumes["cache"]["emptyDir"] == {"sizeLimit": "500Gi"}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "1536Mi"}
+    resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["limits"]["ephemeral-storage"] == resources["requests"]["ephemeral-storage"] == "514560Mi"  # 502.5Gi
+    for bad in ("0Gi", "10", "10GB", "1.5Gi"):
+        with pytest.raises(ValueError):
+            parse_spec({**SPEC, "resources": {"cacheSize": bad}})
 
 
 def test_torchrun_command_uses_rank_zero_dns_and_completion_index():
@@ -92,7 +119,7 @@ def test_cpu_only_job_has_no_gpu_limit_and_one_process():
     spec = {**SPEC, "resources": {"nodes": 1, "gpusPerNode": 0}}
     c = _job(spec)["spec"]["template"]["spec"]["containers"][0]
     assert "--nproc-per-node=1" in c["command"]
-    assert c["resources"] == {}
+    assert c["resources"] == {"requests": {"ephemeral-storage": "61Gi"}, "limits": {"ephemeral-storage": "61Gi"}}
     assert c["ports"] == [{"name": "rendezvous", "containerPort": 29500}, {"name": "metrics", "containerPort": 9400}]
 
 

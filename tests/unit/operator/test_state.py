@@ -78,6 +78,18 @@ def test_pod_failure_restarts_whole_group_with_reason():
     assert plan.events[0][0] == "Warning"
 
 
+def test_an_evicted_pod_says_which_limit_it_passed():
+    """An emptyDir past its sizeLimit (resources.scratchSize) gets the pod evicted: no termination
+    message, the kubelet's words in status.message, which the restart reason must carry."""
+    pod = pod_view({
+        "metadata": {"name": "ft-0-0", "labels": {"finetune.io/attempt": "0"}},
+        "status": {"phase": "Failed", "reason": "Evicted", "message": 'Usage of EmptyDir volume "tmp" exceeds the limit "20Gi". '},
+    })
+    plan = decide(obs({"phase": "Running", "attempt": 0, "restarts": 0}, jobs=[running_job(failed=1)], pods=[pod]))
+    assert plan.status["phase"] == "Restarting" and plan.status["reason"] == "PodFailed"
+    assert 'pod ft-0-0 failed (Evicted: Usage of EmptyDir volume "tmp" exceeds the limit "20Gi".' in plan.status["message"]
+
+
 def test_new_attempt_waits_for_old_job_then_is_created():
     status = {"phase": "Restarting", "reason": "PodFailed", "attempt": 1, "restarts": 1}
     waiting = decide(obs(status, jobs=[JobView("ft-0", 0, False, deleting=True)]))

@@ -76,6 +76,24 @@ def normalize_aggressive(text: str) -> str:
     return text.strip()
 
 
+EXPANSION_CHUNK = 1 << 16  # characters normalised at a time by nfkc_expansion
+
+
+def nfkc_expansion(text: str) -> float:
+    """How many times longer NFKC makes ``text`` (1.0 when it changes nothing).
+
+    One character can become up to 18 (U+FDFA), so normalising a long hostile row at once could take 18
+    times its memory, and the dedupe key always applies NFKC. This measures chunk by chunk, holding one
+    chunk's result at a time; ``dataset.limits.maxNormalizationExpansion`` refuses rows past the cap
+    before anything normalises them whole. (A chunk boundary may split a character from a combining mark
+    that follows it; that moves the count by a character, which does not matter for a ratio.)
+    """
+    if not text or text.isascii() or unicodedata.is_normalized("NFKC", text):
+        return 1.0
+    grown = sum(len(unicodedata.normalize("NFKC", text[i : i + EXPANSION_CHUNK])) for i in range(0, len(text), EXPANSION_CHUNK))
+    return grown / len(text)
+
+
 NORMALIZERS: dict[str, Callable[[str], str]] = {"safe": normalize_safe, "aggressive": normalize_aggressive}
 """``preprocessing.normalize`` -> the function applied to the training text (``none``: nothing)."""
 

@@ -49,6 +49,19 @@ def parse_record(row: dict[str, Any], fmt: str, fields: FieldNames) -> Record | 
     raise ValueError(f"unknown dataset format {fmt!r}")
 
 
+def columns(fmt: str, fields: FieldNames) -> list[str]:
+    """The columns :func:`parse_record` reads for ``fmt`` (all a columnar file needs to be read for)."""
+    by_format = {
+        TEXT: [fields.text],
+        CLASSIFICATION: [fields.text, fields.label],
+        PROMPT_COMPLETION: [fields.prompt, fields.completion],
+        CHAT: [fields.messages],
+    }
+    if fmt not in by_format:
+        raise ValueError(f"unknown dataset format {fmt!r}")
+    return by_format[fmt]
+
+
 def _string(row: dict[str, Any], column: str) -> str:
     """The column's text (numbers are accepted as text)."""
     value = row.get(column)
@@ -96,6 +109,13 @@ def _messages(value: Any, column: str) -> list[dict[str, str]]:
 
 
 # ------------------------------------------------------------------------------ record helpers
+
+
+def texts(record: Record) -> list[str]:
+    """The record's free-text fields (what :func:`map_texts` applies to), in order."""
+    if "messages" in record:
+        return [m["content"] for m in record["messages"]]
+    return [record[key] for key in ("text", "prompt", "completion") if key in record]
 
 
 def map_texts(record: Record, fn: Callable[[str], str]) -> Record:

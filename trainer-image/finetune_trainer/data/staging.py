@@ -2,8 +2,11 @@
 
 Rows stream through::
 
-    read -> parse format -> normalise -> redact PII -> lowercase -> drop empty -> label conflicts
-         -> exact dedupe -> near dedupe -> tokenise -> min/max tokens -> keep
+    read -> parse format -> NFKC expansion cap -> normalise -> redact PII -> lowercase -> drop empty
+         -> label conflicts -> exact dedupe -> near dedupe -> tokenise -> min/max tokens -> keep
+
+(reading within ``dataset.limits``, see :mod:`.limits`; a row that NFKC would make more than
+``maxNormalizationExpansion`` times longer is counted as malformed before anything normalises it)
 
 and are written in batches to ``staged-<input>.arrow`` in the work folder (memory-mapped by
 ``datasets``), so the data never has to fit in RAM; the duplicate index (a hash and a 512-byte MinHash
@@ -34,8 +37,8 @@ import pyarrow.compute as pc
 
 from finetune_api.spec import FineTuneJobSpec, PreprocessingSpec
 from finetune_trainer.data import report as reports
-from finetune_trainer.data.cleaning import NORMALIZERS, DuplicateIndex, dedupe_key, key_hash, signature
-from finetune_trainer.data.formats import CLASSIFICATION, Record, is_empty, key_text, map_texts, parse_record
+from finetune_trainer.data.cleaning import NORMALIZERS, DuplicateIndex, dedupe_key, key_hash, nfkc_expansion, signature
+from finetune_trainer.data.formats import CLASSIFICATION, Record, columns, is_empty, key_text, map_texts, parse_record, texts
 from finetune_trainer.data.labels import check_label
 from finetune_trainer.data.pii import lower_keeping_placeholders, redact
 from finetune_trainer.data.readers import Malformed, data_files, read_rows
@@ -212,7 +215,9 @@ def _clean(record: Record, ctx: PrepareContext, counts: StepCounts) -> Record:
 
 def _records(ctx: PrepareContext, files: list[str], counts: StepCounts, known_labels: list[str] | None, label_where: str) -> Iterator[tuple[Record, str]]:
     """Parsed, cleaned records of one input's files (malformed rows counted and skipped)."""
-    for item in read_rows(ctx.storage, counts.uri, ctx.work_dir, files):
+    limits = ctx.spec.dataset.limits
+    needed = columns(ctx.fmt, ctx.spec.dataset.fields)
+    for item in read_rows(ctx.storage, counts.uri, ctx.work_dir, files, limits, needed):
         counts.rows_read += 1
         if isinstance(item, Malformed):
             raw = redact(item.raw, regions=ctx.pre.pii_regions) if ctx.pre.redact_pii else item.raw
@@ -222,6 +227,13 @@ def _records(ctx: PrepareContext, files: list[str], counts: StepCounts, known_la
         if isinstance(parsed, str):
             raw = str(item.data)
             counts.add_malformed(item.origin, parsed, redact(raw, regions=ctx.pre.pii_regions) if ctx.pre.redact_pii else raw)
+            continue
+        expansion = max(map(nfkc_expansion, texts(parsed)), default=1.0)
+        if expansion > limits.max_normalization_expansion:
+            preview = " ".join(text[: reports.PREVIEW_CHARS] for text in texts(parsed))[: reports.PREVIEW_CHARS]
+            reason = (f"Unicode NFKC makes its text {expansion:.1f} times longer, more than "
+                      f"dataset.limits.maxNormalizationExpansion {limits.max_normalization_expansion:g}")
+            counts.add_malformed(item.origin, reason, redact(preview, regions=ctx.pre.pii_regions) if ctx.pre.redact_pii else preview)
             continue
         if known_labels is not None:
             check_label(parsed["label"], known_labels, item.origin, label_where)
