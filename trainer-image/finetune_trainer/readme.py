@@ -203,6 +203,8 @@ def _evaluation(v: CardView) -> list[str]:
     if baselines:
         intro += f", beside every baseline, measured before training on the {split} set"
     intro += "."
+    if v.summary.evaluation.calibration and test_eval is not None:
+        intro += " The fine-tuned test loss and ECE are at the calibrated temperature (see Calibration); accuracy and F1 do not depend on it."
     if v.reference in baselines:
         intro += (f" Change is fine-tuned minus {v.baseline_title(v.reference).lower()}, both on the {split} set "
                   "(lower is better for loss, perplexity and ECE).")
