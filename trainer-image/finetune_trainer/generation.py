@@ -52,7 +52,9 @@ class _WordTokenizer:
 def score_texts(
     hypotheses: Sequence[str], references: Sequence[str], *, metrics: Sequence[str] = GENERATION_METRICS
 ) -> dict[str, float]:
-    """Corpus BLEU (sacrebleu, 0-100, default 13a tokenisation) and mean ROUGE-L F1 (rouge-score, 0-1)."""
+    """Corpus BLEU (sacrebleu, 0-100, default 13a tokenisation) and mean ROUGE-L F1 (rouge-score, 0-1); when the
+    references are a few labels (:func:`label_like`: classification as generation), also ``label_accuracy``, the
+    share of completions that are exactly their label (case and surrounding whitespace aside)."""
     _check_metrics(metrics)
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
@@ -69,6 +71,9 @@ def score_texts(
         scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WordTokenizer())
         f1s = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references)]
         scores["rouge_l"] = float(sum(f1s) / len(f1s))
+    if label_like(references):
+        same = [" ".join(h.split()).casefold() == " ".join(r.split()).casefold() for h, r in zip(hypotheses, references)]
+        scores["label_accuracy"] = sum(same) / len(same)
     return scores
 
 

@@ -177,3 +177,13 @@ def test_prompt_completion_rows_keep_their_bos():
             for t in tokenize_batch([{"prompt": "next of : w1", "completion": "w2"}], PROMPT_COMPLETION, tokenizer, 32)]
     prompts, references = prompts_and_references(rows, tokenizer)
     assert prompts == [[2] + tokenizer("next of : w1", add_special_tokens=False)["input_ids"]] and references == ["w2"]
+
+
+def test_label_like_completions_are_also_scored_by_label_accuracy():
+    """Classification as generation: BLEU/ROUGE of one-word labels say little; the share of exact labels says it."""
+    from finetune_trainer.generation import score_texts
+
+    references = ["positive", "negative", "negative", "positive", "negative", "positive"]
+    hypotheses = [" Positive", "negative", "positive", "positive  ", "negative it is", "positive"]
+    assert score_texts(hypotheses, references)["label_accuracy"] == pytest.approx(4 / 6)
+    assert "label_accuracy" not in score_texts(["a b c", "d e"], ["a b c", "d e f"])  # free text: no labels to match

@@ -263,12 +263,16 @@ def test_text_and_chat_formats_train_end_to_end(assets, tmp_path, fmt):
     out = tmp_path / "out"
     spec = lm_spec(assets, str(out), model={"uri": model},
                    dataset={"train": write_jsonl(tmp_path / f"{fmt}.jsonl", rows), "format": fmt},
-                   hyperparameters={"maxSteps": 8}, evaluation={"everySteps": 8})
+                   hyperparameters={"maxSteps": 8}, evaluation={"everySteps": 8, "metrics": ["rouge"] if fmt == "chat" else None})
     r = run_trainer(write_config(tmp_path / "job.yaml", spec), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     progress = _progress(out)
     assert progress["stage"] == "done" and progress["step"] == 8
-    assert progress["evaluation"]["final"]["eval_loss"] < progress["evaluation"]["baseline"]["eval_loss"]
+    if fmt == "chat":  # ROUGE-L of the templated prompts, for the fine-tuned model and the zero- and k-shot base model
+        baseline = progress["evaluation"]["baseline"]
+        assert {"rouge_l", "generation_samples"} <= set(progress["evaluation"]["test"]) & set(baseline["base_model"]) & set(baseline["k_shot"])
+    # Test vs test: the base model before training and the fine-tuned one, on the same held-out rows.
+    assert progress["evaluation"]["test"]["eval_loss"] < progress["evaluation"]["baseline"]["base_model"]["eval_loss"]
     report = json.loads((out / "data-report.json").read_text())
     assert report["format"] == fmt and report["final_sizes"]["train"] > 100
 
