@@ -133,7 +133,10 @@ def comparison_split(evaluator: Evaluator) -> tuple[str, datasets.Dataset | None
     the checkpoint, so it cannot also be the yardstick), else validation. ``(name, dataset, loader)``."""
     if evaluator.data.test is not None and len(evaluator.data.test):
         return "test", evaluator.data.test, evaluator.loader(evaluator.data.test)
-    return "validation", evaluator.data.validation, evaluator.validation
+    validation, cap = evaluator.data.validation, evaluator.spec.evaluation.max_eval_samples
+    if validation is not None and cap is not None and len(validation) > cap:
+        validation = validation.select(range(cap))  # the rows evaluator.validation holds (maxEvalSamples)
+    return "validation", validation, evaluator.validation
 
 
 def generation_limit(spec: FineTuneJobSpec) -> int:

@@ -13,6 +13,7 @@ from finetune_trainer.evaluate import evaluate_classification, frozen_features, 
 from finetune_trainer.generation import FewShot, prompt_spans
 from finetune_trainer.report import _gain
 from helpers_assets import minilm_dir, sentiment_rows
+from test_generation import tiny_llama  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +138,43 @@ def test_calibration_on_test_before_and_after_temperature_scaling():
     assert result["test_ece_before"] == pytest.approx(expected_calibration_error(logits.softmax(1), labels))
     assert result["test_ece_after"] < result["test_ece_before"] and result["test_nll_after"] < result["test_nll_before"]
 
+
+
+def test_without_a_test_set_every_baseline_and_the_gain_are_on_validation(tiny_llama):
+    """measure_baseline and final_report through a real Evaluator: no test set, so the comparison split is validation,
+    capped at maxEvalSamples like the validation loader, and the k-shot prompts come from seeded training rows."""
+    import datasets
+    from accelerate import Accelerator
+
+    from finetune_api.spec import FineTuneJobSpec
+    from finetune_trainer.data.prepare import PreparedData
+    from finetune_trainer.distributed import DistInfo
+    from finetune_trainer.evaluator import Evaluator
+    from finetune_trainer.report import final_report, measure_baseline
+    from finetune_trainer.state import TrainerState
+    from test_generation import _chat_rows, _tokenizer
+
+    tokenizer = _tokenizer()
+    rows, _ = _chat_rows(tokenizer, n=12)
+    train, validation = datasets.Dataset.from_list(rows[:8]), datasets.Dataset.from_list(rows[8:] + rows[:4])
+    spec = FineTuneJobSpec.model_validate({
+        "model": {"uri": "/m"}, "dataset": {"train": "/t.jsonl", "format": "chat"}, "output": {"uri": "/out"},
+        "hyperparameters": {"batchSize": 2, "maxSeqLength": 64, "seed": 5},
+        "evaluation": {"metrics": ["rouge"], "maxEvalSamples": 6, "fewShotExamples": 2},
+    })
+    data = PreparedData(train=train, validation=validation, test=None, retention=None, labels=None, class_weights=None, report={})
+    evaluator = Evaluator(spec, DistInfo(), accelerator=Accelerator(cpu=True), tokenizer=tokenizer, data=data, num_labels=None,
+                          model=tiny_llama, sharded=False)
+    baseline, retention_before = measure_baseline(evaluator)
+    assert retention_before is None
+    assert (baseline["split"], baseline["reference"], baseline["k"]) == ("validation", "base_model", 2)
+    assert baseline["base_model"]["generation_samples"] == baseline["k_shot"]["generation_samples"] == 6  # the 6 capped rows
+    assert baseline["k_shot_train_rows"] == list(FewShot.from_train(train, tokenizer, k=2, seed=5, keep_eos=True).train_rows)
+    assert all(0 <= i < 8 for i in baseline["k_shot_train_rows"])
+    assert set(baseline["descriptions"]) == {"base_model", "k_shot"}
+
+    state = TrainerState(baseline=baseline)
+    report = final_report(evaluator, state, "eval_loss", "min")
+    assert report.test is None and report.final["generation_samples"] == 6
+    # Nothing trained: the fine-tuned model is the base model, so the gain is exactly zero, on validation.
+    assert (report.gain["split"], report.gain["baseline_kind"], report.gain["delta"]) == ("validation", "base_model", 0.0)
