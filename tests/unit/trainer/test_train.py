@@ -189,7 +189,9 @@ def test_best_model_is_used_without_early_stopping_and_bleu_is_scored_at_every_e
 
     out, state, progress, log = results[True]
     assert len(state["evals"]) == 8 and all("bleu" in e for e in state["evals"])  # BLEU at every evaluation
-    assert log.count("generation metrics on") == 9  # 8 evaluations on validation prompts + the test set
+    # 8 evaluations on validation prompts + the test set, and before training the base model on the same test
+    # prompts, zero-shot and 4-shot (the baselines).
+    assert log.count("generation metrics on") == 11 and log.count("test prompts (4-shot)") == 1
     evals = [e["eval_loss"] for e in state["evals"]]
     best_step = state["evals"][evals.index(min(evals))]["step"]
     assert best_step < 8 and state["best_step"] == best_step  # the run diverges after its best step
