@@ -230,7 +230,8 @@ def summary(objs: dict[str, dict], s3: Any, state: Path) -> str:
             lines.append(f"  model:       {st['modelUri']}")
         gain = st.get("gain") or {}
         if gain:
-            lines.append(f"  {gain.get('metric')}: baseline {gain.get('baseline')} -> final {gain.get('final')}")
+            on = f" (on {gain['split']})" if gain.get("split") else ""
+            lines.append(f"  {gain.get('metric')}: {gain.get('baselineKind') or 'baseline'} {gain.get('baseline')} -> final {gain.get('final')}{on}")
         data = st.get("data") or {}
         if data:
             lines.append("  data:        " + ", ".join(f"{k}={v}" for k, v in data.items() if k != "reportUri"))

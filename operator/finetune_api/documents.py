@@ -40,6 +40,14 @@ class WireModel(BaseModel):
 # ----------------------------------------------------------------------------------- progress.json
 
 
+class ReportModel(BaseModel):
+    """data-report.json keeps the trainer's snake_case keys; every key is declared (see the tests)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+
+
 class CheckpointRef(WireModel):
     step: int = Field(description="Optimizer step of the checkpoint.")
     uri: str = Field(description="Where the checkpoint is.")
@@ -61,19 +69,84 @@ class DataSummary(WireModel):
     report_uri: str | None = Field(default=None, description="Full data report.")
 
 
+# The baselines a run compares the fine-tuned model with, in the order the model card shows them. Every entry of
+# evaluation.baseline (progress.json, the model card) is one of these; the words are the card's.
+BASELINES: dict[str, str] = {
+    "base_model": "The base model as downloaded, prompted with each evaluation prompt alone (zero-shot): what fine-tuning started from.",
+    "k_shot": (
+        "The base model with k training examples (drawn with hyperparameters.seed) shown before each prompt, greedy "
+        "completions scored with the same metrics: the in-context-learning baseline a fine-tune has to beat."
+    ),
+    "random_head": (
+        "The pretrained encoder with the new, randomly initialised classification head, before any training: what "
+        "fine-tuning started from; close to chance by construction, not a real competitor."
+    ),
+    "majority_class": "Always predicting the most frequent training class: the floor a classifier has to beat to have learnt anything.",
+    "linear_probe": (
+        "Logistic regression (scikit-learn, standardised features) on the frozen base encoder's mean-pooled features "
+        "of the training set: the fair no-fine-tune baseline of an encoder."
+    ),
+}
+STARTING_POINTS = {"causal-lm": "base_model", "sequence-classification": "random_head"}
+"""The baseline the headline gain is measured from, per task: the weights fine-tuning started from."""
+
+
 class Gain(WireModel):
     metric: str | None = Field(default=None, description="Metric compared.")
-    baseline: float | None = Field(default=None, description="Base model before fine-tuning.")
-    final: float | None = Field(default=None, description="Fine-tuned model on the same set.")
+    baseline: float | None = Field(default=None, description="The baseline's value (baselineKind, on split), before fine-tuning.")
+    final: float | None = Field(default=None, description="Fine-tuned model on the same split.")
+    split: str | None = Field(
+        default=None, description="Where both were measured: test when there is a test set (validation chose the checkpoint), else validation."
+    )
+    baseline_kind: str | None = Field(
+        default=None, description="Which baseline: base_model (causal LM) or random_head (classification: encoder + untrained head)."
+    )
+
+
+class BaselineReport(ReportModel):
+    """``evaluation.baseline``: every baseline of the run, measured before training on one split (see :data:`BASELINES`).
+
+    Metric dicts are keyed like the other evaluations (``eval_loss``, ``accuracy``, ``bleu``, ...)."""
+
+    split: str = Field(description="test when there is a test set, else validation: the split the final model is compared on.")
+    reference: str = Field(description="The baseline the headline gain is measured from (STARTING_POINTS).")
+    base_model: dict[str, Any] | None = None
+    k_shot: dict[str, Any] | None = None
+    k: int | None = Field(default=None, description="Demonstrations in each k_shot prompt (evaluation.fewShotExamples).")
+    k_shot_train_rows: list[int] | None = Field(default=None, description="The training rows shown, by index in the prepared train set.")
+    random_head: dict[str, Any] | None = None
+    majority_class: dict[str, Any] | None = None
+    linear_probe: dict[str, Any] | None = None
+    descriptions: dict[str, str] = Field(default_factory=dict, description="What each measured baseline is (BASELINES).")
+
+    def measured(self) -> dict[str, dict[str, Any]]:
+        """The baselines that were measured, kind -> metrics, in :data:`BASELINES` order."""
+        return {kind: getattr(self, kind) for kind in BASELINES if getattr(self, kind, None)}
+
+
+class CalibrationReport(ReportModel):
+    """``evaluation.calibration`` (classification): temperature scaling fitted on validation, its effect measured on
+    validation (optimistic: where it was fitted) and on test (unbiased)."""
+
+    temperature: float
+    fitted_on: str = "validation"
+    ece_before: float = Field(description="Validation ECE at temperature 1.")
+    ece_after: float = Field(description="Validation ECE at the fitted temperature.")
+    nll_before: float
+    nll_after: float
+    test_ece_before: float | None = Field(default=None, description="Test ECE at temperature 1 (None without a test set).")
+    test_ece_after: float | None = Field(default=None, description="Test ECE at the fitted temperature.")
+    test_nll_before: float | None = None
+    test_nll_after: float | None = None
 
 
 class EvaluationSummary(WireModel):
     """The evaluations of the finished run (metric name -> value, as in the model card)."""
 
-    baseline: dict[str, Any] | None = Field(default=None, description="Base model on the validation set, before training.")
+    baseline: BaselineReport | None = Field(default=None, description="Every baseline, measured before training on the comparison split.")
     final: dict[str, Any] | None = Field(default=None, description="Fine-tuned model on the validation set.")
     test: dict[str, Any] | None = Field(default=None, description="Fine-tuned model on the test set.")
-    calibration: dict[str, Any] | None = Field(default=None, description="Temperature scaling and ECE before/after (classification).")
+    calibration: CalibrationReport | None = Field(default=None, description="Temperature scaling and ECE before/after on validation and test (classification).")
     retention: dict[str, Any] | None = Field(default=None, description="Retention-set loss before/after and the verdict.")
 
 
@@ -107,12 +180,6 @@ class ProgressDocument(WireModel):
 
 
 # -------------------------------------------------------------------------------- data-report.json
-
-
-class ReportModel(BaseModel):
-    """data-report.json keeps the trainer's snake_case keys; every key is declared (see the tests)."""
-
-    model_config = ConfigDict(extra="allow")
 
 
 class DuplicateExample(ReportModel):

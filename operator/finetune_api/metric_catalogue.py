@@ -24,7 +24,8 @@ class Metric:
 
     ``direction`` is None for counts (how many rows or tokens were scored): they are shown, never judged.
     ``needs`` is the ``evaluation.metrics`` entry that turns the metric on (bleu, rouge), None when it is
-    always computed for its task. ``prometheus`` is the ``metric`` label of the ``finetune_eval`` series,
+    always computed for its task. ``label_accuracy`` (exact match of a generated completion with its reference) comes
+    with BLEU/ROUGE only when the references are a few labels (classification as generation). ``prometheus`` is the ``metric`` label of the ``finetune_eval`` series,
     None when the number is not exported.
     """
 
@@ -34,6 +35,8 @@ class Metric:
     title: str
     prometheus: str | None
     needs: str | None = None
+    watchable: bool = True
+    """False for a metric whose presence depends on the data (label_accuracy): never an early-stopping metric."""
 
 
 # In the order the model card lists them.
@@ -48,6 +51,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("ece", "sequence-classification", "min", "ECE (15 bins)", "ece"),
     Metric("bleu", "causal-lm", "max", "BLEU", "bleu", needs="bleu"),
     Metric("rouge_l", "causal-lm", "max", "ROUGE-L F1", "rouge_l", needs="rouge"),
+    Metric("label_accuracy", "causal-lm", "max", "Label accuracy (generated)", "label_accuracy", watchable=False),
     Metric("eval_tokens", "causal-lm", None, "Scored tokens", None),
     Metric("eval_samples", "sequence-classification", None, "Examples", None),
     Metric("generation_samples", "causal-lm", None, "Generated samples", None),
@@ -78,7 +82,7 @@ def monitorable(task: str, requested: list[str] | None = None) -> tuple[str, ...
     return tuple(
         m.name
         for m in METRICS
-        if m.direction is not None and m.task in (task, "any") and (m.needs is None or m.needs in wanted)
+        if m.direction is not None and m.watchable and m.task in (task, "any") and (m.needs is None or m.needs in wanted)
     )
 
 

@@ -637,14 +637,32 @@ class EvaluationSpec(_Model):
         description=(
             "Extra metrics. Always computed: loss, perplexity and token accuracy (LM) or accuracy, "
             "precision/recall/F1 (classification). Optional, LM with prompt-completion or chat data: bleu and "
-            "rouge (ROUGE-L F1, reported as rouge_l) of greedy completions, at every evaluation on up to 32 "
-            "validation prompts and once on the test set; earlyStopping.metric may then be bleu or rouge_l."
+            "rouge (ROUGE-L F1, reported as rouge_l) of greedy completions of the prompts' own token ids (chat "
+            "template included), at every evaluation on a seeded sample of up to 32 validation prompts and once on "
+            "up to maxEvalSamples (default 64) test prompts; the sample is stratified by completion when the "
+            "completions are a few labels. earlyStopping.metric may then be bleu or rouge_l."
         ),
         json_schema_extra={"items": {"type": "string", "enum": ["bleu", "rouge", "token_accuracy"]}},
     )
     early_stopping: EarlyStopping | None = Field(default=None, description="Stop on a plateau and keep the best checkpoint.")
-    calibration: bool = Field(default=True, description="Classification: fit temperature scaling on validation; report ECE before and after.")
-    baseline: bool = Field(default=True, description="Evaluate the base model before training so the report shows the gain.")
+    calibration: bool = Field(default=True, description="Classification: fit temperature scaling on validation; report ECE and NLL before and after on validation and on test.")
+    baseline: bool = Field(
+        default=True,
+        description=(
+            "Measure the baselines before training, on the test set (validation without one), so the report shows "
+            "the gain test vs test: the base model (LM) or encoder + untrained head (random_head), plus the "
+            "majority class and a linear probe on frozen features (classification) or k-shot prompting (LM)."
+        ),
+    )
+    few_shot_examples: int = Field(
+        default=4,
+        ge=0,
+        le=32,
+        description=(
+            "Causal LM with bleu/rouge in metrics: training examples (drawn with hyperparameters.seed) shown to the "
+            "base model before each prompt for the k_shot baseline; 0 disables it."
+        ),
+    )
     retention: RetentionSpec | None = Field(default=None, description="Catastrophic-forgetting check.")
     max_eval_samples: int | None = Field(default=None, ge=1, description="Cap on validation rows per evaluation.")
     use_best_model: bool = Field(

@@ -3,7 +3,8 @@
 
 Hand-written because no maintained library does it for torch logits: :func:`expected_calibration_error`,
 :func:`fit_temperature` (one scalar, fitted by L-BFGS on the validation NLL) and :func:`calibrate`
-(the fit and the before/after numbers the report and the model card show).
+(the fit and the before/after numbers on the validation set it was fitted on) and :func:`scaled_on`
+(the same before/after numbers on the held-out test set, the unbiased ones the report leads with).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ ECE_BINS = 15
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 1e2
 
-__all__ = ["ECE_BINS", "calibrate", "expected_calibration_error", "fit_temperature"]
+__all__ = ["ECE_BINS", "calibrate", "expected_calibration_error", "fit_temperature", "scaled_on"]
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> float:
@@ -93,4 +94,18 @@ def calibrate(logits_val: torch.Tensor, labels_val: torch.Tensor) -> dict[str, f
         "ece_after": expected_calibration_error((logits / temperature).softmax(dim=1), labels),
         "nll_before": float(_nll(logits, labels)),
         "nll_after": float(_nll(logits, labels, temperature)),
+    }
+
+
+def scaled_on(logits: torch.Tensor, labels: torch.Tensor, temperature: float, prefix: str) -> dict[str, float]:
+    """ECE and NLL of ``logits`` before (T = 1) and after dividing them by ``temperature``, keyed
+    ``<prefix>ece_before`` ... ``<prefix>nll_after``: on the test set, what temperature scaling really did
+    (the validation numbers of :func:`calibrate` are measured where the temperature was fitted)."""
+    logits = logits.detach().to("cpu", torch.float64)
+    labels = labels.detach().to("cpu").long().reshape(-1)
+    return {
+        f"{prefix}ece_before": expected_calibration_error(logits.softmax(dim=1), labels),
+        f"{prefix}ece_after": expected_calibration_error((logits / temperature).softmax(dim=1), labels),
+        f"{prefix}nll_before": float(_nll(logits, labels)),
+        f"{prefix}nll_after": float(_nll(logits, labels, temperature)),
     }

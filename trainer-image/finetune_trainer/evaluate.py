@@ -8,8 +8,10 @@ Read top to bottom:
    plain ``float`` metrics (ready for progress.json and the model card). Both are exact across uneven batches and
    across ranks: they sum per-example statistics, gather them with ``accelerator.gather_for_metrics`` (which drops
    the samples accelerate repeats to even out the last batch) and divide once at the end.
-2. :func:`majority_baseline`: the score of always predicting the most frequent training class, the floor a
-   classifier has to beat to have learnt anything.
+2. The baselines of a classifier: :func:`majority_baseline`, the score of always predicting the most frequent
+   training class (the floor a classifier has to beat to have learnt anything), and :func:`linear_probe`, a
+   logistic regression on the frozen encoder's features (:func:`frozen_features`), the fair "no fine-tuning"
+   comparison.
 3. :func:`retention_check` and :func:`gain`: catastrophic forgetting and improvement over the base model.
 
 Library code does the metric arithmetic wherever a maintained library has it (scikit-learn for classification
@@ -39,9 +41,13 @@ _T = TypeVar("_T")
 
 
 __all__ = [
+    "LINEAR_PROBE_MAX_TRAIN",
+    "classification_metrics",
     "evaluate_classification",
     "evaluate_lm",
+    "frozen_features",
     "gain",
+    "linear_probe",
     "majority_baseline",
     "perplexity",
     "retention_check",
@@ -232,7 +238,6 @@ def evaluate_classification(
     With ``return_logits`` the result also holds ``logits`` (raw, before temperature, float32 on CPU) and
     ``labels`` for :func:`calibrate`; drop them before writing the dict anywhere.
     """
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
     if num_labels < 2:
         raise ValueError(f"num_labels must be at least 2, got {num_labels}")
@@ -265,15 +270,26 @@ def evaluate_classification(
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
         raise ValueError(f"labels must be class ids in [0, {num_labels}); got {labels.min()}..{labels.max()}")
 
-    scaled = logits / temperature
+    result = classification_metrics(logits, labels, names, temperature=temperature)
+    if return_logits:
+        result["logits"] = logits
+        result["labels"] = labels
+    return result
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, names: Sequence[str], *, temperature: float = 1.0) -> dict[str, Any]:
+    """The metrics of :func:`evaluate_classification` from ``(N, K)`` logits (or log-probabilities) and class ids."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    scaled = logits.double() / temperature
     preds = scaled.argmax(dim=1)
     y_true, y_pred = labels.numpy(), preds.numpy()
     precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
     per_p, per_r, per_f, per_s = precision_recall_fscore_support(
-        y_true, y_pred, labels=list(range(num_labels)), average=None, zero_division=0
+        y_true, y_pred, labels=list(range(len(names))), average=None, zero_division=0
     )
-    result: dict[str, Any] = {
-        "eval_loss": float(F.cross_entropy(scaled.double(), labels)),
+    return {
+        "eval_loss": float(F.cross_entropy(scaled, labels)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "precision_macro": float(precision),
         "recall_macro": float(recall),
@@ -285,10 +301,6 @@ def evaluate_classification(
             for name, p, r, f, s in zip(names, per_p, per_r, per_f, per_s)
         },
     }
-    if return_logits:
-        result["logits"] = logits
-        result["labels"] = labels
-    return result
 
 
 # ------------------------------------------------------------------------------------------ baselines
@@ -314,6 +326,62 @@ def majority_baseline(train_labels: list[int], eval_labels: list[int], num_label
         "f1_macro": float(f1_score(eval_labels, predicted, average="macro", zero_division=0)),
         "majority_class": float(majority),
     }
+
+
+LINEAR_PROBE_MAX_TRAIN = 4096  # training rows (a seeded sample) whose frozen features fit the linear probe
+
+
+@torch.no_grad()
+def frozen_features(
+    model: torch.nn.Module, dataloader: Iterable[Mapping[str, torch.Tensor]], *, accelerator: Accelerator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features, labels)``: the model's last hidden state, mean-pooled over each row's real tokens.
+
+    The features a linear probe is fitted on: the encoder as pretrained (run it before training; a fresh LoRA
+    adapter is a no-op, a fresh head is not used). Gathered across ranks like :func:`evaluate_classification`.
+    """
+    device = device_of(model, accelerator)
+    features: list[torch.Tensor] = []
+    all_labels: list[torch.Tensor] = []
+    with EvalMode(model):
+        for batch in _batches(dataloader, None):
+            batch = _to_device(batch, device)
+            hidden = model(**_model_inputs(model, batch), output_hidden_states=True).hidden_states[-1].float()
+            mask = batch.get("attention_mask")
+            mask = torch.ones(hidden.shape[:2], device=hidden.device) if mask is None else mask.to(hidden.dtype)
+            pooled = (hidden * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+            pooled, labels = _gather(accelerator, (pooled, batch["labels"]))
+            features.append(pooled.to("cpu"))
+            all_labels.append(labels.to("cpu").long())
+    if not features:
+        raise EmptyDataset("no rows to extract features from")
+    return torch.cat(features), torch.cat(all_labels)
+
+
+def linear_probe(
+    train_features: torch.Tensor, train_labels: torch.Tensor, eval_features: torch.Tensor, eval_labels: torch.Tensor,
+    names: Sequence[str], *, seed: int = 0,
+) -> dict[str, Any] | None:
+    """The no-fine-tune baseline of an encoder: scikit-learn's ``LogisticRegression`` (standardised features,
+    L2, lbfgs) fitted on frozen training features, scored on ``eval_*`` with :func:`classification_metrics`.
+
+    None when the training labels hold a single class (nothing to fit; the majority baseline says the same).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    y = train_labels.numpy()
+    classes = sorted(set(int(c) for c in y))
+    if len(classes) < 2:
+        return None
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    probe.fit(train_features.double().numpy(), y)
+    probs = torch.zeros(eval_features.shape[0], len(names), dtype=torch.float64)
+    probs[:, classes] = torch.from_numpy(probe.predict_proba(eval_features.double().numpy()))
+    result = classification_metrics(probs.clamp_min(1e-12).log(), eval_labels, names)
+    result["train_samples"] = float(len(y))
+    return result
 
 
 # ----------------------------------------------------------------------------- retention and the gain

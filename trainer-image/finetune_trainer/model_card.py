@@ -19,6 +19,7 @@ from typing import Any
 
 
 from finetune_api import metric_catalogue
+from finetune_api.documents import BASELINES
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer.data.pii import coverage as pii_coverage
 from finetune_trainer.evaluate import gain
@@ -31,8 +32,12 @@ METRIC_MODES = {m.name: m.direction for m in metric_catalogue.METRICS if m.direc
 METRIC_TITLES = {m.name: m.title for m in metric_catalogue.METRICS}
 METRIC_ORDER = [m.name for m in metric_catalogue.METRICS]
 COUNT_METRICS = {m.name for m in metric_catalogue.METRICS if m.direction is None}
-# Never copied into the card: tensors evaluate_classification returns on request.
-NON_METRIC_KEYS = {"per_class", "logits", "labels", "majority"}
+# Never copied into the card: tensors evaluate_classification returns on request; bookkeeping of a baseline.
+NON_METRIC_KEYS = {"per_class", "logits", "labels", "majority_class", "train_samples", "prompts_shortened"}
+# How the card names each baseline (finetune_api.documents.BASELINES says what each is).
+BASELINE_TITLES = {"base_model": "Base model", "k_shot": "k-shot base model", "random_head": "Random head",
+                   "majority_class": "Majority class", "linear_probe": "Linear probe"}
+FAIR_BASELINES = ("linear_probe", "k_shot")  # the no-fine-tune baselines a fine-tune has to beat to be worth it
 MAX_REPORT_ROWS = 60
 SMALL_EVAL_SET = 200
 ECE_STILL_HIGH = 0.05
@@ -164,14 +169,14 @@ def primary_metric(spec: FineTuneJobSpec) -> tuple[str, str]:
     return "eval_loss", "min"
 
 
-def _gains(baseline: Mapping[str, Any] | None, final: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Change from the base model to the fine-tuned one on validation, for every metric of known direction."""
-    if not baseline:
+def _gains(reference: Mapping[str, Any] | None, compared: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Change from the reference baseline to the fine-tuned model on the same split, for every metric of known direction."""
+    if not reference or not compared:
         return {}
     return {
-        name: gain(baseline, final, name, METRIC_MODES[name])
-        for name in _metric_names(baseline, final)
-        if name in METRIC_MODES and name in baseline and name in final
+        name: gain(reference, compared, name, METRIC_MODES[name])
+        for name in _metric_names(reference, compared)
+        if name in METRIC_MODES and name in reference and name in compared
     }
 
 
@@ -199,9 +204,13 @@ class CardView:
     classification: bool
     metric: str  # the metric the card leads with
     mode: str
-    baseline: Mapping[str, Any] | None
+    baseline: Mapping[str, Any] | None  # the BaselineReport (split, reference, one entry per baseline), None if not measured
+    baselines: dict[str, Mapping[str, Any]]  # kind -> metrics, in BASELINES order
+    baseline_split: str | None  # where every baseline was measured (test when there was a test set)
+    reference: str | None  # the baseline the gains are measured from (what fine-tuning started from)
     final_eval: Mapping[str, Any]
     test_eval: Mapping[str, Any] | None
+    compared: Mapping[str, Any] | None  # the fine-tuned model on baseline_split
     majority: Mapping[str, Any] | None  # always predicting the most frequent training class (classification)
     gains: dict[str, dict[str, Any]]
     per_class: Mapping[str, Mapping[str, Any]] | None
@@ -213,16 +222,27 @@ class CardView:
         """The numbers the card stands on: test when there was a test set, else validation."""
         return self.test_eval or self.final_eval
 
+    def baseline_title(self, kind: str) -> str:
+        if kind == "k_shot" and self.baseline and self.baseline.get("k"):
+            return f"{self.baseline['k']}-shot base model"
+        return BASELINE_TITLES.get(kind, kind)
+
 
 def card_view(summary: RunSummary) -> CardView:
-    spec, baseline = summary.spec, summary.baseline
-    majority = dict(baseline["majority"]) if baseline and isinstance(baseline.get("majority"), Mapping) else None
+    spec = summary.spec
+    # Baselines written by an older trainer (a flat dict measured on validation, no split) are not comparable.
+    baseline = summary.baseline if summary.baseline and isinstance(summary.baseline.get("split"), str) else None
+    baselines = {kind: dict(baseline[kind]) for kind in BASELINES if baseline and isinstance(baseline.get(kind), Mapping)}
+    split = baseline["split"] if baseline else None
+    reference = baseline.get("reference") if baseline else None
     final_eval = summary.final_eval or {}
+    compared = summary.test_eval if split == "test" else final_eval if split == "validation" else None
     metric, mode = primary_metric(spec)
     evaluated = summary.test_eval or final_eval
     return CardView(
         summary=summary, spec=spec, classification=spec.is_classification, metric=metric, mode=mode, baseline=baseline,
-        final_eval=final_eval, test_eval=summary.test_eval, majority=majority, gains=_gains(baseline, final_eval),
+        baselines=baselines, baseline_split=split, reference=reference, final_eval=final_eval, test_eval=summary.test_eval,
+        compared=compared, majority=baselines.get("majority_class"), gains=_gains(baselines.get(reference or ""), compared),
         per_class=evaluated.get("per_class") if spec.is_classification else None,
         hyper=spec.hyperparameters.model_dump(by_alias=True, mode="json"),
         adapter=spec.lora_or_default.model_dump(by_alias=True, mode="json") if spec.is_adapter else None,
@@ -257,26 +277,44 @@ def limitations(v: CardView) -> list[str]:
 
 def _measurement_notes(v: CardView) -> list[str]:
     notes = []
-    evaluated, majority = v.evaluated, v.majority
+    evaluated, majority, compared = v.evaluated, v.majority, v.compared or {}
     calibration, retention = v.summary.evaluation.calibration, v.summary.evaluation.retention
     n = evaluated.get("eval_samples")
     if v.classification and _is_number(n) and n < SMALL_EVAL_SET:
         notes.append(f"The evaluation set is small ({fmt(n)} examples): differences of a few points may be noise.")
     if v.baseline is None:
-        notes.append("The base model was not evaluated (evaluation.baseline is off), so the gain from fine-tuning is unknown.")
-    if majority and "accuracy" in evaluated and _is_number(majority.get("accuracy")):
-        if evaluated["accuracy"] <= majority["accuracy"]:
+        notes.append("The baselines were not measured (evaluation.baseline is off), so the gain from fine-tuning is unknown.")
+    elif v.baseline_split == "validation":
+        notes.append(
+            "There was no test set: the baselines and the gain are measured on the validation set that also chose the "
+            "checkpoint, which flatters the fine-tuned model."
+        )
+    if majority and _is_number(compared.get("accuracy")) and _is_number(majority.get("accuracy")):
+        if compared["accuracy"] <= majority["accuracy"]:
             notes.append(
-                f"Accuracy ({fmt(evaluated['accuracy'])}) does not beat always predicting the most frequent class "
+                f"Accuracy ({fmt(compared['accuracy'])}) does not beat always predicting the most frequent class "
                 f"({fmt(majority['accuracy'])}): the model has not learnt the task."
+            )
+    for kind in FAIR_BASELINES:
+        fair, name = v.baselines.get(kind), ("accuracy" if v.classification else v.metric)
+        if name not in METRIC_MODES or not fair or not _is_number(fair.get(name)) or not _is_number(compared.get(name)):
+            continue
+        if not gain(fair, compared, name, METRIC_MODES[name])["improved"]:
+            notes.append(
+                f"{metric_catalogue.title(name)} of the fine-tuned model ({fmt(compared[name], real=True)}) does not beat the "
+                f"{v.baseline_title(kind).lower()} baseline ({fmt(fair[name], real=True)}): "
+                + ("a logistic regression on the frozen base encoder does as well." if kind == "linear_probe"
+                   else "prompting the base model with a few examples does as well.")
             )
     if v.classification and calibration is None:
         notes.append("Confidence scores were not calibrated (evaluation.calibration is off); do not read them as probabilities.")
-    elif calibration is not None and _is_number(calibration.get("ece_after")) and calibration["ece_after"] > ECE_STILL_HIGH:
-        notes.append(
-            f"Even after temperature scaling the expected calibration error is {fmt(calibration['ece_after'])}: "
-            "confidence scores are only a rough guide."
-        )
+    elif calibration is not None:
+        ece_after = calibration.get("test_ece_after") if _is_number(calibration.get("test_ece_after")) else calibration.get("ece_after")
+        if _is_number(ece_after) and ece_after > ECE_STILL_HIGH:
+            notes.append(
+                f"Even after temperature scaling the expected calibration error is {fmt(ece_after)}: "
+                "confidence scores are only a rough guide."
+            )
     if retention is None:
         notes.append("Catastrophic forgetting was not measured (no evaluation.retention dataset).")
     elif not retention.get("passed", True):
@@ -312,9 +350,10 @@ def _data_notes(spec: FineTuneJobSpec) -> list[str]:
 def build_model_card(summary: RunSummary) -> tuple[dict[str, Any], str]:
     """``(model_card.json content, README.md text)`` of a finished run.
 
-    ``summary.baseline`` and ``summary.final_eval`` are validation metrics of the base and the fine-tuned model,
-    ``summary.test_eval`` the test metrics of the chosen checkpoint, as the evaluation module returns them; the
-    majority-class baseline (classification) is ``baseline["majority"]``.
+    ``summary.baseline`` is the run's ``BaselineReport`` (every baseline, measured on one split: test when there was
+    one), ``summary.final_eval`` and ``summary.test_eval`` the validation and test metrics of the chosen checkpoint,
+    as the evaluation module returns them. Gains compare the fine-tuned model with the reference baseline on the
+    baselines' split.
     """
     from .readme import readme
 
@@ -337,10 +376,13 @@ def build_model_card(summary: RunSummary) -> tuple[dict[str, Any], str]:
         "evaluation": {
             "primaryMetric": v.metric,
             "mode": v.mode,
-            "baseline": _scalars(v.baseline),
+            "baselineSplit": v.baseline_split,
+            "gainFrom": v.reference,
+            "baselines": {kind: _scalars(metrics) for kind, metrics in v.baselines.items()},
+            "baselineDescriptions": {kind: BASELINES[kind] for kind in v.baselines},
+            "kShot": {"k": v.baseline.get("k"), "trainRows": v.baseline.get("k_shot_train_rows")} if "k_shot" in v.baselines and v.baseline else None,
             "final": _scalars(v.final_eval),
             "test": _scalars(v.test_eval),
-            "majorityBaseline": _scalars(v.majority),
             "gain": _jsonable(v.gains),
             "perClass": _jsonable(v.per_class),
         },

@@ -86,8 +86,9 @@ class ProgressWriter:
             summary = DataSummary.model_validate(summary)
         self.update(force=True, data=summary)
 
-    def set_gain(self, metric: str, baseline: float | None, final: float | None) -> None:
-        self.update(force=True, gain=Gain(metric=metric, baseline=baseline, final=final))
+    def set_gain(self, metric: str, baseline: float | None, final: float | None, *, split: str | None = None,
+                 baseline_kind: str | None = None) -> None:
+        self.update(force=True, gain=Gain(metric=metric, baseline=baseline, final=final, split=split, baseline_kind=baseline_kind))
 
     # ------------------------------------------------------------------------------------- output
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from finetune_api.documents import DATA_REPORT_FILE
+from finetune_api.documents import BASELINES, DATA_REPORT_FILE
 from finetune_trainer.data.pii import coverage as pii_coverage
 
 from .model_card import (
@@ -85,8 +85,10 @@ def _title(v: CardView) -> list[str]:
     if _is_number(headline):
         where = "test" if v.test_eval and v.metric in v.test_eval else "validation"
         line = f"{METRIC_TITLES.get(v.metric, v.metric)} on the {where} set: **{fmt(headline, real=True)}**"
-        if v.metric in v.gains:
-            line += f" (base model: {fmt(v.gains[v.metric]['baseline'], real=True)} on validation)"
+        others = [f"{v.baseline_title(kind).lower()}: {fmt(metrics[v.metric], real=True)}"
+                  for kind, metrics in v.baselines.items() if _is_number(metrics.get(v.metric))]
+        if others and v.baseline_split == where:
+            line += f" ({'; '.join(others)}; all on {where})"
         out += ["", line + "."]
     return out
 
@@ -198,28 +200,36 @@ def _training_procedure(v: CardView) -> list[str]:
 
 
 def _evaluation(v: CardView) -> list[str]:
-    baseline, majority, final_eval, test_eval = v.baseline, v.majority, v.final_eval, v.test_eval
-    intro = "The fine-tuned model on the validation set"
-    if baseline is not None:
-        intro += ", next to the base model before training"
+    baselines, final_eval, test_eval, split = v.baselines, v.final_eval, v.test_eval, v.baseline_split
+    intro = "The fine-tuned model on the validation set (which chose the checkpoint)"
     if test_eval is not None:
-        intro += "; the chosen checkpoint on the held-out test set"
+        intro += " and on the held-out test set"
+    if baselines:
+        intro += f", beside every baseline, measured before training on the {split} set"
     intro += "."
-    if baseline is not None:
-        intro += " Change is fine-tuned minus base (lower is better for loss, perplexity and ECE)."
+    if v.summary.evaluation.calibration and test_eval is not None:
+        intro += " The fine-tuned test loss and ECE are at the calibrated temperature (see Calibration); accuracy and F1 do not depend on it."
+    if v.reference in baselines:
+        intro += (f" Change is fine-tuned minus {v.baseline_title(v.reference).lower()}, both on the {split} set "
+                  "(lower is better for loss, perplexity and ECE).")
     out = ["", "## Evaluation", "", intro, ""]
-    header = ["Metric"]
-    if baseline is not None:
-        header.append("Base model (validation)")
-    if majority is not None:
-        header.append("Majority class")
-    header.append("Fine-tuned (validation)")
-    if baseline is not None:
-        header.append("Change")
-    header.append("Test")
-    out += _table(header, [_evaluation_row(v, name) for name in _metric_names(baseline, final_eval, test_eval)])
-    if baseline is None:
-        out += ["", "The base model was not evaluated before training (evaluation.baseline is off)."]
+    header = ["Metric"] + [f"{v.baseline_title(kind)} ({split})" for kind in baselines]
+    header += ["Fine-tuned (validation)", "Fine-tuned (test)"]
+    if v.reference in baselines:
+        header.append(f"Change vs {v.baseline_title(v.reference).lower()} ({split})")
+    names = _metric_names(*baselines.values(), final_eval, test_eval)
+    out += _table(header, [_evaluation_row(v, name) for name in names])
+    if baselines:
+        out += ["", "Baselines:", ""]
+        out += [f"- **{v.baseline_title(kind)}** (`{kind}`): {BASELINES[kind]}" for kind in baselines]
+        if "k_shot" in baselines and v.baseline and v.baseline.get("k_shot_train_rows") is not None:
+            out.append(f"  The examples shown are training rows {', '.join(map(str, v.baseline['k_shot_train_rows']))}.")
+        missing = [kind for kind in (("majority_class", "linear_probe") if v.classification else ("k_shot",)) if kind not in baselines]
+        if "k_shot" in missing:
+            out += ["", "The k-shot baseline was not measured: it needs evaluation.metrics bleu or rouge, prompt-completion "
+                    "or chat data and evaluation.fewShotExamples above 0."]
+    else:
+        out += ["", "No baseline was measured before training (evaluation.baseline is off)."]
     if test_eval is None:
         out += ["", "No test set was evaluated."]
     if v.per_class:
@@ -235,15 +245,12 @@ def _evaluation(v: CardView) -> list[str]:
 def _evaluation_row(v: CardView, name: str) -> list[Any]:
     show = (lambda value: value) if name in COUNT_METRICS else _real
     row: list[Any] = [METRIC_TITLES.get(name, f"`{name}`")]
-    if v.baseline is not None:
-        row.append(show(v.baseline.get(name)))
-    if v.majority is not None:
-        row.append(show(v.majority.get(name)))
+    row += [show(metrics.get(name)) for metrics in v.baselines.values()]
     row.append(show(v.final_eval.get(name)))
-    if v.baseline is not None:
+    row.append(show(v.test_eval.get(name)) if v.test_eval is not None else None)
+    if v.reference in v.baselines:
         g = v.gains.get(name)
         row.append("—" if g is None else f"{_signed(g['delta'])} ({pct(g['relative'])})")
-    row.append(show(v.test_eval.get(name)) if v.test_eval is not None else None)
     return row
 
 
@@ -256,20 +263,23 @@ def _calibration(v: CardView) -> list[str]:
         return out + ["Not applicable to causal language models."]
     out += [
         "Temperature scaling (Guo et al., 2017) divides the logits by one temperature fitted to minimise the "
-        "validation negative log-likelihood; it changes confidence scores, never the predicted class. Measured "
-        "on the validation set the temperature was fitted on.",
+        "validation negative log-likelihood; it changes confidence scores, never the predicted class. The "
+        "validation rows are where the temperature was fitted (optimistic); the test rows are the honest measure.",
         "",
     ]
-    out += _table(
-        ["", "Before", "After"],
-        [
-            ["ECE (15 bins)", _real(calibration.get("ece_before")), _real(calibration.get("ece_after"))],
-            ["NLL", _real(calibration.get("nll_before")), _real(calibration.get("nll_after"))],
-        ],
-    )
+    rows = [
+        ["ECE (15 bins), validation", _real(calibration.get("ece_before")), _real(calibration.get("ece_after"))],
+        ["NLL, validation", _real(calibration.get("nll_before")), _real(calibration.get("nll_after"))],
+    ]
+    if _is_number(calibration.get("test_ece_before")):
+        rows += [
+            ["ECE (15 bins), test", _real(calibration.get("test_ece_before")), _real(calibration.get("test_ece_after"))],
+            ["NLL, test", _real(calibration.get("test_nll_before")), _real(calibration.get("test_nll_after"))],
+        ]
+    out += _table(["", "Before (T = 1)", "After"], rows)
     out += ["", f"Temperature: **{fmt(calibration.get('temperature'), real=True)}** (apply as `softmax(logits / T)`)."]
-    if v.test_eval is not None and _is_number(v.test_eval.get("ece")):
-        out.append(f"Test-set ECE as evaluated: {fmt(v.test_eval['ece'], real=True)}.")
+    if not _is_number(calibration.get("test_ece_before")):
+        out.append("No test set: the effect on held-out data was not measured.")
     return out
 
 

@@ -1,9 +1,11 @@
 """Stage 5: what the run measured, in one object.
 
-Before training, :func:`measure_baseline` scores the base model. After the loop, :func:`final_report`
-evaluates the chosen weights once more: the validation set, the temperature fit (classification), the
-test set (at that temperature, with BLEU/ROUGE when asked), the retention set, and the gain over the
-base model on the metric the run monitored. :class:`RunSummary` then carries those numbers with the
+Before training, :func:`measure_baseline` scores every baseline (the starting point, and the fair
+no-fine-tune ones: majority class and linear probe for classifiers, k-shot prompting for causal LMs) on
+the comparison split, the test set when there is one. After the loop, :func:`final_report` evaluates the
+chosen weights once more: the validation set, the temperature fit (classification), the test set (at
+that temperature, with ECE before and after it, and BLEU/ROUGE when asked), the retention set, and the
+gain over the starting point on the metric the run monitored, test vs test. :class:`RunSummary` then carries those numbers with the
 run's bookkeeping; it is what :func:`finetune_trainer.train.run` returns (:meth:`RunSummary.to_dict`),
 what the model card is built from, and what :mod:`.export` writes next to the model. The evaluations
 themselves go through :class:`~.evaluator.Evaluator`.
@@ -17,19 +19,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from finetune_api import metric_catalogue
+from finetune_api.documents import BASELINES, STARTING_POINTS, BaselineReport, CalibrationReport
 from finetune_api.spec import FineTuneJobSpec
 
-from .calibration import calibrate
+from . import distributed
+from .calibration import calibrate, scaled_on
 from .evaluate import gain, majority_baseline, retention_check
 
 if TYPE_CHECKING:
+    import datasets
+    from torch.utils.data import DataLoader
+
     from .evaluator import Evaluator
     from .state import TrainerState
     from .train import Trainer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEST_GENERATIONS = 64  # test prompts completed for BLEU/ROUGE when evaluation.maxEvalSamples is unset
+DEFAULT_TEST_GENERATIONS = 64  # prompts completed for BLEU/ROUGE on the comparison split when evaluation.maxEvalSamples is unset
 
 
 def public(result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -47,7 +54,7 @@ class FinalEvaluation:
     test: dict[str, Any] | None = None  # test set, at the calibrated temperature
     calibration: dict[str, Any] | None = None
     retention: dict[str, Any] | None = None
-    gain: dict[str, Any] | None = None  # on the monitored metric (accuracy for classifiers monitoring the loss)
+    gain: dict[str, Any] | None = None  # on the monitored metric (accuracy for classifiers monitoring the loss), on the comparison split
 
 
 @dataclass
@@ -118,23 +125,63 @@ class RunSummary:
         }
 
 
-# ---------------------------------------------------------------------------------------- the baseline
+# ---------------------------------------------------------------------------------------- the baselines
+
+
+def comparison_split(evaluator: Evaluator) -> tuple[str, datasets.Dataset | None, DataLoader | None]:
+    """Where the baselines and the fine-tuned model are compared: the test set when there is one (validation chose
+    the checkpoint, so it cannot also be the yardstick), else validation. ``(name, dataset, loader)``."""
+    if evaluator.data.test is not None and len(evaluator.data.test):
+        return "test", evaluator.data.test, evaluator.loader(evaluator.data.test)
+    validation, cap = evaluator.data.validation, evaluator.spec.evaluation.max_eval_samples
+    if validation is not None and cap is not None and len(validation) > cap:
+        validation = validation.select(range(cap))  # the rows evaluator.validation holds (maxEvalSamples)
+    return "validation", validation, evaluator.validation
+
+
+def generation_limit(spec: FineTuneJobSpec) -> int:
+    """Prompts completed for BLEU/ROUGE on the comparison split, for the fine-tuned model and every baseline alike."""
+    return spec.evaluation.max_eval_samples or DEFAULT_TEST_GENERATIONS
 
 
 def measure_baseline(evaluator: Evaluator) -> tuple[dict[str, Any] | None, float | None]:
-    """The base model before training: validation metrics (and, for classifiers, the majority-class floor)
-    when evaluation.baseline is on, and the retention-set loss the retention check compares against."""
-    baseline: dict[str, Any] = {}
-    if evaluator.spec.evaluation.baseline and evaluator.validation is not None:
-        baseline = public(evaluator.evaluate()) or {}
+    """Before training: every baseline (``BaselineReport``, when evaluation.baseline is on) and the retention-set
+    loss the retention check compares against.
+
+    All baselines are measured on :func:`comparison_split`: the starting point (the base model for a causal LM,
+    with BLEU/ROUGE when asked for; the encoder with its untrained head, ``random_head``, for a classifier), then
+    for a classifier the majority class and the linear probe on frozen features, for a causal LM with generation
+    metrics the k-shot prompting of the base model. A collective under DDP/FSDP.
+    """
+    spec, data = evaluator.spec, evaluator.data
+    report: dict[str, Any] | None = None
+    split, dataset, loader = comparison_split(evaluator)
+    if spec.evaluation.baseline and loader is not None and dataset is not None:
+        reference = STARTING_POINTS["sequence-classification" if evaluator.classification else "causal-lm"]
+        report = {"split": split, "reference": reference}
+        start = public(evaluator.evaluate(loader)) or {}
+        if evaluator.generation:
+            start.update(distributed.broadcast_object(evaluator.generation_metrics(dataset, generation_limit(spec))) or {})
+        report[reference] = start
+        log.info("baseline: %s", {k: v for k, v in start.items() if isinstance(v, float)})
         if evaluator.classification:
-            train_labels = [int(x) for x in evaluator.data.train["label"]]
-            eval_labels = [int(x) for x in evaluator.data.validation["label"]]
-            baseline["majority"] = majority_baseline(train_labels, eval_labels, evaluator.num_labels)
-        log.info("baseline: %s", {k: v for k, v in baseline.items() if isinstance(v, float)})
+            train_labels = [int(x) for x in data.train["label"]]
+            report["majority_class"] = majority_baseline(train_labels, [int(x) for x in dataset["label"]], evaluator.num_labels)
+            report["linear_probe"] = evaluator.linear_probe(dataset)
+        elif evaluator.generation:
+            few_shot = evaluator.few_shot()
+            if few_shot is not None:
+                scores = distributed.broadcast_object(evaluator.generation_metrics(dataset, generation_limit(spec), few_shot=few_shot))
+                if scores:
+                    report.update(k_shot=scores, k=few_shot.k, k_shot_train_rows=list(few_shot.train_rows))
+        report["descriptions"] = {kind: BASELINES[kind] for kind in BASELINES if report.get(kind)}
+        for kind in ("majority_class", "linear_probe", "k_shot"):
+            if report.get(kind):
+                log.info("baseline %s on %s: %s", kind, split, {k: v for k, v in report[kind].items() if isinstance(v, float)})
+        report = BaselineReport.model_validate(report).model_dump(exclude_none=True)
     retention = evaluator.retention_loader()
     retention_before = float(evaluator.evaluate(retention)["eval_loss"]) if retention is not None else None
-    return baseline or None, retention_before
+    return report, retention_before
 
 
 # ----------------------------------------------------------------------------------- the final report
@@ -156,14 +203,22 @@ def final_report(evaluator: Evaluator, state: TrainerState, monitor: str, monito
         temperature = report.calibration["temperature"]
     test_loader = evaluator.loader(data.test)
     if test_loader is not None:
-        kwargs = {"temperature": temperature} if classification else {}
-        report.test = public(evaluator.evaluate(test_loader, **kwargs))
-    limit = spec.evaluation.max_eval_samples or DEFAULT_TEST_GENERATIONS
-    generation = evaluator.generation_metrics(data.test, limit) if evaluator.generation else None
-    if generation and report.test is not None:
-        report.test.update(generation)
+        if classification:
+            test = evaluator.evaluate(test_loader, temperature=temperature, return_logits=report.calibration is not None)
+            if report.calibration is not None:
+                report.calibration.update(scaled_on(test["logits"], test["labels"], temperature, prefix="test_"))
+            report.test = public(test)
+        else:
+            report.test = public(evaluator.evaluate(test_loader))
+    if report.calibration is not None:
+        report.calibration = CalibrationReport.model_validate(report.calibration).model_dump()
+    split, dataset, _ = comparison_split(evaluator)
+    compared = report.test if split == "test" else report.final
+    generation = evaluator.generation_metrics(dataset, generation_limit(spec)) if evaluator.generation else None
+    if generation and compared is not None:
+        compared.update(generation)
     report.retention = _retention(evaluator, state.retention_before)
-    report.gain = _gain(state.baseline, report.final, monitor, monitor_mode, classification)
+    report.gain = _gain(state.baseline, compared, split, monitor, monitor_mode, classification)
     return report
 
 
@@ -179,10 +234,15 @@ def _retention(evaluator: Evaluator, before: float | None) -> dict[str, Any] | N
     return result
 
 
-def _gain(baseline: dict[str, Any] | None, final: dict[str, Any] | None, monitor: str, monitor_mode: metric_catalogue.Direction,
-          classification: bool) -> dict[str, Any] | None:
-    """Base model -> fine-tuned on validation, on the monitored metric (a classifier monitoring its loss: accuracy)."""
+def _gain(baseline: dict[str, Any] | None, final: dict[str, Any] | None, split: str, monitor: str,
+          monitor_mode: metric_catalogue.Direction, classification: bool) -> dict[str, Any] | None:
+    """The starting point -> fine-tuned, both on ``split`` (test when there is one), on the monitored metric (a
+    classifier monitoring its loss: accuracy, which the calibration temperature does not change)."""
     metric = "accuracy" if classification and monitor == "eval_loss" else monitor
-    if not baseline or not final or metric not in baseline or metric not in final:
+    if not baseline or not final or baseline.get("split") != split:  # a trainer_state.json of an older trainer: no split
         return None
-    return gain(baseline, final, metric, metric_catalogue.direction(metric) or monitor_mode)
+    start = baseline.get(baseline.get("reference", ""))
+    if not start or metric not in start or metric not in final:
+        return None
+    result = gain(start, final, metric, metric_catalogue.direction(metric) or monitor_mode)
+    return {**result, "split": split, "baseline_kind": baseline["reference"]}

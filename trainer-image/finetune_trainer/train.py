@@ -395,7 +395,8 @@ class Trainer:
         self._stage("testing")
         evaluation = final_report(self.evaluator, self.state, self.monitor, self.monitor_mode)
         if evaluation.gain is not None:
-            self.progress.set_gain(evaluation.gain["metric"], _finite(evaluation.gain["baseline"]), _finite(evaluation.gain["final"]))
+            g = evaluation.gain
+            self.progress.set_gain(g["metric"], _finite(g["baseline"]), _finite(g["final"]), split=g["split"], baseline_kind=g["baseline_kind"])
         summary = RunSummary.of(self, evaluation, best_checkpoint)
         # Replicas must end identical; the checksum in every rank's log makes a divergence visible.
         log.info("final trainable parameter checksum %.12e", self.model_state.checksum())

@@ -45,8 +45,10 @@ def test_progress_as_the_trainer_writes_it_is_read_by_the_operator(tmp_path):
     writer.update(step=3, total_steps=10, epoch=0.3, train_loss=1.25, learning_rate=1e-4)
     writer.update(force=True, eval_loss=1.5, best_metric=1.5, best_metric_name="eval_loss")
     writer.add_checkpoint(3, f"{out}/checkpoints/step-00000003", 1.5, kept_steps={3})
-    writer.set_gain("eval_loss", 2.0, 1.5)
-    writer.update(force=True, evaluation={"baseline": {"eval_loss": 2.0}, "final": {"eval_loss": 1.5}, "test": None,
+    writer.set_gain("eval_loss", 2.0, 1.5, split="test", baseline_kind="base_model")
+    baseline = {"split": "test", "reference": "base_model", "base_model": {"eval_loss": 2.0}, "k_shot": {"bleu": 3.0}, "k": 4,
+                "k_shot_train_rows": [5, 1, 7, 2], "descriptions": {"base_model": "zero-shot", "k_shot": "k-shot"}}
+    writer.update(force=True, evaluation={"baseline": baseline, "final": {"eval_loss": 1.5}, "test": {"eval_loss": 1.6},
                                           "calibration": None, "retention": {"loss_before": 1.0, "loss_after": 1.1, "exceeded": False}})
     writer.update(force=True, stage="failed", failureReason="RetentionExceeded: loss rose")
 
@@ -63,7 +65,22 @@ def test_progress_as_the_trainer_writes_it_is_read_by_the_operator(tmp_path):
     status = project(doc)
     assert status["progress"]["text"] == "3/10 (30.0%)"
     assert status["latestCheckpoint"] == f"{out}/checkpoints/step-00000003"
-    assert status["data"]["rowsKept"] == 8 and status["gain"] == {"metric": "eval_loss", "baseline": 2.0, "final": 1.5}
+    assert status["data"]["rowsKept"] == 8
+    assert status["gain"] == {"metric": "eval_loss", "baseline": 2.0, "final": 1.5, "split": "test", "baselineKind": "base_model"}
+    # Baselines keep the trainer's snake_case names (they are metric-like keys), each one declared.
+    assert raw["evaluation"]["baseline"]["k_shot_train_rows"] == [5, 1, 7, 2]
+    assert doc.evaluation.baseline.measured() == {"base_model": {"eval_loss": 2.0}, "k_shot": {"bleu": 3.0}}
+
+
+def test_the_baseline_kinds_and_calibration_are_declared():
+    """Every baseline the trainer can write has a description the model card prints, and the starting points are among them."""
+    from finetune_api.documents import BASELINES, STARTING_POINTS, BaselineReport, CalibrationReport
+
+    assert set(STARTING_POINTS.values()) <= set(BASELINES) <= set(BaselineReport.model_fields)
+    assert {"random_head", "majority_class", "linear_probe", "k_shot", "base_model"} == set(BASELINES)
+    cal = CalibrationReport.model_validate({"temperature": 1.5, "ece_before": 0.2, "ece_after": 0.1, "nll_before": 0.7, "nll_after": 0.6,
+                                            "test_ece_before": 0.25, "test_ece_after": 0.12, "test_nll_before": 0.8, "test_nll_after": 0.7})
+    assert undeclared_keys(cal) == [] and cal.fitted_on == "validation"
 
 
 def test_a_newer_trainers_progress_keys_are_kept():

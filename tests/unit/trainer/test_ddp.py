@@ -22,7 +22,7 @@ def _per_rank(pattern: str, log: str) -> dict[str, list[str]]:
 
 
 def _single_process_baseline(spec, assets) -> float:
-    """The base model's validation loss computed here, in one process, with the same data preparation."""
+    """The base model's test loss (the baselines are measured on test) computed here, in one process, with the same data preparation."""
     from finetune_api.spec import FineTuneJobSpec
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -35,7 +35,7 @@ def _single_process_baseline(spec, assets) -> float:
     tokenizer = AutoTokenizer.from_pretrained(assets["llama"])
     data = prepare_data(parsed, Storage(), tokenizer)
     model = AutoModelForCausalLM.from_pretrained(assets["llama"])
-    loader = eval_loader(data.validation, classification=False, batch_size=4, pad_token_id=tokenizer.pad_token_id)
+    loader = eval_loader(data.test, classification=False, batch_size=4, pad_token_id=tokenizer.pad_token_id)
     return evaluate_lm(model, loader)["eval_loss"]
 
 

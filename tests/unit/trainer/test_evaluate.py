@@ -520,10 +520,11 @@ def test_generate_and_score_uses_greedy_left_padded_generation(tiny_lm, with_pad
     hypotheses = [_greedy_by_hand(tiny_lm, tokenizer, p, 6) for p in prompts]
     references = [hypotheses[0], "w40 w41", hypotheses[2]]
 
-    result = generate_and_score(tiny_lm, tokenizer, prompts, references, max_new_tokens=6, batch_size=2)
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    result = generate_and_score(tiny_lm, tokenizer, prompt_ids, references, max_new_tokens=6, batch_size=2)
 
     assert result == pytest.approx(score_texts(hypotheses, references))
-    assert tokenizer.padding_side == "right"
+    assert tokenizer.padding_side == "right"  # the tokenizer is left alone: padding is done on the ids
     assert (tokenizer.pad_token is None) == (not with_pad)
 
 

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+from finetune_api.documents import BASELINES
 import yaml
 
 from finetune_api.spec import parse_spec
@@ -64,8 +65,11 @@ def _full_card(spec, **overrides):
     args = dict(
         job_name="sentiment-a",
         data_report={"rows": {"train": 1234, "validation": 150, "test": 149}, "dropped": {"exact_duplicates": 56}},
-        baseline={"eval_loss": 1.0986, "accuracy": 0.3412, "f1_macro": 0.2101, "ece": 0.0456, "eval_samples": 150.0,
-                  "majority": {"accuracy": 0.4667, "f1_macro": 0.2121, "majority_class": 0.0}},
+        baseline={"split": "test", "reference": "random_head",
+                  "random_head": {"eval_loss": 1.0986, "accuracy": 0.3412, "f1_macro": 0.2101, "ece": 0.0456, "eval_samples": 1490.0},
+                  "majority_class": {"accuracy": 0.4667, "f1_macro": 0.2121, "majority_class": 0.0},
+                  "linear_probe": {"eval_loss": 0.6012, "accuracy": 0.7012, "f1_macro": 0.6803, "ece": 0.0611, "eval_samples": 1490.0,
+                                   "train_samples": 1234.0}},
         final_eval={
             "eval_loss": 0.4567, "accuracy": 0.8123, "f1_macro": 0.7951, "ece": 0.0812, "eval_samples": 150.0,
             "per_class": {"neg": {"precision": 0.9, "recall": 0.85, "f1": 0.874, "support": 70}},
@@ -78,7 +82,8 @@ def _full_card(spec, **overrides):
                 "neu": {"precision": 0.5123, "recall": 0.4011, "f1": 0.4499, "support": 180},
             },
         },
-        calibration={"temperature": 1.734, "ece_before": 0.0812, "ece_after": 0.0231, "nll_before": 0.4567, "nll_after": 0.4102},
+        calibration={"temperature": 1.734, "ece_before": 0.0812, "ece_after": 0.0231, "nll_before": 0.4567, "nll_after": 0.4102,
+                     "test_ece_before": 0.0934, "test_ece_after": 0.0342, "test_nll_before": 0.5012, "test_nll_after": 0.4821},
         retention={"loss_before": 2.1, "loss_after": 2.2, "relative_increase": 0.047619, "threshold": 0.1, "passed": True},
         best_checkpoint={"step": 300, "value": 0.7951, "uri": "s3://out-bucket/jobs/a/checkpoints/step-00000300"},
         steps=450, total_steps=600, stopped_early=True, best_step=300, best_metric=0.3921, monitor="f1_macro",
@@ -92,7 +97,9 @@ def test_card_contains_the_numbers_it_was_given(classification_spec):
     card, readme = _full_card(classification_spec)
 
     for number in [
-        "1.0986", "0.3412", "0.2101",  # baseline
+        "1.0986", "0.3412", "0.2101",  # random head
+        "0.6012", "0.7012", "0.6803",  # linear probe
+        "0.0934", "0.5012",  # calibration on test, before
         "0.4567", "0.8123", "0.7951",  # final validation
         "0.4821", "0.8011", "0.7813", "1490",  # test
         "0.9137", "0.8642", "0.8883", "710", "0.4499",  # per class
@@ -103,17 +110,28 @@ def test_card_contains_the_numbers_it_was_given(classification_spec):
         "| `learningRate` | 0.00031 |",  # learning rate
     ]:
         assert number in readme, number
-    # Change = fine-tuned - base on validation: 0.7951 - 0.2101.
-    assert "+0.5850 (+278.44%)" in readme
-    assert "| Loss | 1.0986 | — | 0.4567 | -0.6419 (-58.43%) | 0.4821 |" in readme
-    assert "F1 (macro) on the test set: **0.7813**" in readme
+    # Change = fine-tuned - random head, both on test: 0.7813 - 0.2101 (before: validation minus validation).
+    assert "+0.5712 (+271.87%)" in readme
+    assert ("| Metric | Random head (test) | Majority class (test) | Linear probe (test) | Fine-tuned (validation) | "
+            "Fine-tuned (test) | Change vs random head (test) |") in readme
+    assert "| Loss | 1.0986 | — | 0.6012 | 0.4567 | 0.4821 | -0.6165 (-56.12%) |" in readme
+    assert "F1 (macro) on the test set: **0.7813** (random head: 0.2101; majority class: 0.2121; linear probe: 0.6803; all on test)." in readme
+    # Which baseline is which, in words.
+    for kind, title in (("random_head", "Random head"), ("majority_class", "Majority class"), ("linear_probe", "Linear probe")):
+        assert f"- **{title}** (`{kind}`): {BASELINES[kind]}" in readme
+    assert "| ECE (15 bins), test | 0.0934 | 0.0342 |" in readme and "| ECE (15 bins), validation | 0.0812 | 0.0231 |" in readme
     assert "pos\\|x" in readme  # a '|' in a label cannot break the table
 
     assert card["evaluation"]["test"]["f1_macro"] == 0.7813
     assert card["evaluation"]["final"] == {
         "eval_loss": 0.4567, "accuracy": 0.8123, "f1_macro": 0.7951, "ece": 0.0812, "eval_samples": 150.0,
     }
-    assert card["evaluation"]["gain"]["f1_macro"]["delta"] == pytest.approx(0.585)
+    assert card["evaluation"]["gain"]["f1_macro"]["delta"] == pytest.approx(0.5712)
+    assert card["evaluation"]["baselineSplit"] == "test" and card["evaluation"]["gainFrom"] == "random_head"
+    assert list(card["evaluation"]["baselines"]) == ["random_head", "majority_class", "linear_probe"]
+    assert card["evaluation"]["baselines"]["linear_probe"]["accuracy"] == 0.7012
+    assert card["evaluation"]["baselineDescriptions"]["random_head"] == BASELINES["random_head"]
+    assert card["calibration"]["test_ece_before"] == 0.0934
     assert card["evaluation"]["gain"]["eval_loss"]["improved"] is True
     assert card["evaluation"]["perClass"]["neu"]["support"] == 180
     assert card["calibration"]["temperature"] == 1.734
@@ -169,10 +187,11 @@ def test_card_renders_with_no_optional_parts():
     limitations = readme.split("## Limitations")[1]
     assert "No test-set evaluation was run" in limitations
     assert "gain from fine-tuning is unknown" in limitations
+    assert "No baseline was measured before training (evaluation.baseline is off)." in readme
     assert "Catastrophic forgetting was not measured" in limitations
     assert "Method." not in readme and "Task." not in readme  # spec defaults are enums; shown as plain values
     assert "`epochs` | 3 (default)" in readme
-    assert card["evaluation"]["baseline"] is None and card["evaluation"]["test"] is None
+    assert card["evaluation"]["baselines"] == {} and card["evaluation"]["test"] is None
     assert card["evaluation"]["gain"] == {}
     assert card["task"] == "causal-lm" and card["method"] == "full"
     json.dumps(card, allow_nan=False)
@@ -182,13 +201,15 @@ def test_card_reports_problems_as_limitations(classification_spec):
     card, readme = _full_card(
         classification_spec,
         test_eval={"accuracy": 0.41, "f1_macro": 0.2, "eval_samples": 50.0, "perplexity": math.inf},
-        calibration={"temperature": 0.9, "ece_before": 0.2, "ece_after": 0.12, "nll_before": 1.1, "nll_after": 1.0},
+        calibration={"temperature": 0.9, "ece_before": 0.2, "ece_after": 0.02, "nll_before": 1.1, "nll_after": 1.0,
+                     "test_ece_before": 0.2, "test_ece_after": 0.12, "test_nll_before": 1.2, "test_nll_after": 1.1},
         retention={"loss_before": 2.0, "loss_after": 2.5, "relative_increase": 0.25, "threshold": 0.1, "passed": False},
     )
     limitations = readme.split("## Limitations")[1]
     assert "does not beat always predicting the most frequent class (0.4667)" in limitations
     assert "small (50 examples)" in limitations
-    assert "expected calibration error is 0.1200" in limitations
+    assert "expected calibration error is 0.1200" in limitations  # on test, not the validation set it was fitted on
+    assert "does not beat the linear probe baseline (0.7012): a logistic regression on the frozen base encoder does as well." in limitations
     assert "Retention check failed: loss on general data rose by +25.00% (allowed +10.00%)" in limitations
     assert "| 2.0000 | 2.5000 | +25.00% | +10.00% | **failed** |" in readme
     assert card["evaluation"]["test"]["perplexity"] is None  # inf is not JSON
@@ -243,7 +264,8 @@ def test_card_from_the_data_pipeline_report_and_train_loop_arguments():
         spec,
         job_name="clf",
         data_report=PIPELINE_REPORT,
-        baseline={"accuracy": 0.5, "f1_macro": 0.4, "majority": {"accuracy": 0.6667, "f1_macro": 0.4, "majority_class": 0.0}},
+        baseline={"split": "validation", "reference": "random_head", "random_head": {"accuracy": 0.5, "f1_macro": 0.4},
+                  "majority_class": {"accuracy": 0.6667, "f1_macro": 0.4, "majority_class": 0.0}},
         final_eval={"accuracy": 0.75, "f1_macro": 0.7},
         best_checkpoint={"uri": "/out/checkpoints/step-00000040"},
         steps=40, history=[{"step": 1, "loss": 0.7}] * 3,
@@ -256,9 +278,9 @@ def test_card_from_the_data_pipeline_report_and_train_loop_arguments():
     assert "retention" not in report  # a split that does not exist is not listed
     assert "| Labels | neg, pos |" in readme and card["labels"] == ["neg", "pos"]  # derived from the data
     assert "/out/checkpoints/step-00000040" in readme
-    assert "| Accuracy | 0.5000 | 0.6667 | 0.7500 | +0.2500 (+50.00%) | — |" in readme
-    assert card["evaluation"]["majorityBaseline"]["accuracy"] == 0.6667
-    assert "majority" not in card["evaluation"]["baseline"]
+    assert "| Accuracy | 0.5000 | 0.6667 | 0.7500 | — | +0.2500 (+50.00%) |" in readme
+    assert card["evaluation"]["baselines"]["majority_class"] == {"accuracy": 0.6667, "f1_macro": 0.4}
+    assert "the baselines and the gain are measured on the validation set that also chose the checkpoint" in readme
     assert card["bestCheckpoint"] == {"uri": "/out/checkpoints/step-00000040"}
     assert "`history` | 3 items" in readme
     assert "Confidence scores were not calibrated" in readme
@@ -270,10 +292,27 @@ def test_the_card_reads_the_direction_of_a_metric_given_without_mode():
     spec = parse_spec({"model": {"uri": "/m", "task": "sequence-classification"}, "output": {"uri": "/out"},
                        "dataset": {"train": "/d.jsonl", "format": "classification"},
                        "evaluation": {"earlyStopping": {"metric": "f1_macro"}}})
-    card, readme = build_model_card(_summary(spec, baseline={"f1_macro": 0.4}, final_eval={"f1_macro": 0.7}, monitor="f1_macro"))
+    baseline = {"split": "validation", "reference": "random_head", "random_head": {"f1_macro": 0.4}}
+    card, readme = build_model_card(_summary(spec, baseline=baseline, final_eval={"f1_macro": 0.7}, monitor="f1_macro"))
     assert card["evaluation"]["primaryMetric"] == "f1_macro" and card["evaluation"]["mode"] == "max"
     assert card["evaluation"]["gain"]["f1_macro"]["improved"] is True
-    assert "F1 (macro) on the validation set: **0.7000** (base model: 0.4000 on validation)." in readme
+    assert "F1 (macro) on the validation set: **0.7000** (random head: 0.4000; all on validation)." in readme
+
+
+def test_a_causal_lm_card_names_the_base_model_and_the_k_shot_baseline():
+    spec = parse_spec({"model": {"uri": "/m"}, "dataset": {"train": "/d.jsonl", "format": "prompt-completion"}, "output": {"uri": "/out"},
+                       "evaluation": {"metrics": ["bleu"], "earlyStopping": {"metric": "bleu"}}})
+    baseline = {"split": "test", "reference": "base_model", "base_model": {"eval_loss": 3.1, "bleu": 2.5, "generation_samples": 64.0},
+                "k_shot": {"bleu": 11.0, "generation_samples": 64.0, "prompts_shortened": 0.0}, "k": 4, "k_shot_train_rows": [17, 3, 40, 8]}
+    card, readme = build_model_card(_summary(spec, baseline=baseline, final_eval={"eval_loss": 1.2, "bleu": 30.0},
+                                             test_eval={"eval_loss": 1.3, "bleu": 9.0, "generation_samples": 64.0}, monitor="bleu"))
+    assert "| Metric | Base model (test) | 4-shot base model (test) | Fine-tuned (validation) | Fine-tuned (test) | Change vs base model (test) |" in readme
+    assert "| BLEU | 2.5000 | 11.0000 | 30.0000 | 9.0000 | +6.5000 (+260.00%) |" in readme
+    assert "The examples shown are training rows 17, 3, 40, 8." in readme
+    assert "does not beat the 4-shot base model baseline (11.0000): prompting the base model with a few examples does as well." in readme
+    assert card["evaluation"]["kShot"] == {"k": 4, "trainRows": [17, 3, 40, 8]}
+    assert card["evaluation"]["gain"]["bleu"]["baseline"] == 2.5  # test vs test, from the base model
+    assert "prompts_shortened" not in card["evaluation"]["baselines"]["k_shot"]
 
 
 def test_the_summary_keeps_the_keys_the_trainer_has_always_written():

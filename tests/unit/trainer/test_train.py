@@ -66,6 +66,15 @@ def test_causal_lm_lora_writes_model_progress_and_verified_checkpoints(assets, t
     test = progress["evaluation"]["test"]
     assert test["eval_loss"] > 0 and test["generation_samples"] == 16  # greedy completions of the 16 test prompts
     assert 0 <= test["bleu"] <= 100 and 0 <= test["rouge_l"] <= 1
+    # The gain is test vs test: the base model was measured on the test set before training (validation chose the checkpoint).
+    baseline = progress["evaluation"]["baseline"]
+    assert (gain["split"], gain["baselineKind"], baseline["split"], baseline["reference"]) == ("test", "base_model", "test", "base_model")
+    assert gain["final"] == test["eval_loss"] and gain["baseline"] == baseline["base_model"]["eval_loss"]
+    assert baseline["base_model"]["generation_samples"] == 16 and "bleu" in baseline["base_model"]
+    # The k-shot baseline: the base model shown 4 training rows (seed 7) before each of the same 16 test prompts.
+    assert baseline["k"] == 4 and len(set(baseline["k_shot_train_rows"])) == 4
+    assert baseline["k_shot"]["generation_samples"] == 16 and {"bleu", "rouge_l"} <= set(baseline["k_shot"])
+    assert set(baseline["descriptions"]) == {"base_model", "k_shot"}
 
     model = out / "model"
     for f in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "model_card.json", "README.md"):
@@ -112,13 +121,26 @@ def test_minilm_classification_beats_its_baseline_on_held_out_data(assets, tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     progress = _progress(out)
     ev = progress["evaluation"]
-    # Base encoder + untrained head is a coin flip; so is always answering the majority class.
-    assert ev["baseline"]["accuracy"] < 0.7 and ev["baseline"]["majority"]["accuracy"] < 0.7
+    # Base encoder + untrained head is a coin flip (named random_head, not "base model"); so is always answering the
+    # majority class. A linear probe on the frozen encoder's features is the fair baseline, and it is far better.
+    baseline = ev["baseline"]
+    assert baseline["split"] == "test" and baseline["reference"] == "random_head" and "base_model" not in baseline
+    assert baseline["random_head"]["accuracy"] < 0.7 and baseline["majority_class"]["accuracy"] < 0.7
+    assert baseline["linear_probe"]["accuracy"] > baseline["random_head"]["accuracy"] + 0.2
+    assert baseline["random_head"]["eval_samples"] == baseline["linear_probe"]["eval_samples"] == 48  # all on the test set
+    assert set(baseline["descriptions"]) == {"random_head", "majority_class", "linear_probe"}
     assert ev["test"]["accuracy"] >= 0.9  # the held-out test split, evaluated once with the final model
     assert ev["test"]["eval_samples"] == 48
-    assert progress["gain"]["metric"] == "accuracy"
-    assert progress["gain"]["final"] - progress["gain"]["baseline"] > 0.3
-    assert 0 < ev["calibration"]["temperature"] and ev["calibration"]["ece_after"] <= ev["calibration"]["ece_before"]
+    gain = progress["gain"]
+    assert (gain["metric"], gain["split"], gain["baselineKind"]) == ("accuracy", "test", "random_head")
+    assert gain["final"] == ev["test"]["accuracy"] and gain["baseline"] == baseline["random_head"]["accuracy"]
+    assert gain["final"] - gain["baseline"] > 0.3
+    cal = ev["calibration"]
+    assert 0 < cal["temperature"] and cal["ece_after"] <= cal["ece_before"]
+    assert cal["test_ece_before"] >= 0 and cal["test_ece_after"] == pytest.approx(ev["test"]["ece"])  # test ECE, before and after T
+    card = json.loads((out / "model" / "model_card.json").read_text())
+    assert card["evaluation"]["gainFrom"] == "random_head" and "linear_probe" in card["evaluation"]["baselines"]
+    assert "Linear probe (test)" in (out / "model" / "README.md").read_text()
     config = json.loads((out / "model" / "adapter_config.json").read_text())
     assert "classifier" in (config.get("modules_to_save") or [])  # the new head is trained in full
 
@@ -167,7 +189,9 @@ def test_best_model_is_used_without_early_stopping_and_bleu_is_scored_at_every_e
 
     out, state, progress, log = results[True]
     assert len(state["evals"]) == 8 and all("bleu" in e for e in state["evals"])  # BLEU at every evaluation
-    assert log.count("generation metrics on") == 9  # 8 evaluations on validation prompts + the test set
+    # 8 evaluations on validation prompts + the test set, and before training the base model on the same test
+    # prompts, zero-shot and 4-shot (the baselines).
+    assert log.count("generation metrics on") == 11 and log.count("test prompts (4-shot)") == 1
     evals = [e["eval_loss"] for e in state["evals"]]
     best_step = state["evals"][evals.index(min(evals))]["step"]
     assert best_step < 8 and state["best_step"] == best_step  # the run diverges after its best step
@@ -241,12 +265,16 @@ def test_text_and_chat_formats_train_end_to_end(assets, tmp_path, fmt):
     out = tmp_path / "out"
     spec = lm_spec(assets, str(out), model={"uri": model},
                    dataset={"train": write_jsonl(tmp_path / f"{fmt}.jsonl", rows), "format": fmt},
-                   hyperparameters={"maxSteps": 8}, evaluation={"everySteps": 8})
+                   hyperparameters={"maxSteps": 8}, evaluation={"everySteps": 8, "metrics": ["rouge"] if fmt == "chat" else None})
     r = run_trainer(write_config(tmp_path / "job.yaml", spec), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     progress = _progress(out)
     assert progress["stage"] == "done" and progress["step"] == 8
-    assert progress["evaluation"]["final"]["eval_loss"] < progress["evaluation"]["baseline"]["eval_loss"]
+    if fmt == "chat":  # ROUGE-L of the templated prompts, for the fine-tuned model and the zero- and k-shot base model
+        baseline = progress["evaluation"]["baseline"]
+        assert {"rouge_l", "generation_samples"} <= set(progress["evaluation"]["test"]) & set(baseline["base_model"]) & set(baseline["k_shot"])
+    # Test vs test: the base model before training and the fine-tuned one, on the same held-out rows.
+    assert progress["evaluation"]["test"]["eval_loss"] < progress["evaluation"]["baseline"]["base_model"]["eval_loss"]
     report = json.loads((out / "data-report.json").read_text())
     assert report["format"] == fmt and report["final_sizes"]["train"] > 100
 
