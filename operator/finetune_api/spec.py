@@ -518,7 +518,12 @@ class Hyperparameters(_Model):
     max_seq_length: int = Field(default=1024, ge=8, le=262144, description="Tokens per sequence; longer rows are truncated.")
     packing: bool = Field(
         default=True,
-        description="Causal LM: pack several rows into one sequence (padding-free, attention kept per row) so no compute goes to pad tokens.",
+        description=(
+            "Causal LM: pack several rows into one sequence (padding-free) so no compute goes to pad tokens. Attention is kept "
+            "inside each row (flash-attention's varlen kernel when installed, else SDPA per row, memory linear in tokens); at "
+            "start-up the trainer checks on two rows that packed and unpacked logits agree and fails with InvalidConfig if the "
+            "model attends across rows."
+        ),
     )
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory by recomputing activations.")
     precision: Precision = Field(default=Precision.auto, description="auto picks bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU.")

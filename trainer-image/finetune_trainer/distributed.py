@@ -97,6 +97,15 @@ def _collective_device() -> Any:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def world_size() -> int:
+    """Processes in the group (1 without one)."""
+    if not _initialized():
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (e.g. one rank got SIGTERM)."""
     if not _initialized():

@@ -1,10 +1,14 @@
-"""The loss of one micro-batch, normalised over its whole accumulation window.
+"""The loss of one micro-batch, normalised over the whole global batch of its accumulation window.
 
-A window of ``gradientAccumulationSteps`` micro-batches is one optimizer step. Each micro-batch's loss is
-a *sum* over its loss tokens (causal LM: every token whose label is not ``IGNORE_INDEX``; classification:
-every row, weighted by its class weight when ``preprocessing.classWeights`` is on), divided by the
-window's total (:meth:`WindowLoss.denominator`). Summed over the window that is the mean token loss of
-the window, so every token weighs the same however the rows fall into micro-batches.
+A window of ``gradientAccumulationSteps`` micro-batches on every rank is one optimizer step. Each
+micro-batch's loss is a *sum* over its loss tokens (causal LM: every token whose label is not
+``IGNORE_INDEX``; classification: every row, weighted by its class weight when
+``preprocessing.classWeights`` is on), divided by :meth:`WindowLoss.denominator`: the window's total
+over **all ranks** (all-reduced) divided by the world size. DDP and FSDP average gradients over the
+ranks, so the step's gradient is that of ``sum of every rank's token losses / N_global``: the mean
+token loss of the global batch, every token weighing ``1 / N_global`` however the rows fall into
+micro-batches and ranks (as transformers' ``average_tokens_across_devices``). A per-rank denominator
+would give a token ``1 / (world x n_rank)``, so ranks with short completions would count more.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .collate import IGNORE_INDEX, label_tokens
 
 Batch = dict[str, torch.Tensor]
@@ -26,13 +31,21 @@ class WindowLoss:
     classification: bool
     class_weights: torch.Tensor | None = None  # classification only, on the training device
 
-    def denominator(self, batches: list[Batch]) -> float:
-        """What the window's summed losses are divided by: loss tokens (LM), rows or their summed class weights."""
+    def local_total(self, batches: list[Batch]) -> float:
+        """This rank's share of the window: loss tokens (LM), rows or their summed class weights."""
         if not self.classification:
-            return float(max(1, sum(label_tokens(b) for b in batches)))
+            return float(sum(label_tokens(b) for b in batches))
         if self.class_weights is not None:
-            return float(sum(self.class_weights[b["labels"]].sum().item() for b in batches)) or 1.0
+            return float(sum(self.class_weights[b["labels"]].sum().item() for b in batches))
         return float(sum(int(b["labels"].numel()) for b in batches))
+
+    def denominator(self, batches: list[Batch]) -> float:
+        """What this rank's summed losses are divided by: the window's total over all ranks / world size.
+
+        A collective: every rank calls it once per window, in step.
+        """
+        total = distributed.all_reduce_sum(self.local_total(batches))
+        return (total or 1.0) / distributed.world_size()
 
     def __call__(self, model: Callable[..., Any], batch: Batch, denominator: float) -> torch.Tensor:
         """This micro-batch's share of the window's mean loss (a forward pass of ``model``)."""

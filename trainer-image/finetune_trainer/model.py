@@ -141,9 +141,10 @@ def attention_implementation(precision: str) -> str | None:
 
     With packing, a micro-batch is one long row whose ``position_ids`` restart at every original row.
     Flash-attention turns that into variable-length attention over each original row (no wasted
-    compute); SDPA gets a block-diagonal mask instead and computes the whole square, masked. So the
-    varlen kernel is used whenever the ``flash_attn`` package is installed, the GPU is CUDA and the
-    compute precision is 16-bit (which flash-attention requires).
+    compute), so the varlen kernel is used whenever the ``flash_attn`` package is installed, the GPU is
+    CUDA and the compute precision is 16-bit (which flash-attention requires). Without it, a packed
+    causal LM is switched to per-document SDPA after loading (:mod:`.attention`), whose memory is
+    linear in tokens, instead of SDPA over a dense ``(tokens)^2`` block-diagonal mask.
     """
     import importlib.util
 
@@ -264,6 +265,10 @@ def load_model(
 
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
+    if not classification and spec.hyperparameters.packing and "attn_implementation" not in kwargs:
+        from .attention import use_per_document_sdpa
+
+        use_per_document_sdpa(model)
     if spec.hyperparameters.gradient_checkpointing:
         _enable_activation_checkpointing(model)
 

@@ -4,7 +4,8 @@
 skipping ones that fail verification), ``none``, or one checkpoint's URI (which must load). Weights,
 optimizer, scheduler, scaler and RNG come back through :class:`~.checkpoint.CheckpointManager`; the
 rest is the :class:`~.state.TrainerState` in the checkpoint. A group that comes back with another
-number of processes continues at the same row of the epoch (:func:`remap_position`).
+number of processes continues at the same row of the epoch (:func:`remap_position`), with the LR
+schedule rebuilt for the remapped total steps (:func:`~.optim.reschedule`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import distributed
 from .errors import CheckpointError
+from .optim import reschedule
 from .state import TrainerState
 
 if TYPE_CHECKING:
@@ -44,6 +46,8 @@ def maybe_resume(trainer: Trainer) -> str | None:
     saved_world = st.world_size or trainer.dist.world_size
     if saved_world != trainer.dist.world_size:
         total_steps = remap_position(trainer, saved_world)
+        # The scheduler was built for a fresh run's total at this size; warm-up and decay must follow the remapped one.
+        trainer.scheduler = reschedule(trainer.scheduler, trainer.hp, total_steps)
     elif st.total_steps != total_steps:
         log.warning("planned steps changed from %d to %d (data changed?)", st.total_steps, total_steps)
     st.total_steps = total_steps

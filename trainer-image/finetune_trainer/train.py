@@ -11,8 +11,9 @@ scheduler and every rank's RNG come back from the checkpoint), a clean checkpoin
 and only rank 0 touching shared storage. accelerate provides the process group (DDP from the torchrun
 environment), mixed precision and gradient sync.
 
-Gradient accumulation: a window of ``gradientAccumulationSteps`` micro-batches is one optimizer step,
-and its loss is the window's mean token loss however the rows fall into micro-batches (:mod:`.loss`).
+Gradient accumulation: a window of ``gradientAccumulationSteps`` micro-batches on every rank is one
+optimizer step, and its loss is the mean token loss of the whole global batch however the rows fall into
+micro-batches and ranks (:mod:`.loss`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from finetune_api.documents import DATA_REPORT_FILE
 from finetune_api.metric_catalogue import Direction
 
 from . import distributed
+from .attention import verify_packing
 from .checkpoint import CheckpointManager
 from .collate import Batching, make_collator, rows_of, token_counts
 from .config import JobConfig
@@ -204,7 +206,12 @@ class Trainer:
         set_seed(self.hp.seed)  # the new head / adapter init does not depend on what data prep consumed
         loaded = load_model(self.model_dir, self.spec, labels=self.data.labels, tokenizer=self.tokenizer, dist=self.dist,
                             empty=strategy == FSDP and not self.dist.is_main)
-        return strategy, loaded, make_accelerator(loaded.precision)
+        accelerator = make_accelerator(loaded.precision)
+        if self.hp.packing and not self.classification:
+            # Fail now, not after training on rows that saw each other, if this architecture ignores the row boundaries.
+            verify_packing(loaded.model, [list(self.data.train[i]["input_ids"]) for i in range(min(2, len(self.data.train)))],
+                           is_main=self.dist.is_main)
+        return strategy, loaded, accelerator
 
     def _setup_batches(self) -> tuple[Batching, Collator, WindowLoss]:
         """Which rows form each micro-batch on this rank, how they are collated, and the loss (with class weights)."""
@@ -268,7 +275,7 @@ class Trainer:
         device = self.accelerator.device
         self.model.train()
         batches = [{k: v.to(device) for k, v in self.collate(rows_of(self.data.train, rows)).items()} for rows in window]
-        denominator = self.loss.denominator(batches)
+        denominator = self.loss.denominator(batches)  # all ranks' loss tokens / world size (a collective)
         window_loss = torch.zeros((), device=device)
         real = total = 0
         for i, batch in enumerate(batches):
@@ -286,6 +293,7 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {
+            # Each rank's window_loss is its token-loss sum x world / N_global: their mean is the global per-token mean.
             "loss": float(self.accelerator.reduce(window_loss, reduction="mean").item()),
             "grad_norm": _finite(grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm),
             "tokens": real,

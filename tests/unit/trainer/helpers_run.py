@@ -8,7 +8,9 @@ act (kill -9, SIGTERM, scrape metrics) while it runs:
   staged Arrow file is opened), logging ``test: data preparation paused`` first;
 * FT_TEST_TOKENIZER_SLEEP=<seconds>: inside ``AutoTokenizer.from_pretrained`` (stage preparing-data,
   before the data is read), logging ``test: tokenizer loading paused`` first;
-* FT_TEST_UPLOAD_SLEEP=<seconds>: before every checkpoint file upload (the background upload thread).
+* FT_TEST_UPLOAD_SLEEP=<seconds>: before every checkpoint file upload (the background upload thread);
+* FT_TEST_LEAKY_ATTENTION=1: the per-document attention kernel for packed rows is replaced by one that
+  attends causally over the whole packed row, across documents (what the start-up check must catch).
 """
 
 import logging
@@ -67,6 +69,17 @@ if _upload_sleep > 0:
         return _upload(self, step, *args, **kw)
 
     _checkpoint.CheckpointManager._upload = _slow_upload
+
+if os.environ.get("FT_TEST_LEAKY_ATTENTION") == "1":
+    from finetune_trainer import attention as _attention
+
+    def _leaky_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        kw.pop("position_ids", None)  # forget where the documents start
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
+
+    _attention.per_document_sdpa = _leaky_sdpa
 
 from finetune_trainer.__main__ import main  # noqa: E402
 

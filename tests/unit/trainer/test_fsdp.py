@@ -120,6 +120,20 @@ def test_resume_on_fewer_processes_continues_at_the_same_row_of_the_epoch(assets
     assert steps == [str(s) for s in range(4, 14)]
     final = json.loads((out / "checkpoints" / "step-00000013" / "trainer_state.json").read_text())
     assert (final["epoch"], final["batch"], final["world_size"]) == (1, 0, 1)  # exactly one epoch consumed
+    # The LR schedule was rebuilt for the remapped 13 steps (not the 16 of a fresh run on one process).
+    import torch
+    from finetune_api.spec import Hyperparameters
+
+    from finetune_trainer.optim import build_scheduler
+
+    hp = Hyperparameters.model_validate(spec["hyperparameters"])
+    fresh = build_scheduler(torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], lr=hp.learning_rate), hp, 13)
+    expected = {}
+    for s in range(1, 14):
+        fresh.optimizer.step()
+        fresh.step()
+        expected[s] = fresh.get_last_lr()[0]
+    assert {h["step"]: h["lr"] for h in final["history"] if h["step"] > 3} == pytest.approx({s: expected[s] for s in range(4, 14)})
     assert "rng_state_rank1.pt" not in json.loads((out / "checkpoints" / "step-00000013" / "manifest.json").read_text())["files"]
 
 

@@ -290,9 +290,30 @@ def test_accumulation_and_packing_do_not_change_the_optimisation(assets, tmp_pat
         r = run_trainer(write_config(tmp_path / f"{name}.yaml", spec), tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         histories.append([h["loss"] for h in checkpoint_state(out, 5)["history"]])
+        if name == "packed":  # without flash-attn: per-document SDPA, checked at start-up
+            assert "attention sdpa_per_document" in r.stderr and "packing check: packed and unpacked logits agree" in r.stderr
     packed, padded = histories
     assert packed == pytest.approx(padded, rel=1e-5, abs=1e-6)
     assert packed[-1] < packed[0] - 0.1  # and it does train
+
+
+def test_a_model_that_attends_across_packed_rows_fails_at_start_up(assets, tmp_path):
+    """The start-up check runs on the loaded model before training: a kernel that ignores the row
+    boundaries fails the job with InvalidConfig, and packing: false trains the same model."""
+    from finetune_trainer.errors import InvalidConfig
+
+    out = tmp_path / "out"
+    spec = lm_spec(assets, str(out), hyperparameters={"maxSteps": 1}, evaluation={"baseline": False})
+    r = run_trainer(write_config(tmp_path / "job.yaml", spec), tmp_path, FT_TEST_LEAKY_ATTENTION="1")
+    assert r.returncode == InvalidConfig.exit_code, r.stderr[-3000:]
+    message = (tmp_path / "termination-log").read_text()
+    assert message.startswith("InvalidConfig: hyperparameters.packing: ") and "attends across packed rows" in message
+    assert "set packing: false" in message.lower()
+    assert not (out / "checkpoints").exists()  # failed before the first step
+
+    spec["hyperparameters"]["packing"] = False
+    r = run_trainer(write_config(tmp_path / "job.yaml", spec), tmp_path, FT_TEST_LEAKY_ATTENTION="1")
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_weighted_classification_loss_is_the_weighted_mean_over_the_whole_window():
