@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 
-.PHONY: setup tools crds demo down test test-unit clean
+.PHONY: setup tools node-deps images crds demo down test test-unit clean
 
 ## setup: create .venv and install the project with its test extras (pinned by constraints.txt)
 setup: $(VENV)/.installed
@@ -21,6 +21,14 @@ tools: setup
 	$(PY) -m finetune_devcluster build
 	@command -v prometheus >/dev/null || { echo "installing prometheus (Debian package)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
+## node-deps: the Debian packages a real node and `make images` need (containerd, runc, CNI plugins,
+## buildah, debootstrap); installed once, skipped when every one is present
+NODE_PACKAGES := containerd runc containernetworking-plugins buildah debootstrap iproute2
+node-deps:
+	@missing=$$(for p in $(NODE_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
 ## crds: regenerate crds/ from the spec model (operator/finetune_api/spec.py)
 crds: setup
