@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 
-.PHONY: setup tools node-deps images crds demo down test test-unit clean
+.PHONY: setup tools node-deps images realnode-tools crds demo down test test-unit clean
 
 ## setup: create .venv and install the project with its test extras (pinned by constraints.txt)
 setup: $(VENV)/.installed
@@ -30,6 +30,17 @@ node-deps:
 	if [ -n "$$missing" ]; then echo "installing Debian packages:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
+## images: build the operator image (IMAGES="operator trainer" for both) from the repo's Dockerfiles with
+## buildah, on a Debian base made here with debootstrap; cached by content (a rerun with nothing changed
+## takes about a second). A real node imports them into its containerd.
+IMAGES ?= operator
+images: setup node-deps
+	$(PY) -m finetune_devcluster images $(IMAGES)
+
+## realnode-tools: the kubelet and sandbox binary of a real node (built with the control plane's module)
+realnode-tools: setup
+	$(PY) -m finetune_devcluster build kubelet pause
+
 ## crds: regenerate crds/ from the spec model (operator/finetune_api/spec.py)
 crds: setup
 	$(PY) -m finetune_api.crd > crds/finetune.io_finetunejobs.yaml
@@ -42,9 +53,12 @@ demo: tools
 down:
 	$(PY) -m finetune_devcluster down
 
-## test: every test (unit, chart, control plane, trainer); what CI runs
-test: tools
-	$(PY) -m pytest $(PYTEST_ARGS)
+## test: every test (unit, chart, control plane, trainer); what CI runs.
+## REALNODE=1 also runs the tests marked realnode (kubelet + containerd, needs root); with REALNODE=0
+## (the default) pytest deselects them, and its summary counts them as deselected.
+REALNODE ?= 0
+test: tools $(if $(filter 1,$(REALNODE)),node-deps images realnode-tools)
+	FINETUNE_REALNODE=$(REALNODE) $(PY) -m pytest $(PYTEST_ARGS)
 
 ## test-unit: the pure tests only (no binaries needed)
 test-unit: setup

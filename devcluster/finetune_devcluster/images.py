@@ -80,10 +80,13 @@ def images_dir() -> Path:
 
 
 def storage_args() -> list[str]:
-    """buildah's storage: its own folder under the cache (kept between runs: the layer cache), vfs
-    (works everywhere; overlay on overlay does not)."""
-    root = images_dir() / "storage"
-    return ["--root", str(root / "root"), "--runroot", str(root / "run"), "--storage-driver", "vfs"]
+    """buildah's storage: its own folder under the cache (kept between runs: the layer cache). overlay
+    by default: vfs would store every layer as a full copy of the root filesystem (for the trainer
+    image, several GB per layer); ``FINETUNE_BUILDAH_DRIVER=vfs`` where overlay cannot mount (e.g. a
+    cache folder that is itself on overlayfs)."""
+    driver = os.environ.get("FINETUNE_BUILDAH_DRIVER", "overlay")
+    root = images_dir() / f"storage-{driver}"
+    return ["--root", str(root / "root"), "--runroot", str(root / "run"), "--storage-driver", driver]
 
 
 # ------------------------------------------------------------------------------------------- base
@@ -220,13 +223,14 @@ def _files(path: Path):
             yield p
 
 
-def image_hash(spec: ImageSpec, base: str, build_args: dict[str, str] | None = None) -> str:
-    """Content hash of what the image is built from: Dockerfile, every COPY'd file, base, build args."""
+def image_hash(spec: ImageSpec, base: str, build_args: dict[str, str] | None = None, root: Path = ROOT) -> str:
+    """Content hash of what the image is built from: Dockerfile, every COPY'd file (``root`` is the
+    build context), base, build args."""
     h = hashlib.sha256(json.dumps([spec.name, base, sorted((build_args or {}).items())]).encode())
     h.update(spec.dockerfile.read_bytes())
     for src in copy_sources(spec.dockerfile):
-        for f in _files(ROOT / src):
-            h.update(str(f.relative_to(ROOT)).encode())
+        for f in _files(root / src):
+            h.update(str(f.relative_to(root)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
 

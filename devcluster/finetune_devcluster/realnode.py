@@ -15,10 +15,11 @@ What this machine needs, and what the node does about it (see the README, "Real 
   archives with ``ctr images import`` (never pulled);
 * cgroups v1 with the cgroupfs driver and no QoS cgroup hierarchy (``cgroupsPerQOS: false``,
   ``enforceNodeAllocatable: []``), swap allowed;
-* the kubelet refuses a loopback node IP, so the node gets its own address on a dummy interface
-  (``ftnode<i>``, ``10.250.<i>.1``); the API server reaches the kubelet there (logs, exec), pods reach
-  the node there, the host reaches pods on the bridge ``ftbr<i>`` (``10.245.<i>.0/24``). Nothing is
-  routed off the machine and nothing is masqueraded.
+* the kubelet refuses a loopback node IP (and this kernel has no dummy interfaces), so the node's
+  address is the gateway of its own CNI bridge: ``ftbr<i>`` with ``10.245.<i>.1/24``, created before
+  the kubelet starts; the pods get the rest of ``10.245.<i>.0/24``. The API server reaches the
+  kubelet there (logs, exec), pods reach the node there, the host reaches pods on the bridge. Nothing
+  is routed off the machine and nothing is masqueraded.
 
 Must run as root (containerd, network interfaces). Everything else lives in ``workdir``; containerd's
 image store in ``${FINETUNE_CACHE:-~/.cache/finetune-operator}/containerd`` (kept, so images are
@@ -51,7 +52,8 @@ class RealNodeError(RuntimeError):
 
 
 def node_ip(index: int) -> str:
-    return f"10.250.{index}.1"
+    """The node's address: the gateway of its pod subnet, on its bridge."""
+    return f"10.245.{index}.1"
 
 
 def pod_subnet(index: int) -> str:
@@ -157,8 +159,8 @@ class RealNode:
 
     Args:
         cluster: the running ``LocalCluster`` (its CA signs the node's certificates).
-        index: the node's number: name ``<prefix>-<index>``, node IP ``10.250.<index>.1``, pod subnet
-            ``10.245.<index>.0/24``.
+        index: the node's number: name ``<prefix>-<index>``, node IP ``10.245.<index>.1`` (on bridge
+            ``ftbr<index>``), pod subnet ``10.245.<index>.0/24``.
         workdir: kubelet root, containerd state, CNI configuration, logs; under the cluster's folder by default.
         images: image archives (``images.BuiltImage``) to import into containerd at start.
         taint: only pods tolerating ``finetune.io/real-node`` land here (a cluster with kwok nodes too).
@@ -171,7 +173,6 @@ class RealNode:
         self.name = f"{prefix}-{index}"
         self.ip = node_ip(index)
         self.subnet = pod_subnet(index)
-        self.iface = f"ftnode{index}"
         self.bridge = f"ftbr{index}"
         self.workdir = Path(workdir or cluster.workdir / self.name).resolve()
         self.images = list(images_to_load)
@@ -233,11 +234,11 @@ class RealNode:
         return self
 
     def _network(self) -> None:
-        """The node's own address on a dummy interface (kubelet refuses loopback)."""
-        if _ip("link", "show", self.iface, check=False).returncode != 0:
-            _ip("link", "add", self.iface, "type", "dummy")
-        _ip("addr", "replace", f"{self.ip}/32", "dev", self.iface)
-        _ip("link", "set", self.iface, "up")
+        """The node's bridge with the node's address (the pods' gateway) on it, up before the first pod."""
+        if _ip("link", "show", self.bridge, check=False).returncode != 0:
+            _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "replace", f"{self.ip}/{self.subnet.split('/')[1]}", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
         cni_dir = self.workdir / "cni"
         cni_dir.mkdir(exist_ok=True)
         (cni_dir / "10-finetune.conflist").write_text(

@@ -174,6 +174,9 @@ BUNDLES: dict[str, Bundle] = {
     )
 }
 TOOLS: dict[str, Bundle] = {t: b for b in BUNDLES.values() for t in b.tools}
+# Only a real node needs these; `build` without names (`make tools`) leaves them out.
+REALNODE_TOOLS = ("kubelet", "pause")
+DEFAULT_TOOLS = tuple(t for t in TOOLS if t not in REALNODE_TOOLS)
 
 
 def cache_dir() -> Path:
