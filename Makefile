@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 
-.PHONY: setup tools node-deps images realnode-tools crds demo down test test-unit clean
+.PHONY: setup tools node-deps images realnode-tools crds demo down test test-realnode test-unit clean
 
 ## setup: create .venv and install the project with its test extras (pinned by constraints.txt)
 setup: $(VENV)/.installed
@@ -37,7 +37,7 @@ IMAGES ?= operator
 images: setup node-deps
 	$(PY) -m finetune_devcluster images $(IMAGES)
 
-## realnode-tools: the kubelet and sandbox binary of a real node (built with the control plane's module)
+## realnode-tools: the kubelet (gotools/kubelet, the control plane's versions) and the sandbox binary of a real node
 realnode-tools: setup
 	$(PY) -m finetune_devcluster build kubelet pause
 
@@ -53,12 +53,15 @@ demo: tools
 down:
 	$(PY) -m finetune_devcluster down
 
-## test: every test (unit, chart, control plane, trainer); what CI runs.
-## REALNODE=1 also runs the tests marked realnode (kubelet + containerd, needs root); with REALNODE=0
-## (the default) pytest deselects them, and its summary counts them as deselected.
-REALNODE ?= 0
-test: tools $(if $(filter 1,$(REALNODE)),node-deps images realnode-tools)
-	FINETUNE_REALNODE=$(REALNODE) $(PY) -m pytest $(PYTEST_ARGS)
+## test: every test (unit, chart, control plane, trainer); what CI runs. The tests marked realnode
+## are deselected (tests/conftest.py; pytest's summary counts them): `make test-realnode` runs them.
+test: tools
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## test-realnode: the tests marked realnode (a kubelet + containerd node; root), after building what they
+## need (Debian packages, the operator image, the kubelet); opt-in, not part of `make test`
+test-realnode: tools node-deps images realnode-tools
+	FINETUNE_REALNODE=1 $(PY) -m pytest -m realnode $(PYTEST_ARGS)
 
 ## test-unit: the pure tests only (no binaries needed)
 test-unit: setup

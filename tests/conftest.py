@@ -15,7 +15,7 @@ Tests using ``cluster``/``kube``/``namespace`` are marked ``cluster`` and tests 
 ``s3`` automatically, so ``-m "not cluster"`` deselects them.
 
 Tests marked ``realnode`` need a real node (kubelet + containerd, root, the locally built images:
-finetune_devcluster/realnode.py). They run only with ``FINETUNE_REALNODE=1`` (``make test REALNODE=1``);
+finetune_devcluster/realnode.py). They run only with ``FINETUNE_REALNODE=1`` (``make test-realnode``);
 otherwise they are *deselected* (counted as such in pytest's summary), never skipped as if they passed.
 """
 

@@ -10,7 +10,7 @@
 Tools that come out of one Go module are built by one ``go build`` invocation (a *bundle*), so they
 share compilation and linking runs in parallel: the control plane (kube-apiserver,
 kube-controller-manager, kube-scheduler, kubectl and etcd) from ``gotools/k8s``; the kubelet of a real
-node (realnode.py) from the same module, as its own bundle so only a real node pays for it; kwok, helm and minio with
+node (realnode.py) from ``gotools/kubelet`` (same versions), as its own bundle so only a real node pays for it; kwok, helm and minio with
 ``go install <module>@<version>``. A build holds an exclusive file lock on the bundle, so parallel
 pytest workers or CLI calls build it once; the others wait and reuse it. A finished bundle folder has
 a ``.stamp`` naming its recipe (versions, flags, hash of go.mod/go.sum); a folder with a missing or
@@ -106,7 +106,7 @@ def _k8s_cmds(out: Path) -> list[tuple[list[str], Path | None]]:
 
 
 def _kubelet_cmds(out: Path) -> list[tuple[list[str], Path | None]]:
-    return [(["go", "build", *_COMMON, f"-ldflags={_k8s_ldflags()}", "-o", f"{out}/", "k8s.io/kubernetes/cmd/kubelet"], GOTOOLS / "k8s")]
+    return [(["go", "build", *_COMMON, f"-ldflags={_k8s_ldflags()}", "-o", f"{out}/", "k8s.io/kubernetes/cmd/kubelet"], GOTOOLS / "kubelet")]
 
 
 PAUSE_VERSION = "v1"  # of gotools/pause (no upstream version: our own file)
@@ -137,14 +137,15 @@ BUNDLES: dict[str, Bundle] = {
             renames=(("server", "etcd"),),
             inputs=(GOTOOLS / "k8s" / "go.mod", GOTOOLS / "k8s" / "go.sum"),
         ),
-        # Only a real node (realnode.py) needs it, so it is its own bundle: built on first use, not by
-        # every `make tools`. Same module, versions and ldflags as the control plane.
+        # Only a real node (realnode.py) needs it, so it is its own bundle, from its own module
+        # (gotools/kubelet: same k8s.io/kubernetes version and replacements as gotools/k8s, checked by
+        # tests/unit/devcluster), built on first use and not by `make tools`; same ldflags.
         Bundle(
             "kubelet",
             K8S_VERSION,
             ("kubelet",),
             _kubelet_cmds,
-            inputs=(GOTOOLS / "k8s" / "go.mod", GOTOOLS / "k8s" / "go.sum"),
+            inputs=(GOTOOLS / "kubelet" / "go.mod", GOTOOLS / "kubelet" / "go.sum"),
         ),
         Bundle("pause", PAUSE_VERSION, ("pause",), _pause_cmds,
                inputs=(GOTOOLS / "pause" / "go.mod", GOTOOLS / "pause" / "main.go")),

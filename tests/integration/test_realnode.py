@@ -6,7 +6,7 @@ its USER line) is enforced with ``runAsNonRoot``; ``readOnlyRootFilesystem`` mak
 fail while an emptyDir stays writable; the pod gets an IP on the node's bridge; ``kubectl logs`` reads
 the container's output through the API server and the kubelet.
 
-Marked ``realnode``: run with ``FINETUNE_REALNODE=1`` (``make test REALNODE=1``), as root; otherwise
+Marked ``realnode``: run with ``FINETUNE_REALNODE=1`` (``make test-realnode``), as root; otherwise
 deselected (tests/conftest.py).
 """
 

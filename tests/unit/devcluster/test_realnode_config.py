@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_devcluster import images, realnode
+from finetune_devcluster import images, realnode, tools
 
 try:
     import tomllib
@@ -69,3 +69,30 @@ def test_kubelet_config_and_network_of_a_node(tmp_path: Path):
     (bridge,) = cni["plugins"]
     assert bridge["type"] == "bridge" and bridge["isGateway"] and not bridge["ipMasq"]
     assert bridge["ipam"]["ranges"] == [[{"subnet": "10.245.1.0/24"}]]
+
+
+def _go_mod_pins(go_mod: Path) -> dict[str, str]:
+    """module -> version of every require and replace line (replace: the version it is replaced with)."""
+    pins: dict[str, str] = {}
+    for line in go_mod.read_text().splitlines():
+        words = line.split("//")[0].split()
+        if "=>" in words:  # old [v] => new v
+            old, new = words[0], words[words.index("=>") + 1:]
+            pins[f"{old} =>"] = " ".join(new)
+        elif len(words) == 2 and words[1].startswith("v"):
+            pins[words[0]] = words[1]
+        elif len(words) == 3 and words[0] == "require":
+            pins[words[1]] = words[2]
+    return pins
+
+
+def test_kubelet_module_pins_what_the_control_plane_module_pins():
+    """gotools/kubelet is its own module (so `make tools` keeps the control plane's recipe), but the
+    kubelet must be the same Kubernetes as the API server: every module both name has one version."""
+    k8s = _go_mod_pins(tools.GOTOOLS / "k8s" / "go.mod")
+    kubelet = _go_mod_pins(tools.GOTOOLS / "kubelet" / "go.mod")
+    assert kubelet["k8s.io/kubernetes"] == k8s["k8s.io/kubernetes"] == tools.K8S_VERSION
+    replaces = {m for m in k8s if m.endswith(" =>")}
+    assert replaces and replaces <= set(kubelet)
+    assert {m: kubelet[m] for m in kubelet if m in k8s} == {m: k8s[m] for m in kubelet if m in k8s}
+    assert tools.BUNDLES["kubelet"].inputs == (tools.GOTOOLS / "kubelet" / "go.mod", tools.GOTOOLS / "kubelet" / "go.sum")
