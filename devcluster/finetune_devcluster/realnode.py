@@ -318,7 +318,8 @@ class RealNode:
 
     def stop(self) -> None:
         """Delete this node's pods (the kubelet stops their sandboxes: CNI teardown), then stop the
-        kubelet, kill what containerd still runs, stop containerd and remove the Node."""
+        kubelet, kill what containerd still runs, stop containerd, remove its /run folder (when nothing is
+        mounted there), the bridge and the Node."""
         kubelet = self.procs.get("kubelet")
         if kubelet is not None and kubelet.poll() is None:
             self._drain(timeout=30)
@@ -332,11 +333,21 @@ class RealNode:
                 for cid in ids:
                     self.ctr("tasks", "delete", "-f", cid, check=False, timeout=30)
         self._terminate("containerd")
+        self._remove_run_dir()
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         try:
             self.cluster.request("DELETE", f"/api/v1/nodes/{self.name}", timeout=5)
         except OSError:
             pass
+
+    def _remove_run_dir(self) -> None:
+        """containerd's socket and state in /run; left in place while anything is still mounted under
+        it (a container rootfs that did not unmount), so nothing of a container is deleted through it."""
+        prefix = f"{self.run_dir}/"
+        with open("/proc/mounts") as f:
+            if any(line.split()[1].startswith(prefix) for line in f if len(line.split()) > 1):
+                return
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _drain(self, timeout: float) -> None:
         try:
