@@ -329,8 +329,8 @@ def ensure(name: str, verbose: bool = False) -> Path:
 
 
 def ensure_all(names: Iterable[str] | None = None, verbose: bool = False) -> dict[str, Path]:
-    """Ensure several tools; each bundle is built at most once."""
-    return {n: ensure(n, verbose) for n in (names or TOOLS)}
+    """Ensure several tools (default: every tool but a real node's); each bundle is built at most once."""
+    return {n: ensure(n, verbose) for n in (names or DEFAULT_TOOLS)}
 
 
 def describe() -> list[dict[str, str]]:
