@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 
-.PHONY: setup tools crds demo down test test-unit clean
+.PHONY: setup tools node-deps images realnode-tools crds demo down test test-realnode test-unit clean
 
 ## setup: create .venv and install the project with its test extras (pinned by constraints.txt)
 setup: $(VENV)/.installed
@@ -22,6 +22,25 @@ tools: setup
 	@command -v prometheus >/dev/null || { echo "installing prometheus (Debian package)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
+## node-deps: the Debian packages a real node and `make images` need (containerd, runc, CNI plugins,
+## buildah, debootstrap); installed once, skipped when every one is present
+NODE_PACKAGES := containerd runc containernetworking-plugins buildah debootstrap iproute2
+node-deps:
+	@missing=$$(for p in $(NODE_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+
+## images: build the operator image (IMAGES="operator trainer" for both) from the repo's Dockerfiles with
+## buildah, on a Debian base made here with debootstrap; cached by content (a rerun with nothing changed
+## takes about a second). A real node imports them into its containerd.
+IMAGES ?= operator
+images: setup node-deps
+	$(PY) -m finetune_devcluster images $(IMAGES)
+
+## realnode-tools: the kubelet (gotools/kubelet, the control plane's versions) and the sandbox binary of a real node
+realnode-tools: setup
+	$(PY) -m finetune_devcluster build kubelet pause
+
 ## crds: regenerate crds/ from the spec model (operator/finetune_api/spec.py)
 crds: setup
 	$(PY) -m finetune_api.crd > crds/finetune.io_finetunejobs.yaml
@@ -34,9 +53,15 @@ demo: tools
 down:
 	$(PY) -m finetune_devcluster down
 
-## test: every test (unit, chart, control plane, trainer); what CI runs
+## test: every test (unit, chart, control plane, trainer); what CI runs. The tests marked realnode
+## are deselected (tests/conftest.py; pytest's summary counts them): `make test-realnode` runs them.
 test: tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## test-realnode: the tests marked realnode (a kubelet + containerd node; root), after building what they
+## need (Debian packages, the operator image, the kubelet); opt-in, not part of `make test`
+test-realnode: tools node-deps images realnode-tools
+	FINETUNE_REALNODE=1 $(PY) -m pytest -m realnode $(PYTEST_ARGS)
 
 ## test-unit: the pure tests only (no binaries needed)
 test-unit: setup

@@ -13,6 +13,10 @@
 
 Tests using ``cluster``/``kube``/``namespace`` are marked ``cluster`` and tests using ``s3`` are marked
 ``s3`` automatically, so ``-m "not cluster"`` deselects them.
+
+Tests marked ``realnode`` need a real node (kubelet + containerd, root, the locally built images:
+finetune_devcluster/realnode.py). They run only with ``FINETUNE_REALNODE=1`` (``make test-realnode``);
+otherwise they are *deselected* (counted as such in pytest's summary), never skipped as if they passed.
 """
 
 from __future__ import annotations
@@ -32,14 +36,27 @@ def pytest_configure(config: pytest.Config) -> None:
         "cluster: needs the local control plane (kube-apiserver, kwok)",
         "s3: needs the local S3 server",
         "slow: takes more than a few seconds",
+        REALNODE_MARKER,
     ):
         config.addinivalue_line("markers", line)
+
+
+REALNODE_MARKER = "realnode: needs a real node (kubelet + containerd, root); run only with FINETUNE_REALNODE=1"
+
+
+def realnode_enabled() -> bool:
+    return os.environ.get("FINETUNE_REALNODE") == "1"
 
 
 _CLUSTER_FIXTURES = {"cluster", "kube", "namespace"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not realnode_enabled():
+        off = [i for i in items if i.get_closest_marker("realnode")]
+        if off:
+            config.hook.pytest_deselected(items=off)
+            items[:] = [i for i in items if not i.get_closest_marker("realnode")]
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if names & _CLUSTER_FIXTURES and not item.get_closest_marker("cluster"):
@@ -65,6 +82,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             need |= {"kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd", "kwok", "helm"}
         if "s3" in names and (os.environ.get("FINETUNE_S3_BACKEND") or "minio") == "minio":
             need.add("minio")
+    if any(item.get_closest_marker("realnode") for item in session.items):
+        _prepare_realnode()
     if not need:
         return
     from finetune_devcluster import tools
@@ -74,6 +93,19 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             tools.ensure(name)
         except tools.ToolError as e:
             _BUILD_ERRORS[name] = e
+
+
+def _prepare_realnode() -> None:
+    """A real node's kubelet, sandbox image and the operator image, built before the first test (cold:
+    minutes), so no test timeout covers them. Errors are raised by the ``realnode`` fixture."""
+    from finetune_devcluster import images, tools
+
+    for what, build in (("kubelet", lambda: tools.ensure("kubelet")), ("pause-image", images.ensure_pause_archive),
+                        ("operator-image", lambda: images.build("operator"))):
+        try:
+            build()
+        except (tools.ToolError, images.ImageError, OSError) as e:
+            _BUILD_ERRORS[what] = e
 
 
 def _raise_build_errors(*names: str) -> None:

@@ -11,7 +11,9 @@ procnode  run a process node in the foreground.
 down    stop everything ``up`` started and remove its state.
 status  what is running (exit 0: all up, 1: nothing up, 2: some component down).
 env     print ``export`` lines for the running cluster: ``eval "$(python -m finetune_devcluster env)"``.
-build   build (or find) every pinned binary; ``--into DIR`` also copies them there (for FINETUNE_BIN_DIR).
+build   build (or find) every pinned binary; ``--into DIR`` also copies them there (for FINETUNE_BIN_DIR);
+        ``--realnode`` also the kubelet and the sandbox binary of a real node.
+images  build the project's images with buildah on a debootstrap base (cached by content; images.py).
 
 State lives in ``${FINETUNE_STATE:-~/.local/state/finetune-devcluster}``: ``cluster/`` (certs,
 kubeconfig, etcd data, logs/, cluster.json with pids) and ``s3/`` (data, s3.log, s3.json).
@@ -239,7 +241,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    names = args.tools or list(tools.TOOLS)
+    names = args.tools or list(tools.DEFAULT_TOOLS) + (list(tools.REALNODE_TOOLS) if args.realnode else [])
     t0 = time.monotonic()
     try:
         paths = tools.ensure_all(names, verbose=args.verbose)
@@ -253,6 +255,23 @@ def cmd_build(args: argparse.Namespace) -> int:
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copy2(p, dest / n)
     print(f"done in {time.monotonic() - t0:.0f}s" + (f"; copied into {args.into}" if args.into else ""))
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from . import images
+
+    t0 = time.monotonic()
+    try:
+        built = [images.build(n) for n in args.images]
+        pause = images.ensure_pause_archive()
+    except (images.ImageError, tools.ToolError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for b in [*built, pause]:
+        state = f"built in {b.seconds:.0f}s" if b.seconds else "cached"
+        print(f"{b.name:<10} {b.ref:<48} {state:<16} {b.archive}")
+    print(f"done in {time.monotonic() - t0:.0f}s")
     return 0
 
 
@@ -321,9 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("tools", nargs="*", help=f"subset of {', '.join(tools.TOOLS)}")
     b.add_argument("--into", help="also copy the binaries into this folder")
     b.add_argument("-v", "--verbose", action="store_true", help="stream go's output")
+    b.add_argument("--realnode", action="store_true", help=f"also what a real node needs ({', '.join(tools.REALNODE_TOOLS)})")
+    im = sub.add_parser("images", help="build the project's images with buildah (cached by content) for a real node")
+    im.add_argument("images", nargs="*", default=["operator"], help="operator (default) and/or trainer")
     args = p.parse_args(argv)
     commands = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "env": cmd_env, "build": cmd_build,
-                "demo": cmd_demo, "procnode": cmd_procnode}
+                "demo": cmd_demo, "procnode": cmd_procnode, "images": cmd_images}
     return commands[args.cmd](args)
 
 

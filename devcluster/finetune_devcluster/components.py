@@ -55,11 +55,20 @@ def etcd_argv(binary: Path, *, data_dir: Path, client_port: int, peer_port: int)
 
 def kube_apiserver_argv(
     binary: Path, *, etcd_port: int, secure_port: int, cert_dir: Path, serving: CertPair, client_ca: Path,
-    sa_pub: Path, sa_key: Path,
+    sa_pub: Path, sa_key: Path, kubelet_client: CertPair | None = None,
 ) -> list[str]:
     """TLS with client-certificate auth, ``Node,RBAC`` authorization and NodeRestriction on top of the
     default admission plugins, as in a real cluster. ``--endpoint-reconciler-type=none``: the endpoints
-    of the `kubernetes` Service would be 127.0.0.1, which Endpoints validation rejects (loopback)."""
+    of the `kubernetes` Service would be 127.0.0.1, which Endpoints validation rejects (loopback).
+
+    ``kubelet_client``: the certificate the API server shows a real kubelet (realnode.py) for
+    ``kubectl logs/exec`` (the kubelet authorizes it with a SubjectAccessReview, as in kubeadm); kubelets
+    are reached at their InternalIP (a node's Hostname does not resolve here)."""
+    kubelet = [] if kubelet_client is None else [
+        f"--kubelet-client-certificate={kubelet_client.cert}",
+        f"--kubelet-client-key={kubelet_client.key}",
+        "--kubelet-preferred-address-types=InternalIP,Hostname",
+    ]
     return [
         str(binary),
         f"--etcd-servers={loopback(etcd_port)}",
@@ -79,6 +88,7 @@ def kube_apiserver_argv(
         "--allow-privileged=true",
         "--endpoint-reconciler-type=none",
         "--profiling=false",
+        *kubelet,
         "--v=1",
     ]
 
@@ -165,7 +175,7 @@ def control_plane_argv(bins: Mapping[str, Path], workdir: Path, ports: Mapping[s
         "kube-apiserver": kube_apiserver_argv(
             bins["kube-apiserver"], etcd_port=ports["etcd"], secure_port=ports["apiserver"],
             cert_dir=workdir / APISERVER_CERT_DIR, serving=pki.apiserver, client_ca=pki.ca.cert,
-            sa_pub=pki.sa_pub, sa_key=pki.sa_key,
+            sa_pub=pki.sa_pub, sa_key=pki.sa_key, kubelet_client=pki.kubelet_client,
         ),
         "kube-controller-manager": kube_controller_manager_argv(
             bins["kube-controller-manager"], kubeconfig=kubeconfigs["controller-manager"], ca=pki.ca, sa_key=pki.sa_key,

@@ -80,6 +80,8 @@ class PKI:
         self.scheduler = self.issue("scheduler", "system:kube-scheduler")
         # kwok patches node and pod status and node leases; simplest honest identity is an admin.
         self.kwok = self.issue("kwok", "kwok-controller", orgs=["system:masters"])
+        # What the API server shows a real node's kubelet (logs, exec); as kubeadm's apiserver-kubelet-client.
+        self.kubelet_client = self.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client", orgs=["system:masters"])
 
         sa = _key()
         self.sa_key = self._write("sa.key", _pem_key(sa))
@@ -87,6 +89,19 @@ class PKI:
             "sa.pub",
             sa.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
         )
+
+    @classmethod
+    def load(cls, folder: Path) -> "PKI":
+        """The CA written earlier into ``folder``, to ``issue`` more certificates (e.g. a node's); only
+        ``dir``, ``ca`` and ``issue`` are usable on the result."""
+        self = cls.__new__(cls)
+        self.dir = folder
+        now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+        self._not_before, self._not_after = now, now + dt.timedelta(days=365)
+        self.ca = CertPair(folder / "ca.crt", folder / "ca.key")
+        self._ca = x509.load_pem_x509_certificate(self.ca.cert.read_bytes())
+        self._ca_key = serialization.load_pem_private_key(self.ca.key.read_bytes(), password=None)
+        return self
 
     def _write(self, name: str, data: bytes) -> Path:
         p = self.dir / name

@@ -9,7 +9,8 @@
 
 Tools that come out of one Go module are built by one ``go build`` invocation (a *bundle*), so they
 share compilation and linking runs in parallel: the control plane (kube-apiserver,
-kube-controller-manager, kube-scheduler, kubectl and etcd) from ``gotools/k8s``; kwok, helm and minio with
+kube-controller-manager, kube-scheduler, kubectl and etcd) from ``gotools/k8s``; the kubelet of a real
+node (realnode.py) from ``gotools/kubelet`` (same versions), as its own bundle so only a real node pays for it; kwok, helm and minio with
 ``go install <module>@<version>``. A build holds an exclusive file lock on the bundle, so parallel
 pytest workers or CLI calls build it once; the others wait and reuse it. A finished bundle folder has
 a ``.stamp`` naming its recipe (versions, flags, hash of go.mod/go.sum); a folder with a missing or
@@ -104,6 +105,17 @@ def _k8s_cmds(out: Path) -> list[tuple[list[str], Path | None]]:
     ]
 
 
+def _kubelet_cmds(out: Path) -> list[tuple[list[str], Path | None]]:
+    return [(["go", "build", *_COMMON, f"-ldflags={_k8s_ldflags()}", "-o", f"{out}/", "k8s.io/kubernetes/cmd/kubelet"], GOTOOLS / "kubelet")]
+
+
+PAUSE_VERSION = "v1"  # of gotools/pause (no upstream version: our own file)
+
+
+def _pause_cmds(out: Path) -> list[tuple[list[str], Path | None]]:
+    return [(["go", "build", *_COMMON, "-ldflags=-s -w", "-o", f"{out}/pause", "."], GOTOOLS / "pause")]
+
+
 def go_install(pkgs: Iterable[str], version: str, ldflags: str = "-s -w") -> Callable[[Path], list]:
     """A bundle's commands for tools that build with ``go install <pkg>@<version>`` (no go.mod of ours)."""
 
@@ -125,6 +137,18 @@ BUNDLES: dict[str, Bundle] = {
             renames=(("server", "etcd"),),
             inputs=(GOTOOLS / "k8s" / "go.mod", GOTOOLS / "k8s" / "go.sum"),
         ),
+        # Only a real node (realnode.py) needs it, so it is its own bundle, from its own module
+        # (gotools/kubelet: same k8s.io/kubernetes version and replacements as gotools/k8s, checked by
+        # tests/unit/devcluster), built on first use and not by `make tools`; same ldflags.
+        Bundle(
+            "kubelet",
+            K8S_VERSION,
+            ("kubelet",),
+            _kubelet_cmds,
+            inputs=(GOTOOLS / "kubelet" / "go.mod", GOTOOLS / "kubelet" / "go.sum"),
+        ),
+        Bundle("pause", PAUSE_VERSION, ("pause",), _pause_cmds,
+               inputs=(GOTOOLS / "pause" / "go.mod", GOTOOLS / "pause" / "main.go")),
         Bundle(
             "kwok",
             KWOK_VERSION,
@@ -151,6 +175,9 @@ BUNDLES: dict[str, Bundle] = {
     )
 }
 TOOLS: dict[str, Bundle] = {t: b for b in BUNDLES.values() for t in b.tools}
+# Only a real node needs these; `build` without names (`make tools`) leaves them out.
+REALNODE_TOOLS = ("kubelet", "pause")
+DEFAULT_TOOLS = tuple(t for t in TOOLS if t not in REALNODE_TOOLS)
 
 
 def cache_dir() -> Path:
@@ -302,8 +329,8 @@ def ensure(name: str, verbose: bool = False) -> Path:
 
 
 def ensure_all(names: Iterable[str] | None = None, verbose: bool = False) -> dict[str, Path]:
-    """Ensure several tools; each bundle is built at most once."""
-    return {n: ensure(n, verbose) for n in (names or TOOLS)}
+    """Ensure several tools (default: every tool but a real node's); each bundle is built at most once."""
+    return {n: ensure(n, verbose) for n in (names or DEFAULT_TOOLS)}
 
 
 def describe() -> list[dict[str, str]]:

@@ -107,7 +107,7 @@ def test_bin_dir_and_envtest_assets_override_without_go(monkeypatch, tmp_path):
     assert tools.ensure("kube-apiserver") == assets / "kube-apiserver"
     assert tools.ensure("etcd") == bin_dir / "etcd"  # FINETUNE_BIN_DIR wins over KUBEBUILDER_ASSETS
     with pytest.raises(tools.ToolError, match="unknown tool"):
-        tools.ensure("kubelet")
+        tools.ensure("kube-proxy")
 
 
 def test_cache_keyed_by_pinned_versions():
@@ -115,7 +115,12 @@ def test_cache_keyed_by_pinned_versions():
     assert tools.bundle_dir("kwok").name == f"kwok-{tools.KWOK_VERSION}"
     assert tools.bundle_dir("helm").name == f"helm-{tools.HELM_VERSION}"
     assert tools.bundle_dir("minio").name == f"minio-{tools.MINIO_VERSION}"
+    assert tools.bundle_dir("kubelet").name == f"kubelet-{tools.K8S_VERSION}"
+    assert tools.bundle_dir("pause").name == f"pause-{tools.PAUSE_VERSION}"
     assert set(tools.TOOLS) >= {
         "kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd", "kubectl", "kwok", "helm", "minio"
     }
+    # only a real node needs these: `build` without names (`make tools`) and ensure_all() leave them out
+    assert set(tools.REALNODE_TOOLS) == {"kubelet", "pause"} <= set(tools.TOOLS)
+    assert set(tools.DEFAULT_TOOLS) == set(tools.TOOLS) - {"kubelet", "pause"}
     assert os.path.isabs(tools.cache_dir())

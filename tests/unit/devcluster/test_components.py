@@ -46,7 +46,10 @@ def test_control_plane_argv_is_exactly_what_the_cluster_ran(pki: PKI) -> None:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--service-cluster-ip-range=10.96.0.0/12", "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=NodeRestriction", "--allow-privileged=true",
-            "--endpoint-reconciler-type=none", "--profiling=false", "--v=1",
+            "--endpoint-reconciler-type=none", "--profiling=false",
+            f"--kubelet-client-certificate={w / 'pki/apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={w / 'pki/apiserver-kubelet-client.key'}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname", "--v=1",
         ],
         "kube-controller-manager": [
             "/opt/bin/kube-controller-manager", f"--kubeconfig={w / 'controller-manager.kubeconfig'}",

@@ -1,0 +1,379 @@
+"""A real node for the local control plane: kubelet + containerd + runc + the CNI bridge plugin.
+
+Where the process node (procnode.py) runs a pod's command as a local process and ignores its image,
+``RealNode`` runs the kubelet built from the same ``k8s.io/kubernetes`` module as the control plane,
+against Debian's containerd (its CRI plugin) and runc, so a pod is what it is in a real cluster: its
+image (built here, see images.py), its securityContext (non-root, read-only root filesystem, dropped
+capabilities), its volumes (the ServiceAccount token included), a pod IP on a bridge, and
+``kubectl logs``/``exec`` through the API server.
+
+What this machine needs, and what the node does about it (see the README, "Real node"):
+
+* the process lacks CAP_SYS_RESOURCE, so containerd's CRI must not lower oom_score_adj
+  (``restrict_oom_score_adj``), or every sandbox fails in runc;
+* no registry is reachable: the sandbox ("pause") image and the project's images are imported from
+  archives with ``ctr images import`` (never pulled);
+* cgroups v1 with the cgroupfs driver and no QoS cgroup hierarchy (``cgroupsPerQOS: false``,
+  ``enforceNodeAllocatable: []``), swap allowed;
+* the kubelet refuses a loopback node IP (and this kernel has no dummy interfaces), so the node's
+  address is the gateway of its own CNI bridge: ``ftbr<i>`` with ``10.245.<i>.1/24``, created before
+  the kubelet starts; the pods get the rest of ``10.245.<i>.0/24``. The API server reaches the
+  kubelet there (logs, exec), pods reach the node there, the host reaches pods on the bridge. Nothing
+  is routed off the machine and nothing is masqueraded.
+
+Must run as root (containerd, network interfaces). Everything else lives in ``workdir``; containerd's
+image store in ``${FINETUNE_CACHE:-~/.cache/finetune-operator}/containerd`` (kept, so images are
+imported once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import images, tools
+from .components import kubeconfig_yaml
+from .pki import PKI
+from .procnode import NODE_LABEL
+from .procutil import die_with_parent, tail
+
+CNI_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
+NODE_KIND = "real"
+
+
+class RealNodeError(RuntimeError):
+    """The node could not be started (the message carries the logs' tails)."""
+
+
+def node_ip(index: int) -> str:
+    """The node's address: the gateway of its pod subnet, on its bridge."""
+    return f"10.245.{index}.1"
+
+
+def pod_subnet(index: int) -> str:
+    return f"10.245.{index}.0/24"
+
+
+def containerd_config(*, root: Path, state: Path, socket: Path, cni_conf_dir: Path, cni_bin_dir: str, sandbox_image: str) -> str:
+    """containerd 1.6 configuration (version 2) with only what a kubelet needs: CRI with runc, cgroupfs,
+    CNI from ``cni_conf_dir``, and oom_score_adj never lowered (no CAP_SYS_RESOURCE here)."""
+    cri = 'plugins."io.containerd.grpc.v1.cri"'
+    return "\n".join([
+        "version = 2",
+        f'root = "{root}"',
+        f'state = "{state}"',
+        'disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",'
+        ' "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]',
+        "[grpc]",
+        f'  address = "{socket}"',
+        "[ttrpc]",
+        f'  address = "{socket}.ttrpc"',
+        "[debug]",
+        '  address = ""',
+        "[metrics]",
+        '  address = ""',
+        f"[{cri}]",
+        f'  sandbox_image = "{sandbox_image}"',
+        "  restrict_oom_score_adj = true",
+        "  enable_selinux = false",
+        f"[{cri}.containerd]",
+        '  snapshotter = "overlayfs"',
+        '  default_runtime_name = "runc"',
+        f"[{cri}.containerd.runtimes.runc]",
+        '  runtime_type = "io.containerd.runc.v2"',
+        f"[{cri}.containerd.runtimes.runc.options]",
+        "  SystemdCgroup = false",
+        f"[{cri}.cni]",
+        f'  bin_dir = "{cni_bin_dir}"',
+        f'  conf_dir = "{cni_conf_dir}"',
+        "  max_conf_num = 1",
+        "",
+    ])
+
+
+def cni_config(name: str, bridge: str, subnet: str, ipam_dir: Path) -> dict[str, Any]:
+    """A bridge with the gateway on the host, addresses from host-local; no masquerade (pods talk to
+    this machine only)."""
+    return {
+        "cniVersion": "0.4.0",
+        "name": name,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": True,
+                "ipMasq": False,
+                "hairpinMode": True,
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "routes": [{"dst": "0.0.0.0/0"}],
+                         "dataDir": str(ipam_dir)},
+            }
+        ],
+    }
+
+
+def kubelet_config(*, ip: str, socket: Path, ca: Path, serving_cert: Path, serving_key: Path, pod_logs: Path) -> dict[str, Any]:
+    """KubeletConfiguration: x509 + webhook authentication and webhook authorization (the API server's
+    kubelet-client certificate is authorized by a SubjectAccessReview), the settings this machine
+    needs (module docstring), eviction thresholds low enough that a busy shared disk does not evict."""
+    return {
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "address": ip,
+        "port": 10250,
+        "readOnlyPort": 0,
+        "healthzBindAddress": ip,
+        "healthzPort": 10248,
+        "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True}, "x509": {"clientCAFile": str(ca)}},
+        "authorization": {"mode": "Webhook"},
+        "tlsCertFile": str(serving_cert),
+        "tlsPrivateKeyFile": str(serving_key),
+        "containerRuntimeEndpoint": f"unix://{socket}",
+        "cgroupDriver": "cgroupfs",
+        "cgroupsPerQOS": False,
+        "enforceNodeAllocatable": [],
+        "failSwapOn": False,
+        "podLogsDir": str(pod_logs),
+        "clusterDomain": "cluster.local",
+        "serializeImagePulls": False,
+        "imageGCHighThresholdPercent": 100,
+        "imageGCLowThresholdPercent": 99,
+        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
+        "nodeStatusUpdateFrequency": "5s",
+        "rotateCertificates": False,
+        "serverTLSBootstrap": False,
+    }
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+class RealNode:
+    """One kubelet + containerd joined to a ``LocalCluster``.
+
+    Args:
+        cluster: the running ``LocalCluster`` (its CA signs the node's certificates).
+        index: the node's number: name ``<prefix>-<index>``, node IP ``10.245.<index>.1`` (on bridge
+            ``ftbr<index>``), pod subnet ``10.245.<index>.0/24``.
+        workdir: kubelet root, containerd state, CNI configuration, logs; under the cluster's folder by default.
+        images: image archives (``images.BuiltImage``) to import into containerd at start.
+        taint: only pods tolerating ``finetune.io/real-node`` land here (a cluster with kwok nodes too).
+    """
+
+    def __init__(self, cluster, index: int = 0, *, workdir: str | Path | None = None, prefix: str = "real-node",
+                 images_to_load: Iterable[images.BuiltImage] = (), taint: bool = False, startup_timeout: float = 120.0):
+        self.cluster = cluster
+        self.index = index
+        self.name = f"{prefix}-{index}"
+        self.ip = node_ip(index)
+        self.subnet = pod_subnet(index)
+        self.bridge = f"ftbr{index}"
+        self.workdir = Path(workdir or cluster.workdir / self.name).resolve()
+        self.images = list(images_to_load)
+        self.taint = taint
+        self.startup_timeout = startup_timeout
+        # containerd's socket path must stay short (unix socket limit) and its state on a tmpfs-like /run.
+        self.run_dir = Path(f"/run/finetune-node-{index}")
+        self.socket = self.run_dir / "containerd.sock"
+        self.containerd_root = tools.cache_dir() / "containerd" / f"node-{index}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.timings: dict[str, float] = {}
+
+    # -------------------------------------------------------------------------------- paths
+    @property
+    def logs_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def log(self, component: str, lines: int = 60) -> str:
+        return tail(self.logs_dir / f"{component}.log", lines)
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args],
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RealNodeError(f"ctr {' '.join(args)} failed ({proc.returncode}): {proc.stderr}{proc.stdout}")
+        return proc
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "RealNode":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> "RealNode":
+        if os.geteuid() != 0:
+            raise RealNodeError("a real node runs containerd and creates network interfaces: it needs root")
+        for exe in ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "ip"):
+            if not shutil.which(exe):
+                raise RealNodeError(f"{exe} not found: run `make node-deps`")
+        t0 = time.monotonic()
+        kubelet = tools.ensure("kubelet")
+        pause = images.ensure_pause_archive()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(exist_ok=True)
+        try:
+            self._network()
+            self._start_containerd(pause.ref)
+            t1 = time.monotonic()
+            for img in [pause, *self.images]:
+                self._import(img)
+            self.timings["images_import_s"] = time.monotonic() - t1
+            self._start_kubelet(kubelet)
+            self._wait_ready(time.monotonic() + self.startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["ready_s"] = time.monotonic() - t0
+        return self
+
+    def _network(self) -> None:
+        """The node's bridge with the node's address (the pods' gateway) on it, up before the first pod."""
+        if _ip("link", "show", self.bridge, check=False).returncode != 0:
+            _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "replace", f"{self.ip}/{self.subnet.split('/')[1]}", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        cni_dir = self.workdir / "cni"
+        cni_dir.mkdir(exist_ok=True)
+        (cni_dir / "10-finetune.conflist").write_text(
+            json.dumps(cni_config(f"finetune-{self.name}", self.bridge, self.subnet, self.workdir / "cni-ipam"), indent=2))
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        with open(self.logs_dir / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                cwd=self.workdir, start_new_session=True, preexec_fn=die_with_parent)
+
+    def _start_containerd(self, sandbox_image: str) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.containerd_root.mkdir(parents=True, exist_ok=True)
+        cni_bin = next((d for d in CNI_BIN_DIRS if Path(d, "bridge").exists()), None)
+        if cni_bin is None:
+            raise RealNodeError(f"CNI bridge plugin not found in {CNI_BIN_DIRS}: run `make node-deps`")
+        cfg = self.workdir / "containerd.toml"
+        cfg.write_text(containerd_config(root=self.containerd_root, state=self.run_dir / "state", socket=self.socket,
+                                         cni_conf_dir=self.workdir / "cni", cni_bin_dir=cni_bin, sandbox_image=sandbox_image))
+        self.socket.unlink(missing_ok=True)
+        self._spawn("containerd", ["containerd", "--config", str(cfg)])
+        self._wait(lambda: self.socket.exists() and self.ctr("version", check=False).returncode == 0,
+                   time.monotonic() + 30, "containerd socket")
+
+    def _import(self, img: images.BuiltImage) -> None:
+        have = self.ctr("images", "ls", "-q").stdout.split()
+        if img.ref in have:
+            return
+        self.ctr("images", "import", str(img.archive))
+        if img.ref not in self.ctr("images", "ls", "-q").stdout.split():
+            raise RealNodeError(f"importing {img.archive} did not give image {img.ref}: {self.ctr('images', 'ls', '-q').stdout}")
+
+    def _start_kubelet(self, kubelet: Path) -> None:
+        pki = PKI.load(self.cluster.workdir / "pki")
+        client = pki.issue(f"kubelet-{self.name}", f"system:node:{self.name}", orgs=["system:nodes"])
+        serving = pki.issue(f"kubelet-{self.name}-serving", f"system:node:{self.name}", server=True, dns=[self.name], ips=[self.ip])
+        kubeconfig = self.workdir / "kubelet.kubeconfig"
+        kubeconfig.write_text(kubeconfig_yaml(self.cluster.server, pki.ca.cert, client.cert, client.key, f"system:node:{self.name}"))
+        config = self.workdir / "kubelet.yaml"
+        config.write_text(json.dumps(kubelet_config(ip=self.ip, socket=self.socket, ca=pki.ca.cert, serving_cert=serving.cert,
+                                                    serving_key=serving.key, pod_logs=self.workdir / "pod-logs"), indent=2))
+        labels = f"{NODE_LABEL}={NODE_KIND}"
+        argv = [str(kubelet), f"--config={config}", f"--kubeconfig={kubeconfig}", f"--root-dir={self.workdir / 'kubelet'}",
+                f"--cert-dir={self.workdir / 'kubelet-pki'}", f"--hostname-override={self.name}", f"--node-ip={self.ip}",
+                f"--node-labels={labels}", "--v=2"]
+        if self.taint:
+            argv.append("--register-with-taints=finetune.io/real-node=true:NoSchedule")
+        self._spawn("kubelet", argv)
+
+    def _wait(self, check, deadline: float, what: str) -> None:
+        err: Exception | None = None
+        while True:
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                raise RealNodeError(f"{', '.join(dead)} exited while waiting for {what}\n{self._diagnostics()}")
+            try:
+                if check():
+                    return
+            except Exception as e:  # noqa: BLE001 - reported on timeout
+                err = e
+            if time.monotonic() > deadline:
+                raise RealNodeError(f"timed out waiting for {what} (last error: {err!r})\n{self._diagnostics()}")
+            time.sleep(0.5)
+
+    def _ready(self) -> bool:
+        code, node = self.cluster.request("GET", f"/api/v1/nodes/{self.name}", timeout=5)
+        if code != 200:
+            return False
+        conds = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+        return conds.get("Ready") == "True"
+
+    def _wait_ready(self, deadline: float) -> None:
+        self._wait(self._ready, deadline, f"node {self.name} Ready")
+
+    def _diagnostics(self) -> str:
+        return "\n".join(f"----- {n} (rc={p.poll()}) -----\n{self.log(n)}" for n, p in self.procs.items())
+
+    def stop(self) -> None:
+        """Delete this node's pods (the kubelet stops their sandboxes: CNI teardown), then stop the
+        kubelet, kill what containerd still runs, stop containerd, remove its /run folder (when nothing is
+        mounted there), the bridge and the Node."""
+        kubelet = self.procs.get("kubelet")
+        if kubelet is not None and kubelet.poll() is None:
+            self._drain(timeout=30)
+        for name in ("kubelet",):
+            self._terminate(name)
+        if self.procs.get("containerd") is not None and self.procs["containerd"].poll() is None:
+            for kind in ("tasks",):
+                ids = self.ctr(kind, "ls", "-q", check=False).stdout.split()
+                for cid in ids:
+                    self.ctr("tasks", "kill", "-s", "SIGKILL", cid, check=False, timeout=30)
+                for cid in ids:
+                    self.ctr("tasks", "delete", "-f", cid, check=False, timeout=30)
+        self._terminate("containerd")
+        self._remove_run_dir()
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        try:
+            self.cluster.request("DELETE", f"/api/v1/nodes/{self.name}", timeout=5)
+        except OSError:
+            pass
+
+    def _remove_run_dir(self) -> None:
+        """containerd's socket and state in /run; left in place while anything is still mounted under
+        it (a container rootfs that did not unmount), so nothing of a container is deleted through it."""
+        prefix = f"{self.run_dir}/"
+        with open("/proc/mounts") as f:
+            if any(line.split()[1].startswith(prefix) for line in f if len(line.split()) > 1):
+                return
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            code, pods = self.cluster.request("GET", f"/api/v1/pods?fieldSelector=spec.nodeName={self.name}", timeout=5)
+            if code != 200:
+                return
+            for p in pods.get("items", []):
+                m = p["metadata"]
+                self.cluster.request("DELETE", f"/api/v1/namespaces/{m['namespace']}/pods/{m['name']}",
+                                     {"gracePeriodSeconds": 5}, timeout=5)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                code, pods = self.cluster.request("GET", f"/api/v1/pods?fieldSelector=spec.nodeName={self.name}", timeout=5)
+                if code != 200 or not pods.get("items"):
+                    return
+                time.sleep(0.5)
+        except OSError:
+            return
+
+    def _terminate(self, name: str) -> None:
+        p = self.procs.get(name)
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=5)
