@@ -178,14 +178,23 @@ def ensure_base_image() -> str:
     if subprocess.run([buildah, *storage_args(), "inspect", "--type", "image", ref], capture_output=True).returncode == 0:
         return ref
     tar = ensure_base_rootfs()
-    ctx = Path(tempfile.mkdtemp(prefix="base-ctx-", dir=images_dir()))
+    _bud_one_file(buildah, ref, tar, "rootfs.tar", 'FROM scratch\nADD rootfs.tar /\nENV LANG=C.UTF-8\nCMD ["/bin/bash"]\n',
+                  "buildah bud of the base")
+    return ref
+
+
+def _bud_one_file(buildah: str, ref: str, source: Path, name: str, containerfile: str, what: str) -> None:
+    """Build ``ref`` from a context holding one file (hard-linked when it can be: a rootfs tar is large)."""
+    ctx = Path(tempfile.mkdtemp(prefix="ctx-", dir=images_dir()))
     try:
-        os.link(tar, ctx / "rootfs.tar")
-        (ctx / "Containerfile").write_text('FROM scratch\nADD rootfs.tar /\nENV LANG=C.UTF-8\nCMD ["/bin/bash"]\n')
-        _run([buildah, *storage_args(), "bud", "--isolation", "chroot", "-t", ref, str(ctx)], "buildah bud of the base")
+        try:
+            os.link(source, ctx / name)
+        except OSError:
+            shutil.copy2(source, ctx / name)
+        (ctx / "Containerfile").write_text(containerfile)
+        _run([buildah, *storage_args(), "bud", "--isolation", "chroot", "-t", ref, str(ctx)], what)
     finally:
         shutil.rmtree(ctx, ignore_errors=True)
-    return ref
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -306,13 +315,8 @@ def ensure_pause_archive() -> BuiltImage:
     with _Lock(images_dir() / ".pause.lock"):
         if archive.is_file():
             return BuiltImage("pause", PAUSE_REF, archive, 0.0)
-        ctx = Path(tempfile.mkdtemp(prefix="pause-ctx-", dir=images_dir()))
-        try:
-            shutil.copy2(binary, ctx / "pause")
-            (ctx / "Containerfile").write_text('FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n')
-            _run([buildah, *storage_args(), "bud", "--isolation", "chroot", "-t", PAUSE_REF, str(ctx)], "building the pause image")
-        finally:
-            shutil.rmtree(ctx, ignore_errors=True)
+        _bud_one_file(buildah, PAUSE_REF, binary, "pause", 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n',
+                      "building the pause image")
         part = archive.with_name(archive.name + ".part")
         part.unlink(missing_ok=True)
         _run([buildah, *storage_args(), "push", PAUSE_REF, f"docker-archive:{part}:{PAUSE_REF}"], "exporting the pause image")

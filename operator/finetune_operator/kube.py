@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from finetune_api.spec import API_GROUP, API_VERSION, KIND, PLURAL
 from finetune_operator.views import foreign_owner
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +149,22 @@ def set_job_suspend(namespace: str, name: str, suspend: bool) -> None:
 def secret_keys(namespace: str, name: str) -> set[str] | None:
     """The key names of a Secret (never its values), or None when it does not exist; 403 raises
     :class:`SecretForbidden`."""
+    secret = _read_secret(lambda: _core().read_namespaced_secret(name, namespace))
+    if secret is None:
+        return None
+    return set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
+
+
+def _read_secret(read: Callable[[], T]) -> T | None:
+    """One Secret read: None when it does not exist, :class:`SecretForbidden` on a 403."""
     try:
-        secret = _core().read_namespaced_secret(name, namespace)
+        return read()
     except ApiException as exc:
         if exc.status == 404:
             return None
         if exc.status == 403:
             raise SecretForbidden(server_message(exc)) from None
         raise
-    return set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
 
 
 _METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
@@ -164,21 +174,16 @@ def secret_labels(namespace: str, name: str) -> dict[str, str] | None:
     """A Secret's labels, or None when it does not exist (403 raises :class:`SecretForbidden`). A
     metadata-only GET (the API server answers a PartialObjectMetadata): the Secret's data never leaves
     the API server."""
-    try:
-        resp = api_client().call_api(
-            "/api/v1/namespaces/{namespace}/secrets/{name}", "GET",
-            path_params={"namespace": namespace, "name": name},
-            header_params={"Accept": _METADATA_ONLY},
-            auth_settings=["BearerToken"],
-            _return_http_data_only=True,
-            _preload_content=False,
-        )
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        if exc.status == 403:
-            raise SecretForbidden(server_message(exc)) from None
-        raise
+    resp = _read_secret(lambda: api_client().call_api(
+        "/api/v1/namespaces/{namespace}/secrets/{name}", "GET",
+        path_params={"namespace": namespace, "name": name},
+        header_params={"Accept": _METADATA_ONLY},
+        auth_settings=["BearerToken"],
+        _return_http_data_only=True,
+        _preload_content=False,
+    ))
+    if resp is None:
+        return None
     meta = json.loads(resp.data).get("metadata") or {}
     return dict(meta.get("labels") or {})
 

@@ -4,25 +4,19 @@ carries the PartialObjectMetadata Accept header, so the server never sends the d
 from __future__ import annotations
 
 import base64
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from kubernetes import client
 
 from finetune_operator import kube
+from loopback_api import JsonHandler, serving
 
 VALUE = "partial-meta-secret-value"
 
 
-class _API(BaseHTTPRequestHandler):
+class _API(JsonHandler):
     """Answers as kube-apiserver does: metadata only when the Accept header asks for it."""
 
     accepts: list[str] = []
-
-    def log_message(self, *args: object) -> None:
-        pass
 
     def do_GET(self) -> None:  # noqa: N802
         accept = self.headers.get("Accept", "")
@@ -39,25 +33,14 @@ class _API(BaseHTTPRequestHandler):
                 doc = {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": meta}
             else:
                 doc = {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": {"AWS_SECRET_ACCESS_KEY": base64.b64encode(VALUE.encode()).decode()}}
-        body = json.dumps(doc).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_json(status, doc)
 
 
 @pytest.fixture
 def apiserver(monkeypatch):
     _API.accepts = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _API)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    cfg = client.Configuration()
-    cfg.host = f"http://127.0.0.1:{server.server_port}"
-    monkeypatch.setattr(kube, "_api", client.ApiClient(cfg))
-    yield _API
-    server.shutdown()
-    server.server_close()
+    with serving(_API, monkeypatch):
+        yield _API
 
 
 def test_secret_labels_reads_metadata_only(apiserver):

@@ -6,49 +6,32 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from kubernetes import client
 
 from finetune_api.spec import parse_spec
 from finetune_operator import kube, logsafe
 from finetune_operator.progress import ProgressReader, secret_values
 from finetune_operator.tenant_io import Limits
 from hostile_s3 import HostileS3
+from loopback_api import JsonHandler, serving
 
 SECRET = {"AWS_ACCESS_KEY_ID": "LOGKEYID", "AWS_SECRET_ACCESS_KEY": "log-secret-value-9f8e7d", "AWS_SESSION_TOKEN": "log-session-token-1a2b3c"}
 
 
-class _SecretAPI(BaseHTTPRequestHandler):
+class _SecretAPI(JsonHandler):
     """Just enough kube-apiserver for ``read_namespaced_secret``."""
 
-    def log_message(self, *args: object) -> None:
-        pass
-
     def do_GET(self) -> None:  # noqa: N802
-        body = json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3", "namespace": "team-a"},
-                           "data": {k: base64.b64encode(v.encode()).decode() for k, v in SECRET.items()}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_json(200, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3", "namespace": "team-a"},
+                             "data": {k: base64.b64encode(v.encode()).decode() for k, v in SECRET.items()}})
 
 
 @pytest.fixture
 def apiserver(monkeypatch):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SecretAPI)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    cfg = client.Configuration()
-    cfg.host = f"http://127.0.0.1:{server.server_port}"
-    monkeypatch.setattr(kube, "_api", client.ApiClient(cfg))
-    yield
-    server.shutdown()
-    server.server_close()
+    with serving(_SecretAPI, monkeypatch):
+        yield
 
 
 @pytest.fixture
