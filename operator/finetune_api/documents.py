@@ -87,7 +87,7 @@ BASELINES: dict[str, str] = {
         "of the training set: the fair no-fine-tune baseline of an encoder."
     ),
 }
-STARTING_POINTS = {"causal-lm": "base_model", "sequence-classification": "random_head"}
+STARTING_POINTS = {"causal-lm": "base_model", "sequence-classification": "random_head", "seq2seq-lm": "base_model"}
 """The baseline the headline gain is measured from, per task: the weights fine-tuning started from."""
 
 

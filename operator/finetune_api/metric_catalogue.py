@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 Direction = Literal["min", "max"]
-MetricTask = Literal["causal-lm", "sequence-classification", "any"]
+MetricTask = Literal["causal-lm", "sequence-classification", "seq2seq-lm", "any"]
+
+LM_TASKS = ("causal-lm", "seq2seq-lm")
+"""The language-model tasks: a ``causal-lm`` metric (loss per token, BLEU, ROUGE-L, ...) applies to both."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("recall_macro", "sequence-classification", "max", "Recall (macro)", "recall_macro"),
     Metric("ece", "sequence-classification", "min", "ECE (15 bins)", "ece"),
     Metric("bleu", "causal-lm", "max", "BLEU", "bleu", needs="bleu"),
+    Metric("rouge_1", "seq2seq-lm", "max", "ROUGE-1 F1", "rouge_1", needs="rouge"),
+    Metric("rouge_2", "seq2seq-lm", "max", "ROUGE-2 F1", "rouge_2", needs="rouge"),
     Metric("rouge_l", "causal-lm", "max", "ROUGE-L F1", "rouge_l", needs="rouge"),
     Metric("label_accuracy", "causal-lm", "max", "Label accuracy (generated)", "label_accuracy", watchable=False),
     Metric("eval_tokens", "causal-lm", None, "Scored tokens", None),
@@ -59,7 +64,13 @@ METRICS: tuple[Metric, ...] = (
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
 
 GENERATION_METRICS: dict[str, str] = {m.needs: m.name for m in METRICS if m.needs}
-"""``evaluation.metrics`` entry -> the metric it reports (``rouge`` -> ``rouge_l``)."""
+"""``evaluation.metrics`` entry -> the metric it reports (``rouge`` -> ``rouge_l``: the last row of an entry wins,
+so rouge_1/rouge_2, which seq2seq-lm reports besides, stay before rouge_l in the table)."""
+
+
+def applies(metric: Metric, task: str) -> bool:
+    """Whether ``task`` reports ``metric``: its own task's metrics, ``any``, and for seq2seq-lm the causal-lm ones."""
+    return metric.task in (task, "any") or (task == "seq2seq-lm" and metric.task == "causal-lm")
 
 
 def direction(name: str) -> Direction | None:
@@ -82,7 +93,7 @@ def monitorable(task: str, requested: list[str] | None = None) -> tuple[str, ...
     return tuple(
         m.name
         for m in METRICS
-        if m.direction is not None and m.watchable and m.task in (task, "any") and (m.needs is None or m.needs in wanted)
+        if m.direction is not None and m.watchable and applies(m, task) and (m.needs is None or m.needs in wanted)
     )
 
 

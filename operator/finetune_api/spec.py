@@ -88,6 +88,7 @@ class _Model(BaseModel):
 class Task(str, Enum):
     causal_lm = "causal-lm"
     sequence_classification = "sequence-classification"
+    seq2seq_lm = "seq2seq-lm"
 
 
 class ModelSpec(_Model):
@@ -104,7 +105,11 @@ class ModelSpec(_Model):
     )
     task: Task = Field(
         default=Task.causal_lm,
-        description="What the model is trained to do: causal-lm (next-token prediction) or sequence-classification.",
+        description=(
+            "What the model is trained to do: causal-lm (next-token prediction), sequence-classification, or "
+            "seq2seq-lm (an encoder-decoder such as BART or T5: the prompt is the encoder's input, the loss is on the "
+            "completion the decoder generates; dataset.format prompt-completion, hyperparameters.packing false)."
+        ),
     )
     num_labels: int | None = Field(
         default=None,
@@ -631,6 +636,18 @@ class RetentionSpec(_Model):
     action: Literal["warn", "fail"] = Field(default="warn", description="What happens past the threshold.")
 
 
+class GenerationSpec(_Model):
+    """How the completions scored by bleu and rouge are generated (greedy or beam search, no sampling)."""
+
+    max_new_tokens: int = Field(
+        default=128,
+        ge=1,
+        le=4096,
+        description="Most tokens generated per completion (never more than hyperparameters.maxSeqLength).",
+    )
+    num_beams: int = Field(default=1, ge=1, le=16, description="Beam-search width; 1 is greedy decoding.")
+
+
 class EvaluationSpec(_Model):
     """Validation during training and the final test."""
 
@@ -648,6 +665,10 @@ class EvaluationSpec(_Model):
             "completions are a few labels. earlyStopping.metric may then be bleu or rouge_l."
         ),
         json_schema_extra={"items": {"type": "string", "enum": ["bleu", "rouge", "token_accuracy"]}},
+    )
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec,
+        description="Length and beam width of the completions that bleu and rouge score (the fine-tuned model and every baseline alike).",
     )
     early_stopping: EarlyStopping | None = Field(default=None, description="Stop on a plateau and keep the best checkpoint.")
     calibration: bool = Field(default=True, description="Classification: fit temperature scaling on validation; report ECE and NLL before and after on validation and on test.")
@@ -855,6 +876,13 @@ def _overlap_rule(path: str, guard: str | None) -> str:
 
 
 _FSDP_FULL_ONLY = "hyperparameters.distributedStrategy fsdp needs method full (adapters train few parameters: use ddp or auto)"
+_SEQ2SEQ_FORMAT = (
+    "model.task seq2seq-lm needs dataset.format prompt-completion (the prompt is the encoder's input, the completion the "
+    "decoder's target)"
+)
+_SEQ2SEQ_PACKING = (
+    "model.task seq2seq-lm needs hyperparameters.packing false (encoder-decoder rows are padded, not packed)"
+)
 
 
 class FineTuneJobSpec(_Model):
@@ -881,6 +909,10 @@ class FineTuneJobSpec(_Model):
             raise ValueError("dataset.format classification goes with model.task sequence-classification, and only with it")
         if any(m in ("bleu", "rouge") for m in (self.evaluation.metrics or [])) and classification:
             raise ValueError("evaluation.metrics bleu and rouge need task causal-lm")
+        if self.is_seq2seq and self.dataset.format != DataFormat.prompt_completion.value:
+            raise ValueError(_SEQ2SEQ_FORMAT)
+        if self.is_seq2seq and self.hyperparameters.packing:
+            raise ValueError(_SEQ2SEQ_PACKING)
         if self.hyperparameters.distributed_strategy == DistributedStrategy.fsdp.value and self.method != Method.full.value:
             raise ValueError(_FSDP_FULL_ONLY)
         overlap = output_overlap(self)
@@ -895,6 +927,12 @@ class FineTuneJobSpec(_Model):
                 cel(
                     "(self.model.task == 'sequence-classification') == (self.dataset.format == 'classification')",
                     "dataset.format classification goes with model.task sequence-classification, and only with it",
+                ),
+                cel("self.model.task != 'seq2seq-lm' || self.dataset.format == 'prompt-completion'", _SEQ2SEQ_FORMAT),
+                cel(
+                    "self.model.task != 'seq2seq-lm' || (has(self.hyperparameters) && has(self.hyperparameters.packing) "
+                    "&& !self.hyperparameters.packing)",
+                    _SEQ2SEQ_PACKING,
                 ),
                 cel(
                     "!has(self.hyperparameters) || !has(self.hyperparameters.distributedStrategy) "
@@ -919,6 +957,11 @@ class FineTuneJobSpec(_Model):
     def is_classification(self) -> bool:
         """The task is sequence classification (classifier head, class labels, calibration) rather than causal LM."""
         return self.model.task == Task.sequence_classification.value
+
+    @property
+    def is_seq2seq(self) -> bool:
+        """The model is an encoder-decoder (AutoModelForSeq2SeqLM): prompt in, completion generated."""
+        return self.model.task == Task.seq2seq_lm.value
 
     @property
     def lora_or_default(self) -> LoraSpec:

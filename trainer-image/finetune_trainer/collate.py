@@ -166,9 +166,10 @@ def padding_fraction(batch: dict[str, torch.Tensor]) -> float:
     return 0.0 if total == 0 else 1.0 - real / total
 
 
-def label_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens the causal-LM loss is computed on (labels shift by one inside the model)."""
-    return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+def label_tokens(batch: dict[str, torch.Tensor], *, shift: bool = True) -> int:
+    """Tokens the LM loss is computed on (a causal LM's labels shift by one inside the model; with ``shift`` False,
+    an encoder-decoder's, every label)."""
+    return int(((batch["labels"][..., 1:] if shift else batch["labels"]) != IGNORE_INDEX).sum())
 
 
 # ------------------------------------------------------------------------------------- loading rows
@@ -195,12 +196,14 @@ class _ListDataset(torch.utils.data.Dataset):
 
 
 def eval_loader(dataset: datasets.Dataset | None, *, classification: bool, batch_size: int, pad_token_id: int,
-                max_samples: int | None = None) -> torch.utils.data.DataLoader | None:
-    """Padded, unshuffled batches of ``dataset`` (None when there is nothing to evaluate)."""
+                max_samples: int | None = None, collate: Any = None) -> torch.utils.data.DataLoader | None:
+    """Padded, unshuffled batches of ``dataset`` (None when there is nothing to evaluate); ``collate`` overrides
+    the collator (an encoder-decoder's, :class:`.seq2seq.Seq2SeqCollator`)."""
     if dataset is None or len(dataset) == 0:
         return None
     if max_samples is not None and len(dataset) > max_samples:
         dataset = dataset.select(range(max_samples))
-    collate = ClassificationCollator(pad_token_id) if classification else PaddedLMCollator(pad_token_id)
+    if collate is None:
+        collate = ClassificationCollator(pad_token_id) if classification else PaddedLMCollator(pad_token_id)
     cols = ["input_ids", "label"] if classification else ["input_ids", "labels"]
     return torch.utils.data.DataLoader(_ListDataset(dataset, cols), batch_size=batch_size, shuffle=False, collate_fn=collate)

@@ -144,8 +144,10 @@ def evaluate_lm(
     *,
     accelerator: Accelerator | None = None,
     max_batches: int | None = None,
+    shift: bool = True,
 ) -> dict[str, float]:
-    """Token-weighted loss, perplexity and next-token accuracy of a causal LM.
+    """Token-weighted loss, perplexity and next-token accuracy of a causal LM (``shift`` False: of an
+    encoder-decoder, whose logits at ``t`` are scored against ``labels[t]``).
 
     Batches hold ``input_ids`` and ``labels`` (``-100`` = not scored) and optionally ``attention_mask`` /
     ``position_ids`` (packed rows). As in every Hugging Face causal LM, the logits at position ``t`` are scored
@@ -170,7 +172,7 @@ def evaluate_lm(
             if "labels" not in batch:
                 raise ValueError("evaluate_lm needs 'labels' in every batch (use -100 for tokens that are not scored)")
             logits = model(**_model_inputs(model, batch)).logits
-            row_stats = _lm_row_stats(logits, batch["labels"])
+            row_stats = _lm_row_stats(logits, batch["labels"], shift=shift)
             row_stats = _gather(accelerator, row_stats).to("cpu", torch.float64)
             loss_sum += float(row_stats[:, 0].sum())
             tokens += int(row_stats[:, 1].sum())
@@ -189,7 +191,7 @@ def evaluate_lm(
     }
 
 
-def _lm_row_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _lm_row_stats(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True) -> torch.Tensor:
     """``[rows, 3]`` float64: summed token NLL, scored tokens and correct argmax predictions per row.
 
     One row at a time so the float32 upcast of the logits costs one row's memory, not the batch's
@@ -197,12 +199,12 @@ def _lm_row_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
-    shifted = labels[:, 1:].long()
+    shifted = (labels[:, 1:] if shift else labels).long()
     rows = []
     for row in range(labels.shape[0]):  # no host sync inside: fine on GPU
         target = shifted[row]
         keep = target != IGNORE_INDEX
-        row_logits = logits[row, :-1].float()
+        row_logits = (logits[row, :-1] if shift else logits[row]).float()
         nll = F.cross_entropy(row_logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
         hits = ((row_logits.argmax(dim=-1) == target) & keep).sum()
         rows.append(torch.stack([nll.double(), keep.sum().double(), hits.double()]))

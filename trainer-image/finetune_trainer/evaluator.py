@@ -44,8 +44,13 @@ class Evaluator:
 
     def loader(self, dataset: datasets.Dataset | None, max_samples: int | None = None) -> DataLoader | None:
         """Padded eval batches; under DDP each rank takes a shard and the metrics are gathered (exactly, see evaluate)."""
+        collate = None
+        if self.spec.is_seq2seq:
+            from .seq2seq import Seq2SeqCollator, decoder_inputs_of
+
+            collate = Seq2SeqCollator(self.tokenizer.pad_token_id, decoder_inputs_of(self.model))
         loader = eval_loader(dataset, classification=self.classification, batch_size=self.hp.batch_size,
-                             pad_token_id=self.tokenizer.pad_token_id, max_samples=max_samples)
+                             pad_token_id=self.tokenizer.pad_token_id, max_samples=max_samples, collate=collate)
         if loader is not None and self.dist.distributed:
             loader = self.accelerator.prepare(loader)  # no sampler generator: does not touch any RNG
         return loader
@@ -65,7 +70,7 @@ class Evaluator:
             if self.classification:
                 return evaluate_classification(self.model, loader, num_labels=self.num_labels, label_names=self.data.labels,
                                                accelerator=accelerator, **kwargs)
-            return evaluate_lm(self.model, loader, accelerator=accelerator)
+            return evaluate_lm(self.model, loader, accelerator=accelerator, shift=not self.spec.is_seq2seq)
 
     def generation_sample(self, dataset: datasets.Dataset, limit: int) -> tuple[list[list[int]], list[str]]:
         """The prompt ids and references of the rows BLEU/ROUGE are scored on: a seeded sample of up to ``limit``
@@ -81,9 +86,12 @@ class Evaluator:
         return self._samples[key]
 
     def few_shot(self) -> FewShot | None:
-        """The k-shot demonstrations of the base-model baseline (evaluation.fewShotExamples training rows)."""
+        """The k-shot demonstrations of the base-model baseline (evaluation.fewShotExamples training rows); None for
+        seq2seq-lm, whose baseline is the base model alone (in-context demonstrations are a decoder-only practice)."""
         from .generation import FewShot
 
+        if self.spec.is_seq2seq:
+            return None
         return FewShot.from_train(self.data.train, self.tokenizer, k=self.spec.evaluation.few_shot_examples, seed=self.hp.seed,
                                   keep_eos=getattr(self.spec.dataset.format, "value", self.spec.dataset.format) == "chat")
 
@@ -102,7 +110,9 @@ class Evaluator:
         if not prompts:
             log.warning("evaluation.metrics %s need prompt/completion or chat rows; skipped", wanted)
             return None
-        max_new_tokens = min(128, self.hp.max_seq_length)
+        settings = self.spec.evaluation.generation
+        max_new_tokens = min(settings.max_new_tokens, self.hp.max_seq_length)
+        rouge_types = ("rouge1", "rouge2", "rougeL") if self.spec.is_seq2seq else ("rougeL",)
         shortened = 0
         if few_shot is not None:
             built = [few_shot.prompt(p, max_length=self.hp.max_seq_length) for p in prompts]
@@ -110,7 +120,8 @@ class Evaluator:
             shortened = sum(1 for _, used in built if used < few_shot.k)
         with self.accelerator.autocast():
             scores = generate_and_score(self.model, self.tokenizer, prompts, references, metrics=wanted,
-                                        max_new_tokens=max_new_tokens, batch_size=self.hp.batch_size)
+                                        max_new_tokens=max_new_tokens, batch_size=self.hp.batch_size,
+                                        num_beams=settings.num_beams, rouge_types=rouge_types)
         if few_shot is not None:
             scores["prompts_shortened"] = float(shortened)  # k-shot prompts cut to fit maxSeqLength
         log.info("generation metrics on %d %s prompts%s: %s", len(prompts), "test" if dataset is self.data.test else "validation",

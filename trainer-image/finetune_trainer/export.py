@@ -76,14 +76,12 @@ def export_merged(model: PeftModel, tokenizer: PreTrainedTokenizerBase, spec: Fi
     ones it trained against (merging into a quantised base would be lossy).
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from .model import DTYPES
+    from .model import DTYPES, auto_model_class
 
     config = copy.deepcopy(model.get_base_model().config)  # with the task head's labels
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    auto = AutoModelForSequenceClassification if spec.is_classification else AutoModelForCausalLM
+    auto = auto_model_class(spec)
     dtype = DTYPES["fp32" if precision == "fp32" else precision]
     base = auto.from_pretrained(model_dir, config=config, dtype=dtype, trust_remote_code=spec.model.trust_remote_code)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -1,10 +1,10 @@
-"""Generation metrics: greedy completions of evaluation prompts, scored with sacrebleu (BLEU) and
-rouge-score (ROUGE-L).
+"""Generation metrics: greedy (or beam-search) completions of evaluation prompts, scored with sacrebleu (BLEU) and
+rouge-score (ROUGE-L; ROUGE-1 and ROUGE-2 too for seq2seq-lm).
 
 :func:`prompts_and_references` recovers each row's prompt *token ids* (exactly as in training: the chat
 template's special tokens included) and its reference text, :func:`sample_rows` picks the evaluated rows
 (seeded, stratified by reference when the completions are a few labels), :func:`generate_greedy` completes
-a left-padded batch of prompt ids, :func:`score_texts` scores hypotheses against references and
+a left-padded batch of prompt ids (an encoder-decoder's from its right-padded source, :mod:`.seq2seq`), :func:`score_texts` scores hypotheses against references and
 :func:`generate_and_score` does the last two. :class:`FewShot` builds the k-shot prompts of the base-model
 baseline from training rows.
 """
@@ -49,10 +49,15 @@ class _WordTokenizer:
         return self._word.findall(text.lower())
 
 
+ROUGE_NAMES = {"rouge1": "rouge_1", "rouge2": "rouge_2", "rougeL": "rouge_l"}  # rouge-score's type -> our metric name
+
+
 def score_texts(
-    hypotheses: Sequence[str], references: Sequence[str], *, metrics: Sequence[str] = GENERATION_METRICS
+    hypotheses: Sequence[str], references: Sequence[str], *, metrics: Sequence[str] = GENERATION_METRICS,
+    rouge_types: Sequence[str] = ("rougeL",),
 ) -> dict[str, float]:
-    """Corpus BLEU (sacrebleu, 0-100, default 13a tokenisation) and mean ROUGE-L F1 (rouge-score, 0-1); when the
+    """Corpus BLEU (sacrebleu, 0-100, default 13a tokenisation) and mean ROUGE F1 of each of ``rouge_types``
+    (rouge-score, 0-1; ROUGE-L alone by default, reported as ``rouge_l``, ``rouge_1``, ``rouge_2``); when the
     references are a few labels (:func:`label_like`: classification as generation), also ``label_accuracy``, the
     share of completions that are exactly their label (case and surrounding whitespace aside)."""
     _check_metrics(metrics)
@@ -68,9 +73,10 @@ def score_texts(
     if "rouge" in metrics:
         from rouge_score import rouge_scorer
 
-        scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WordTokenizer())
-        f1s = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references)]
-        scores["rouge_l"] = float(sum(f1s) / len(f1s))
+        scorer = rouge_scorer.RougeScorer(list(rouge_types), tokenizer=_WordTokenizer())
+        scored = [scorer.score(ref, hyp) for hyp, ref in zip(hypotheses, references)]
+        for kind in rouge_types:
+            scores[ROUGE_NAMES[kind]] = float(sum(s[kind].fmeasure for s in scored) / len(scored))
     if label_like(references):
         same = [" ".join(h.split()).casefold() == " ".join(r.split()).casefold() for h, r in zip(hypotheses, references)]
         scores["label_accuracy"] = sum(same) / len(same)
@@ -236,14 +242,16 @@ def generate_and_score(
     metrics: Sequence[str] = GENERATION_METRICS,
     max_new_tokens: int = 64,
     batch_size: int = 8,
+    num_beams: int = 1,
+    rouge_types: Sequence[str] = ("rougeL",),
 ) -> dict[str, float]:
-    """Greedy-decode a completion for each prompt (token ids, as in training) and score it against its reference
-    with :func:`score_texts`. Run it on one process with the unwrapped model."""
+    """Greedy-decode (beam-search with ``num_beams`` > 1) a completion for each prompt (token ids, as in training)
+    and score it against its reference with :func:`score_texts`. Run it on one process with the unwrapped model."""
     _check_metrics(metrics)
     if len(prompts) != len(references):
         raise ValueError(f"{len(prompts)} prompts for {len(references)} references")
-    hypotheses = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return score_texts(hypotheses, references, metrics=metrics)
+    hypotheses = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams)
+    return score_texts(hypotheses, references, metrics=metrics, rouge_types=rouge_types)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,13 +270,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
 @torch.no_grad()
 def generate_greedy(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]], *,
-    max_new_tokens: int = 64, batch_size: int = 8,
+    max_new_tokens: int = 64, batch_size: int = 8, num_beams: int = 1,
 ) -> list[str]:
-    """Greedy completions of prompt token ids (new text only, special tokens skipped, stripped).
+    """Greedy (``num_beams`` > 1: beam-search) completions of prompt token ids (new text only, special tokens
+    skipped, stripped).
 
     Batches are left-padded with the pad token (EOS when the tokenizer has none) and masked, so a prompt's
-    completion is the one it gets alone; the tokenizer is not touched.
+    completion is the one it gets alone; the tokenizer is not touched. An encoder-decoder model's prompts are
+    its encoder's input instead (:func:`.seq2seq.generate_from_sources`).
     """
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        from .seq2seq import generate_from_sources
+
+        return generate_from_sources(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams)
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be at least 1")
     if any(len(p) == 0 for p in prompts):
@@ -286,7 +300,7 @@ def generate_greedy(
                 attention_mask=attention_mask.to(device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                num_beams=1,
+                num_beams=num_beams,
                 pad_token_id=pad,
             )
             new_tokens = generated[:, input_ids.shape[1] :]

@@ -30,11 +30,12 @@ Batch = dict[str, torch.Tensor]
 class WindowLoss:
     classification: bool
     class_weights: torch.Tensor | None = None  # classification only, on the training device
+    shift: bool = True  # causal LM: logits at t score labels[t + 1]; an encoder-decoder's logits align with its labels
 
     def local_total(self, batches: list[Batch]) -> float:
         """This rank's share of the window: loss tokens (LM), rows or their summed class weights."""
         if not self.classification:
-            return float(sum(label_tokens(b) for b in batches))
+            return float(sum(label_tokens(b, shift=self.shift) for b in batches))
         if self.class_weights is not None:
             return float(sum(self.class_weights[b["labels"]].sum().item() for b in batches))
         return float(sum(int(b["labels"].numel()) for b in batches))
@@ -57,6 +58,6 @@ class WindowLoss:
         logits = model(**inputs).logits.float()
         if self.classification:
             return F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum") / denominator
-        shifted = labels[..., 1:].reshape(-1)
-        flat = logits[..., :-1, :].reshape(-1, logits.shape[-1])
+        shifted = (labels[..., 1:] if self.shift else labels).reshape(-1)
+        flat = (logits[..., :-1, :] if self.shift else logits).reshape(-1, logits.shape[-1])
         return F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum") / denominator

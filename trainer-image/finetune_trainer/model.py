@@ -51,7 +51,19 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "roberta": ["query", "key", "value"],
     "xlm-roberta": ["query", "key", "value"],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    # Encoder-decoders (model.task seq2seq-lm): self- and cross-attention of encoder and decoder, and the MLPs.
+    **{t: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"] for t in ("bart", "mbart", "marian", "pegasus")},
+    **{t: ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"] for t in ("t5", "mt5", "umt5")},  # wi_0/wi_1: gated T5 v1.1/flan-t5
 }
+
+
+def auto_model_class(spec: FineTuneJobSpec) -> Any:
+    """The transformers Auto class of the task's head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    if spec.is_classification:
+        return AutoModelForSequenceClassification
+    return AutoModelForSeq2SeqLM if spec.is_seq2seq else AutoModelForCausalLM
 
 
 # ------------------------------------------------------------------------------------ 1. where it is
@@ -199,7 +211,7 @@ def load_model(
 ) -> LoadedModel:
     """The model to train. ``empty``: the right architecture on the meta device, no weights read
     (FSDP ranks other than 0 do this; rank 0's weights reach them when the model is sharded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     method = spec.method
     precision = resolve_precision(spec.hyperparameters.precision)
@@ -252,7 +264,7 @@ def load_model(
         # Full fine-tune: fp32 master weights, autocast does the rest.
         kwargs["dtype"] = torch.float32
 
-    auto = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
+    auto = auto_model_class(spec)
     try:
         if empty:
             with torch.device("meta"):
@@ -265,7 +277,7 @@ def load_model(
 
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    if not classification and spec.hyperparameters.packing and "attn_implementation" not in kwargs:
+    if not classification and not spec.is_seq2seq and spec.hyperparameters.packing and "attn_implementation" not in kwargs:
         from .attention import use_per_document_sdpa
 
         use_per_document_sdpa(model)
@@ -285,12 +297,12 @@ def load_model(
 
 def count_parameters(model_dir: str, spec: FineTuneJobSpec) -> int:
     """Parameters of the base model, from its config alone (instantiated on the meta device: no memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     trust = spec.model.trust_remote_code
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
-        auto = AutoModelForSequenceClassification if spec.is_classification else AutoModelForCausalLM
+        auto = auto_model_class(spec)
         with torch.device("meta"):
             model = auto.from_config(config, trust_remote_code=trust)
     except Exception as e:  # noqa: BLE001
@@ -326,7 +338,7 @@ def _wrap_adapter(model: Any, spec: FineTuneJobSpec, classification: bool) -> tu
         lora_dropout=lora.dropout,
         target_modules=targets,
         use_dora=spec.method == "dora",
-        task_type=TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM,
+        task_type=TaskType.SEQ_CLS if classification else TaskType.SEQ_2_SEQ_LM if spec.is_seq2seq else TaskType.CAUSAL_LM,
         bias="none",
     )
     try:

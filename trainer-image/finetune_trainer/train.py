@@ -218,10 +218,14 @@ class Trainer:
         hp = self.hp
         batching = Batching(len(self.data.train), hp.batch_size, self.dist.world_size, self.dist.rank, hp.seed)
         collate = make_collator(classification=self.classification, packing=hp.packing, pad_token_id=self.tokenizer.pad_token_id)
+        if self.spec.is_seq2seq:
+            from .seq2seq import Seq2SeqCollator, decoder_inputs_of
+
+            collate = Seq2SeqCollator(self.tokenizer.pad_token_id, decoder_inputs_of(self.loaded.model))
         class_weights = None
         if self.classification and self.data.class_weights and self.spec.dataset.preprocessing.class_weights:
             class_weights = torch.tensor(self.data.class_weights, dtype=torch.float32, device=self.accelerator.device)
-        return batching, collate, WindowLoss(self.classification, class_weights)
+        return batching, collate, WindowLoss(self.classification, class_weights, shift=not self.spec.is_seq2seq)
 
     def _setup_optimizer(self, loaded: LoadedModel) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, PreTrainedModel, ModelState]:
         """(model, optimizer, scheduler, unwrapped model, ModelState), the model sharded first under FSDP."""

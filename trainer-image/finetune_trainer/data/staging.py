@@ -312,7 +312,8 @@ class _Stager:
     def flush(self) -> None:
         """Tokenise the pending rows and keep those within the token limits."""
         pre, counts = self.ctx.pre, self.counts
-        tokenized = tokenize_batch([c.record for c in self.pending], self.ctx.fmt, self.ctx.tokenizer, self.ctx.spec.hyperparameters.max_seq_length)
+        tokenized = tokenize_batch([c.record for c in self.pending], self.ctx.fmt, self.ctx.tokenizer, self.ctx.spec.hyperparameters.max_seq_length,
+                                   seq2seq=self.ctx.spec.is_seq2seq)
         for candidate, tok in zip(self.pending, tokenized):
             if tok.length < pre.min_tokens:
                 counts.too_short += 1

@@ -12,6 +12,11 @@
   back to locating the turn's content in the rendering. EOS is appended only when the rendering does not
   already end with it (most templates close every turn with the model's end-of-turn token).
 - ``classification``: ``input_ids`` with the tokenizer's special tokens; the integer label is added later.
+- ``prompt-completion`` for an encoder-decoder (``model.task: seq2seq-lm``): stored the same way (prompt ids,
+  then completion ids + EOS; ``labels`` -100 on the prompt), so every later stage reads one row shape; the
+  collator (:mod:`finetune_trainer.seq2seq`) splits it at the first scored token into the encoder's input and
+  the decoder's labels. Prompt and completion are each cut to ``maxSeqLength`` on their own (the prompt by the
+  tokenizer, keeping its closing special token), so a long source never pushes the target out.
 
 Sequences longer than ``hyperparameters.maxSeqLength`` are cut at the end (a truncated LM row loses its
 EOS, which is right: the text did not end there). ``length`` is the token count before truncation,
@@ -48,9 +53,12 @@ class Tokenized:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def tokenize_batch(records: Sequence[Record], fmt: str, tokenizer: PreTrainedTokenizerBase, max_len: int) -> list[Tokenized]:
+def tokenize_batch(records: Sequence[Record], fmt: str, tokenizer: PreTrainedTokenizerBase, max_len: int, *,
+                   seq2seq: bool = False) -> list[Tokenized]:
     if not records:
         return []
+    if seq2seq and fmt == PROMPT_COMPLETION:
+        return _seq2seq(records, tokenizer, max_len)
     if fmt == TEXT:
         ids = _encode(tokenizer, [r["text"] for r in records], special=True)
         return [_lm(row + _eos(tokenizer), row + _eos(tokenizer), max_len) for row in ids]
@@ -79,6 +87,24 @@ def tokenize_batch(records: Sequence[Record], fmt: str, tokenizer: PreTrainedTok
             out.append(Tokenized(final, None, len(row), i in truncated))
         return out
     raise ValueError(f"unknown dataset format {fmt!r}")
+
+
+def _seq2seq(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_len: int) -> list[Tokenized]:
+    """Encoder input (the prompt with the tokenizer's special tokens) and decoder target (completion + EOS), each cut
+    to ``max_len`` on its own, stored as one row: ``input_ids`` = source + target, ``labels`` -100 on the source."""
+    prompts = [r["prompt"] for r in records]
+    sources = _encode(tokenizer, prompts, special=True)
+    long_rows = [i for i, row in enumerate(sources) if len(row) > max_len]
+    cut = dict(zip(long_rows, tokenizer([prompts[i] for i in long_rows], truncation=True, max_length=max_len)["input_ids"])) if long_rows else {}
+    out = []
+    for i, (source, target) in enumerate(zip(sources, _encode(tokenizer, [r["completion"] for r in records], special=False))):
+        target = target + _eos(tokenizer)
+        length = len(source) + len(target)
+        source = list(cut.get(i, source))
+        truncated = i in cut or len(target) > max_len
+        target = target[:max_len]
+        out.append(Tokenized(source + target, [IGNORE_INDEX] * len(source) + target, length, truncated))
+    return out
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:

@@ -1,0 +1,154 @@
+"""model.task seq2seq-lm: a tiny BART and a tiny T5 (made from configs, word-level tokenizer, no hub) trained
+through the real trainer on a learnable summarisation set (the summary is the source's first three words)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_trainer.collate import IGNORE_INDEX, label_tokens
+from finetune_trainer.data.tokenize import tokenize_batch
+from finetune_trainer.seq2seq import Seq2SeqCollator, split_row
+from helpers_assets import SPECIALS, WORDS, checkpoint_state, deep_update, run_trainer, write_config, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+SUMMARY_WORDS = 3
+
+
+def _tokenizer(dest: Path):
+    """Word-level tokenizer; a source ends with <eos> (as BART's and T5's do), targets get EOS from the trainer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + ["summarise", ":"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", vocab["<eos>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(dest)
+    return fast, vocab
+
+
+def build_tiny_bart(dest: Path, seed: int = 0) -> Path:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    if (dest / "config.json").exists():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    _, vocab = _tokenizer(dest)
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=len(vocab), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128, dropout=0.1, attention_dropout=0.1,
+        pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"],
+        decoder_start_token_id=vocab["<eos>"],  # BART's convention: the decoder starts from </s>
+        forced_eos_token_id=None, forced_bos_token_id=None,
+    )
+    BartForConditionalGeneration(config).save_pretrained(dest)
+    return dest
+
+
+def build_tiny_t5(dest: Path, seed: int = 0) -> Path:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    if (dest / "config.json").exists():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    _, vocab = _tokenizer(dest)
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(vocab), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.1,
+        pad_token_id=vocab["<pad>"], eos_token_id=vocab["<eos>"], decoder_start_token_id=vocab["<pad>"],  # T5's convention
+    )
+    T5ForConditionalGeneration(config).save_pretrained(dest)
+    return dest
+
+
+def summary_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """source 'summarise : wA wB wC wD ...' (5-8 words) -> summary 'wA wB wC'."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [WORDS[rng.randrange(len(WORDS))] for _ in range(rng.randint(5, 8))]
+        rows.append({"prompt": "summarise : " + " ".join(words), "completion": " ".join(words[:SUMMARY_WORDS])})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def s2s_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("seq2seq-assets")
+    return {
+        "bart": str(build_tiny_bart(root / "tiny-bart")),
+        "t5": str(build_tiny_t5(root / "tiny-t5")),
+        "data": write_jsonl(root / "summaries.jsonl", summary_rows(200)),
+    }
+
+
+def s2s_spec(assets: dict[str, str], model: str, output_uri: str, **overrides) -> dict:
+    spec = {
+        "model": {"uri": assets[model], "task": "seq2seq-lm"},
+        "method": "full",
+        "dataset": {
+            "train": assets["data"], "format": "prompt-completion", "split": {"validation": 0.1, "test": 0.1},
+            "leakageCheck": "off", "preprocessing": {"dedupe": {"exact": False, "near": False}, "redactPii": False},
+        },
+        "hyperparameters": {"maxSteps": 40, "learningRate": 0.003, "batchSize": 8, "gradientAccumulationSteps": 2,
+                            "maxSeqLength": 32, "warmupRatio": 0.0, "lrScheduler": "linear", "seed": 7, "packing": False},
+        "evaluation": {"strategy": "steps", "everySteps": 20, "calibration": False, "metrics": ["bleu", "rouge"],
+                       "generation": {"maxNewTokens": 8}},
+        "checkpoint": {"everySteps": 10, "keepLast": 5},
+        "output": {"uri": output_uri},
+    }
+    return deep_update(spec, overrides)
+
+
+def _progress(out: Path) -> dict:
+    return json.loads((out / "progress.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ pure pieces
+
+
+def test_rows_are_stored_as_source_then_target_each_cut_on_its_own(tmp_path):
+    tok, vocab = _tokenizer(tmp_path)
+    long_prompt = "summarise : " + " ".join(WORDS[:10])
+    rows = tokenize_batch([{"prompt": long_prompt, "completion": "w0 w1 w2 w3 w4 w5 w6 w7"}], "prompt-completion", tok, 8, seq2seq=True)
+    (row,) = rows
+    source, target = split_row(row.input_ids, row.labels)
+    # The source keeps its closing <eos> (the tokenizer truncates it), the target is cut at the end like a causal LM's row.
+    assert source == [vocab["summarise"], vocab[":"]] + [vocab[w] for w in WORDS[:5]] + [vocab["<eos>"]]
+    assert target == [vocab[w] for w in WORDS[:8]]
+    assert row.truncated and row.length == 13 + 9
+    # A causal LM's row of the same record is one sequence cut at 8 tokens: the completion is lost entirely.
+    (causal,) = tokenize_batch([{"prompt": long_prompt, "completion": "w0"}], "prompt-completion", tok, 8)
+    assert all(label == IGNORE_INDEX for label in causal.labels)
+
+
+def test_the_collator_pads_source_and_target_and_shifts_the_decoder_inputs(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    bart = AutoModelForSeq2SeqLM.from_pretrained(build_tiny_bart(tmp_path / "bart"))
+    tok, vocab = _tokenizer(tmp_path / "tok")
+    rows = [
+        {"input_ids": [10, 11, 12, 3, 20, 21, 3], "labels": [-100, -100, -100, -100, 20, 21, 3]},
+        {"input_ids": [10, 3, 22, 3], "labels": [-100, -100, 22, 3]},
+    ]
+    batch = Seq2SeqCollator(vocab["<pad>"], bart.prepare_decoder_input_ids_from_labels)(rows)
+    pad, eos = vocab["<pad>"], vocab["<eos>"]
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 3], [10, 3, pad, pad]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[20, 21, 3], [22, 3, -100]]
+    assert batch["decoder_input_ids"].tolist() == [[eos, 20, 21], [eos, 22, 3]]  # decoder_start_token_id = </s>, -100 -> pad
+    assert label_tokens(batch, shift=False) == 5  # every target token is scored (no causal shift)
+    # The loss the trainer computes equals the model's own loss on the same batch.
+    from finetune_trainer.loss import WindowLoss
+
+    bart.eval()
+    ours = WindowLoss(False, shift=False)(bart, batch, denominator=5.0)
+    theirs = bart(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert torch.allclose(ours, theirs, atol=1e-5)
