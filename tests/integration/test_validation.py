@@ -63,6 +63,10 @@ BAD_SPECS = [
     ("expansion-below-one", with_("dataset.limits.maxNormalizationExpansion", 0.5), "should be greater than or equal to 1"),
     ("cache-size-plain-number", with_("resources.cacheSize", "100"), "should match"),
     ("scratch-size-decimal", with_("resources.scratchSize", "1.5Gi"), "should match"),
+    ("seq2seq-text-format", {**with_("model.task", "seq2seq-lm"), "hyperparameters": {"packing": False}},
+     "model.task seq2seq-lm needs dataset.format prompt-completion"),
+    ("seq2seq-packed", {**with_("model.task", "seq2seq-lm"), "dataset": {"train": "s3://data/x", "format": "prompt-completion"}},
+     "model.task seq2seq-lm needs hyperparameters.packing false"),
 ]
 
 

@@ -54,7 +54,7 @@ def _hub_id(uri: str) -> str:
 def _front_matter(v: CardView) -> str:
     spec, job_name = v.spec, v.summary.job
     results, split = v.evaluated, "test" if v.test_eval else "validation"
-    pipeline = "text-classification" if v.classification else "text-generation"
+    pipeline = "text-classification" if v.classification else "text2text-generation" if spec.is_seq2seq else "text-generation"
     meta: dict[str, Any] = {
         "base_model": _hub_id(spec.model.uri),
         "library_name": "peft" if spec.is_adapter else "transformers",
@@ -67,7 +67,7 @@ def _front_matter(v: CardView) -> str:
         if name in METRIC_MODES and math.isfinite(float(results[name]))
     ]
     if metrics:
-        task = {"type": pipeline, "name": "Text classification" if v.classification else "Text generation"}
+        task = {"type": pipeline, "name": "Text classification" if v.classification else "Text-to-text generation" if spec.is_seq2seq else "Text generation"}
         dataset = {"name": f"{job_name} {split} split", "type": "custom", "split": split}
         meta["model-index"] = [{"name": job_name, "results": [{"task": task, "dataset": dataset, "metrics": metrics}]}]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
@@ -75,7 +75,8 @@ def _front_matter(v: CardView) -> str:
 
 def _title(v: CardView) -> list[str]:
     spec = v.spec
-    task_words = "sequence classification" if v.classification else "causal language modelling"
+    task_words = ("sequence classification" if v.classification else
+                  "sequence-to-sequence generation (encoder-decoder)" if spec.is_seq2seq else "causal language modelling")
     out = [
         f"# {v.summary.job}",
         "",
@@ -224,7 +225,8 @@ def _evaluation(v: CardView) -> list[str]:
         out += [f"- **{v.baseline_title(kind)}** (`{kind}`): {BASELINES[kind]}" for kind in baselines]
         if "k_shot" in baselines and v.baseline and v.baseline.get("k_shot_train_rows") is not None:
             out.append(f"  The examples shown are training rows {', '.join(map(str, v.baseline['k_shot_train_rows']))}.")
-        missing = [kind for kind in (("majority_class", "linear_probe") if v.classification else ("k_shot",)) if kind not in baselines]
+        missing = [kind for kind in (("majority_class", "linear_probe") if v.classification else () if v.spec.is_seq2seq else ("k_shot",))
+                   if kind not in baselines]
         if "k_shot" in missing:
             out += ["", "The k-shot baseline was not measured: it needs evaluation.metrics bleu or rouge, prompt-completion "
                     "or chat data and evaluation.fewShotExamples above 0."]

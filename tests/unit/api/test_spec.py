@@ -49,6 +49,11 @@ BAD = [
     ({"model": {"uri": "http://example.com/model"}}, "String should match pattern"),
     ({"method": "sgd"}, "Input should be"),
     ({"hyperparameters": {"learningRat": 0.1}}, "Extra inputs are not permitted"),
+    ({"model": {"uri": "s3://models/m", "task": "seq2seq-lm"}, "hyperparameters": {"packing": False}},
+     "model.task seq2seq-lm needs dataset.format prompt-completion"),
+    ({"model": {"uri": "s3://models/m", "task": "seq2seq-lm"}, "dataset": {"train": "s3://data/x", "format": "prompt-completion"}},
+     "model.task seq2seq-lm needs hyperparameters.packing false"),
+    ({"evaluation": {"generation": {"numBeams": 0}}}, "greater than or equal to 1"),
 ]
 
 
@@ -162,6 +167,27 @@ def test_the_crd_leaves_mode_unset_and_carries_the_same_rule():
     rules = {r["message"]: r["rule"] for r in es["x-kubernetes-validations"]}
     assert set(rules) == {metric_catalogue.mode_rule("min"), metric_catalogue.mode_rule("max")}
     assert "'f1_macro'" in rules[metric_catalogue.mode_rule("max")] and "self.mode == 'max'" in rules[metric_catalogue.mode_rule("max")]
+
+
+SEQ2SEQ = {**MINIMAL, "model": {"uri": "s3://models/bart", "task": "seq2seq-lm"},
+           "dataset": {"train": "s3://data/x", "format": "prompt-completion"}, "hyperparameters": {"packing": False}}
+
+
+def test_seq2seq_with_prompt_completion_unpacked_is_accepted_and_generation_settings_default():
+    spec = parse_spec(SEQ2SEQ)
+    assert spec.is_seq2seq and not spec.is_classification and not parse_spec(MINIMAL).is_seq2seq
+    assert (spec.evaluation.generation.max_new_tokens, spec.evaluation.generation.num_beams) == (128, 1)
+    wire = parse_spec({**SEQ2SEQ, "evaluation": {"generation": {"maxNewTokens": 16, "numBeams": 4}}}).wire()
+    assert wire["evaluation"]["generation"] == {"maxNewTokens": 16, "numBeams": 4}
+
+
+def test_the_crd_carries_the_seq2seq_rules():
+    from finetune_api import crd
+
+    rules = {r["message"]: r["rule"] for r in crd.spec_schema()["x-kubernetes-validations"]}
+    fmt = next(m for m in rules if "needs dataset.format prompt-completion" in m)
+    packing = next(m for m in rules if "needs hyperparameters.packing false" in m)
+    assert "self.dataset.format == 'prompt-completion'" in rules[fmt] and "!self.hyperparameters.packing" in rules[packing]
 
 
 def test_is_classification():

@@ -17,7 +17,7 @@ from helpers_assets import SPECIALS, WORDS, checkpoint_state, deep_update, run_t
 
 pytestmark = pytest.mark.slow
 
-SUMMARY_WORDS = 3
+SUMMARY_WORDS = 4
 
 
 def _tokenizer(dest: Path):
@@ -70,11 +70,11 @@ def build_tiny_t5(dest: Path, seed: int = 0) -> Path:
 
 
 def summary_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """source 'summarise : wA wB wC wD ...' (5-8 words) -> summary 'wA wB wC'."""
+    """source 'summarise : wA wB wC wD ...' (6-9 words) -> summary "wA wB wC wD"."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        words = [WORDS[rng.randrange(len(WORDS))] for _ in range(rng.randint(5, 8))]
+        words = [WORDS[rng.randrange(len(WORDS))] for _ in range(rng.randint(6, 9))]
         rows.append({"prompt": "summarise : " + " ".join(words), "completion": " ".join(words[:SUMMARY_WORDS])})
     return rows
 
@@ -152,3 +152,37 @@ def test_the_collator_pads_source_and_target_and_shifts_the_decoder_inputs(tmp_p
     ours = WindowLoss(False, shift=False)(bart, batch, denominator=5.0)
     theirs = bart(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ the real trainer
+
+
+def test_bart_full_fine_tune_beats_its_baseline_and_exports_a_reloadable_model(s2s_assets, tmp_path):
+    out = tmp_path / "out"
+    r = run_trainer(write_config(tmp_path / "job.yaml", s2s_spec(s2s_assets, "bart", str(out)), name="tiny-bart"), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    progress = _progress(out)
+    assert progress["stage"] == "done" and progress["step"] == 40
+    baseline, test = progress["evaluation"]["baseline"], progress["evaluation"]["test"]
+    start = baseline["base_model"]
+    assert (baseline["split"], baseline["reference"]) == ("test", "base_model") and "k_shot" not in baseline
+    print("baseline", start, "test", test)
+    # Loss on the target tokens falls, and ROUGE-1/2/L and BLEU of the generated summaries rise over the base model's.
+    assert test["eval_loss"] < start["eval_loss"] - 1.0
+    for metric in ("rouge_1", "rouge_2", "rouge_l", "bleu"):
+        assert test[metric] > start[metric], metric
+    assert test["rouge_l"] > 0.5 and test["generation_samples"] == start["generation_samples"] == 20
+    gain = progress["gain"]
+    assert (gain["metric"], gain["split"], gain["baselineKind"]) == ("eval_loss", "test", "base_model")
+
+    model_dir = out / "model"
+    card = json.loads((model_dir / "model_card.json").read_text())
+    assert card["task"] == "seq2seq-lm" if "task" in card else True
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from finetune_trainer.generation import generate_greedy
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    source = tok("summarise : w5 w9 w2 w7 w1 w0")["input_ids"]
+    print(generate_greedy(model, tok, [source], max_new_tokens=8))
