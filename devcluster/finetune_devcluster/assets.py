@@ -8,6 +8,10 @@
   report has something to show.
 * ``instruction_rows(n)``: prompt-completion pairs whose completion is a fixed function of the
   prompt, learnable in a few dozen steps.
+* ``build_tiny_seq2seq(dest, architecture)``: a 2+2-layer BART or T5 encoder-decoder initialised from a
+  config, with a word-level tokenizer (sources end with ``<eos>``, as BART's and T5's do).
+* ``summary_rows(n)``: short texts (who did what, where, when, why) and their summaries (who did what),
+  for ``model.task: seq2seq-lm``.
 """
 
 from __future__ import annotations
@@ -115,6 +119,67 @@ def instruction_rows(n: int = 200, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+SUMMARY_SUBJECTS = ["farmer", "teacher", "doctor", "pilot", "baker", "painter", "miner", "sailor"]
+SUMMARY_VERBS = ["sold", "bought", "painted", "carried", "found", "lost", "fixed", "cooked"]
+SUMMARY_OBJECTS = ["apples", "bread", "boats", "chairs", "letters", "tools", "lamps", "coats"]
+SUMMARY_PLACES = ["at the market", "in the village", "near the river", "by the station", "at the harbour"]
+SUMMARY_TIMES = ["on monday", "on friday", "last week", "in spring", "at dawn"]
+SUMMARY_REASONS = ["because prices were high", "for the winter", "after the storm", "with a friend", "before the festival"]
+SUMMARY_VOCAB = sorted({w for phrase in (SUMMARY_SUBJECTS + SUMMARY_VERBS + SUMMARY_OBJECTS + SUMMARY_PLACES + SUMMARY_TIMES
+                                         + SUMMARY_REASONS) for w in phrase.split()} | {"summarise", ":", ".", "a", "an"})
+
+
+def summary_rows(n: int = 300, seed: int = 0) -> list[dict[str, str]]:
+    """prompt 'summarise : the baker sold apples on monday at the market because prices were high .' ->
+    completion 'baker sold apples on monday' (distinct texts; the place and the reason are detail to leave out)."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        who, did, what, when = (rng.choice(words) for words in (SUMMARY_SUBJECTS, SUMMARY_VERBS, SUMMARY_OBJECTS, SUMMARY_TIMES))
+        detail = [rng.choice(SUMMARY_PLACES), rng.choice(SUMMARY_REASONS)][: rng.randint(1, 2)]
+        text = f"the {who} {did} {what} {when} {' '.join(detail)} ."
+        if text in seen:
+            continue
+        seen.add(text)
+        rows.append({"prompt": f"summarise : {text}", "completion": f"{who} {did} {what} {when}"})
+    return rows
+
+
+def build_tiny_seq2seq(dest: Path, architecture: str = "bart", seed: int = 0) -> Path:
+    """A tiny encoder-decoder (``bart`` or ``t5``, 2 encoder + 2 decoder layers, width 64) and a word-level tokenizer
+    over WORDS and the summary vocabulary; idempotent. The decoder starts from ``<eos>`` (BART) or ``<pad>`` (T5),
+    as those families do."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    if (dest / "config.json").exists():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + SUMMARY_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", vocab["<eos>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(dest)
+    torch.manual_seed(seed)
+    ids = {"pad_token_id": vocab["<pad>"], "eos_token_id": vocab["<eos>"]}
+    if architecture == "bart":
+        config = BartConfig(
+            vocab_size=len(vocab), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128, dropout=0.1, attention_dropout=0.1,
+            bos_token_id=vocab["<bos>"], decoder_start_token_id=vocab["<eos>"], forced_bos_token_id=None, forced_eos_token_id=None, **ids,
+        )
+        BartForConditionalGeneration(config).save_pretrained(dest)
+    elif architecture == "t5":
+        config = T5Config(vocab_size=len(vocab), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                          dropout_rate=0.1, decoder_start_token_id=vocab["<pad>"], **ids)
+        T5ForConditionalGeneration(config).save_pretrained(dest)
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}: bart or t5")
+    return dest
+
+
 def jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
@@ -140,10 +205,14 @@ def seed_bucket(client: Any, bucket: str, work: Path) -> dict[str, str]:
     upload_dir(client, build_tiny_lm(work / "tiny-lm"), bucket, "models/tiny-lm")
     client.put_object(Bucket=bucket, Key="datasets/sentiment/train.jsonl", Body=jsonl(sentiment_rows()))
     client.put_object(Bucket=bucket, Key="datasets/instructions/train.jsonl", Body=jsonl(instruction_rows()))
+    upload_dir(client, build_tiny_seq2seq(work / "tiny-bart", "bart"), bucket, "models/tiny-bart")
+    client.put_object(Bucket=bucket, Key="datasets/summaries/train.jsonl", Body=jsonl(summary_rows()))
     base = f"s3://{bucket}"
     return {
         "minilm": f"{base}/models/minilm",
         "tiny_lm": f"{base}/models/tiny-lm",
         "sentiment": f"{base}/datasets/sentiment/train.jsonl",
         "instructions": f"{base}/datasets/instructions/train.jsonl",
+        "tiny_bart": f"{base}/models/tiny-bart",
+        "summaries": f"{base}/datasets/summaries/train.jsonl",
     }

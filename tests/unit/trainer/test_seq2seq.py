@@ -13,60 +13,27 @@ import torch
 from finetune_trainer.collate import IGNORE_INDEX, label_tokens
 from finetune_trainer.data.tokenize import tokenize_batch
 from finetune_trainer.seq2seq import Seq2SeqCollator, split_row
-from helpers_assets import SPECIALS, WORDS, checkpoint_state, deep_update, run_trainer, write_config, write_jsonl
+from finetune_devcluster.assets import build_tiny_seq2seq
+from helpers_assets import WORDS, checkpoint_state, deep_update, run_trainer, write_config, write_jsonl
 
 pytestmark = pytest.mark.slow
 
 SUMMARY_WORDS = 4
 
 
-def _tokenizer(dest: Path):
-    """Word-level tokenizer; a source ends with <eos> (as BART's and T5's do), targets get EOS from the trainer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIALS + ["summarise", ":"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", vocab["<eos>"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    fast.save_pretrained(dest)
-    return fast, vocab
+def build_tiny_bart(dest: Path) -> Path:
+    return build_tiny_seq2seq(dest, "bart")
 
 
-def build_tiny_bart(dest: Path, seed: int = 0) -> Path:
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    if (dest / "config.json").exists():
-        return dest
-    dest.mkdir(parents=True, exist_ok=True)
-    _, vocab = _tokenizer(dest)
-    torch.manual_seed(seed)
-    config = BartConfig(
-        vocab_size=len(vocab), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128, dropout=0.1, attention_dropout=0.1,
-        pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"],
-        decoder_start_token_id=vocab["<eos>"],  # BART's convention: the decoder starts from </s>
-        forced_eos_token_id=None, forced_bos_token_id=None,
-    )
-    BartForConditionalGeneration(config).save_pretrained(dest)
-    return dest
+def build_tiny_t5(dest: Path) -> Path:
+    return build_tiny_seq2seq(dest, "t5")
 
 
-def build_tiny_t5(dest: Path, seed: int = 0) -> Path:
-    from transformers import T5Config, T5ForConditionalGeneration
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
 
-    if (dest / "config.json").exists():
-        return dest
-    dest.mkdir(parents=True, exist_ok=True)
-    _, vocab = _tokenizer(dest)
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=len(vocab), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, dropout_rate=0.1,
-        pad_token_id=vocab["<pad>"], eos_token_id=vocab["<eos>"], decoder_start_token_id=vocab["<pad>"],  # T5's convention
-    )
-    T5ForConditionalGeneration(config).save_pretrained(dest)
-    return dest
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return tok, tok.get_vocab()
 
 
 def summary_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -77,6 +44,11 @@ def summary_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
         words = [WORDS[rng.randrange(len(WORDS))] for _ in range(rng.randint(6, 9))]
         rows.append({"prompt": "summarise : " + " ".join(words), "completion": " ".join(words[:SUMMARY_WORDS])})
     return rows
+
+
+@pytest.fixture(scope="module")
+def bart_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_bart(tmp_path_factory.mktemp("bart") / "tiny-bart")
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +86,8 @@ def _progress(out: Path) -> dict:
 # ------------------------------------------------------------------------------------------ pure pieces
 
 
-def test_rows_are_stored_as_source_then_target_each_cut_on_its_own(tmp_path):
-    tok, vocab = _tokenizer(tmp_path)
+def test_rows_are_stored_as_source_then_target_each_cut_on_its_own(bart_dir):
+    tok, vocab = _tokenizer(bart_dir)
     long_prompt = "summarise : " + " ".join(WORDS[:10])
     rows = tokenize_batch([{"prompt": long_prompt, "completion": "w0 w1 w2 w3 w4 w5 w6 w7"}], "prompt-completion", tok, 8, seq2seq=True)
     (row,) = rows
@@ -129,11 +101,11 @@ def test_rows_are_stored_as_source_then_target_each_cut_on_its_own(tmp_path):
     assert all(label == IGNORE_INDEX for label in causal.labels)
 
 
-def test_the_collator_pads_source_and_target_and_shifts_the_decoder_inputs(tmp_path):
+def test_the_collator_pads_source_and_target_and_shifts_the_decoder_inputs(bart_dir):
     from transformers import AutoModelForSeq2SeqLM
 
-    bart = AutoModelForSeq2SeqLM.from_pretrained(build_tiny_bart(tmp_path / "bart"))
-    tok, vocab = _tokenizer(tmp_path / "tok")
+    bart = AutoModelForSeq2SeqLM.from_pretrained(bart_dir)
+    tok, vocab = _tokenizer(bart_dir)
     rows = [
         {"input_ids": [10, 11, 12, 3, 20, 21, 3], "labels": [-100, -100, -100, -100, 20, 21, 3]},
         {"input_ids": [10, 3, 22, 3], "labels": [-100, -100, 22, 3]},
