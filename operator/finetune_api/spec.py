@@ -527,7 +527,7 @@ class Hyperparameters(_Model):
             "Causal LM: pack several rows into one sequence (padding-free) so no compute goes to pad tokens. Attention is kept "
             "inside each row (flash-attention's varlen kernel when installed, else SDPA per row, memory linear in tokens); at "
             "start-up the trainer checks on two rows that packed and unpacked logits agree and fails with InvalidConfig if the "
-            "model attends across rows."
+            "model attends across rows. Must be false with model.task seq2seq-lm (encoder-decoder rows are padded)."
         ),
     )
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory by recomputing activations.")
@@ -659,10 +659,10 @@ class EvaluationSpec(_Model):
         description=(
             "Extra metrics. Always computed: loss, perplexity and token accuracy (LM) or accuracy, "
             "precision/recall/F1 (classification). Optional, LM with prompt-completion or chat data: bleu and "
-            "rouge (ROUGE-L F1, reported as rouge_l) of greedy completions of the prompts' own token ids (chat "
-            "template included), at every evaluation on a seeded sample of up to 32 validation prompts and once on "
+            "rouge (ROUGE-L F1, reported as rouge_l; with task seq2seq-lm also ROUGE-1 and ROUGE-2 F1, rouge_1 and rouge_2) "
+            "of completions (evaluation.generation) of the prompts' own token ids (chat template included), at every evaluation on a seeded sample of up to 32 validation prompts and once on "
             "up to maxEvalSamples (default 64) test prompts; the sample is stratified by completion when the "
-            "completions are a few labels. earlyStopping.metric may then be bleu or rouge_l."
+            "completions are a few labels. earlyStopping.metric may then be bleu or rouge_l (and rouge_1, rouge_2)."
         ),
         json_schema_extra={"items": {"type": "string", "enum": ["bleu", "rouge", "token_accuracy"]}},
     )
@@ -677,7 +677,7 @@ class EvaluationSpec(_Model):
         description=(
             "Measure the baselines before training, on the test set (validation without one), so the report shows "
             "the gain test vs test: the base model (LM) or encoder + untrained head (random_head), plus the "
-            "majority class and a linear probe on frozen features (classification) or k-shot prompting (LM)."
+            "majority class and a linear probe on frozen features (classification) or k-shot prompting (causal LM)."
         ),
     )
     few_shot_examples: int = Field(
@@ -908,7 +908,7 @@ class FineTuneJobSpec(_Model):
         if classification != (self.dataset.format == DataFormat.classification.value):
             raise ValueError("dataset.format classification goes with model.task sequence-classification, and only with it")
         if any(m in ("bleu", "rouge") for m in (self.evaluation.metrics or [])) and classification:
-            raise ValueError("evaluation.metrics bleu and rouge need task causal-lm")
+            raise ValueError("evaluation.metrics bleu and rouge need task causal-lm or seq2seq-lm")
         if self.is_seq2seq and self.dataset.format != DataFormat.prompt_completion.value:
             raise ValueError(_SEQ2SEQ_FORMAT)
         if self.is_seq2seq and self.hyperparameters.packing:

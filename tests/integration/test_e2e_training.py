@@ -31,8 +31,10 @@ BUCKET = "e2e"
 @pytest.fixture(scope="module")
 def procnode(cluster, tmp_path_factory):
     work = tmp_path_factory.mktemp("procnode")
+    # The pods import the trainer the tests import: a PYTHONPATH set for this run (a worktree's code) reaches them too.
+    passed = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
     node = ProcessNode(cluster.api_client(), name="e2e-proc-0", workdir=work, taint=True, targets_file=work / "targets.json",
-                       extra_env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}).start()
+                       extra_env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **passed}).start()
 
     def ready():
         conditions = json.loads(cluster.kubectl("get", "node", node.name, "-o", "json").stdout)["status"]["conditions"]
@@ -112,6 +114,24 @@ def test_two_node_causal_lm_forms_one_distributed_group(kubectl, operator, procn
     manifest = read_json(s3, st["latestCheckpoint"].removeprefix(f"s3://{BUCKET}/") + "/manifest.json")
     assert manifest["world_size"] == 2 and manifest["step"] == 40  # one group of two ranks
     assert all(f["size"] > 0 and len(f["sha256"]) == 64 for f in manifest["files"].values())
+
+
+def test_seq2seq_summaries_beat_the_base_model(kubectl, operator, procnode, s3, data, namespace):
+    """examples/summarise-seq2seq.yaml: a tiny BART learns to summarise; ROUGE-L on test rises from the base model's."""
+    secret(kubectl, namespace, s3)
+    kubectl.create(example("summarise-seq2seq.yaml", "summarise", namespace, s3))
+    st = wait_phase(kubectl, namespace, "summarise", "Succeeded", timeout=600)
+    run = f"runs/{namespace}/summarise"
+    assert st["progress"]["stage"] == "done" and st["progress"]["step"] > 0
+    gain = st["gain"]
+    assert (gain["metric"], gain["split"], gain["baselineKind"]) == ("rouge_l", "test", "base_model")
+    assert gain["final"] > gain["baseline"] + 0.5
+    progress = read_json(s3, f"{run}/progress.json")
+    test, start = progress["evaluation"]["test"], progress["evaluation"]["baseline"]["base_model"]
+    assert all(test[m] > start[m] for m in ("rouge_1", "rouge_2", "rouge_l", "bleu"))
+    card = read_json(s3, f"{run}/model/model_card.json")
+    assert card["task"] == "seq2seq-lm"
+    assert f"{run}/model/model.safetensors" in keys(s3, f"{run}/model/")
 
 
 def test_two_node_full_fine_tune_is_sharded_with_fsdp(kubectl, operator, procnode, s3, data, namespace):
