@@ -228,6 +228,11 @@ def load_model(
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
     except Exception as e:  # noqa: BLE001
         raise ModelNotFound(_load_failure(spec.model.uri, "model config", e)) from None
+    if spec.is_seq2seq and not getattr(config, "is_encoder_decoder", False):
+        raise InvalidConfig(
+            f"model.task seq2seq-lm needs an encoder-decoder model (BART, T5, ...), but {spec.model.uri} is a "
+            f"{config.model_type} decoder-only model: use model.task causal-lm for it"
+        )
     if spec.hyperparameters.dropout is not None:
         _override_dropout(config, spec.hyperparameters.dropout)
     if classification:

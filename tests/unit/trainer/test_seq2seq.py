@@ -218,3 +218,16 @@ def test_a_killed_seq2seq_run_resumes_exactly(s2s_assets, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert 4 <= _resumed_step(r.stderr) < 12
     assert _losses(checkpoint_state(out, 12)) == reference
+
+
+def test_a_decoder_only_model_is_refused_for_seq2seq_with_what_to_change(tmp_path):
+    from finetune_api.spec import parse_spec
+    from finetune_trainer.errors import InvalidConfig
+    from finetune_trainer.model import load_model
+    from helpers_assets import build_tiny_llama
+
+    llama = build_tiny_llama(tmp_path / "llama")
+    spec = parse_spec({"model": {"uri": str(llama), "task": "seq2seq-lm"}, "method": "full", "hyperparameters": {"packing": False},
+                       "dataset": {"train": "/data/x.jsonl", "format": "prompt-completion"}, "output": {"uri": "/out/x"}})
+    with pytest.raises(InvalidConfig, match="needs an encoder-decoder model .* is a llama decoder-only model: use model.task causal-lm"):
+        load_model(str(llama), spec)
