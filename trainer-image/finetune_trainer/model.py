@@ -282,7 +282,7 @@ def load_model(
 
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    if not classification and not spec.is_seq2seq and spec.hyperparameters.packing and "attn_implementation" not in kwargs:
+    if not classification and spec.hyperparameters.packing and "attn_implementation" not in kwargs:
         from .attention import use_per_document_sdpa
 
         use_per_document_sdpa(model)

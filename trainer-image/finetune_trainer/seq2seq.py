@@ -59,7 +59,7 @@ class Seq2SeqCollator:
         pairs = [split_row(r["input_ids"], r["labels"]) for r in rows]
         sources = [s if s else [self.pad_token_id] for s, _ in pairs]  # an encoder needs one position
         input_ids = _pad_right(sources, self.pad_token_id)
-        attention_mask = _pad_right([[1] * len(s) for s, _ in pairs], 0)
+        attention_mask = _pad_right([[1] * len(s) for s in sources], 0)
         labels = _pad_right([t for _, t in pairs], IGNORE_INDEX)
         return {
             "input_ids": input_ids,

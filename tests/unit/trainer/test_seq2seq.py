@@ -117,6 +117,16 @@ def test_the_collator_pads_source_and_target_and_shifts_the_decoder_inputs(bart_
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
+def test_rouge_1_2_and_l_are_scored_when_asked_for():
+    from finetune_trainer.generation import score_texts
+
+    scores = score_texts(["baker sold lamps at dawn"], ["baker sold apples at dawn"], metrics=["rouge"],
+                         rouge_types=("rouge1", "rouge2", "rougeL"))
+    # 4 of 5 words shared; bigrams shared: "baker sold", "at dawn" = 2 of 4; longest common subsequence: 4 words.
+    assert scores["rouge_1"] == pytest.approx(0.8) and scores["rouge_2"] == pytest.approx(0.5) and scores["rouge_l"] == pytest.approx(0.8)
+    assert set(score_texts(["a b"], ["a b"], metrics=["rouge"])) == {"generation_samples", "rouge_l"}  # causal LM: ROUGE-L alone
+
+
 # ------------------------------------------------------------------------------------ the real trainer
 
 
@@ -198,26 +208,26 @@ def test_a_killed_seq2seq_run_resumes_exactly(s2s_assets, tmp_path):
     from test_resume import _losses, _resumed_step, _start, _wait_for
 
     def spec(out):
-        return s2s_spec(s2s_assets, "bart", str(out), hyperparameters={"maxSteps": 12}, evaluation={"everySteps": 4, "metrics": None},
+        return s2s_spec(s2s_assets, "bart", str(out), hyperparameters={"maxSteps": 8}, evaluation={"everySteps": 4, "metrics": None},
                         checkpoint={"everySteps": 4})
 
     ref = tmp_path / "reference"
     ref.mkdir()
     r = run_trainer(write_config(ref / "job.yaml", spec(ref / "out")), ref)
     assert r.returncode == 0, r.stderr[-3000:]
-    reference = _losses(checkpoint_state(ref / "out", 12))
-    assert [s for s, _ in reference] == list(range(1, 13))
+    reference = _losses(checkpoint_state(ref / "out", 8))
+    assert [s for s, _ in reference] == list(range(1, 9))
 
     out = tmp_path / "out"
     config = write_config(tmp_path / "job.yaml", spec(out))
-    proc = _start(config, tmp_path, sleep=0.4)
+    proc = _start(config, tmp_path, sleep=0.3)
     _wait_for(out / "checkpoints" / "step-00000004" / "manifest.json", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     r = run_trainer(config, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert 4 <= _resumed_step(r.stderr) < 12
-    assert _losses(checkpoint_state(out, 12)) == reference
+    assert 4 <= _resumed_step(r.stderr) < 8
+    assert _losses(checkpoint_state(out, 8)) == reference
 
 
 def test_a_decoder_only_model_is_refused_for_seq2seq_with_what_to_change(tmp_path):
