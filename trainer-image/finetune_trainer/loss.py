@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from . import distributed
 from .collate import IGNORE_INDEX, label_tokens
+
+if TYPE_CHECKING:
+    from .distill import Teacher
 
 Batch = dict[str, torch.Tensor]
 
@@ -30,6 +33,7 @@ Batch = dict[str, torch.Tensor]
 class WindowLoss:
     classification: bool
     class_weights: torch.Tensor | None = None  # classification only, on the training device
+    teacher: Teacher | None = None  # spec.distillation: the KD term is mixed into the same sum (see .distill)
 
     def local_total(self, batches: list[Batch]) -> float:
         """This rank's share of the window: loss tokens (LM), rows or their summed class weights."""
@@ -56,7 +60,11 @@ class WindowLoss:
             inputs["use_cache"] = False
         logits = model(**inputs).logits.float()
         if self.classification:
-            return F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum") / denominator
-        shifted = labels[..., 1:].reshape(-1)
-        flat = logits[..., :-1, :].reshape(-1, logits.shape[-1])
-        return F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum") / denominator
+            loss_sum = F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum")
+        else:
+            shifted = labels[..., 1:].reshape(-1)
+            flat = logits[..., :-1, :].reshape(-1, logits.shape[-1])
+            loss_sum = F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum")
+        if self.teacher is not None:
+            loss_sum = self.teacher.mix(loss_sum, logits, inputs, labels, classification=self.classification, class_weights=self.class_weights)
+        return loss_sum / denominator

@@ -1,0 +1,209 @@
+"""Knowledge distillation (spec.distillation, finetune_trainer.distill): the KD term against a hand computation,
+its place in the exact global-batch loss, the refusals, and (slow) the point of it: a student distilled from a
+fine-tuned teacher against the same student trained on the labels alone."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune_trainer.distill import Teacher, check_labels, check_tokenizers, distillation_sum, kl_per_unit
+from finetune_trainer.errors import InvalidConfig
+from finetune_trainer.loss import WindowLoss
+from helpers_assets import assets, build_tiny_llama, minilm_dir  # noqa: F401
+
+
+def _kl_by_hand(student: list[float], teacher: list[float], t: float) -> float:
+    """T^2 * sum_v p_v (log p_v - log q_v), p = softmax(teacher / T), q = softmax(student / T), in plain Python."""
+    def softmax(xs):
+        m = max(x / t for x in xs)
+        e = [math.exp(x / t - m) for x in xs]
+        return [x / sum(e) for x in e]
+
+    p, q = softmax(teacher), softmax(student)
+    return t * t * sum(pv * (math.log(pv) - math.log(qv)) for pv, qv in zip(p, q))
+
+
+def test_the_kd_term_is_t_squared_kl_of_teacher_to_student_softened():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 4, generator=g) * 3, torch.randn(5, 4, generator=g) * 3
+    for t in (1.0, 2.0, 4.5):
+        got = kl_per_unit(student, teacher, t)
+        want = [_kl_by_hand(s.tolist(), tt.tolist(), t) for s, tt in zip(student, teacher)]
+        assert got.tolist() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert kl_per_unit(teacher, teacher, 2.0).abs().max() < 1e-6  # zero when the student matches
+    # The direction: forward KL(teacher || student), not the reverse.
+    forward = _kl_by_hand(student[0].tolist(), teacher[0].tolist(), 2.0)
+    reverse = _kl_by_hand(teacher[0].tolist(), student[0].tolist(), 2.0)
+    assert kl_per_unit(student[:1], teacher[:1], 2.0).item() == pytest.approx(forward, rel=1e-5) != pytest.approx(reverse, rel=1e-3)
+
+
+def test_classification_kd_sum_weights_rows_like_the_task_loss():
+    g = torch.Generator().manual_seed(1)
+    student, teacher, labels = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g), torch.tensor([0, 1, 2, 2, 1, 0])
+    weights = torch.tensor([1.0, 4.0, 0.5])
+    per_row = [_kl_by_hand(s.tolist(), t.tolist(), 2.0) for s, t in zip(student, teacher)]
+    got = distillation_sum(student, teacher, labels, classification=True, temperature=2.0)
+    assert got.item() == pytest.approx(sum(per_row), rel=1e-5)
+    got = distillation_sum(student, teacher, labels, classification=True, temperature=2.0, class_weights=weights)
+    assert got.item() == pytest.approx(sum(w * k for w, k in zip(weights[labels].tolist(), per_row)), rel=1e-5)
+
+
+def test_causal_lm_kd_sum_covers_exactly_the_positions_that_predict_a_loss_token():
+    g = torch.Generator().manual_seed(2)
+    student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
+    # Position i predicts token i + 1: row 0 positions 1, 2, 3 and row 1 positions 0, 1 carry loss.
+    want = sum(_kl_by_hand(student[r, i].tolist(), teacher[r, i].tolist(), 3.0) for r, i in [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1)])
+    got = distillation_sum(student, teacher, labels, classification=False, temperature=3.0)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def _tiny_llama(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def _window() -> list[dict[str, torch.Tensor]]:
+    """Two micro-batches of a window: 3 loss tokens, then 9 (padded, prompt masked)."""
+    ids0 = torch.tensor([[5, 6, 7, 8, 0, 0]])
+    ids1 = torch.tensor([[9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19, 20]])
+    return [{"input_ids": ids0, "attention_mask": (ids0 != 0).long(), "labels": torch.tensor([[-100, 6, 7, 8, -100, -100]])},
+            {"input_ids": ids1, "attention_mask": torch.ones_like(ids1), "labels": torch.tensor([[-100, -100, 11, 12, 13, 14], [-100, 16, 17, 18, 19, 20]])}]
+
+
+def test_the_mixed_loss_is_the_global_token_mean_of_task_and_kd_terms_and_the_teacher_gets_no_gradient():
+    student, teacher_model = _tiny_llama(0), _tiny_llama(1)
+    teacher_model.requires_grad_(False)
+    window = _window()
+    alpha, t = 0.3, 2.0
+    loss = WindowLoss(classification=False, teacher=Teacher(teacher_model, "/teacher", "fp32", t, alpha))
+    denominator = loss.denominator(window)
+    assert denominator == 12  # loss tokens of the whole window (one process)
+    total = sum(loss(student, b, denominator) for b in window)
+
+    # Independently: every loss token's (1 - alpha) CE + alpha T^2 KL, averaged over the 12 tokens.
+    terms = []
+    for b in window:
+        with torch.no_grad():
+            s, tl = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, teacher_model(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        for r in range(b["labels"].shape[0]):
+            for i in range(b["labels"].shape[1] - 1):
+                target = int(b["labels"][r, i + 1])
+                if target == -100:
+                    continue
+                ce = float(F.cross_entropy(s[r, i][None], torch.tensor([target])))
+                terms.append((1 - alpha) * ce + alpha * _kl_by_hand(s[r, i].tolist(), tl[r, i].tolist(), t))
+    assert len(terms) == 12
+    assert total.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+    total.backward()
+    assert all(p.grad is None for p in teacher_model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+    # alpha 0 is the plain task loss (the teacher is not even run); alpha 1 the KD term alone.
+    plain = WindowLoss(classification=False)
+    task_only = WindowLoss(classification=False, teacher=Teacher(teacher_model, "/teacher", "fp32", t, 0.0))
+    with torch.no_grad():
+        assert sum(task_only(student, b, 12) for b in window).item() == pytest.approx(sum(plain(student, b, 12) for b in window).item(), rel=1e-6)
+
+
+def test_a_teacher_with_a_larger_padded_head_is_compared_over_the_shared_tokens():
+    student_logits, teacher_logits = torch.randn(2, 4), torch.randn(2, 6)
+    model = lambda **_: SimpleNamespace(logits=teacher_logits)  # noqa: E731
+    teacher = Teacher(model, "/t", "fp32", 1.0, 1.0, vocab=4)
+    labels = torch.tensor([0, 1])
+    got = teacher.mix(torch.tensor(0.0), student_logits, {"input_ids": torch.zeros(2, 3, dtype=torch.long)}, labels, classification=True)
+    want = sum(_kl_by_hand(s.tolist(), tt[:4].tolist(), 1.0) for s, tt in zip(student_logits, teacher_logits))
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_with_both_sizes_and_hashes(assets):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    llama, minilm = AutoTokenizer.from_pretrained(assets["llama"]), AutoTokenizer.from_pretrained(assets["minilm"])
+    check_tokenizers(llama, AutoTokenizer.from_pretrained(assets["llama"]), student_uri="/s", teacher_uri="/t")  # same: fine
+    with pytest.raises(InvalidConfig) as err:
+        check_tokenizers(llama, minilm, student_uri="/student", teacher_uri="/teacher")
+    msg = err.value.message
+    assert f"({len(minilm)} vs {len(llama)} tokens" in msg and "distillation.teacher.uri /teacher" in msg
+    assert "must share one tokenizer" in msg and "vocabulary sha256" in msg
+
+
+def test_a_classifier_teacher_must_have_the_students_labels_in_order():
+    config = SimpleNamespace(num_labels=2, id2label={0: "negative", 1: "positive"})
+    check_labels(config, ["negative", "positive"], 2, teacher_uri="/t")
+    with pytest.raises(InvalidConfig, match=r"predicts 2 classes \(negative, positive\) but the student has 3"):
+        check_labels(config, ["a", "b", "c"], 3, teacher_uri="/t")
+    with pytest.raises(InvalidConfig, match=r"labels \[negative, positive\] in id order, the student \[positive, negative\]"):
+        check_labels(config, ["positive", "negative"], 2, teacher_uri="/t")
+
+
+def _load(spec_overrides: dict, assets, tmp_path: Path, labels=None):  # noqa: F811
+    from finetune_api.spec import FineTuneJobSpec
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune_trainer.distill import load_teacher
+    from finetune_trainer.distributed import dist_info
+    from finetune_trainer.storage import Storage
+    from helpers_assets import deep_update
+
+    base = {"model": {"uri": assets["minilm"], "task": "sequence-classification"}, "dataset": {"train": "/d.jsonl", "format": "classification"},
+            "output": {"uri": str(tmp_path / "out")}}
+    spec = FineTuneJobSpec.model_validate(deep_update(base, spec_overrides))
+    tokenizer = AutoTokenizer.from_pretrained(spec.model.uri)
+    student = AutoModelForSequenceClassification.from_pretrained(assets["minilm"], num_labels=2)
+    return load_teacher(spec, Storage.from_spec(spec.storage), dist_info(), student_tokenizer=tokenizer, student_model=student,
+                        labels=labels or ["negative", "positive"], num_labels=2, device=torch.device("cpu"), cache_dir=str(tmp_path))
+
+
+def test_a_teacher_without_a_trained_head_or_as_an_adapter_folder_is_refused(assets, tmp_path):  # noqa: F811
+    from finetune_trainer.errors import ModelNotFound
+
+    with pytest.raises(InvalidConfig, match="is a BertModel, not a sequence classifier"):
+        _load({"distillation": {"teacher": {"uri": assets["minilm"]}}}, assets, tmp_path)  # the bare encoder: no head
+    # A classifier config whose weights lack the head (here: the encoder's weights under a classifier's config).
+    import json
+    import shutil
+
+    headless = tmp_path / "headless"
+    shutil.copytree(assets["minilm"], headless)
+    config = json.loads((headless / "config.json").read_text())
+    config.update(architectures=["BertForSequenceClassification"], id2label={"0": "negative", "1": "positive"},
+                  label2id={"negative": 0, "positive": 1})
+    (headless / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidConfig, match=r"has no trained weights for 2 parameters of a sequence-classification .*classifier.bias"):
+        _load({"distillation": {"teacher": {"uri": str(headless)}}}, assets, tmp_path)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelNotFound, match="an adapter folder is not enough"):
+        _load({"distillation": {"teacher": {"uri": str(adapter)}}}, assets, tmp_path)
+
+
+def test_a_trained_classifier_teacher_is_loaded_frozen_in_eval_mode(assets, tmp_path):  # noqa: F811
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path / "teacher"
+    model = AutoModelForSequenceClassification.from_pretrained(assets["minilm"], num_labels=2, id2label={0: "negative", 1: "positive"},
+                                                               label2id={"negative": 0, "positive": 1})
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(assets["minilm"]).save_pretrained(folder)
+    teacher = _load({"distillation": {"teacher": {"uri": str(folder)}, "temperature": 3.0, "alpha": 0.7}}, assets, tmp_path)
+    assert (teacher.temperature, teacher.alpha, teacher.precision, teacher.vocab) == (3.0, 0.7, "fp32", None)
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
+    with pytest.raises(InvalidConfig, match="same labels in the same order"):
+        _load({"distillation": {"teacher": {"uri": str(folder)}}}, assets, tmp_path, labels=["positive", "negative"])
