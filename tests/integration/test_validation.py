@@ -63,6 +63,11 @@ BAD_SPECS = [
     ("expansion-below-one", with_("dataset.limits.maxNormalizationExpansion", 0.5), "should be greater than or equal to 1"),
     ("cache-size-plain-number", with_("resources.cacheSize", "100"), "should match"),
     ("scratch-size-decimal", with_("resources.scratchSize", "1.5Gi"), "should match"),
+    ("teacher-uri", with_("distillation", {"teacher": {"uri": "ftp://models/t"}}), "should match"),
+    ("distillation-temperature", with_("distillation", {"teacher": {"uri": "s3://models/t"}, "temperature": 0}), "should be greater than 0"),
+    ("distillation-alpha", with_("distillation", {"teacher": {"uri": "s3://models/t"}, "alpha": 1.5}), "should be less than or equal to 1"),
+    ("output-inside-teacher", {**with_("distillation", {"teacher": {"uri": "s3://out"}})},
+     "output.uri must not equal, contain or lie inside distillation.teacher.uri"),
 ]
 
 

@@ -276,7 +276,7 @@ def test_a_student_distilled_from_a_fine_tuned_teacher_beats_the_same_student_tr
     Measured on CPU (2026-12-02): plain student 0.85, distilled 1.00, teacher 1.00 (alpha 0.5 gave 0.90)."""
     import json
 
-    from transformers import AutoTokenizer, BertModel
+    from finetune_devcluster.assets import build_minilm_student
 
     from helpers_assets import run_trainer, sentiment_rows, write_config, write_jsonl
 
@@ -284,9 +284,7 @@ def test_a_student_distilled_from_a_fine_tuned_teacher_beats_the_same_student_tr
     pool = [r for r in sentiment_rows(800, seed=11) if r["text"] not in {t["text"] for t in teacher_rows}]
     test = write_jsonl(tmp_path / "test.jsonl", pool[:80])
     student_train = write_jsonl(tmp_path / "student.jsonl", _flip_labels(pool[80:112], POINT_NOISE, seed=3))
-    student_dir = tmp_path / "minilm-1-layer"
-    BertModel.from_pretrained(minilm_dir(), num_hidden_layers=1).save_pretrained(student_dir)
-    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(student_dir)
+    student_dir = build_minilm_student(tmp_path / "minilm-1-layer")  # what the example's student is
     clean = {"dedupe": {"near": False}, "redactPii": False}
 
     teacher_out = tmp_path / "teacher-out"
@@ -327,3 +325,14 @@ def test_a_student_distilled_from_a_fine_tuned_teacher_beats_the_same_student_tr
     assert "teacher" not in plain or plain["teacher"] is None
     assert teacher["accuracy"] >= 0.95  # a teacher worth learning from
     assert distilled["test"]["accuracy"] >= plain["test"]["accuracy"] + 0.1  # measured: 1.00 vs 0.85
+
+
+def test_the_distillation_examples_are_valid_job_configs_and_the_student_reads_the_teachers_output():
+    from finetune_trainer.config import load_config
+    from helpers_assets import REPO
+
+    teacher = load_config(REPO / "examples" / "distillation" / "sentiment-teacher.yaml")
+    student = load_config(REPO / "examples" / "distillation" / "sentiment-student.yaml")
+    assert student.spec.distillation.teacher.uri == teacher.spec.output.uri + "/model" and teacher.spec.method == "full"
+    assert student.spec.model.labels == teacher.spec.model.labels
+    assert (student.spec.dataset.train, student.spec.dataset.split) == (teacher.spec.dataset.train, teacher.spec.dataset.split)
