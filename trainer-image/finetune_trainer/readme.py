@@ -259,11 +259,13 @@ def _distillation(v: CardView) -> list[str]:
     teacher = v.summary.evaluation.teacher
     if not teacher:
         return []
-    out = ["", "## Distillation", "",
-           f"Distilled from `{teacher.get('uri')}` (held in {teacher.get('precision')}, never trained): loss = "
-           f"(1 - {fmt(teacher.get('alpha'), real=True)}) x task loss + {fmt(teacher.get('alpha'), real=True)} x T^2 x "
-           f"KL(teacher || student) on the logits softened by T = {fmt(teacher.get('temperature'), real=True)}. The teacher is "
-           "measured once, on the student's validation and test rows, at T = 1 (uncalibrated).", ""]
+    alpha, temperature = teacher.get("alpha"), teacher.get("temperature")
+    intro = (f"Distilled from `{teacher.get('uri')}` (held in {teacher.get('precision')}, never trained): loss = "
+             f"(1 - {alpha:g}) x task loss + {alpha:g} x T^2 x KL(teacher || student) on the logits softened by T = {temperature:g}. "
+             "The teacher is measured once, on the student's validation and test rows, at T = 1 (uncalibrated).")
+    if v.summary.evaluation.calibration and v.test_eval is not None:
+        intro += " The student's test loss and ECE are at its calibrated temperature (see Calibration)."
+    out = ["", "## Distillation", "", intro, ""]
     t_val, t_test = teacher.get("validation") or {}, teacher.get("test") or {}
     names = [n for n in _metric_names(t_val, t_test, v.final_eval, v.test_eval) if n != "per_class"]
     show = {n: ((lambda value: value) if n in COUNT_METRICS else _real) for n in names}

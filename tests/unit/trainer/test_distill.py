@@ -336,3 +336,31 @@ def test_the_distillation_examples_are_valid_job_configs_and_the_student_reads_t
     assert student.spec.distillation.teacher.uri == teacher.spec.output.uri + "/model" and teacher.spec.method == "full"
     assert student.spec.model.labels == teacher.spec.model.labels
     assert (student.spec.dataset.train, student.spec.dataset.split) == (teacher.spec.dataset.train, teacher.spec.dataset.split)
+
+
+def test_the_card_shows_the_teacher_beside_the_student_on_the_same_splits():
+    from finetune_api.spec import parse_spec
+
+    from finetune_trainer.model_card import build_model_card
+    from finetune_trainer.report import FinalEvaluation, RunSummary
+
+    spec = parse_spec({"model": {"uri": "/student", "task": "sequence-classification", "labels": ["neg", "pos"]},
+                       "dataset": {"train": "/d.jsonl", "format": "classification"}, "output": {"uri": "/out"},
+                       "distillation": {"teacher": {"uri": "/teacher"}, "alpha": 0.8}})
+    teacher = {"uri": "/teacher", "precision": "bf16", "temperature": 2.0, "alpha": 0.8,
+               "validation": {"accuracy": 0.97, "eval_samples": 50.0}, "test": {"accuracy": 0.96, "eval_samples": 80.0}}
+
+    def card(teacher_eval):
+        evaluation = FinalEvaluation(final={"accuracy": 0.91, "eval_samples": 50.0}, test={"accuracy": 0.9, "eval_samples": 80.0},
+                                     teacher=teacher_eval)
+        summary = RunSummary(job="j", spec=spec, steps=1, total_steps=1, stopped_early=False, best_step=None, best_metric=None,
+                             monitor="eval_loss", baseline=None, evaluation=evaluation)
+        return summary, *build_model_card(summary)
+
+    summary, data, readme = card(teacher)
+    assert data["evaluation"]["teacher"] == teacher and summary.to_dict()["teacher_eval"] == teacher
+    section = readme.split("## Distillation")[1].split("\n## ")[0]
+    assert "`/teacher` (held in bf16, never trained): loss = (1 - 0.8) x task loss + 0.8 x T^2 x KL(teacher || student)" in section
+    assert "| Accuracy | 0.9700 | 0.9100 | 0.9600 | 0.9000 |" in section and "| Examples | 50 | 50 | 80 | 80 |" in section
+    summary, data, readme = card(None)
+    assert "## Distillation" not in readme and data["evaluation"]["teacher"] is None and "teacher_eval" not in summary.to_dict()
