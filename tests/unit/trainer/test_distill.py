@@ -364,3 +364,30 @@ def test_the_card_shows_the_teacher_beside_the_student_on_the_same_splits():
     assert "| Accuracy | 0.9700 | 0.9100 | 0.9600 | 0.9000 |" in section and "| Examples | 50 | 50 | 80 | 80 |" in section
     summary, data, readme = card(None)
     assert "## Distillation" not in readme and data["evaluation"]["teacher"] is None and "teacher_eval" not in summary.to_dict()
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_distilling_get_the_single_process_gradients(tmp_path):
+    """The global-loss check of test_global_loss.py with a teacher: rank 0's rows carry 30 loss tokens each, rank 1's
+    2; with the KD term summed over the same tokens and divided by the same global count, two gloo ranks under
+    DDP must get the gradients and the logged loss of one process holding the whole window."""
+    import subprocess
+    import sys
+
+    from helpers_assets import HERE, REPO, free_port, trainer_env
+
+    def run(world: int, alpha: str) -> dict:
+        out, port = tmp_path / f"world{world}-{alpha}.pt", free_port()
+        procs = [subprocess.Popen([sys.executable, str(HERE / "helpers_global_loss.py"), str(out), str(world), str(rank), str(port), alpha],
+                                  env=trainer_env(tmp_path), cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for rank in range(world)]
+        for p in procs:
+            output, _ = p.communicate(timeout=300)
+            assert p.returncode == 0, output[-3000:]
+        return torch.load(out)
+
+    two, one, plain = run(2, "0.5"), run(1, "0.5"), run(1, "0.0")
+    for name, g in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert abs(one["loss"] - plain["loss"]) > 1e-3  # the teacher term is really in it
