@@ -391,3 +391,45 @@ def test_two_ddp_ranks_distilling_get_the_single_process_gradients(tmp_path):
         torch.testing.assert_close(two["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert abs(one["loss"] - plain["loss"]) > 1e-3  # the teacher term is really in it
+
+
+def test_an_s3_teacher_is_downloaded_once_into_the_model_cache_like_the_base_model(assets, tmp_path, monkeypatch):  # noqa: F811
+    import socket
+
+    import boto3
+    from finetune_api.spec import FineTuneJobSpec
+    from moto.server import ThreadedMotoServer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_trainer.distill import load_teacher
+    from finetune_trainer.distributed import dist_info
+    from finetune_trainer.storage import Storage
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket="models")
+        teacher_dir = build_tiny_llama(tmp_path / "teacher", seed=1)
+        for f in teacher_dir.iterdir():
+            client.upload_file(str(f), "models", f"teacher/{f.name}")
+        spec = FineTuneJobSpec.model_validate({
+            "model": {"uri": assets["llama"]}, "dataset": {"train": "/d.jsonl"}, "output": {"uri": "s3://results/x"},
+            "storage": {"endpoint": endpoint, "region": "us-east-1"}, "distillation": {"teacher": {"uri": "s3://models/teacher"}}})
+        student = AutoModelForCausalLM.from_pretrained(assets["llama"])
+        teacher = load_teacher(spec, Storage.from_spec(spec.storage), dist_info(), student_tokenizer=AutoTokenizer.from_pretrained(assets["llama"]),
+                               student_model=student, labels=None, num_labels=None, device=torch.device("cpu"), cache_dir=str(tmp_path / "cache"))
+        cached = list((tmp_path / "cache" / "models").iterdir())
+        assert len(cached) == 1 and (cached[0] / ".complete").exists() and (cached[0] / "config.json").exists()
+        ids = torch.tensor([[2, 7, 8, 9]])
+        reference = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(teacher.logits({"input_ids": ids}), reference(input_ids=ids).logits)
+    finally:
+        server.stop()
