@@ -9,6 +9,9 @@ ranks, so the step's gradient is that of ``sum of every rank's token losses / N_
 token loss of the global batch, every token weighing ``1 / N_global`` however the rows fall into
 micro-batches and ranks (as transformers' ``average_tokens_across_devices``). A per-rank denominator
 would give a token ``1 / (world x n_rank)``, so ranks with short completions would count more.
+
+With ``spec.distillation`` the sum is ``(1 - alpha) x task + alpha x KD`` over the same loss units
+(:meth:`.distill.Teacher.mix`), so the same denominator keeps the mixed loss exact.
 """
 
 from __future__ import annotations

@@ -147,6 +147,10 @@ class Trainer:
         from transformers import set_seed
 
         check_hardware(self.spec)
+        if self.spec.distillation is not None:
+            from .distill import resolve_teacher_precision
+
+            resolve_teacher_precision(self.spec.distillation.teacher.precision)  # fp16 without a GPU: fail now, not after the data
         set_seed(self.hp.seed)
         self._stage("preparing-data")
         self.model_dir, self.tokenizer, self.data = self._setup_data()
@@ -222,9 +226,16 @@ class Trainer:
         from .distill import load_teacher
 
         self._stage("loading-teacher")
-        return load_teacher(self.spec, self.storage, self.dist, student_tokenizer=self.tokenizer, student_model=self.loaded.model,
-                            labels=self.data.labels, num_labels=self.num_labels, device=self.accelerator.device,
-                            cache_dir=os.environ.get(pod_env.CACHE_DIR))
+        teacher = load_teacher(self.spec, self.storage, self.dist, student_tokenizer=self.tokenizer, student_model=self.loaded.model,
+                               labels=self.data.labels, num_labels=self.num_labels, device=self.accelerator.device,
+                               cache_dir=os.environ.get(pod_env.CACHE_DIR))
+        if self.hp.packing and not self.classification:
+            try:  # the teacher reads the same packed rows: it must keep them apart too
+                verify_packing(teacher.model, [list(self.data.train[i]["input_ids"]) for i in range(min(2, len(self.data.train)))],
+                               is_main=self.dist.is_main)
+            except InvalidConfig as e:
+                raise InvalidConfig(f"distillation.teacher.uri {teacher.uri}: {e.message}") from None
+        return teacher
 
     def _setup_batches(self) -> tuple[Batching, Collator, WindowLoss]:
         """Which rows form each micro-batch on this rank, how they are collated, and the loss (with class weights)."""

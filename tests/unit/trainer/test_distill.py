@@ -433,3 +433,13 @@ def test_an_s3_teacher_is_downloaded_once_into_the_model_cache_like_the_base_mod
             torch.testing.assert_close(teacher.logits({"input_ids": ids}), reference(input_ids=ids).logits)
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
+def test_an_fp16_teacher_without_a_gpu_is_refused_naming_the_teacher_field():
+    from finetune_trainer.distill import resolve_teacher_precision
+    from finetune_trainer.errors import UnsupportedHardware
+
+    assert resolve_teacher_precision("auto") == "fp32" and resolve_teacher_precision("bf16") == "bf16"
+    with pytest.raises(UnsupportedHardware, match="distillation.teacher.precision fp16 needs a CUDA GPU"):
+        resolve_teacher_precision("fp16")
