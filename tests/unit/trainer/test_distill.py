@@ -386,11 +386,30 @@ def test_two_ddp_ranks_distilling_get_the_single_process_gradients(tmp_path):
             assert p.returncode == 0, output[-3000:]
         return torch.load(out)
 
-    two, one, plain = run(2, "0.5"), run(1, "0.5"), run(1, "0.0")
+    two, one = run(2, "0.5"), run(1, "0.5")
     for name, g in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
-    assert abs(one["loss"] - plain["loss"]) > 1e-3  # the teacher term is really in it
+
+    # And the one process's loss is the global token mean of 0.5 CE + 0.5 T^2 KL (the teacher term is really in it).
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune_trainer.collate import PaddedLMCollator
+    from helpers_global_loss import global_batch
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.0)
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(config)
+    torch.manual_seed(1)
+    teacher = LlamaForCausalLM(config)
+    batch = PaddedLMCollator(pad_token_id=0)([row for rank in global_batch() for mb in rank for row in mb])
+    with torch.no_grad():
+        s, t = (m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1] for m in (student, teacher))
+    keep = batch["labels"][:, 1:] != -100
+    ce = F.cross_entropy(s[keep], batch["labels"][:, 1:][keep])
+    kd = kl_per_unit(s[keep], t[keep], 2.0).mean()
+    assert one["loss"] == pytest.approx((0.5 * ce + 0.5 * kd).item(), rel=1e-5) and kd.item() > 1e-3
 
 
 def test_an_s3_teacher_is_downloaded_once_into_the_model_cache_like_the_base_model(assets, tmp_path, monkeypatch):  # noqa: F811
