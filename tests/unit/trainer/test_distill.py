@@ -269,11 +269,12 @@ def _flip_labels(rows: list[dict[str, str]], fraction: float, seed: int) -> list
 
 @pytest.mark.slow
 def test_a_student_distilled_from_a_fine_tuned_teacher_beats_the_same_student_trained_on_its_labels_alone(tmp_path):
-    """The point of distillation. Teacher: MiniLM (6 layers) fully fine-tuned on 240 clean sentiment rows. Student:
+    """The point of distillation. Teacher: MiniLM (6 layers) fully fine-tuned on 240 clean sentiment rows (10 steps). Student:
     MiniLM cut to its first layer, trained on 32 other rows of which 30% carry the wrong label (weak labels, the
     usual reason to have a teacher), for the same 24 steps with the same seed, with and without the teacher; both
     students and the teacher are scored on the same 80 held-out rows, which neither training set contains.
-    Measured on CPU (2026-12-02): plain student 0.85, distilled 1.00, teacher 1.00 (alpha 0.5 gave 0.90)."""
+    Measured on CPU (2026-12-02): plain student 0.850, distilled 0.975, teacher 1.000 (with a 15-step teacher: distilled
+    1.000 at alpha 0.8, 0.900 at alpha 0.5)."""
     import json
 
     from finetune_devcluster.assets import build_minilm_student
@@ -292,7 +293,7 @@ def test_a_student_distilled_from_a_fine_tuned_teacher_beats_the_same_student_tr
         "model": {"uri": minilm_dir(), "task": "sequence-classification"}, "method": "full",
         "dataset": {"train": write_jsonl(tmp_path / "teacher.jsonl", teacher_rows), "format": "classification",
                     "split": {"validation": 0.1, "test": 0.0}, "leakageCheck": "off", "preprocessing": clean},
-        "hyperparameters": {"maxSteps": 15, "learningRate": 1e-4, "batchSize": 16, "maxSeqLength": 32, "warmupRatio": 0.0, "seed": 3},
+        "hyperparameters": {"maxSteps": 10, "learningRate": 1e-4, "batchSize": 16, "maxSeqLength": 32, "warmupRatio": 0.0, "seed": 3},
         "evaluation": {"everySteps": 100, "baseline": False, "calibration": False, "useBestModel": False},
         "checkpoint": {"everySteps": 100}, "output": {"uri": str(teacher_out)},
     }
@@ -324,7 +325,7 @@ def test_a_student_distilled_from_a_fine_tuned_teacher_beats_the_same_student_tr
     assert plain["test"]["eval_samples"] == distilled["test"]["eval_samples"] == teacher["eval_samples"] == 80
     assert "teacher" not in plain or plain["teacher"] is None
     assert teacher["accuracy"] >= 0.95  # a teacher worth learning from
-    assert distilled["test"]["accuracy"] >= plain["test"]["accuracy"] + 0.1  # measured: 1.00 vs 0.85
+    assert distilled["test"]["accuracy"] >= plain["test"]["accuracy"] + 0.1  # measured: 0.975 vs 0.850
 
 
 def test_the_distillation_examples_are_valid_job_configs_and_the_student_reads_the_teachers_output():
