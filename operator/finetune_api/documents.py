@@ -148,6 +148,9 @@ class EvaluationSummary(WireModel):
     test: dict[str, Any] | None = Field(default=None, description="Fine-tuned model on the test set.")
     calibration: CalibrationReport | None = Field(default=None, description="Temperature scaling and ECE before/after on validation and test (classification).")
     retention: dict[str, Any] | None = Field(default=None, description="Retention-set loss before/after and the verdict.")
+    teacher: dict[str, Any] | None = Field(
+        default=None, description="spec.distillation: the teacher's uri, precision, temperature, alpha and its metrics on validation and test."
+    )
 
 
 class ProgressDocument(WireModel):

@@ -700,6 +700,67 @@ class EvaluationSpec(_Model):
     )
 
 
+# -------------------------------------------------------------------------------------- distillation
+
+DISTILLATION_TASKS = (Task.causal_lm.value, Task.sequence_classification.value)
+_DISTILLATION_TASK_RULE = "distillation needs model.task causal-lm or sequence-classification (it matches the two models' logits)"
+
+
+class TeacherSpec(_Model):
+    """The model whose softened outputs the student learns from."""
+
+    uri: str = Field(
+        description=(
+            "Where the teacher lives, in the same forms as model.uri (an s3:// prefix holding a Hugging Face model folder, "
+            "hf://org/name, or an absolute path), e.g. the model/ folder a full fine-tune or a merged adapter "
+            "(output.mergeAdapter, model/merged) of an earlier FineTuneJob wrote. It must be a model of the job's task with "
+            "the student's tokenizer (same vocabulary: it reads the student's token ids) and, for sequence-classification, "
+            "a trained head with the student's labels in the same order; the trainer fails with InvalidConfig otherwise."
+        ),
+        pattern=MODEL_URI,
+        max_length=MAX_STR,
+    )
+    precision: Precision = Field(
+        default=Precision.auto,
+        description=(
+            "The dtype the teacher's weights are held and run in (inference only, no gradients): auto picks bf16 where "
+            "the GPU supports it, else fp16 on GPU, fp32 on CPU; fp16 needs a GPU. Every training process holds a whole "
+            "copy of the teacher (it is not sharded under fsdp), so size resources for both models."
+        ),
+    )
+
+
+class DistillationSpec(_Model):
+    """Knowledge distillation: the student (model.uri) also learns the teacher's temperature-softened outputs.
+
+    Loss per loss unit (a completion token for causal-lm, a row for sequence-classification) is
+    ``(1 - alpha) * task loss + alpha * temperature^2 * KL(p_teacher || p_student)`` with
+    ``p = softmax(logits / temperature)``: Hinton et al.'s distillation term, the student's softened
+    distribution measured against the teacher's.
+    """
+
+    teacher: TeacherSpec = Field(description="The teacher model.")
+    temperature: float = Field(
+        default=2.0,
+        gt=0.0,
+        le=100.0,
+        description=(
+            "Softens both models' logits (divided by it) before they are compared; above 1 the student also learns how "
+            "the teacher ranks the wrong answers. The KL term is multiplied by temperature^2 so its gradients keep "
+            "their size as the temperature changes."
+        ),
+    )
+    alpha: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Weight of the distillation (KL) term; the task loss (cross-entropy on the labels) gets 1 - alpha. 0 trains "
+            "on the labels alone (the teacher is still evaluated for the report), 1 on the teacher alone."
+        ),
+    )
+
+
 # ---------------------------------------------------------------------------------------- checkpoint
 
 
@@ -829,7 +890,8 @@ class RunPolicy(_Model):
 
 # ------------------------------------------------------------------------------------------- the job
 
-_IMMUTABLE = ("model", "method", "lora", "dataset", "hyperparameters", "evaluation", "checkpoint", "output", "resources", "storage")
+_IMMUTABLE = ("model", "method", "lora", "dataset", "hyperparameters", "evaluation", "checkpoint", "output", "resources", "storage",
+              "distillation")
 
 
 def _immutable_rule() -> str:
@@ -848,6 +910,7 @@ _INPUTS = (
     ("dataset.validation", "self.dataset.validation", "has(self.dataset.validation)"),
     ("dataset.test", "self.dataset.test", "has(self.dataset.test)"),
     ("evaluation.retention.dataset", "self.evaluation.retention.dataset", "has(self.evaluation) && has(self.evaluation.retention)"),
+    ("distillation.teacher.uri", "self.distillation.teacher.uri", "has(self.distillation)"),
 )
 _OUTPUT_OVERLAP = "output.uri must not equal, contain or lie inside {field} (the trainer deletes and overwrites under its output)"
 
@@ -861,7 +924,8 @@ def output_overlap(spec: "FineTuneJobSpec") -> str | None:
     """The first input (by spec field name) the output overlaps, or None."""
     out = as_prefix(spec.output.uri)
     retention = spec.evaluation.retention.dataset if spec.evaluation.retention else None
-    values = (spec.model.uri, spec.dataset.train, spec.dataset.validation, spec.dataset.test, retention)
+    teacher = spec.distillation.teacher.uri if spec.distillation else None
+    values = (spec.model.uri, spec.dataset.train, spec.dataset.validation, spec.dataset.test, retention, teacher)
     for (field_name, _, _), value in zip(_INPUTS, values):
         if value and (out.startswith(as_prefix(value)) or as_prefix(value).startswith(out)):
             return field_name
@@ -899,6 +963,14 @@ class FineTuneJobSpec(_Model):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods, GPUs, image and placement.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint, region and credentials secret.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Restarts, deadline, TTL and suspend; may change after creation.")
+    distillation: DistillationSpec | None = Field(
+        default=None,
+        description=(
+            "Knowledge distillation from a teacher model: the loss mixes the task loss with the KL divergence of the "
+            "temperature-softened outputs (logits), and the report shows the teacher's metrics beside the student's. "
+            "causal-lm and sequence-classification only."
+        ),
+    )
 
     @model_validator(mode="after")
     def _cross(self) -> "FineTuneJobSpec":
@@ -915,6 +987,8 @@ class FineTuneJobSpec(_Model):
             raise ValueError(_SEQ2SEQ_PACKING)
         if self.hyperparameters.distributed_strategy == DistributedStrategy.fsdp.value and self.method != Method.full.value:
             raise ValueError(_FSDP_FULL_ONLY)
+        if self.distillation is not None and self.model.task not in DISTILLATION_TASKS:
+            raise ValueError(_DISTILLATION_TASK_RULE)
         overlap = output_overlap(self)
         if overlap:
             raise ValueError(_OUTPUT_OVERLAP.format(field=overlap))
@@ -938,6 +1012,10 @@ class FineTuneJobSpec(_Model):
                     "!has(self.hyperparameters) || !has(self.hyperparameters.distributedStrategy) "
                     "|| self.hyperparameters.distributedStrategy != 'fsdp' || self.method == 'full'",
                     _FSDP_FULL_ONLY,
+                ),
+                cel(
+                    "!has(self.distillation) || self.model.task in [%s]" % ", ".join(f"'{t}'" for t in DISTILLATION_TASKS),
+                    _DISTILLATION_TASK_RULE,
                 ),
                 *(cel(_overlap_rule(path, guard), _OUTPUT_OVERLAP.format(field=name)) for name, path, guard in _INPUTS),
                 cel(

@@ -67,6 +67,11 @@ BAD_SPECS = [
      "model.task seq2seq-lm needs dataset.format prompt-completion"),
     ("seq2seq-packed", {**with_("model.task", "seq2seq-lm"), "dataset": {"train": "s3://data/x", "format": "prompt-completion"}},
      "model.task seq2seq-lm needs hyperparameters.packing false"),
+    ("teacher-uri", with_("distillation", {"teacher": {"uri": "ftp://models/t"}}), "should match"),
+    ("distillation-temperature", with_("distillation", {"teacher": {"uri": "s3://models/t"}, "temperature": 0}), "should be greater than 0"),
+    ("distillation-alpha", with_("distillation", {"teacher": {"uri": "s3://models/t"}, "alpha": 1.5}), "should be less than or equal to 1"),
+    ("output-inside-teacher", {**with_("distillation", {"teacher": {"uri": "s3://out"}})},
+     "output.uri must not equal, contain or lie inside distillation.teacher.uri"),
 ]
 
 

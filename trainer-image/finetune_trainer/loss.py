@@ -9,19 +9,25 @@ ranks, so the step's gradient is that of ``sum of every rank's token losses / N_
 token loss of the global batch, every token weighing ``1 / N_global`` however the rows fall into
 micro-batches and ranks (as transformers' ``average_tokens_across_devices``). A per-rank denominator
 would give a token ``1 / (world x n_rank)``, so ranks with short completions would count more.
+
+With ``spec.distillation`` the sum is ``(1 - alpha) x task + alpha x KD`` over the same loss units
+(:meth:`.distill.Teacher.mix`), so the same denominator keeps the mixed loss exact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from . import distributed
 from .collate import IGNORE_INDEX, label_tokens
+
+if TYPE_CHECKING:
+    from .distill import Teacher
 
 Batch = dict[str, torch.Tensor]
 
@@ -31,6 +37,7 @@ class WindowLoss:
     classification: bool
     class_weights: torch.Tensor | None = None  # classification only, on the training device
     shift: bool = True  # causal LM: logits at t score labels[t + 1]; an encoder-decoder's logits align with its labels
+    teacher: Teacher | None = None  # spec.distillation: the KD term is mixed into the same sum (see .distill)
 
     def local_total(self, batches: list[Batch]) -> float:
         """This rank's share of the window: loss tokens (LM), rows or their summed class weights."""
@@ -57,7 +64,11 @@ class WindowLoss:
             inputs["use_cache"] = False
         logits = model(**inputs).logits.float()
         if self.classification:
-            return F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum") / denominator
-        shifted = (labels[..., 1:] if self.shift else labels).reshape(-1)
-        flat = (logits[..., :-1, :] if self.shift else logits).reshape(-1, logits.shape[-1])
-        return F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum") / denominator
+            loss_sum = F.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum")
+        else:
+            shifted = (labels[..., 1:] if self.shift else labels).reshape(-1)
+            flat = (logits[..., :-1, :] if self.shift else logits).reshape(-1, logits.shape[-1])
+            loss_sum = F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum")
+        if self.teacher is not None:
+            loss_sum = self.teacher.mix(loss_sum, logits, inputs, labels, classification=self.classification, class_weights=self.class_weights)
+        return loss_sum / denominator

@@ -385,6 +385,7 @@ def build_model_card(summary: RunSummary) -> tuple[dict[str, Any], str]:
             "test": _scalars(v.test_eval),
             "gain": _jsonable(v.gains),
             "perClass": _jsonable(v.per_class),
+            "teacher": _jsonable(summary.evaluation.teacher),  # spec.distillation: the teacher on validation and test
         },
         "bestCheckpoint": _jsonable(summary.best_checkpoint),
         "calibration": _jsonable(summary.evaluation.calibration),

@@ -41,7 +41,7 @@ METHOD_WORDS = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (4-b
 
 def readme(v: CardView, limitations: list[str]) -> str:
     out = [_front_matter(v)]
-    for section in (_title, _model_details, _training_data, _training_procedure, _evaluation, _calibration, _retention):
+    for section in (_title, _model_details, _training_data, _training_procedure, _evaluation, _distillation, _calibration, _retention):
         out += section(v)
     out += _limitations(v.summary.job, limitations)
     return "\n".join(out)
@@ -254,6 +254,26 @@ def _evaluation_row(v: CardView, name: str) -> list[Any]:
         g = v.gains.get(name)
         row.append("—" if g is None else f"{_signed(g['delta'])} ({pct(g['relative'])})")
     return row
+
+
+def _distillation(v: CardView) -> list[str]:
+    """spec.distillation: the teacher and the student side by side, on the same rows (none without distillation)."""
+    teacher = v.summary.evaluation.teacher
+    if not teacher:
+        return []
+    alpha, temperature = teacher.get("alpha"), teacher.get("temperature")
+    intro = (f"Distilled from `{teacher.get('uri')}` (held in {teacher.get('precision')}, never trained): loss = "
+             f"(1 - {alpha:g}) x task loss + {alpha:g} x T^2 x KL(teacher || student) on the logits softened by T = {temperature:g}. "
+             "The teacher is measured once, on the student's validation and test rows, at T = 1 (uncalibrated).")
+    if v.summary.evaluation.calibration and v.test_eval is not None:
+        intro += " The student's test loss and ECE are at its calibrated temperature (see Calibration)."
+    out = ["", "## Distillation", "", intro, ""]
+    t_val, t_test = teacher.get("validation") or {}, teacher.get("test") or {}
+    names = [n for n in _metric_names(t_val, t_test, v.final_eval, v.test_eval) if n != "per_class"]
+    show = {n: ((lambda value: value) if n in COUNT_METRICS else _real) for n in names}
+    rows = [[METRIC_TITLES.get(n, f"`{n}`"), show[n](t_val.get(n)), show[n](v.final_eval.get(n)),
+             show[n](t_test.get(n)), show[n]((v.test_eval or {}).get(n))] for n in names]
+    return out + _table(["Metric", "Teacher (validation)", "Student (validation)", "Teacher (test)", "Student (test)"], rows)
 
 
 def _calibration(v: CardView) -> list[str]:

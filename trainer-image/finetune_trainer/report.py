@@ -55,6 +55,7 @@ class FinalEvaluation:
     calibration: dict[str, Any] | None = None
     retention: dict[str, Any] | None = None
     gain: dict[str, Any] | None = None  # on the monitored metric (accuracy for classifiers monitoring the loss), on the comparison split
+    teacher: dict[str, Any] | None = None  # spec.distillation: the teacher on validation and test (distill.teacher_metrics)
 
 
 @dataclass
@@ -106,12 +107,15 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         """The run's summary as :func:`finetune_trainer.train.run` returns it."""
         ev = self.evaluation
-        return {
+        summary = {
             "job": self.job, "steps": self.steps, "total_steps": self.total_steps, "stopped_early": self.stopped_early,
             "best_step": self.best_step, "best_metric": self.best_metric, "monitor": self.monitor, "baseline": self.baseline,
             "final_eval": ev.final, "test_eval": ev.test, "calibration": ev.calibration, "retention": ev.retention,
             "gain": ev.gain, "history": self.history, "evals": self.evals,
         }
+        if ev.teacher is not None:  # spec.distillation only
+            summary["teacher_eval"] = ev.teacher
+        return summary
 
     def training(self) -> dict[str, Any]:
         """The model card's "Training run": how far the run went, what it monitored, and the model's shape."""

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from .collate import Collator
+    from .distill import Teacher
     from .data.prepare import PreparedData
     from .parallel import ModelState
 
@@ -146,12 +147,17 @@ class Trainer:
         from transformers import set_seed
 
         check_hardware(self.spec)
+        if self.spec.distillation is not None:
+            from .distill import resolve_teacher_precision
+
+            resolve_teacher_precision(self.spec.distillation.teacher.precision)  # fp16 without a GPU: fail now, not after the data
         set_seed(self.hp.seed)
         self._stage("preparing-data")
         self.model_dir, self.tokenizer, self.data = self._setup_data()
         self.num_labels = len(self.data.labels) if self.data.labels else self.spec.model.num_labels
         self._stage("loading-model")
         self.strategy, self.loaded, self.accelerator = self._setup_model()
+        self.teacher = self._setup_teacher()
         self.batching, self.collate, self.loss = self._setup_batches()
         self.steps_per_epoch = math.ceil(self.batching.batches_per_epoch / self.hp.gradient_accumulation_steps)
         self.state.total_steps = self.hp.max_steps or max(1, math.ceil(self.hp.total_epochs * self.steps_per_epoch))
@@ -213,6 +219,24 @@ class Trainer:
                            is_main=self.dist.is_main)
         return strategy, loaded, accelerator
 
+    def _setup_teacher(self) -> Teacher | None:
+        """spec.distillation's teacher, checked against the student and frozen on this process's device (each rank holds one)."""
+        if self.spec.distillation is None:
+            return None
+        from .distill import load_teacher
+
+        self._stage("loading-teacher")
+        teacher = load_teacher(self.spec, self.storage, self.dist, student_tokenizer=self.tokenizer, student_model=self.loaded.model,
+                               labels=self.data.labels, num_labels=self.num_labels, device=self.accelerator.device,
+                               cache_dir=os.environ.get(pod_env.CACHE_DIR))
+        if self.hp.packing and not self.classification:
+            try:  # the teacher reads the same packed rows: it must keep them apart too
+                verify_packing(teacher.model, [list(self.data.train[i]["input_ids"]) for i in range(min(2, len(self.data.train)))],
+                               is_main=self.dist.is_main)
+            except InvalidConfig as e:
+                raise InvalidConfig(f"distillation.teacher.uri {teacher.uri}: {e.message}") from None
+        return teacher
+
     def _setup_batches(self) -> tuple[Batching, Collator, WindowLoss]:
         """Which rows form each micro-batch on this rank, how they are collated, and the loss (with class weights)."""
         hp = self.hp
@@ -225,7 +249,7 @@ class Trainer:
         class_weights = None
         if self.classification and self.data.class_weights and self.spec.dataset.preprocessing.class_weights:
             class_weights = torch.tensor(self.data.class_weights, dtype=torch.float32, device=self.accelerator.device)
-        return batching, collate, WindowLoss(self.classification, class_weights, shift=not self.spec.is_seq2seq)
+        return batching, collate, WindowLoss(self.classification, class_weights, shift=not self.spec.is_seq2seq, teacher=self.teacher)
 
     def _setup_optimizer(self, loaded: LoadedModel) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, PreTrainedModel, ModelState]:
         """(model, optimizer, scheduler, unwrapped model, ModelState), the model sharded first under FSDP."""
@@ -406,6 +430,10 @@ class Trainer:
         best_checkpoint = self._restore_best()
         self._stage("testing")
         evaluation = final_report(self.evaluator, self.state, self.monitor, self.monitor_mode)
+        if self.teacher is not None:
+            from .distill import teacher_metrics
+
+            evaluation.teacher = teacher_metrics(self.evaluator, self.teacher)  # beside the student's, in the report and the card
         if evaluation.gain is not None:
             g = evaluation.gain
             self.progress.set_gain(g["metric"], _finite(g["baseline"]), _finite(g["final"]), split=g["split"], baseline_kind=g["baseline_kind"])
@@ -415,7 +443,7 @@ class Trainer:
         model_uri = self.join(self.output, "model")
         self.progress.update(force=True, evaluation={
             "baseline": st.baseline, "final": evaluation.final, "test": evaluation.test,
-            "calibration": evaluation.calibration, "retention": evaluation.retention,
+            "calibration": evaluation.calibration, "retention": evaluation.retention, "teacher": evaluation.teacher,
         })
         full_weights = self.model_state.gather_full_model()  # a collective under FSDP, None otherwise
         if self.dist.is_main:

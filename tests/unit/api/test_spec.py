@@ -54,6 +54,11 @@ BAD = [
     ({"model": {"uri": "s3://models/m", "task": "seq2seq-lm"}, "dataset": {"train": "s3://data/x", "format": "prompt-completion"}},
      "model.task seq2seq-lm needs hyperparameters.packing false"),
     ({"evaluation": {"generation": {"numBeams": 0}}}, "greater than or equal to 1"),
+    ({"distillation": {"teacher": {"uri": "http://example.com/teacher"}}}, "String should match pattern"),
+    ({"distillation": {"teacher": {"uri": "s3://models/t"}, "temperature": 0}}, "greater than 0"),
+    ({"distillation": {"teacher": {"uri": "s3://models/t"}, "alpha": 1.5}}, "less than or equal to 1"),
+    ({"distillation": {"teacher": {"uri": "s3://models/t", "precision": "int8"}}}, "Input should be"),
+    ({"distillation": {"temperature": 2.0}}, "Field required"),
 ]
 
 
@@ -82,6 +87,8 @@ OVERLAPS = [
     ("containing the dataset", {"dataset": {"train": "s3://data/sets/t.jsonl"}, "output": {"uri": "s3://data"}}, "dataset.train"),
     ("inside the model", {"model": {"uri": "s3://models/m"}, "output": {"uri": "s3://models/m/runs/1"}}, "model.uri"),
     ("inside the validation set", {"dataset": {"train": "s3://data/t", "validation": "/data/val"}, "output": {"uri": "/data/val/out"}}, "dataset.validation"),
+    ("inside the teacher", {"distillation": {"teacher": {"uri": "s3://models/teacher"}}, "output": {"uri": "s3://models/teacher/student"}},
+     "distillation.teacher.uri"),
     ("containing the retention set", {"evaluation": {"retention": {"dataset": "s3://out/general.jsonl"}}, "output": {"uri": "s3://out/"}},
      "evaluation.retention.dataset"),
 ]
@@ -116,7 +123,8 @@ def test_the_crd_carries_one_overlap_rule_per_input():
 
     rules = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
     fields = [r["message"].split(" lie inside ")[1].split(" ")[0] for r in rules if r["message"].startswith("output.uri must not")]
-    assert fields == ["model.uri", "dataset.train", "dataset.validation", "dataset.test", "evaluation.retention.dataset"]
+    assert fields == ["model.uri", "dataset.train", "dataset.validation", "dataset.test", "evaluation.retention.dataset",
+                      "distillation.teacher.uri"]
 
 
 # ----------------------------------------------------------------------- early stopping follows the metric
@@ -195,3 +203,30 @@ def test_is_classification():
     spec = parse_spec({**MINIMAL, "model": {"uri": "s3://models/m", "task": "sequence-classification"},
                        "dataset": {"train": "s3://data/x", "format": "classification"}})
     assert spec.is_classification
+
+
+# -------------------------------------------------------------------------------------------- distillation
+
+
+def test_distillation_defaults_and_wire_names():
+    spec = parse_spec({**MINIMAL, "distillation": {"teacher": {"uri": "s3://models/teacher"}}})
+    d = spec.distillation
+    assert (d.teacher.uri, d.teacher.precision, d.temperature, d.alpha) == ("s3://models/teacher", "auto", 2.0, 0.5)
+    assert spec.wire()["distillation"] == {"teacher": {"uri": "s3://models/teacher", "precision": "auto"}, "temperature": 2.0, "alpha": 0.5}
+    assert parse_spec(MINIMAL).distillation is None and "distillation" not in parse_spec(MINIMAL).wire()
+
+
+def test_distillation_is_limited_to_the_logit_tasks_in_the_model_and_the_crd():
+    from finetune_api import spec as spec_module
+    from finetune_api.crd import crd
+
+    assert spec_module.DISTILLATION_TASKS == ("causal-lm", "sequence-classification")
+    # seq2seq-lm has not opted in (the KD term's positions are a causal LM's shifted ones): refused with the rule's message
+    assert set(spec_module.DISTILLATION_TASKS) == {t.value for t in spec_module.Task} - {"seq2seq-lm"}
+    with pytest.raises(ValueError, match="distillation needs model.task causal-lm or sequence-classification"):
+        parse_spec({**MINIMAL, "model": {"uri": "s3://models/m", "task": "seq2seq-lm"},
+                    "dataset": {"train": "s3://data/x", "format": "prompt-completion"}, "hyperparameters": {"packing": False},
+                    "distillation": {"teacher": {"uri": "s3://models/teacher"}}})
+    rules = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
+    rule = next(r for r in rules if r["message"].startswith("distillation needs"))
+    assert rule["rule"] == "!has(self.distillation) || self.model.task in ['causal-lm', 'sequence-classification']"

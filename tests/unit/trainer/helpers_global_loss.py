@@ -1,12 +1,13 @@
 """One data-parallel rank of the global-loss test (tests/unit/trainer/test_global_loss.py), run as a script.
 
-    python helpers_global_loss.py OUT WORLD RANK PORT
+    python helpers_global_loss.py OUT WORLD RANK PORT [ALPHA]
 
 Builds the same tiny Llama on every rank, takes this rank's micro-batches of a fixed global batch in which
 rank 0's rows have long completions and rank 1's short ones, and runs one accumulation window the way
 the trainer does (finetune_trainer.loss.WindowLoss; DDP over gloo, gradients synchronised on the last
 micro-batch only). Rank 0 saves the synchronised gradients and the all-reduced mean window loss to OUT.
-With WORLD 1 the one process holds every rank's micro-batches: the single-process reference.
+With WORLD 1 the one process holds every rank's micro-batches: the single-process reference. With ALPHA, a
+second tiny Llama (seed 1) is the distillation teacher (finetune_trainer.distill.Teacher, T = 2).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def global_batch() -> list[list[list[dict[str, list[int]]]]]:
     return [[[row(30), row(30)] for _ in range(ACCUMULATION)], [[row(2), row(2)] for _ in range(ACCUMULATION)]]
 
 
-def main(out: str, world: int, rank: int, port: int) -> None:
+def main(out: str, world: int, rank: int, port: int, alpha: float | None = None) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from finetune_trainer import distributed
@@ -49,7 +50,13 @@ def main(out: str, world: int, rank: int, port: int) -> None:
     micro = ranks[rank] if world > 1 else [mb for r in ranks for mb in r]
     collate = PaddedLMCollator(pad_token_id=0)
     batches = [collate(rows) for rows in micro]
-    loss_fn = WindowLoss(classification=False)
+    teacher = None
+    if alpha is not None:
+        from finetune_trainer.distill import Teacher
+
+        torch.manual_seed(1)
+        teacher = Teacher(LlamaForCausalLM(config).eval().requires_grad_(False), "/teacher", "fp32", 2.0, alpha)
+    loss_fn = WindowLoss(classification=False, teacher=teacher)
     denominator = loss_fn.denominator(batches)
     window_loss = torch.zeros(())
     for i, batch in enumerate(batches):
@@ -68,4 +75,4 @@ def main(out: str, world: int, rank: int, port: int) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]) if len(sys.argv) > 5 else None)
