@@ -97,6 +97,8 @@ def project(doc: ProgressDocument) -> dict[str, Any]:
     if doc.gain:
         gain = doc.gain.wire()
         out["gain"] = {k: _r(v) if isinstance(v, float) else v for k, v in gain.items()}
+    if doc.tracking:
+        out["tracking"] = doc.tracking.wire()
     return out
 
 
