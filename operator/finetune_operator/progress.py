@@ -169,6 +169,13 @@ def endpoint_refusal(endpoint: str | None, allowlist: Sequence[str]) -> str:
             "use one of those, or ask the cluster admin to add it to the chart value storage.allowedEndpoints")
 
 
+def tracking_refusal(uri: str, allowlist: Sequence[str]) -> str:
+    """The message for a job whose ``tracking.mlflow.uri`` :func:`endpoint_allowed` refuses: the trainer
+    sends the job's MLflow credentials there, so it is held to the same list as the storage endpoint."""
+    return (f"tracking.mlflow.uri {uri} is not one of the operator's allowed endpoints ({', '.join(allowlist)}): "
+            "use one of those, or ask the cluster admin to add its scheme://host[:port] to the chart value storage.allowedEndpoints")
+
+
 # ----------------------------------------------------------------------------------------- reader
 
 
