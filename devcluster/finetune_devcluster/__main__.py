@@ -166,7 +166,18 @@ def up_prometheus(args: argparse.Namespace, ctx: dict) -> None:
     print(f"prometheus up (pid {started[0]}): http://127.0.0.1:{started[1]} scrapes the operator and the trainer pods", file=sys.stderr)
 
 
-UP_STEPS = [("cluster", up_cluster), ("s3", up_s3), ("procnode", up_procnode), ("operator", up_operator), ("prometheus", up_prometheus)]
+def up_mlflow(args: argparse.Namespace, ctx: dict) -> None:
+    if args.no_operator or ctx.get("s3") is None:
+        return
+    from . import stack
+
+    pid, port = stack.start_mlflow(state_dir(), ctx["s3"])
+    print(f"mlflow up (pid {pid}): http://127.0.0.1:{port} (log to it with spec.tracking.mlflow.uri: http://127.0.0.1:{port}; "
+          f"artifacts in s3://mlflow/mlflow; log {state_dir() / 'mlflow.log'})", file=sys.stderr)
+
+
+UP_STEPS = [("cluster", up_cluster), ("s3", up_s3), ("procnode", up_procnode), ("operator", up_operator), ("prometheus", up_prometheus),
+            ("mlflow", up_mlflow)]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -188,7 +199,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     from . import stack
 
     with _locked():
-        for name in ("prometheus", "operator", "procnode"):
+        for name in ("mlflow", "prometheus", "operator", "procnode"):
             if stack.stop(state_dir(), name):
                 print(f"{name} stopped")
         s3, c = _attach_s3(), _attach_cluster()

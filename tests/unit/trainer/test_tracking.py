@@ -23,7 +23,7 @@ def _progress(out):
 
 
 def _spec(assets, out, **tracking):
-    return lm_spec(assets, str(out), hyperparameters={"maxSteps": STEPS}, evaluation={"strategy": "steps", "everySteps": 3},
+    return lm_spec(assets, str(out), hyperparameters={"maxSteps": STEPS}, evaluation={"strategy": "steps", "everySteps": 3, "baseline": False},
                    checkpoint={"everySteps": 3, "keepLast": 1}, dataset={"split": {"validation": 0.1, "test": None}},
                    tracking=tracking)
 
