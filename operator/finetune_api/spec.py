@@ -807,9 +807,9 @@ class MlflowSpec(_Model):
 
     uri: str = Field(
         max_length=MAX_STR,
-        pattern=r"^https?://[^\s]+$",
+        pattern=r"^https?://[^\s/@]+(/[^\s]*)?$",
         description=(
-            "MLflow tracking server URL (http or https). The operator's allowed endpoints (chart value "
+            "MLflow tracking server URL (http or https), without user:password@ (credentials go in credentialsSecret). The operator's allowed endpoints (chart value "
             "storage.allowedEndpoints) apply to it as to storage.endpoint: a job naming another server fails "
             "with EndpointNotAllowed."
         ),

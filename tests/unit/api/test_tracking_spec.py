@@ -23,6 +23,7 @@ def test_tensorboard_on_and_mlflow_off_by_default():
 @pytest.mark.parametrize("mlflow, where", [
     ({"uri": "file:///tmp/mlruns"}, "tracking.mlflow.uri"),
     ({"uri": "databricks"}, "tracking.mlflow.uri"),
+    ({"uri": "https://user:secret@mlflow:5000"}, "tracking.mlflow.uri"),  # credentials only through credentialsSecret
     ({"uri": "http://m:5000", "registerModel": "has space"}, "tracking.mlflow.registerModel"),
     ({"uri": "http://m:5000", "password": "x"}, "tracking.mlflow.password"),  # credentials only through credentialsSecret
     ({"experiment": "e"}, "tracking.mlflow.uri"),
@@ -39,7 +40,7 @@ def test_the_crd_documents_tracking_and_keeps_it_immutable():
     crd = build_crd()
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     mlflow = schema["properties"]["tracking"]["properties"]["mlflow"]
-    assert mlflow["required"] == ["uri"] and mlflow["properties"]["uri"]["pattern"] == r"^https?://[^\s]+$"
+    assert mlflow["required"] == ["uri"] and mlflow["properties"]["uri"]["pattern"] == r"^https?://[^\s/@]+(/[^\s]*)?$"
     assert "storage.allowedEndpoints" in mlflow["properties"]["uri"]["description"]
     assert schema["properties"]["tracking"]["properties"]["tensorboard"]["default"] is True
     immutable = [r for r in schema["x-kubernetes-validations"] if r.get("reason") == "FieldValueForbidden"]
