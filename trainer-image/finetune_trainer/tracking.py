@@ -203,6 +203,7 @@ class MlflowBackend(Backend):
         self.on_ids = on_ids or (lambda **_: None)
         self.client: Any = None
         self.run_id: str | None = None
+        self.logged_params: dict[str, str] = {}  # what the run already holds (a continued run)
 
     def start(self) -> None:
         for name, value in MLFLOW_HTTP_DEFAULTS.items():
@@ -215,6 +216,7 @@ class MlflowBackend(Backend):
                                         max_results=1, order_by=["attributes.start_time DESC"])
         if found:  # a later attempt of this job: continue its run
             self.run_id = found[0].info.run_id
+            self.logged_params = dict(found[0].data.params)
             self.client.update_run(self.run_id, status="RUNNING")
             log.info("mlflow: continuing run %s (experiment %s)", self.run_id, self.experiment)
         else:
@@ -243,7 +245,13 @@ class MlflowBackend(Backend):
     def params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k[:250], str(v)[:6000]) for k, v in params.items()]
+        values = {k[:250]: str(v)[:6000] for k, v in params.items()}
+        # MLflow params are write-once: a continued run keeps the first attempt's values (an attempt with
+        # another world size recomputes total_steps, for one); the change is logged here, not sent.
+        changed = sorted(k for k, v in values.items() if self.logged_params.get(k, v) != v)
+        if changed:
+            log.info("mlflow: run %s keeps its first values of %s", self.run_id, ", ".join(changed))
+        items = [Param(k, v) for k, v in values.items() if k not in self.logged_params]
         for i in range(0, len(items), 100):  # MLflow's per-request limit
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 

@@ -192,3 +192,29 @@ def test_params_are_flat_scalars():
     params = flat_params(spec, job="j")
     assert params["hyperparameters.learningRate"] == 0.002 and params["lora.r"] == spec.lora_or_default.r and params["job"] == "j"
     assert all(isinstance(v, (str, int, float, bool)) for v in params.values())
+
+
+def test_a_later_attempt_continues_the_jobs_mlflow_run(mlflow_server):
+    """Two attempts of one job (same uid): one run, the metric history continued, the first params kept."""
+    from mlflow.tracking import MlflowClient
+
+    from finetune_trainer.tracking import MlflowBackend
+
+    def attempt(world_size, steps):
+        backend = MlflowBackend(mlflow_server.url, experiment="unit-attempts", job="j", run_key="uid-attempts",
+                                output_uri="s3://b/out", register_model=None)
+        tracking = Tracking([backend], finish_timeout=30)
+        tracking.start()
+        tracking.on_params({"world_size": world_size, "method": "lora"})
+        for step in steps:
+            tracking.on_metrics(step, {"train/loss": 1.0 / step})
+        tracking.on_finish(None if steps[-1] < 4 else True)
+        assert tracking.problems == {}
+        return backend.run_id
+
+    first, second = attempt(2, [1, 2]), attempt(4, [3, 4])
+    assert first == second
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    run = client.get_run(first)
+    assert run.info.status == "FINISHED" and run.data.params == {"world_size": "2", "method": "lora"}
+    assert [(m.step, m.value) for m in client.get_metric_history(first, "train/loss")] == [(s, 1.0 / s) for s in (1, 2, 3, 4)]
