@@ -11,7 +11,6 @@ the full ``mlflow`` distribution is not used because it caps pyarrow below the v
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -107,10 +106,3 @@ class LocalMlflow:
             self.proc.wait(timeout=10)
         except ProcessLookupError:
             pass
-
-    def api(self, path: str, **params: Any) -> Any:
-        """GET ``/api/2.0/mlflow/<path>`` (for tests and the demo's summary)."""
-        from urllib.parse import urlencode
-
-        with urllib.request.urlopen(f"{self.url}/api/2.0/mlflow/{path}?{urlencode(params)}", timeout=10) as r:
-            return json.loads(r.read())
