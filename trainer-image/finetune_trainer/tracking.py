@@ -266,18 +266,17 @@ class MlflowBackend(Backend):
             self.client.log_text(self.run_id, text, name)
 
     def finish(self, success: bool | None, model_uri: str | None) -> None:
-        card_error: Exception | None = None
+        error: Exception | None = None
         if success and model_uri:
             self.client.set_tag(self.run_id, MODEL_URI_TAG, model_uri)
-            try:
-                self._log_model_card(model_uri)
-            except Exception as e:  # noqa: BLE001 - still register the model and end the run; reported below
-                card_error = e
-            if self.register_model:
-                self._register(model_uri)
+            for step in (self._log_model_card, self._register):
+                try:
+                    step(model_uri)
+                except Exception as e:  # noqa: BLE001 - the run still ends with the job's outcome; reported below
+                    error = error or e
         self.client.set_terminated(self.run_id, {True: "FINISHED", False: "FAILED", None: "KILLED"}[success])
-        if card_error is not None:
-            raise card_error
+        if error is not None:
+            raise error
 
     def _log_model_card(self, model_uri: str) -> None:
         """The model card export.py wrote next to the model, as run artifacts."""
@@ -291,6 +290,8 @@ class MlflowBackend(Backend):
     def _register(self, model_uri: str) -> None:
         from mlflow.exceptions import MlflowException
 
+        if not self.register_model:
+            return
         try:
             self.client.create_registered_model(self.register_model)
         except MlflowException as e:

@@ -218,3 +218,21 @@ def test_a_later_attempt_continues_the_jobs_mlflow_run(mlflow_server):
     run = client.get_run(first)
     assert run.info.status == "FINISHED" and run.data.params == {"world_size": "2", "method": "lora"}
     assert [(m.step, m.value) for m in client.get_metric_history(first, "train/loss")] == [(s, 1.0 / s) for s in (1, 2, 3, 4)]
+
+
+def test_a_refused_registration_is_reported_and_the_run_still_ends(mlflow_server):
+    """MLflow servers refuse a model version whose source is a local path outside the run's artifacts (an
+    output.uri that is not s3://): the run still ends FINISHED and the problem names the registration."""
+    from mlflow.tracking import MlflowClient
+
+    from finetune_trainer.tracking import MlflowBackend
+
+    backend = MlflowBackend(mlflow_server.url, experiment="unit-refused", job="j", run_key="uid-refused",
+                            output_uri="/data/out", register_model="refused-model")
+    seen = []
+    tracking = Tracking([backend], report=seen.append, finish_timeout=30)
+    tracking.start()
+    tracking.on_finish(True, "/data/out/model")
+    assert seen[-1].problem.startswith("mlflow: finish failed: RestException: INVALID_PARAMETER_VALUE: Invalid model version source")
+    assert MlflowClient(tracking_uri=mlflow_server.url).get_run(backend.run_id).info.status == "FINISHED"
+    assert seen[-1].mlflow_model_version is None
