@@ -10,6 +10,7 @@
 ``kube``      a ``kubernetes.client.ApiClient`` for it, as cluster admin.
 ``namespace`` a fresh namespace per test (its ``default`` ServiceAccount exists), deleted afterwards.
 ``s3``        a running :class:`finetune_devcluster.LocalS3` (MinIO unless ``FINETUNE_S3_BACKEND=moto``).
+``mlflow_server`` a running :class:`finetune_devcluster.mlflow_server.LocalMlflow` storing its artifacts in ``s3``.
 
 Tests using ``cluster``/``kube``/``namespace`` are marked ``cluster`` and tests using ``s3`` are marked
 ``s3`` automatically, so ``-m "not cluster"`` deselects them.
@@ -185,4 +186,13 @@ def s3() -> Iterator["LocalS3"]:  # noqa: F821
 
     _raise_build_errors("minio")
     with LocalS3() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3: "LocalS3") -> Iterator["LocalMlflow"]:  # noqa: F821
+    """A real MLflow tracking server (SQLite runs and registry, artifacts in ``s3://mlflow/mlflow`` on ``s3``)."""
+    from finetune_devcluster.mlflow_server import LocalMlflow
+
+    with LocalMlflow(s3=s3) as server:
         yield server

@@ -5,8 +5,9 @@ up      start the control plane (etcd, kube-apiserver, controller-manager, sched
         (installed with its Helm chart, running with the chart's ServiceAccount) in the background,
         then print the environment to use them (progress on stderr, ``export`` lines on stdout, so
         ``eval "$(... up)"`` works). A second ``up`` reports the running one.
-demo    ``up`` with only the process node, the demo models/datasets uploaded to S3, examples/*.yaml
-        applied and watched until they finish; prints the model URIs and baseline-vs-final metrics.
+demo    ``up`` with only the process node, an MLflow server (http://127.0.0.1:5000 when free), the demo
+        models/datasets uploaded to S3, examples/*.yaml applied and watched until they finish; prints the
+        model URIs and baseline-vs-final metrics.
 procnode  run a process node in the foreground.
 down    stop everything ``up`` started and remove its state.
 status  what is running (exit 0: all up, 1: nothing up, 2: some component down).
@@ -166,6 +167,15 @@ def up_prometheus(args: argparse.Namespace, ctx: dict) -> None:
     print(f"prometheus up (pid {started[0]}): http://127.0.0.1:{started[1]} scrapes the operator and the trainer pods", file=sys.stderr)
 
 
+def up_mlflow(s3: LocalS3) -> None:
+    """The demo's MLflow server (``demo`` only: ``up`` leaves it out, so its bucket is not there either)."""
+    from . import stack
+
+    pid, port = stack.start_mlflow(state_dir(), s3)
+    print(f"mlflow up (pid {pid}): http://127.0.0.1:{port} (log to it with spec.tracking.mlflow.uri: http://127.0.0.1:{port}; "
+          f"artifacts in s3://mlflow/mlflow; log {state_dir() / 'mlflow.log'})", file=sys.stderr)
+
+
 UP_STEPS = [("cluster", up_cluster), ("s3", up_s3), ("procnode", up_procnode), ("operator", up_operator), ("prometheus", up_prometheus)]
 
 
@@ -188,7 +198,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     from . import stack
 
     with _locked():
-        for name in ("prometheus", "operator", "procnode"):
+        for name in ("mlflow", "prometheus", "operator", "procnode"):
             if stack.stop(state_dir(), name):
                 print(f"{name} stopped")
         s3, c = _attach_s3(), _attach_cluster()
@@ -290,6 +300,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if s3.port != stack.DEMO_S3_PORT:
         print(f"error: S3 runs on port {s3.port}, but examples/ name http://127.0.0.1:{stack.DEMO_S3_PORT}: free that port and re-run", file=sys.stderr)
         return 1
+    up_mlflow(s3)
+    if (state_dir() / "mlflow.port").read_text().strip() != str(stack.DEMO_MLFLOW_PORT):
+        print(f"note: MLflow runs on another port than examples/sentiment-tracked.yaml names ({stack.DEMO_MLFLOW_PORT}): "
+              "that job will train without it (status.tracking.problem says so)", file=sys.stderr)
     print("uploading the demo models and datasets to S3 ...", file=sys.stderr)
     uris = stack.seed(s3, state_dir())
     print("  " + "\n  ".join(f"{k}: {v}" for k, v in uris.items()), file=sys.stderr)

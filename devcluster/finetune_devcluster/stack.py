@@ -159,6 +159,26 @@ def start_prometheus(state: Path) -> tuple[int, int] | None:
     return pid, port
 
 
+DEMO_MLFLOW_PORT = 5000
+
+
+def start_mlflow(state: Path, s3: Any) -> tuple[int, int]:
+    """The MLflow tracking server (finetune_devcluster.mlflow_server), artifacts in ``s3://mlflow/mlflow``
+    on the local S3 server: (pid, port). A job logs to it with ``spec.tracking.mlflow.uri``."""
+    from .mlflow_server import LocalMlflow
+
+    port_file = state / "mlflow.port"
+    pid = running(state, "mlflow")
+    if pid and port_file.exists():
+        return pid, int(port_file.read_text())
+    server = LocalMlflow(state / "mlflow", s3=s3)
+    server.workdir.mkdir(parents=True, exist_ok=True)
+    s3.create_bucket(server.bucket)
+    port = DEMO_MLFLOW_PORT if port_free(DEMO_MLFLOW_PORT) else free_port()
+    port_file.write_text(f"{port}\n")
+    return spawn(state, "mlflow", server.argv(port), server.env()), port
+
+
 def run_procnode(name: str, workdir: str, taint: bool = False, targets_file: str | None = None) -> int:
     """Foreground process node (what ``start_procnode`` runs in the background)."""
     import logging
@@ -237,12 +257,22 @@ def summary(objs: dict[str, dict], s3: Any, state: Path) -> str:
             lines.append("  data:        " + ", ".join(f"{k}={v}" for k, v in data.items() if k != "reportUri"))
         if st.get("latestCheckpoint"):
             lines.append(f"  checkpoint:  {st['latestCheckpoint']}")
+        tracking = st.get("tracking") or {}
+        if tracking.get("tensorboardUri"):
+            lines.append(f"  tensorboard: {tracking['tensorboardUri']}")
+        if tracking.get("mlflowRunId"):
+            lines.append(f"  mlflow run:  {tracking['mlflowRunId']}")
+        if tracking.get("problem"):
+            lines.append(f"  tracking:    {tracking['problem']}")
     lines.append(f"\nS3 (MinIO):  {s3.endpoint_url}  bucket {DEMO_BUCKET}  (AWS_ACCESS_KEY_ID={s3.access_key})")
     port = (state / "operator.port").read_text().strip() if (state / "operator.port").exists() else "8080"
     lines.append(f"operator:    http://127.0.0.1:{port}/metrics  (log {state / 'operator.log'})")
     if (state / "prometheus.port").exists():
         lines.append(f"prometheus:  http://127.0.0.1:{(state / 'prometheus.port').read_text().strip()}  "
                      "(e.g. finetune_train_loss, finetune_eval, finetune_tokens_per_second, finetune_operator_jobs)")
+    if (state / "mlflow.port").exists():
+        lines.append(f"mlflow:      http://127.0.0.1:{(state / 'mlflow.port').read_text().strip()}  "
+                     "(a job logs there with spec.tracking.mlflow.uri; artifacts in s3://mlflow/mlflow)")
     lines.append(f"trainer:     pod sandboxes and logs under {state / 'procnode'}")
     lines.append("kubectl:     eval \"$(python -m finetune_devcluster env)\"; kubectl get ftj; kubectl describe ftj <name>")
     lines.append("stop:        make down")

@@ -103,6 +103,23 @@ class Gain(WireModel):
     )
 
 
+TENSORBOARD_DIR = "tensorboard"
+"""``<output>/tensorboard/``: the TensorBoard event files (spec.tracking.tensorboard)."""
+
+
+class TrackingSummary(WireModel):
+    """Where the run's tracking went (spec.tracking), and why a tracker stopped, if one did."""
+
+    tensorboard_uri: str | None = Field(default=None, description="TensorBoard log folder: tensorboard --logdir <this>.")
+    mlflow_run_id: str | None = Field(default=None, description="The job's MLflow run.")
+    mlflow_experiment_id: str | None = Field(default=None, description="Its experiment.")
+    mlflow_model_version: str | None = Field(default=None, description="Version of tracking.mlflow.registerModel created for the exported model.")
+    problem: str | None = Field(
+        default=None, max_length=1024,
+        description="Why a tracker stopped (one line per tracker; training went on without it). Unset when all went well.",
+    )
+
+
 class BaselineReport(ReportModel):
     """``evaluation.baseline``: every baseline of the run, measured before training on one split (see :data:`BASELINES`).
 
@@ -177,6 +194,7 @@ class ProgressDocument(WireModel):
     data: DataSummary | None = None
     gain: Gain | None = None
     evaluation: EvaluationSummary | None = None
+    tracking: TrackingSummary | None = None
     failure_reason: str | None = None
     """The trainer's ``Reason: message`` line when it failed (stage ``failed``)."""
     updated_at: str | None = None

@@ -39,8 +39,12 @@ JOB_UID = "FINETUNE_JOB_UID"
 a second job writing to the same output fails (OutputClaimed) instead of deleting or resuming the
 first one's checkpoints. Unset outside Kubernetes: no claim is made."""
 
+MLFLOW_PARENT_RUN_ID = "FINETUNE_MLFLOW_PARENT_RUN_ID"
+"""An MLflow run the job's run is nested under (tag ``mlflow.parentRunId``): the parent run of a sweep,
+its trials being the children. Unset: a top-level run. Not set by the operator today."""
+
 SET_BY_OPERATOR = (JOB_NAME, NAMESPACE, ATTEMPT, METRICS_PORT, TERMINATION_LOG, CACHE_DIR, WORK_DIR, JOB_UID)
 """What every training pod gets from the operator's builder."""
 
-READ_BY_TRAINER = (METRICS_PORT, TERMINATION_LOG, CACHE_DIR, WORK_DIR, LOG_LEVEL, JOB_UID)
+READ_BY_TRAINER = (METRICS_PORT, TERMINATION_LOG, CACHE_DIR, WORK_DIR, LOG_LEVEL, JOB_UID, NAMESPACE, MLFLOW_PARENT_RUN_ID)
 """What the trainer reads (each with a default for runs outside a pod)."""

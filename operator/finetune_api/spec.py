@@ -879,6 +879,57 @@ class StorageSpec(_Model):
     )
 
 
+MLFLOW_CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+"""Keys the trainer reads from tracking.mlflow.credentialsSecret (each optional): basic auth or a bearer token."""
+
+
+class MlflowSpec(_Model):
+    """An MLflow tracking server: one run per job (params, per-step metrics, the data report and model
+    card as artifacts) and, with registerModel, a model version pointing at the exported model."""
+
+    uri: str = Field(
+        max_length=MAX_STR,
+        pattern=r"^https?://[^\s/@]+(/[^\s]*)?$",
+        description=(
+            "MLflow tracking server URL (http or https), without user:password@ (credentials go in credentialsSecret). The operator's allowed endpoints (chart value "
+            "storage.allowedEndpoints) apply to it as to storage.endpoint: a job naming another server fails "
+            "with EndpointNotAllowed."
+        ),
+    )
+    experiment: str | None = Field(
+        default=None, max_length=256, description="Experiment name, created when missing. Default: the job's namespace."
+    )
+    register_model: str | None = Field(
+        default=None,
+        max_length=256,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$",
+        description="Registered model name: when the job succeeds, a new version of it points at <output.uri>/model. Unset: nothing is registered.",
+    )
+    credentials_secret: LocalObjectReference | None = Field(
+        default=None,
+        description=(
+            "Secret in the job's namespace with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+            "MLFLOW_TRACKING_TOKEN. Passed to the pods as env from the secret (each key optional); its values are "
+            "never copied anywhere. Subject to the same label rule as storage.credentialsSecret."
+        ),
+    )
+
+
+class TrackingSpec(_Model):
+    """Experiment tracking. A tracker that fails never fails or stalls training: the trainer logs one
+    warning and says so in status.tracking.problem."""
+
+    tensorboard: bool = Field(
+        default=True,
+        description=(
+            "Write TensorBoard event files (losses, learning rate, tokens/s, eval metrics, the hyperparameters, the "
+            "data report as text) to <output.uri>/tensorboard/, uploaded at each checkpoint and at the end: "
+            "tensorboard --logdir <output.uri>/tensorboard."
+        ),
+    )
+    mlflow: MlflowSpec | None = Field(default=None, description="Log the run to an MLflow tracking server. Unset: no MLflow.")
+
+
 class RunPolicy(_Model):
     """Lifecycle limits. The only part of the spec that may change after creation."""
 
@@ -891,7 +942,7 @@ class RunPolicy(_Model):
 # ------------------------------------------------------------------------------------------- the job
 
 _IMMUTABLE = ("model", "method", "lora", "dataset", "hyperparameters", "evaluation", "checkpoint", "output", "resources", "storage",
-              "distillation")
+              "distillation", "tracking")
 
 
 def _immutable_rule() -> str:
@@ -962,6 +1013,7 @@ class FineTuneJobSpec(_Model):
     output: OutputSpec = Field(description="Where checkpoints and the final model are written.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods, GPUs, image and placement.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint, region and credentials secret.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking: TensorBoard event files, MLflow.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Restarts, deadline, TTL and suspend; may change after creation.")
     distillation: DistillationSpec | None = Field(
         default=None,

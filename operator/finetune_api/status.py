@@ -14,6 +14,7 @@ from pydantic import Field
 # CheckpointRef, DataSummary and Gain are parts of the status; ProgressDocument is re-exported for
 # the callers that imported it from here.
 from finetune_api.documents import CheckpointRef, DataSummary, Gain, ProgressDocument  # noqa: F401
+from finetune_api.documents import TrackingSummary
 from finetune_api.documents import WireModel as _Model
 
 
@@ -104,5 +105,6 @@ class FineTuneJobStatus(_Model):
     model_uri: str | None = Field(default=None, description="Where the final model was written.")
     data: DataSummary | None = Field(default=None, description="Data report summary.")
     gain: Gain | None = Field(default=None, description="Baseline versus final metric.")
+    tracking: TrackingSummary | None = Field(default=None, description="TensorBoard folder, MLflow run and model version, and any tracker problem.")
     failure_reason: str | None = Field(default=None, description="The trainer's one-line reason for the last failure.")
 

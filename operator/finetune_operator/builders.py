@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from finetune_api import env as pod_env
-from finetune_api.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec, bytes_quantity, quantity_bytes
+from finetune_api.spec import API_GROUP, API_VERSION, KIND, MLFLOW_CREDENTIAL_KEYS, FineTuneJobSpec, bytes_quantity, quantity_bytes
 from finetune_operator.config import METRICS_PORT, OperatorDefaults
 
 MANAGED_BY = "finetune-operator"
@@ -169,6 +169,10 @@ def _env(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDe
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
         for key in OPTIONAL_CREDENTIAL_KEYS:
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}})
+    mlflow = spec.tracking.mlflow
+    if mlflow is not None and mlflow.credentials_secret:  # basic auth or a token: each key optional
+        for key in MLFLOW_CREDENTIAL_KEYS:
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow.credentials_secret.name, "key": key, "optional": True}}})
     reserved = {e["name"] for e in env}
     for extra in spec.resources.env or []:
         if extra.name not in reserved:  # the operator's own variables win

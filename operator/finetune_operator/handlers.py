@@ -30,7 +30,7 @@ from finetune_operator.builders import CREDENTIAL_KEYS, Owner, build_config_map,
 from finetune_operator.config import OperatorConfig
 from finetune_operator.networkpolicy import build_network_policy, network_policy_name
 from finetune_operator.policy import Selector, matches, namespace_refusal, pod_spec_refusal, secret_refusal
-from finetune_operator.progress import ProgressReader, endpoint_allowed, endpoint_refusal, project, secret_values
+from finetune_operator.progress import ProgressReader, endpoint_allowed, endpoint_refusal, project, secret_values, tracking_refusal
 from finetune_operator.state import Observed, Plan, decide, may_create_job
 from finetune_operator.views import JobView, PodView, foreign_owner, owned
 
@@ -212,7 +212,8 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
         spec, default_image=config.defaults.trainer_image, allowed_images=config.allowed_images,
         allowed_priority_classes=config.allowed_priority_classes) if spec is not None and checking else None
     # A refused image or PriorityClass fails the job anyway: no Secret is read for it.
-    secret_problem = check_secret(meta["namespace"], spec, config.secret_selector) if spec is not None and checking and not policy_refused else None
+    secret_problem = ((check_secret(meta["namespace"], spec, config.secret_selector) or check_tracking_secret(meta["namespace"], spec, config.secret_selector))
+                      if spec is not None and checking and not policy_refused else None)
     conflict = name_conflict(_owner(body), int(status.get("attempt") or 0), network_policy=config.defaults.network_policy) if checking else None
     return Observed(
         name=meta["name"],
@@ -236,9 +237,40 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
 
 
 def _endpoint_refused(spec: FineTuneJobSpec | None, config: OperatorConfig) -> str | None:
-    if spec is None or endpoint_allowed(spec.storage.endpoint, config.allowed_endpoints):
+    if spec is None:
         return None
-    return endpoint_refusal(spec.storage.endpoint, config.allowed_endpoints)
+    if not endpoint_allowed(spec.storage.endpoint, config.allowed_endpoints):
+        return endpoint_refusal(spec.storage.endpoint, config.allowed_endpoints)
+    mlflow = spec.tracking.mlflow
+    if mlflow is not None and not endpoint_allowed(mlflow.uri, config.allowed_endpoints):
+        return tracking_refusal(mlflow.uri, config.allowed_endpoints)
+    return None
+
+
+def check_tracking_secret(namespace: str, spec: FineTuneJobSpec, selector: Selector = ()) -> tuple[str, str] | None:
+    """(reason, message) when tracking.mlflow.credentialsSecret is missing or lacks the labels of
+    storage.credentialsSecretLabels: the trainer sends its values to the tracking server, so it is held to
+    the storage Secret's rule. Its keys are all optional, so only its metadata is read, never its values."""
+    mlflow = spec.tracking.mlflow
+    ref = mlflow.credentials_secret if mlflow is not None else None
+    if ref is None:
+        return None
+    try:
+        labels = kube.secret_labels(namespace, ref.name)
+    except kube.SecretForbidden:
+        return (
+            SECRET_FORBIDDEN.reason,
+            f"the operator may not read Secrets in namespace {namespace}, so it cannot check tracking.mlflow.credentialsSecret "
+            f"{ref.name!r}: on this cluster a cluster admin grants that per namespace (chart values rbac.clusterWideSecrets: "
+            f"false, rbac.credentialsNamespaces; see the chart README), then re-create this FineTuneJob",
+        )
+    if labels is None:
+        return (
+            "SecretNotFound",
+            f"tracking.mlflow.credentialsSecret {ref.name!r} does not exist in namespace {namespace}: create it with keys "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, then re-create this FineTuneJob",
+        )
+    return secret_refusal(namespace, ref.name, labels, selector, field="tracking.mlflow.credentialsSecret") if selector else None
 
 
 def name_conflict(owner: Owner, attempt: int, *, network_policy: bool = False) -> str | None:

@@ -88,13 +88,14 @@ def pod_spec_refusal(spec: FineTuneJobSpec, *, default_image: str, allowed_image
     return None
 
 
-def secret_refusal(namespace: str, name: str, labels: Mapping[str, str] | None, selector: Selector) -> tuple[str, str] | None:
-    """(reason, message) when the credentials Secret lacks the labels the operator requires."""
+def secret_refusal(namespace: str, name: str, labels: Mapping[str, str] | None, selector: Selector,
+                   field: str = "storage.credentialsSecret") -> tuple[str, str] | None:
+    """(reason, message) when the credentials Secret (``field``) lacks the labels the operator requires."""
     if matches(labels, selector):
         return None
     wanted = selector_text(selector)
     return (SECRET_NOT_LABELLED.reason,
-            f"storage.credentialsSecret {name!r} in namespace {namespace} lacks the label(s) {wanted} the operator requires "
+            f"{field} {name!r} in namespace {namespace} lacks the label(s) {wanted} the operator requires "
             f"before it reads a Secret (chart value storage.credentialsSecretLabels); its values were not read. Label it "
             f"(kubectl -n {namespace} label secret {name} {wanted.replace(',', ' ')}), then re-create this FineTuneJob")
 

@@ -97,6 +97,8 @@ def project(doc: ProgressDocument) -> dict[str, Any]:
     if doc.gain:
         gain = doc.gain.wire()
         out["gain"] = {k: _r(v) if isinstance(v, float) else v for k, v in gain.items()}
+    if doc.tracking:
+        out["tracking"] = doc.tracking.wire()
     return out
 
 
@@ -165,6 +167,13 @@ def endpoint_refusal(endpoint: str | None, allowlist: Sequence[str]) -> str:
     named = endpoint or "AWS S3 (no storage.endpoint)"
     return (f"storage.endpoint {named} is not one of the operator's allowed storage endpoints ({', '.join(allowlist)}): "
             "use one of those, or ask the cluster admin to add it to the chart value storage.allowedEndpoints")
+
+
+def tracking_refusal(uri: str, allowlist: Sequence[str]) -> str:
+    """The message for a job whose ``tracking.mlflow.uri`` :func:`endpoint_allowed` refuses: the trainer
+    sends the job's MLflow credentials there, so it is held to the same list as the storage endpoint."""
+    return (f"tracking.mlflow.uri {uri} is not one of the operator's allowed endpoints ({', '.join(allowlist)}): "
+            "use one of those, or ask the cluster admin to add its scheme://host[:port] to the chart value storage.allowedEndpoints")
 
 
 # ----------------------------------------------------------------------------------------- reader

@@ -52,6 +52,7 @@ from .report import RunSummary, final_report, measure_baseline, public
 from .resume import maybe_resume
 from .state import HISTORY_LIMIT, TrainerState, thin_history
 from .storage import Storage, join
+from .tracking import Tracking, eval_scalars, flat_params, train_scalars
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -92,6 +93,8 @@ class Trainer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = TrainerMetrics(config.name, self.dist.rank)
         self.progress = ProgressWriter(self.storage, self.output, enabled=self.dist.is_main, join=join)
+        self.tracking = Tracking.from_spec(self.spec, job=config.name, output_uri=self.output, storage=self.storage, work_dir=self.work_dir,
+                                           enabled=self.dist.is_main, report=lambda summary: self.progress.update(force=True, tracking=summary))
         self.sigterm = SigtermFlag()
         self.state = TrainerState()
         es = self.spec.evaluation.early_stopping
@@ -115,8 +118,10 @@ class Trainer:
         except Preempted:
             if self.progress.doc.stage != "preempted":  # stopped before the loop (the loop reports its own)
                 self.progress.update(force=True, stage="preempted")
+            self.tracking.on_finish(None)
             raise
         except Exception as e:
+            self.tracking.on_finish(False)
             # Tell the operator which stage failed; __main__ still writes the termination message.
             line = e.line() if isinstance(e, TrainerError) else f"{type(e).__name__}: {str(e).strip()[:300]}"
             self.progress.update(force=True, stage="failed", failureReason=line)
@@ -126,7 +131,10 @@ class Trainer:
             self.metrics.close()
 
     def _run(self) -> dict[str, Any]:
+        self.tracking.start()
         self.setup()
+        self.tracking.on_params(flat_params(self.spec, job=self.config.name, total_steps=self.state.total_steps,
+                                            world_size=self.dist.world_size, distributed_strategy=self.strategy))
         resumed_from = maybe_resume(self)
         if resumed_from is None:
             # Different dropout streams per rank; a resumed run gets each rank's own stream back instead.
@@ -187,13 +195,16 @@ class Trainer:
         if self.dist.is_main:
             self.storage.write_json(report_uri, data.report)
             self.progress.set_data(summary)
+        text = None
         try:
             from .data import format_report
 
-            for line in format_report(data.report).splitlines():
+            text = format_report(data.report)
+            for line in text.splitlines():
                 log.info("data: %s", line)
         except Exception:  # noqa: BLE001 - the report is informative only
             pass
+        self.tracking.on_data_report(data.report, text)
 
     def _setup_model(self) -> tuple[str, LoadedModel, Accelerator]:
         """The distributed strategy, the loaded model and the accelerator (which joins the process group)."""
@@ -352,6 +363,7 @@ class Trainer:
                                    "epoch": round(fractional_epoch, 4)})
                 thin_history(st.history, HISTORY_LIMIT)
                 self.metrics.on_step(step=st.step, epoch=fractional_epoch, lr=lr, **measured)
+                self.tracking.on_metrics(st.step, train_scalars(measured, lr=lr, epoch=fractional_epoch))
                 self.progress.update(step=st.step, epoch=fractional_epoch, train_loss=_finite(measured["loss"]), learning_rate=lr)
                 log.info("step %d/%d epoch %.2f loss %.4f lr %.3g", st.step, st.total_steps, fractional_epoch, measured["loss"], lr)
 
@@ -398,6 +410,7 @@ class Trainer:
         elif value is not None and improves(float(value), st.best_metric, self.monitor_mode):
             st.best_metric, st.best_step, new_best = float(value), st.step, True
         self.metrics.on_eval(result, best_name=self.monitor, best=st.best_metric)
+        self.tracking.on_metrics(st.step, eval_scalars(result))
         self.progress.update(force=True, eval_loss=_finite(result.get("eval_loss")), best_metric=_finite(st.best_metric), best_metric_name=self.monitor)
         log.info("eval at step %d: %s", st.step, {k: round(v, 4) for k, v in entry.items() if isinstance(v, float)})
         return new_best
@@ -412,6 +425,7 @@ class Trainer:
 
     def _on_checkpoint_complete(self, step: int, uri: str, seconds: float, nbytes: int) -> None:
         self.metrics.on_checkpoint(step, seconds, nbytes)
+        self.tracking.on_checkpoint(step)
         kept = {c.step for c in self.checkpoints.complete()}
         self.progress.add_checkpoint(step, uri, self.state.checkpoint_metrics.get(str(step)), kept_steps=kept)
 
@@ -452,6 +466,8 @@ class Trainer:
                          model_dir=self.model_dir, work_dir=self.work_dir, storage=self.storage, full_weights=full_weights)
         del full_weights
         distributed.barrier()
+        self.tracking.on_metrics(st.step, {**eval_scalars(evaluation.final, "final"), **eval_scalars(evaluation.test, "test")})
+        self.tracking.on_finish(True, model_uri)
         self._stage("done", model_uri=model_uri)
         return {**summary.to_dict(), "model_uri": model_uri}
 
