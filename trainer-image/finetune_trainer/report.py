@@ -160,6 +160,10 @@ def measure_baseline(evaluator: Evaluator) -> tuple[dict[str, Any] | None, float
         reference = STARTING_POINTS["sequence-classification" if evaluator.classification else "causal-lm"]
         report = {"split": split, "reference": reference}
         start = public(evaluator.evaluate(loader)) or {}
+        if spec.is_preference:
+            from .preference import base_model_metrics
+
+            start = base_model_metrics(spec, start)
         if evaluator.generation:
             start.update(distributed.broadcast_object(evaluator.generation_metrics(dataset, generation_limit(spec))) or {})
         report[reference] = start
@@ -239,6 +243,8 @@ def _gain(baseline: dict[str, Any] | None, final: dict[str, Any] | None, split: 
     """The starting point -> fine-tuned, both on ``split`` (test when there is one), on the monitored metric (a
     classifier monitoring its loss: accuracy, which the calibration temperature does not change)."""
     metric = "accuracy" if classification and monitor == "eval_loss" else monitor
+    if monitor == "eval_loss" and "logp_accuracy" in (final or {}):
+        metric = "logp_accuracy"  # preference objectives: the base model's implicit preference vs the tuned model's
     if not baseline or not final or baseline.get("split") != split:  # a trainer_state.json of an older trainer: no split
         return None
     start = baseline.get(baseline.get("reference", ""))

@@ -12,6 +12,7 @@
   back to locating the turn's content in the rendering. EOS is appended only when the rendering does not
   already end with it (most templates close every turn with the model's end-of-turn token).
 - ``classification``: ``input_ids`` with the tokenizer's special tokens; the integer label is added later.
+- ``preference``: two rows per pair, prompt + chosen and prompt + rejected (:mod:`.preference`).
 
 Sequences longer than ``hyperparameters.maxSeqLength`` are cut at the end (a truncated LM row loses its
 EOS, which is right: the text did not end there). ``length`` is the token count before truncation,
@@ -23,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from finetune_trainer.data.formats import CHAT, CLASSIFICATION, PROMPT_COMPLETION, TEXT, Record
+from finetune_trainer.data.formats import CHAT, CLASSIFICATION, PREFERENCE, PROMPT_COMPLETION, TEXT, Record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -64,6 +65,10 @@ def tokenize_batch(records: Sequence[Record], fmt: str, tokenizer: PreTrainedTok
         return out
     if fmt == CHAT:
         return [_chat(r["messages"], tokenizer, max_len) for r in records]
+    if fmt == PREFERENCE:
+        from finetune_trainer.data.preference import tokenize_pair
+
+        return [tokenize_pair(r, tokenizer, max_len) for r in records]
     if fmt == CLASSIFICATION:
         texts = [r["text"] for r in records]
         ids = _encode(tokenizer, texts, special=True)
