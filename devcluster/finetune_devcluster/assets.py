@@ -8,6 +8,7 @@
   report has something to show.
 * ``instruction_rows(n)``: prompt-completion pairs whose completion is a fixed function of the
   prompt, learnable in a few dozen steps.
+* ``preference_rows(n)``: preference pairs on the same task (chosen: the right answer, rejected: a wrong one).
 """
 
 from __future__ import annotations
@@ -115,6 +116,22 @@ def instruction_rows(n: int = 200, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+def preference_rows(n: int = 240, seed: int = 0) -> list[dict[str, str]]:
+    """Preference pairs on the instruction task: prompt 'next of : wA wB ...', chosen 'w(A+1) w(B+1) ...' (the right
+    answer), rejected 'w(A-1) w(B-1) ...' (a plausible wrong one); unique prompts."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        ids = tuple(rng.randrange(len(WORDS)) for _ in range(rng.randint(2, 5)))
+        if ids in seen:
+            continue
+        seen.add(ids)
+        rows.append({"prompt": "next of : " + " ".join(WORDS[i] for i in ids),
+                     "chosen": " ".join(WORDS[(i + 1) % len(WORDS)] for i in ids),
+                     "rejected": " ".join(WORDS[(i - 1) % len(WORDS)] for i in ids)})
+    return rows
+
+
 def jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
@@ -140,10 +157,12 @@ def seed_bucket(client: Any, bucket: str, work: Path) -> dict[str, str]:
     upload_dir(client, build_tiny_lm(work / "tiny-lm"), bucket, "models/tiny-lm")
     client.put_object(Bucket=bucket, Key="datasets/sentiment/train.jsonl", Body=jsonl(sentiment_rows()))
     client.put_object(Bucket=bucket, Key="datasets/instructions/train.jsonl", Body=jsonl(instruction_rows()))
+    client.put_object(Bucket=bucket, Key="datasets/preferences/train.jsonl", Body=jsonl(preference_rows()))
     base = f"s3://{bucket}"
     return {
         "minilm": f"{base}/models/minilm",
         "tiny_lm": f"{base}/models/tiny-lm",
         "sentiment": f"{base}/datasets/sentiment/train.jsonl",
         "instructions": f"{base}/datasets/instructions/train.jsonl",
+        "preferences": f"{base}/datasets/preferences/train.jsonl",
     }

@@ -196,6 +196,13 @@ def test_a_test_prompt_seen_in_train_is_leakage_whatever_its_responses(tmp_path)
 # ------------------------------------------------------------------------------------- training runs
 
 
+def test_the_example_is_a_valid_dpo_job():
+    from finetune_trainer.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[3] / "examples" / "preference-dpo.yaml")
+    assert (config.spec.objective_type, config.spec.dataset.format, config.spec.objective.beta) == ("dpo", "preference", 0.3)
+
+
 def preference_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     """prompt 'next of : wA wB ...'; chosen: the successors (as the LM task of helpers_assets), rejected: the predecessors."""
     rng = random.Random(seed)
@@ -250,6 +257,7 @@ def test_dpo_raises_validation_reward_accuracy_above_the_base_models_preference(
 
     status = project(ProgressDocument.model_validate(progress))
     assert status["gain"]["metric"] == "logp_accuracy"
+    assert json.loads((out / "model" / "model_card.json").read_text())["objective"] == {"type": "dpo", "beta": 0.3}
     card = (out / "model" / "README.md").read_text()
     assert "| Objective | DPO, beta=0.3; reference: the base model (adapter disabled)" in card
     assert "| Reward accuracy |" in card and "| Log-prob preference accuracy |" in card
