@@ -315,3 +315,20 @@ def test_a_dpo_full_fine_tune_killed_and_resumed_repeats_the_uninterrupted_losse
     resumed = int(next(x for x in r.stderr.splitlines() if "resumed from" in x).split(" at step ")[1].split()[0])
     assert 2 <= resumed < 8
     assert [(h["step"], h["loss"]) for h in checkpoint_state(out, 8)["history"]] == expected
+
+
+def test_the_trainer_refuses_bad_preference_jobs_with_the_words_of_the_api_server(tmp_path, monkeypatch):
+    from finetune_trainer.__main__ import main
+
+    log = tmp_path / "termination-log"
+    for name, value in (("FINETUNE_TERMINATION_LOG", log), ("FINETUNE_METRICS_PORT", "0"), ("FINETUNE_WORK_DIR", tmp_path / "work")):
+        monkeypatch.setenv(name, str(value))
+    spec = {"model": {"uri": "/models/x"}, "objective": {"type": "dpo"}, "output": {"uri": str(tmp_path / "out")},
+            "dataset": {"train": "/data/train.jsonl", "format": "preference"}}
+    assert main(["--config", str(write_config(tmp_path / "a.yaml", spec))]) == 11
+    assert log.read_text().startswith("InvalidConfig: spec: objective.type dpo and simpo need hyperparameters.packing false")
+    spec["hyperparameters"] = {"packing": False}
+    spec["evaluation"] = {"earlyStopping": {"metric": "perplexity"}}  # not computed on pairs
+    assert main(["--config", str(write_config(tmp_path / "b.yaml", spec))]) == 11
+    assert ("evaluation.earlyStopping.metric 'perplexity' is not computed for this task; use one of eval_loss, reward_accuracy, "
+            "reward_margin, chosen_reward, rejected_reward, logp_accuracy") in log.read_text()
