@@ -759,9 +759,8 @@ class ObjectiveSpec(_Model):
         if isinstance(data, dict):
             kind = data.get("type", ObjectiveType.sft.value)
             kind = getattr(kind, "value", kind)
-            for name, value in OBJECTIVE_DEFAULTS.get(kind, {}).items() if isinstance(kind, str) else ():
-                if data.get(name) is None:
-                    data = {**data, name: value}
+            defaults = OBJECTIVE_DEFAULTS.get(kind, {}) if isinstance(kind, str) else {}
+            data = {**data, **{name: value for name, value in defaults.items() if data.get(name) is None}}
         return data
 
     @model_validator(mode="after")
