@@ -26,9 +26,11 @@ def test_dpo_example_trains_and_reports_reward_accuracy_over_the_base_models_pre
     # The headline gain: the tuned model's own preference (mean token log-prob, chosen vs rejected) over the base model's, on test.
     assert st["gain"]["metric"] == "logp_accuracy" and st["gain"]["split"] == "test"
     assert st["gain"]["final"] > st["gain"]["baseline"]
+    assert st["progress"]["bestMetricName"] == "reward_accuracy" and st["progress"]["bestMetric"] >= 0.75
     run = f"runs/{namespace}/dpo"
     progress = read_json(s3, f"{run}/progress.json")
     base, test = progress["evaluation"]["baseline"]["base_model"], progress["evaluation"]["test"]
+    print("measured: base model", base, "test", test, "gain", st["gain"], "best", st["progress"]["bestMetric"])
     assert test["reward_accuracy"] >= base["logp_accuracy"] + 0.2 and test["reward_margin"] > 0
     card = read_json(s3, f"{run}/model/model_card.json")
     assert card["objective"] == {"type": "dpo", "beta": 0.3}

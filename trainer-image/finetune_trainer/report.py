@@ -243,11 +243,11 @@ def _gain(baseline: dict[str, Any] | None, final: dict[str, Any] | None, split: 
     """The starting point -> fine-tuned, both on ``split`` (test when there is one), on the monitored metric (a
     classifier monitoring its loss: accuracy, which the calibration temperature does not change)."""
     metric = "accuracy" if classification and monitor == "eval_loss" else monitor
-    if monitor == "eval_loss" and "logp_accuracy" in (final or {}):
-        metric = "logp_accuracy"  # preference objectives: the base model's implicit preference vs the tuned model's
     if not baseline or not final or baseline.get("split") != split:  # a trainer_state.json of an older trainer: no split
         return None
     start = baseline.get(baseline.get("reference", ""))
+    if start and "logp_accuracy" in final and (monitor == "eval_loss" or metric not in start):
+        metric = "logp_accuracy"  # preference objectives: the base model's own preference vs the tuned model's (dpo has no base reward)
     if not start or metric not in start or metric not in final:
         return None
     result = gain(start, final, metric, metric_catalogue.direction(metric) or monitor_mode)
