@@ -84,19 +84,21 @@ def test_response_log_probs_sum_only_the_unmasked_next_tokens():
     assert counts.tolist() == [3, 2]
 
 
+class Tiny(torch.nn.Module):
+    """A causal toy LM (position t sees tokens <= t), enough to score padded rows."""
+
+    def __init__(self, vocab: int = 11):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 8)
+        self.out = torch.nn.Linear(8, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return type("Out", (), {"logits": self.out(self.emb(input_ids).cumsum(1))})()
+
+
 def test_the_pair_loss_of_a_batch_is_its_pairs_summed_loss_over_the_window():
     """The model's forward on the 2B padded rows gives the same per-pair loss as scoring each pair's rows alone."""
     torch.manual_seed(0)
-    vocab = 11
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(vocab, 8)
-            self.out = torch.nn.Linear(8, vocab)
-
-        def forward(self, input_ids, attention_mask=None, use_cache=None):
-            return type("Out", (), {"logits": self.out(self.emb(input_ids).cumsum(1))})()
 
     rows = [{"input_ids": [1, 2, 3, 4], "labels": [IGNORE_INDEX, IGNORE_INDEX, 3, 4], "rejected_input_ids": [1, 2, 5],
              "rejected_labels": [IGNORE_INDEX, IGNORE_INDEX, 5], "ref_chosen_logp": -2.0, "ref_rejected_logp": -1.5},
@@ -111,6 +113,34 @@ def test_the_pair_loss_of_a_batch_is_its_pairs_summed_loss_over_the_window():
     assert torch.allclose(both, alone, atol=1e-6)
     assert loss(model, batch, denominator=4.0).item() == pytest.approx(both.sum().item() / 4.0, rel=1e-6)
     assert loss.local_total([batch, collate(rows[:1])]) == 3.0  # pairs, not tokens
+
+
+def test_evaluation_metrics_are_means_over_pairs_whatever_the_batches():
+    import datasets
+
+    from finetune_trainer.preference import eval_loader, evaluate_preference
+
+    torch.manual_seed(1)
+    rng = random.Random(0)
+    rows = []
+    for _ in range(5):
+        prompt = [1] + [rng.randrange(2, 11) for _ in range(rng.randint(1, 3))]
+        chosen, rejected = [rng.randrange(2, 11) for _ in range(rng.randint(1, 4))], [rng.randrange(2, 11) for _ in range(rng.randint(1, 4))]
+        rows.append({"input_ids": prompt + chosen, "labels": [IGNORE_INDEX] * len(prompt) + chosen,
+                     "rejected_input_ids": prompt + rejected, "rejected_labels": [IGNORE_INDEX] * len(prompt) + rejected})
+    model, loss = Tiny(), PreferenceLoss("simpo", beta=2.0, gamma=0.5)
+    per_pair = [loss.terms(model, PairCollator(0)([r])) for r in rows]
+    metrics = evaluate_preference(model, eval_loader(datasets.Dataset.from_list(rows), batch_size=2, pad_token_id=0), loss)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    chosen = [t["chosen_rewards"].item() for t in per_pair]
+    rejected = [t["rejected_rewards"].item() for t in per_pair]
+    assert metrics["eval_pairs"] == 5
+    assert metrics["eval_loss"] == pytest.approx(mean([t["loss"].item() for t in per_pair]), rel=1e-6)
+    assert metrics["reward_accuracy"] == pytest.approx(mean([float(c > r) for c, r in zip(chosen, rejected)]))
+    assert (metrics["chosen_reward"], metrics["rejected_reward"]) == (pytest.approx(mean(chosen), rel=1e-6), pytest.approx(mean(rejected), rel=1e-6))
+    assert metrics["reward_margin"] == pytest.approx(mean(chosen) - mean(rejected), rel=1e-6)
+    # SimPO's reward is beta x the mean token log-prob, so the two accuracies agree.
+    assert metrics["logp_accuracy"] == metrics["reward_accuracy"]
 
 
 # ------------------------------------------------------------------------------------------- the data
