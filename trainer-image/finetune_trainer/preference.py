@@ -31,6 +31,7 @@ equal to its reference has every reward 0, so its reward accuracy says nothing; 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -176,8 +177,6 @@ class PreferenceLoss:
 def reference_logps(model: Any, dataset: datasets.Dataset, *, batch_size: int, pad_token_id: int, device: torch.device,
                     is_adapter: bool, accelerator: Accelerator | None = None) -> torch.Tensor:
     """[rows, 2] summed response log-probabilities (chosen, rejected) of the base model, rows in order."""
-    import contextlib
-
     loader = eval_loader(dataset, batch_size=batch_size, pad_token_id=pad_token_id)
     out: list[torch.Tensor] = []
     was_training = model.training
