@@ -12,6 +12,7 @@
   config, with a word-level tokenizer (sources end with ``<eos>``, as BART's and T5's do).
 * ``summary_rows(n)``: short texts (who did what, where, when, why) and their summaries (who did what),
   for ``model.task: seq2seq-lm``.
+* ``preference_rows(n)``: preference pairs on the same task (chosen: the right answer, rejected: a wrong one).
 """
 
 from __future__ import annotations
@@ -192,6 +193,22 @@ def build_tiny_seq2seq(dest: Path, architecture: str = "bart", seed: int = 0) ->
     return dest
 
 
+def preference_rows(n: int = 240, seed: int = 0) -> list[dict[str, str]]:
+    """Preference pairs on the instruction task: prompt 'next of : wA wB ...', chosen 'w(A+1) w(B+1) ...' (the right
+    answer), rejected 'w(A-1) w(B-1) ...' (a plausible wrong one); unique prompts."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        ids = tuple(rng.randrange(len(WORDS)) for _ in range(rng.randint(2, 5)))
+        if ids in seen:
+            continue
+        seen.add(ids)
+        rows.append({"prompt": "next of : " + " ".join(WORDS[i] for i in ids),
+                     "chosen": " ".join(WORDS[(i + 1) % len(WORDS)] for i in ids),
+                     "rejected": " ".join(WORDS[(i - 1) % len(WORDS)] for i in ids)})
+    return rows
+
+
 def jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
@@ -220,6 +237,7 @@ def seed_bucket(client: Any, bucket: str, work: Path) -> dict[str, str]:
     client.put_object(Bucket=bucket, Key="datasets/instructions/train.jsonl", Body=jsonl(instruction_rows()))
     upload_dir(client, build_tiny_seq2seq(work / "tiny-bart", "bart"), bucket, "models/tiny-bart")
     client.put_object(Bucket=bucket, Key="datasets/summaries/train.jsonl", Body=jsonl(summary_rows()))
+    client.put_object(Bucket=bucket, Key="datasets/preferences/train.jsonl", Body=jsonl(preference_rows()))
     base = f"s3://{bucket}"
     return {
         "minilm": f"{base}/models/minilm",
@@ -229,4 +247,5 @@ def seed_bucket(client: Any, bucket: str, work: Path) -> dict[str, str]:
         "instructions": f"{base}/datasets/instructions/train.jsonl",
         "tiny_bart": f"{base}/models/tiny-bart",
         "summaries": f"{base}/datasets/summaries/train.jsonl",
+        "preferences": f"{base}/datasets/preferences/train.jsonl",
     }

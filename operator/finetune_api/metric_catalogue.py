@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 Direction = Literal["min", "max"]
-MetricTask = Literal["causal-lm", "sequence-classification", "seq2seq-lm", "any"]
+MetricTask = Literal["causal-lm", "sequence-classification", "seq2seq-lm", "preference", "any"]
+"""``preference`` is a causal LM trained with objective dpo or simpo: its evaluations report the pair metrics
+(and eval_loss, the objective's loss) instead of perplexity and token accuracy."""
 
 LM_TASKS = ("causal-lm", "seq2seq-lm")
 """The language-model tasks: a ``causal-lm`` metric (loss per token, BLEU, ROUGE-L, ...) applies to both."""
@@ -57,9 +59,18 @@ METRICS: tuple[Metric, ...] = (
     Metric("rouge_2", "seq2seq-lm", "max", "ROUGE-2 F1", "rouge_2", needs="rouge"),
     Metric("rouge_l", "causal-lm", "max", "ROUGE-L F1", "rouge_l", needs="rouge"),
     Metric("label_accuracy", "causal-lm", "max", "Label accuracy (generated)", "label_accuracy", watchable=False),
+    # Preference objectives (dpo, simpo): a pair's reward is the objective's implicit reward of each response (dpo:
+    # beta * (log pi - log ref); simpo: beta * mean token log pi); logp_accuracy compares the mean token log-probs, so
+    # it is defined for the base model too (its implicit preference: the honest baseline of reward_accuracy).
+    Metric("reward_accuracy", "preference", "max", "Reward accuracy", "reward_accuracy"),
+    Metric("reward_margin", "preference", "max", "Reward margin (chosen - rejected)", "reward_margin"),
+    Metric("chosen_reward", "preference", "max", "Chosen reward", "chosen_reward"),
+    Metric("rejected_reward", "preference", "min", "Rejected reward", "rejected_reward"),
+    Metric("logp_accuracy", "preference", "max", "Log-prob preference accuracy", "logp_accuracy"),
     Metric("eval_tokens", "causal-lm", None, "Scored tokens", None),
     Metric("eval_samples", "sequence-classification", None, "Examples", None),
     Metric("generation_samples", "causal-lm", None, "Generated samples", None),
+    Metric("eval_pairs", "preference", None, "Pairs", None),
 )
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
 

@@ -195,6 +195,7 @@ class DataFormat(str, Enum):
     prompt_completion = "prompt-completion"
     chat = "chat"
     classification = "classification"
+    preference = "preference"
 
 
 class LeakagePolicy(str, Enum):
@@ -241,6 +242,13 @@ MATCH_KEY_DESCRIPTION = (
 )
 
 
+PREFERENCE_KEYS_DESCRIPTION = (
+    " Format preference: dedupe compares prompt, chosen and rejected (row, turns; turns leaves out system messages), "
+    "the prompt (prompt, userTurns) or both responses (completion); the leakage checks always compare the prompt "
+    "(userTurns: its user messages), since a test prompt whose pair was trained on is leaked whatever its responses."
+)
+
+
 class LabelConflictPolicy(str, Enum):
     drop = "drop"
     keep_first = "keepFirst"
@@ -251,7 +259,14 @@ class FieldNames(_Model):
     """Column names in the data files."""
 
     text: str = Field(default="text", max_length=128, description="Column with the text (formats text, classification).")
-    prompt: str = Field(default="prompt", max_length=128, description="Column with the prompt (format prompt-completion).")
+    prompt: str = Field(
+        default="prompt",
+        max_length=128,
+        description=(
+            "Column with the prompt (formats prompt-completion and preference; for preference it may also be a list of "
+            "{role, content} messages, rendered with the tokenizer's chat template)."
+        ),
+    )
     completion: str = Field(
         default="completion", max_length=128, description="Column with the completion (format prompt-completion)."
     )
@@ -261,6 +276,16 @@ class FieldNames(_Model):
         description="Column with the list of {role, content} messages (format chat).",
     )
     label: str = Field(default="label", max_length=128, description="Column with the class label (format classification).")
+    chosen: str = Field(
+        default="chosen",
+        max_length=128,
+        description="Column with the preferred response (format preference): text, or a list of assistant {role, content} messages.",
+    )
+    rejected: str = Field(
+        default="rejected",
+        max_length=128,
+        description="Column with the dispreferred response to the same prompt (format preference), in the form of chosen.",
+    )
 
 
 class SplitSpec(_Model):
@@ -297,7 +322,9 @@ class DedupeSpec(_Model):
         le=1.0,
         description="Estimated Jaccard similarity of word 5-gram shingles at or above which two rows are near-duplicates.",
     )
-    key: MatchKey = Field(default=MatchKey.turns, description=MATCH_KEY_DESCRIPTION.format(what="exact and near dedupe"))
+    key: MatchKey = Field(
+        default=MatchKey.turns, description=MATCH_KEY_DESCRIPTION.format(what="exact and near dedupe") + PREFERENCE_KEYS_DESCRIPTION
+    )
 
 
 PII_REGIONS_DEFAULT = ("US", "GB", "FR", "DE")
@@ -460,7 +487,10 @@ class DatasetSpec(_Model):
     )
     format: DataFormat = Field(
         default=DataFormat.text,
-        description="Row format: text, prompt-completion (loss on completion only), chat (loss on assistant turns only), classification.",
+        description=(
+            "Row format: text, prompt-completion (loss on completion only), chat (loss on assistant turns only), classification, "
+            "or preference (prompt, chosen, rejected; objective dpo or simpo, scored on the response tokens only)."
+        ),
     )
     fields: FieldNames = Field(default_factory=FieldNames, description="Column names in the data files.")
     split: SplitSpec = Field(default_factory=SplitSpec, description="Split ratios and seed, used when validation/test are not given.")
@@ -477,7 +507,10 @@ class DatasetSpec(_Model):
             "(the forgetting check would measure trained data)."
         ),
     )
-    leakage_key: MatchKey = Field(default=MatchKey.turns, description=MATCH_KEY_DESCRIPTION.format(what="the leakage checks"))
+    leakage_key: MatchKey = Field(
+        default=MatchKey.turns,
+        description=MATCH_KEY_DESCRIPTION.format(what="the leakage checks") + PREFERENCE_KEYS_DESCRIPTION,
+    )
 
 
 # ----------------------------------------------------------------------------------- hyperparameters
@@ -761,6 +794,88 @@ class DistillationSpec(_Model):
     )
 
 
+# ----------------------------------------------------------------------------------------- objective
+
+
+class ObjectiveType(str, Enum):
+    sft = "sft"
+    dpo = "dpo"
+    simpo = "simpo"
+
+
+PREFERENCE_OBJECTIVES = (ObjectiveType.dpo.value, ObjectiveType.simpo.value)
+OBJECTIVE_DEFAULTS = {"dpo": {"beta": 0.1}, "simpo": {"beta": 2.0, "gamma": 1.0}}
+"""beta (and SimPO's gamma) when unset: the values of the DPO and SimPO papers' main experiments."""
+
+
+class ObjectiveSpec(_Model):
+    """What the model is trained to do with each row. A top-level setting (not a hyperparameter) because it decides
+    the data format (dpo and simpo read preference pairs), the loss and the metrics, like model.task does."""
+
+    type: ObjectiveType = Field(
+        default=ObjectiveType.sft,
+        description=(
+            "sft: next-token loss on the completions (every format but preference). dpo: Direct Preference Optimization "
+            "(Rafailov et al. 2023), -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log "
+            "ref(rejected)))), the reference being the base model (the adapter switched off for adapter methods; for "
+            "method full the base weights before the first step), its log-probabilities computed once before training. "
+            "simpo: SimPO (Meng et al. 2024), reference-free, -log sigmoid(beta / |chosen| * log pi(chosen) - beta / "
+            "|rejected| * log pi(rejected) - gamma) with |y| the response's token count. dpo and simpo need dataset.format "
+            "preference and hyperparameters.packing false."
+        ),
+    )
+    beta: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=100.0,
+        description="dpo: strength of the pull towards the reference (default 0.1); simpo: reward scale (default 2.0). Not with sft.",
+    )
+    gamma: float | None = Field(
+        default=None, ge=0.0, le=100.0, description="simpo only: target reward margin (default 1.0)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """Fill beta/gamma from the type, so the stored config says which values were used."""
+        if isinstance(data, dict):
+            kind = data.get("type", ObjectiveType.sft.value)
+            kind = getattr(kind, "value", kind)
+            defaults = OBJECTIVE_DEFAULTS.get(kind, {}) if isinstance(kind, str) else {}
+            data = {**data, **{name: value for name, value in defaults.items() if data.get(name) is None}}
+        return data
+
+    @model_validator(mode="after")
+    def _fields(self) -> "ObjectiveSpec":
+        if self.type == ObjectiveType.sft.value and self.beta is not None:
+            raise ValueError(_BETA_NEEDS_PREFERENCE)
+        if self.type != ObjectiveType.simpo.value and self.gamma is not None:
+            raise ValueError(_GAMMA_SIMPO_ONLY)
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("self.type != 'sft' || !has(self.beta)", "objective.beta is only valid with objective.type dpo or simpo"),
+                cel("self.type == 'simpo' || !has(self.gamma)", "objective.gamma is only valid with objective.type simpo"),
+            ]
+        }
+    )
+
+
+_BETA_NEEDS_PREFERENCE = "objective.beta is only valid with objective.type dpo or simpo"
+_GAMMA_SIMPO_ONLY = "objective.gamma is only valid with objective.type simpo"
+_PREFERENCE_FORMAT = "dataset.format preference goes with objective.type dpo or simpo, and only with it"
+_PREFERENCE_PACKING = (
+    "objective.type dpo and simpo need hyperparameters.packing false (the chosen and rejected responses of a pair are "
+    "scored as separate padded rows)"
+)
+_PREFERENCE_RETENTION = "evaluation.retention is not supported with objective.type dpo or simpo; remove it"
+_PREFERENCE_DISTILLATION = "distillation is not supported with objective.type dpo or simpo (the KD term mixes into the next-token loss); remove it"
+_PREFERENCE_GENERATION = "evaluation.metrics bleu and rouge are not computed with objective.type dpo or simpo; remove them"
+_PREFERENCE = "has(self.objective) && has(self.objective.type) && self.objective.type != 'sft'"
+
+
 # ---------------------------------------------------------------------------------------- checkpoint
 
 
@@ -942,7 +1057,7 @@ class RunPolicy(_Model):
 # ------------------------------------------------------------------------------------------- the job
 
 _IMMUTABLE = ("model", "method", "lora", "dataset", "hyperparameters", "evaluation", "checkpoint", "output", "resources", "storage",
-              "distillation", "tracking")
+              "distillation", "tracking", "objective")
 
 
 def _immutable_rule() -> str:
@@ -1007,6 +1122,9 @@ class FineTuneJobSpec(_Model):
     method: Method = Field(default=Method.lora, description="full fine-tune, or a parameter-efficient adapter: lora, qlora (4-bit base, GPU only), dora.")
     lora: LoraSpec | None = Field(default=None, description="Adapter settings; only with method lora, qlora or dora.")
     dataset: DatasetSpec = Field(description="Training data, splits and cleaning.")
+    objective: ObjectiveSpec | None = Field(
+        default=None, description="The training objective: sft (the default when unset), or dpo / simpo on preference pairs."
+    )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Optimisation settings.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Validation, early stopping, baseline, calibration, retention.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint cadence, retention and resume.")
@@ -1041,15 +1159,37 @@ class FineTuneJobSpec(_Model):
             raise ValueError(_FSDP_FULL_ONLY)
         if self.distillation is not None and self.model.task not in DISTILLATION_TASKS:
             raise ValueError(_DISTILLATION_TASK_RULE)
+        self._preference_rules()
         overlap = output_overlap(self)
         if overlap:
             raise ValueError(_OUTPUT_OVERLAP.format(field=overlap))
         return self
 
+    def _preference_rules(self) -> None:
+        if self.is_preference != (self.dataset.format == DataFormat.preference.value):
+            raise ValueError(_PREFERENCE_FORMAT)
+        if not self.is_preference:
+            return
+        if self.hyperparameters.packing:
+            raise ValueError(_PREFERENCE_PACKING)
+        if self.evaluation.retention is not None:
+            raise ValueError(_PREFERENCE_RETENTION)
+        if self.distillation is not None:
+            raise ValueError(_PREFERENCE_DISTILLATION)
+        if any(m in ("bleu", "rouge") for m in (self.evaluation.metrics or [])):
+            raise ValueError(_PREFERENCE_GENERATION)
+
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel("!has(self.lora) || self.method in ['lora', 'qlora', 'dora']", "spec.lora is only valid with method lora, qlora or dora"),
+                cel(f"({_PREFERENCE}) == (has(self.dataset.format) && self.dataset.format == 'preference')", _PREFERENCE_FORMAT),
+                cel(f"!({_PREFERENCE}) || (has(self.hyperparameters) && has(self.hyperparameters.packing) "
+                    "&& !self.hyperparameters.packing)", _PREFERENCE_PACKING),
+                cel(f"!({_PREFERENCE}) || !has(self.evaluation) || !has(self.evaluation.retention)", _PREFERENCE_RETENTION),
+                cel(f"!({_PREFERENCE}) || !has(self.distillation)", _PREFERENCE_DISTILLATION),
+                cel(f"!({_PREFERENCE}) || !has(self.evaluation) || !has(self.evaluation.metrics) "
+                    "|| !self.evaluation.metrics.exists(m, m in ['bleu', 'rouge'])", _PREFERENCE_GENERATION),
                 cel(
                     "(self.model.task == 'sequence-classification') == (self.dataset.format == 'classification')",
                     "dataset.format classification goes with model.task sequence-classification, and only with it",
@@ -1092,6 +1232,17 @@ class FineTuneJobSpec(_Model):
     def is_seq2seq(self) -> bool:
         """The model is an encoder-decoder (AutoModelForSeq2SeqLM): prompt in, completion generated."""
         return self.model.task == Task.seq2seq_lm.value
+
+    @property
+    def objective_type(self) -> str:
+        """sft, dpo or simpo (sft when objective is unset)."""
+        kind = self.objective.type if self.objective is not None else ObjectiveType.sft
+        return str(getattr(kind, "value", kind))
+
+    @property
+    def is_preference(self) -> bool:
+        """Trained on preference pairs (objective dpo or simpo) rather than with the next-token loss."""
+        return self.objective_type in PREFERENCE_OBJECTIVES
 
     @property
     def lora_or_default(self) -> LoraSpec:

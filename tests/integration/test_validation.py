@@ -31,6 +31,17 @@ def with_(path: str, value):
 
 
 CLASSIFY = {"model": {"uri": "s3://models/m", "task": "sequence-classification"}, "dataset": {"train": "s3://data/x", "format": "classification"}, "output": {"uri": "s3://out/x"}}
+# A DPO job on preference pairs that the API server accepts (packing must be off: the pairs are scored unpacked).
+PREFER = {"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/x", "format": "preference"}, "objective": {"type": "dpo"},
+          "hyperparameters": {"packing": False}, "output": {"uri": "s3://out/x"}}
+
+
+def prefer_with(**parts):
+    spec = copy.deepcopy(PREFER)
+    for key, value in parts.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return spec
+
 
 # (id, spec, text the API server's message must contain)
 BAD_SPECS = [
@@ -72,6 +83,17 @@ BAD_SPECS = [
     ("distillation-alpha", with_("distillation", {"teacher": {"uri": "s3://models/t"}, "alpha": 1.5}), "should be less than or equal to 1"),
     ("output-inside-teacher", {**with_("distillation", {"teacher": {"uri": "s3://out"}})},
      "output.uri must not equal, contain or lie inside distillation.teacher.uri"),
+    ("preference-format-without-objective", with_("dataset.format", "preference"),
+     "dataset.format preference goes with objective.type dpo or simpo, and only with it"),
+    ("dpo-without-preference-format", {**with_("objective", {"type": "dpo"}), "hyperparameters": {"packing": False}},
+     "dataset.format preference goes with objective.type dpo or simpo, and only with it"),
+    ("dpo-with-packing", prefer_with(hyperparameters={"packing": True}), "objective.type dpo and simpo need hyperparameters.packing false"),
+    ("dpo-with-retention", prefer_with(evaluation={"retention": {"dataset": "s3://data/r"}}), "evaluation.retention is not supported with objective.type dpo or simpo"),
+    ("simpo-with-bleu", prefer_with(objective={"type": "simpo"}, evaluation={"metrics": ["bleu"]}), "evaluation.metrics bleu and rouge are not computed"),
+    ("beta-with-sft", with_("objective", {"type": "sft", "beta": 0.1}), "objective.beta is only valid with objective.type dpo or simpo"),
+    ("gamma-with-dpo", prefer_with(objective={"gamma": 1.0}), "objective.gamma is only valid with objective.type simpo"),
+    ("objective-enum", prefer_with(objective={"type": "ppo"}), 'Unsupported value: "ppo"'),
+    ("dpo-with-distillation", prefer_with(distillation={"teacher": {"uri": "s3://models/t"}}), "distillation is not supported with objective.type dpo or simpo"),
 ]
 
 
@@ -99,6 +121,14 @@ def test_good_spec_is_accepted_with_defaults_filled_in(kubectl, crd_installed, n
     assert stored["dataset"]["limits"] == {"maxFileBytes": "32Gi", "maxRecordBytes": "16Mi", "maxNormalizationExpansion": 4}
     assert (stored["resources"]["cacheSize"], stored["resources"]["scratchSize"]) == ("40Gi", "20Gi")
     assert parse_spec(stored) == parse_spec(GOOD)
+
+
+def test_a_preference_spec_is_accepted_and_reads_back_the_same(kubectl, crd_installed, namespace):
+    kubectl.run("create", "-n", namespace, "-f", "-", input=json.dumps(manifest("prefer", PREFER)))
+    stored = kubectl.get("ftj", "prefer", namespace)["spec"]
+    assert stored["objective"] == {"type": "dpo"} and stored["dataset"]["fields"]["chosen"] == "chosen"
+    parsed = parse_spec(stored)
+    assert parsed == parse_spec(PREFER) and parsed.objective.beta == 0.1  # the paper's beta, filled by the model
 
 
 def test_spec_is_immutable_except_run_policy(kubectl, crd_installed, namespace):

@@ -44,13 +44,18 @@ class Evaluator:
 
     def loader(self, dataset: datasets.Dataset | None, max_samples: int | None = None) -> DataLoader | None:
         """Padded eval batches; under DDP each rank takes a shard and the metrics are gathered (exactly, see evaluate)."""
-        collate = None
-        if self.spec.is_seq2seq:
-            from .seq2seq import Seq2SeqCollator, decoder_inputs_of
+        if self.spec.is_preference:
+            from .preference import eval_loader as pair_loader
 
-            collate = Seq2SeqCollator(self.tokenizer.pad_token_id, decoder_inputs_of(self.model))
-        loader = eval_loader(dataset, classification=self.classification, batch_size=self.hp.batch_size,
-                             pad_token_id=self.tokenizer.pad_token_id, max_samples=max_samples, collate=collate)
+            loader = pair_loader(dataset, batch_size=self.hp.batch_size, pad_token_id=self.tokenizer.pad_token_id, max_samples=max_samples)
+        else:
+            collate = None
+            if self.spec.is_seq2seq:
+                from .seq2seq import Seq2SeqCollator, decoder_inputs_of
+
+                collate = Seq2SeqCollator(self.tokenizer.pad_token_id, decoder_inputs_of(self.model))
+            loader = eval_loader(dataset, classification=self.classification, batch_size=self.hp.batch_size,
+                                 pad_token_id=self.tokenizer.pad_token_id, max_samples=max_samples, collate=collate)
         if loader is not None and self.dist.distributed:
             loader = self.accelerator.prepare(loader)  # no sampler generator: does not touch any RNG
         return loader
@@ -67,6 +72,10 @@ class Evaluator:
         loader = loader if loader is not None else self.validation
         accelerator = self.accelerator if self.dist.distributed else None
         with self.accelerator.autocast():
+            if self.spec.is_preference:
+                from .preference import PreferenceLoss, evaluate_preference
+
+                return evaluate_preference(self.model, loader, PreferenceLoss.from_spec(self.spec), accelerator=accelerator)
             if self.classification:
                 return evaluate_classification(self.model, loader, num_labels=self.num_labels, label_names=self.data.labels,
                                                accelerator=accelerator, **kwargs)

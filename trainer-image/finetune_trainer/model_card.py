@@ -366,6 +366,7 @@ def build_model_card(summary: RunSummary) -> tuple[dict[str, Any], str]:
         "baseModel": spec.model.uri,
         "task": _v(spec.model.task),
         "method": _v(spec.method),
+        "objective": spec.objective.wire() if spec.objective is not None else None,
         "adapter": v.adapter,
         "labels": label_names(spec, summary.data_report) if v.classification else None,
         "dataset": spec.dataset.model_dump(by_alias=True, mode="json", exclude_none=True),

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from finetune_api.documents import BASELINES, DATA_REPORT_FILE
+from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer.data.pii import coverage as pii_coverage
 
 from .model_card import (
@@ -101,6 +102,10 @@ def _model_details(v: CardView) -> list[str]:
         ["Task", _v(spec.model.task)],
         ["Method", METHOD_WORDS[_v(spec.method)]],
     ]
+    if spec.is_preference and spec.objective is not None:
+        from .preference import objective_words
+
+        details.append(["Objective", objective_words(spec)])
     if adapter:
         targets = adapter.get("targetModules") or ["architecture default"]
         details.append(
@@ -121,6 +126,15 @@ _NORMALISATION = {
     "aggressive": "aggressive Unicode normalisation (NFKC, whitespace runs collapsed)",
     "none": None,
 }
+
+
+def _leakage_key(spec: FineTuneJobSpec) -> str:
+    """dataset.leakageKey, or what preference pairs are compared on (their prompt)."""
+    if spec.is_preference:
+        from .data.preference import leakage_key
+
+        return leakage_key(_v(spec.dataset.leakage_key))
+    return _v(spec.dataset.leakage_key)
 
 
 def _training_data(v: CardView) -> list[str]:
@@ -146,7 +160,7 @@ def _training_data(v: CardView) -> list[str]:
     sources.append(["PII looked for", "; ".join(f"{i['kind']}: {i['what']}" for i in coverage["looked_for"]) or "nothing"])
     sources.append(["PII not looked for", "; ".join(coverage["not_looked_for"])])
     sources.append(["Leakage check (validation/test vs train, test vs validation, retention vs train)",
-                    f"{_v(ds.leakage_check)} (key: {_v(ds.leakage_key)})"])
+                    f"{_v(ds.leakage_check)} (key: {_leakage_key(v.spec)})"])
     out = ["", "## Training data", "", *_table(["", ""], sources)]
     return out + ["", "### Data report", "", *_data_report_lines(v.summary.data_report)]
 

@@ -164,6 +164,10 @@ def measure_baseline(evaluator: Evaluator) -> tuple[dict[str, Any] | None, float
         reference = STARTING_POINTS["sequence-classification" if evaluator.classification else "causal-lm"]
         report = {"split": split, "reference": reference}
         start = public(evaluator.evaluate(loader)) or {}
+        if spec.is_preference:
+            from .preference import base_model_metrics
+
+            start = base_model_metrics(spec, start)
         if evaluator.generation:
             start.update(distributed.broadcast_object(evaluator.generation_metrics(dataset, generation_limit(spec))) or {})
         report[reference] = start
@@ -246,6 +250,8 @@ def _gain(baseline: dict[str, Any] | None, final: dict[str, Any] | None, split: 
     if not baseline or not final or baseline.get("split") != split:  # a trainer_state.json of an older trainer: no split
         return None
     start = baseline.get(baseline.get("reference", ""))
+    if start and "logp_accuracy" in final and (monitor == "eval_loss" or metric not in start):
+        metric = "logp_accuracy"  # preference objectives: the base model's own preference vs the tuned model's (dpo has no base reward)
     if not start or metric not in start or metric not in final:
         return None
     result = gain(start, final, metric, metric_catalogue.direction(metric) or monitor_mode)

@@ -100,7 +100,8 @@ class Trainer:
         es = self.spec.evaluation.early_stopping
         self.monitor = es.metric if es else "eval_loss"
         self.monitor_mode: Direction = es.direction if es else "min"  # which way is better: early stopping, best model
-        known = metric_catalogue.monitorable(self.spec.model.task, self.spec.evaluation.metrics)
+        task = "preference" if self.spec.is_preference else self.spec.model.task
+        known = metric_catalogue.monitorable(task, self.spec.evaluation.metrics)
         if self.monitor not in known:
             raise InvalidConfig(f"evaluation.earlyStopping.metric {self.monitor!r} is not computed for this task; use one of {', '.join(known)}")
 
@@ -171,6 +172,8 @@ class Trainer:
         self.state.total_steps = self.hp.max_steps or max(1, math.ceil(self.hp.total_epochs * self.steps_per_epoch))
         self.state.world_size = self.dist.world_size
         self.model, self.optimizer, self.scheduler, self.raw_model, self.model_state = self._setup_optimizer(self.loaded)
+        if self.spec.is_preference and self.loss.needs_reference:  # DPO: the base model's log-probs, before any step
+            self._setup_reference()
         self.early_stopping, self.evaluator = self._setup_eval()
         self.checkpoints = self._setup_checkpoints()
         self.metrics.set_total_steps(self.state.total_steps)
@@ -248,6 +251,13 @@ class Trainer:
                 raise InvalidConfig(f"distillation.teacher.uri {teacher.uri}: {e.message}") from None
         return teacher
 
+    def _setup_reference(self) -> None:
+        """Objective dpo: attach the base model's log-probabilities of every pair to the datasets (see .preference)."""
+        from .preference import attach_reference
+
+        attach_reference(self.data, self.raw_model, batch_size=self.hp.batch_size, pad_token_id=self.tokenizer.pad_token_id,
+                         device=self.accelerator.device, is_adapter=self.loaded.is_adapter, accelerator=self.accelerator)
+
     def _setup_batches(self) -> tuple[Batching, Collator, WindowLoss]:
         """Which rows form each micro-batch on this rank, how they are collated, and the loss (with class weights)."""
         hp = self.hp
@@ -257,6 +267,10 @@ class Trainer:
             from .seq2seq import Seq2SeqCollator, decoder_inputs_of
 
             collate = Seq2SeqCollator(self.tokenizer.pad_token_id, decoder_inputs_of(self.loaded.model))
+        if self.spec.is_preference:
+            from .preference import PairCollator, PreferenceLoss
+
+            return batching, PairCollator(self.tokenizer.pad_token_id), PreferenceLoss.from_spec(self.spec)  # type: ignore[return-value]
         class_weights = None
         if self.classification and self.data.class_weights and self.spec.dataset.preprocessing.class_weights:
             class_weights = torch.tensor(self.data.class_weights, dtype=torch.float32, device=self.accelerator.device)

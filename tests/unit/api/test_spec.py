@@ -59,7 +59,33 @@ BAD = [
     ({"distillation": {"teacher": {"uri": "s3://models/t"}, "alpha": 1.5}}, "less than or equal to 1"),
     ({"distillation": {"teacher": {"uri": "s3://models/t", "precision": "int8"}}}, "Input should be"),
     ({"distillation": {"temperature": 2.0}}, "Field required"),
+    ({"dataset": {"train": "s3://data/x", "format": "preference"}}, "dataset.format preference goes with objective.type dpo or simpo"),
+    ({"objective": {"type": "simpo"}, "hyperparameters": {"packing": False}}, "dataset.format preference goes with objective.type dpo or simpo"),
+    ({"objective": {"type": "dpo"}, "dataset": {"train": "s3://data/x", "format": "preference"}},
+     "objective.type dpo and simpo need hyperparameters.packing false"),
+    ({"objective": {"type": "sft", "beta": 0.5}}, "objective.beta is only valid with objective.type dpo or simpo"),
+    ({"objective": {"type": "dpo", "gamma": 0.5}}, "objective.gamma is only valid with objective.type simpo"),
+    ({"objective": {"type": "dpo"}, "dataset": {"train": "s3://data/x", "format": "preference"}, "hyperparameters": {"packing": False},
+      "distillation": {"teacher": {"uri": "s3://models/t"}}}, "distillation is not supported with objective.type dpo or simpo"),
 ]
+
+
+PREFERENCE = {**MINIMAL, "dataset": {"train": "s3://data/x", "format": "preference"}, "hyperparameters": {"packing": False}}
+
+
+def test_preference_objectives_fill_the_papers_defaults_and_refuse_what_they_do_not_compute():
+    dpo = parse_spec({**PREFERENCE, "objective": {"type": "dpo"}})
+    assert (dpo.objective_type, dpo.is_preference, dpo.objective.beta, dpo.objective.gamma) == ("dpo", True, 0.1, None)
+    simpo = parse_spec({**PREFERENCE, "objective": {"type": "simpo", "beta": 2.5}})
+    assert (simpo.objective.beta, simpo.objective.gamma) == (2.5, 1.0)
+    assert parse_spec(MINIMAL).objective_type == "sft" and not parse_spec(MINIMAL).is_preference
+    assert simpo.wire()["objective"] == {"type": "simpo", "beta": 2.5, "gamma": 1.0}  # stored as used
+    for extra, message in (({"evaluation": {"retention": {"dataset": "s3://data/r"}}}, "evaluation.retention is not supported"),
+                           ({"evaluation": {"metrics": ["rouge"]}}, "evaluation.metrics bleu and rouge are not computed")):
+        with pytest.raises(ValidationError, match=message):
+            parse_spec({**PREFERENCE, "objective": {"type": "dpo"}, **extra})
+    with pytest.raises(ValidationError, match="dataset.format classification goes with"):
+        parse_spec({**PREFERENCE, "model": {"uri": "s3://models/m", "task": "sequence-classification"}, "objective": {"type": "dpo"}})
 
 
 @pytest.mark.parametrize("patch,message", BAD, ids=[m for _, m in BAD])
@@ -155,7 +181,7 @@ def test_an_explicit_mode_that_agrees_or_an_unknown_metric_is_accepted():
     ("metric", "mode", "message"),
     [("accuracy", "min", "evaluation.earlyStopping.mode must be max for metric token_accuracy, accuracy, f1_macro"),
      ("f1_macro", "min", "(higher is better); leave mode unset to follow the metric"),
-     ("eval_loss", "max", "evaluation.earlyStopping.mode must be min for metric eval_loss, perplexity, ece (lower is better)")],
+     ("eval_loss", "max", "evaluation.earlyStopping.mode must be min for metric eval_loss, perplexity, ece, rejected_reward (lower is better)")],
 )
 def test_a_mode_contradicting_a_known_metric_is_rejected(metric, mode, message):
     from finetune_api.validation import validation_message

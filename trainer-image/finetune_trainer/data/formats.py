@@ -6,6 +6,7 @@ Records are plain dicts, the same shape for every input file type:
 - ``prompt-completion``: ``{"prompt": str, "completion": str}``
 - ``chat``:              ``{"messages": [{"role": str, "content": str}, ...]}``
 - ``classification``:    ``{"text": str, "label": str}``
+- ``preference``:        ``{"prompt": str | messages, "chosen": str, "rejected": str}`` (see :mod:`.preference`)
 
 Column names come from ``dataset.fields``. In CSV files a chat's messages column holds the JSON list.
 Labels are kept as strings (a JSON ``1`` and a CSV ``"1"`` are the same class).
@@ -23,7 +24,8 @@ TEXT = "text"
 PROMPT_COMPLETION = "prompt-completion"
 CHAT = "chat"
 CLASSIFICATION = "classification"
-FORMATS = (TEXT, PROMPT_COMPLETION, CHAT, CLASSIFICATION)
+PREFERENCE = "preference"
+FORMATS = (TEXT, PROMPT_COMPLETION, CHAT, CLASSIFICATION, PREFERENCE)
 LM_FORMATS = (TEXT, PROMPT_COMPLETION, CHAT)
 
 Record = dict[str, Any]  # str values, except chat "messages": list[{"role": str, "content": str}]
@@ -44,6 +46,10 @@ def parse_record(row: dict[str, Any], fmt: str, fields: FieldNames) -> Record | 
             return {"prompt": _string(row, fields.prompt), "completion": _string(row, fields.completion)}
         if fmt == CHAT:
             return {"messages": _messages(row.get(fields.messages), fields.messages)}
+        if fmt == PREFERENCE:
+            from finetune_trainer.data import preference
+
+            return preference.parse(row, fields)
     except _Unfit as unfit:
         return str(unfit)
     raise ValueError(f"unknown dataset format {fmt!r}")
@@ -56,6 +62,7 @@ def columns(fmt: str, fields: FieldNames) -> list[str]:
         CLASSIFICATION: [fields.text, fields.label],
         PROMPT_COMPLETION: [fields.prompt, fields.completion],
         CHAT: [fields.messages],
+        PREFERENCE: [fields.prompt, fields.chosen, fields.rejected],
     }
     if fmt not in by_format:
         raise ValueError(f"unknown dataset format {fmt!r}")
@@ -113,6 +120,10 @@ def _messages(value: Any, column: str) -> list[dict[str, str]]:
 
 def texts(record: Record) -> list[str]:
     """The record's free-text fields (what :func:`map_texts` applies to), in order."""
+    if "chosen" in record:
+        from finetune_trainer.data import preference
+
+        return preference.texts(record)
     if "messages" in record:
         return [m["content"] for m in record["messages"]]
     return [record[key] for key in ("text", "prompt", "completion") if key in record]
@@ -120,6 +131,10 @@ def texts(record: Record) -> list[str]:
 
 def map_texts(record: Record, fn: Callable[[str], str]) -> Record:
     """A copy of ``record`` with ``fn`` applied to every free-text field (never to roles or labels)."""
+    if "chosen" in record:
+        from finetune_trainer.data import preference
+
+        return preference.map_texts(record, fn)
     if "messages" in record:
         return {"messages": [{"role": m["role"], "content": fn(m["content"])} for m in record["messages"]]}
     out = dict(record)
@@ -130,7 +145,11 @@ def map_texts(record: Record, fn: Callable[[str], str]) -> Record:
 
 
 def is_empty(record: Record) -> bool:
-    """Nothing to learn from: no text, no completion, or no assistant content."""
+    """Nothing to learn from: no text, no completion, or no assistant content (a pair: an empty response)."""
+    if "chosen" in record:
+        from finetune_trainer.data import preference
+
+        return preference.is_empty(record)
     if "messages" in record:
         return not any(m["content"].strip() for m in record["messages"] if m["role"] == "assistant")
     if "completion" in record:
@@ -162,7 +181,12 @@ def key_text(record: Record, key: str) -> str:
     ``row`` is everything; ``turns`` leaves out chat system messages (a long shared system prompt would
     otherwise make different conversations near-duplicates); ``prompt``, ``completion`` and ``userTurns``
     take one side. A choice that selects nothing in a row (a chat with no user turn) falls back to the row.
+    Preference pairs: see :func:`.preference.key_text`.
     """
+    if "chosen" in record:
+        from finetune_trainer.data import preference
+
+        return preference.key_text(record, key)
     if "messages" in record:
         chosen = _chat_part(record["messages"], key) or record["messages"]
         return "\n".join(f"{m['role']}: {m['content']}" for m in chosen)

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 LM_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 CLASSIFICATION_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("label", pa.int64())])
+PREFERENCE_SCHEMA = pa.schema([(name, pa.list_(pa.int32())) for name in ("input_ids", "labels", "rejected_input_ids", "rejected_labels")])
 
 
 @dataclass
@@ -86,8 +87,9 @@ def _label_counts(dataset: datasets.Dataset) -> Counter[str]:
 def _finalise(staged: datasets.Dataset, path: Path, labels: list[str] | None) -> datasets.Dataset:
     """Write the training columns of ``staged`` (rows in order) to their own Arrow file."""
     if labels is None:
-        sink = ArrowSink(path, LM_SCHEMA)
-        for table in arrow_batches(staged, ["input_ids", "labels"]):
+        schema = PREFERENCE_SCHEMA if "rejected_input_ids" in staged.column_names else LM_SCHEMA
+        sink = ArrowSink(path, schema)
+        for table in arrow_batches(staged, schema.names):
             sink.write_table(table)
     else:
         sink = ArrowSink(path, CLASSIFICATION_SCHEMA)
@@ -159,6 +161,10 @@ def _leakage_step(spec: FineTuneJobSpec, splits: _Splits, policy: str) -> dict[s
     if policy == "off":
         return leakage
     leakage["key"] = wire_value(spec.dataset.leakage_key)
+    if wire_value(spec.dataset.format) == "preference":
+        from finetune_trainer.data.preference import leakage_key
+
+        leakage["key"] = leakage_key(leakage["key"])
     findings = run_checks(dict(splits.items()), spec.dataset.preprocessing.dedupe.near_threshold)
     for name, found in findings.items():
         leakage[name] = found.as_report()

@@ -38,7 +38,8 @@ import pyarrow.compute as pc
 from finetune_api.spec import FineTuneJobSpec, PreprocessingSpec
 from finetune_trainer.data import report as reports
 from finetune_trainer.data.cleaning import NORMALIZERS, DuplicateIndex, dedupe_key, key_hash, nfkc_expansion, signature
-from finetune_trainer.data.formats import CLASSIFICATION, Record, columns, is_empty, key_text, map_texts, parse_record, texts
+from finetune_trainer.data import preference
+from finetune_trainer.data.formats import CLASSIFICATION, PREFERENCE, Record, columns, is_empty, key_text, map_texts, parse_record, texts
 from finetune_trainer.data.labels import check_label
 from finetune_trainer.data.pii import lower_keeping_placeholders, redact
 from finetune_trainer.data.readers import Malformed, data_files, read_rows
@@ -262,12 +263,16 @@ class _Stager:
         self.classification = ctx.fmt == CLASSIFICATION
         columns = [("input_ids", pa.list_(pa.int32()))]
         columns += [("label_name", pa.string())] if self.classification else [("labels", pa.list_(pa.int32()))]
+        if ctx.fmt == PREFERENCE:
+            columns += [(name, pa.list_(pa.int32())) for name in preference.PAIR_COLUMNS]
         self.sink = ArrowSink(ctx.work_dir / f"staged-{name}.arrow", pa.schema(columns + _STAGED_COMMON))
         self.index = DuplicateIndex(pre.dedupe.near_threshold, near=pre.dedupe.near)
         self.conflicts = LabelConflicts(wire_value(pre.label_conflicts)) if self.classification else None
         self.label_counts: Counter[str] = Counter()
         self.pending: list[_Candidate] = []
         self.dedupe_key, self.leakage_key = wire_value(pre.dedupe.key), wire_value(ctx.spec.dataset.leakage_key)
+        if ctx.fmt == PREFERENCE:  # a pair's prompt is what must not leak (see preference.leakage_key)
+            self.leakage_key = preference.leakage_key(self.leakage_key)
         self.index_rows = ArrowSink(ctx.work_dir / f"index-{name}.arrow", _INDEX_ROWS)
         self.duplicates: list[tuple[str, str, str, int, float]] = []  # kind, origin, preview, matched id, similarity
 
@@ -324,7 +329,7 @@ class _Stager:
             else:
                 counts.rows_kept += 1
                 counts.truncated += tok.truncated
-                counts.tokens += len(tok.input_ids)
+                counts.tokens += tok.token_count if isinstance(tok, preference.PairTokenized) else len(tok.input_ids)
                 counts.trainable_tokens += tok.trainable
                 row: dict[str, ArrowValue] = {
                     "input_ids": tok.input_ids,
@@ -339,6 +344,8 @@ class _Stager:
                     self.label_counts[candidate.record["label"]] += 1
                 else:
                     row["labels"] = tok.labels
+                if isinstance(tok, preference.PairTokenized):
+                    row.update(tok.columns())
                 self.sink.append(row)
         self.pending.clear()
 

@@ -17,6 +17,7 @@
   collator (:mod:`finetune_trainer.seq2seq`) splits it at the first scored token into the encoder's input and
   the decoder's labels. Prompt and completion are each cut to ``maxSeqLength`` on their own (the prompt by the
   tokenizer, keeping its closing special token), so a long source never pushes the target out.
+- ``preference``: two rows per pair, prompt + chosen and prompt + rejected (:mod:`.preference`).
 
 Sequences longer than ``hyperparameters.maxSeqLength`` are cut at the end (a truncated LM row loses its
 EOS, which is right: the text did not end there). ``length`` is the token count before truncation,
@@ -28,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from finetune_trainer.data.formats import CHAT, CLASSIFICATION, PROMPT_COMPLETION, TEXT, Record
+from finetune_trainer.data.formats import CHAT, CLASSIFICATION, PREFERENCE, PROMPT_COMPLETION, TEXT, Record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -72,6 +73,10 @@ def tokenize_batch(records: Sequence[Record], fmt: str, tokenizer: PreTrainedTok
         return out
     if fmt == CHAT:
         return [_chat(r["messages"], tokenizer, max_len) for r in records]
+    if fmt == PREFERENCE:
+        from finetune_trainer.data.preference import tokenize_pair
+
+        return [tokenize_pair(r, tokenizer, max_len) for r in records]
     if fmt == CLASSIFICATION:
         texts = [r["text"] for r in records]
         ids = _encode(tokenizer, texts, special=True)
