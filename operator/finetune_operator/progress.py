@@ -97,6 +97,10 @@ def project(doc: ProgressDocument) -> dict[str, Any]:
     if doc.gain:
         gain = doc.gain.wire()
         out["gain"] = {k: _r(v) if isinstance(v, float) else v for k, v in gain.items()}
+    if doc.test_set_uri:
+        out["testSetUri"] = doc.test_set_uri
+    if doc.regression:
+        out["regression"] = doc.regression.wire()  # full precision: the gate's numbers are compared by people and tests
     return out
 
 
