@@ -63,6 +63,11 @@ BAD_SPECS = [
     ("expansion-below-one", with_("dataset.limits.maxNormalizationExpansion", 0.5), "should be greater than or equal to 1"),
     ("cache-size-plain-number", with_("resources.cacheSize", "100"), "should match"),
     ("scratch-size-decimal", with_("resources.scratchSize", "1.5Gi"), "should match"),
+    ("uri-and-from-job", with_("model.fromJob", {"name": "parent"}), "set exactly one of model.uri and model.fromJob"),
+    ("neither-uri-nor-from-job", {**GOOD, "model": {"task": "causal-lm"}}, "set exactly one of model.uri and model.fromJob"),
+    ("regression-without-parent", with_("evaluation.regression", {"maxDrop": 0.01}), "evaluation.regression needs model.fromJob"),
+    ("regression-action-enum", {**GOOD, "model": {"fromJob": {"name": "parent"}}, "evaluation": {"regression": {"action": "ignore"}}},
+     'Unsupported value: "ignore"'),
 ]
 
 
