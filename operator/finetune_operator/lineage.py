@@ -124,7 +124,8 @@ def resolve_parent(name: str, namespace: str, spec: FineTuneJobSpec, parent: Map
     problem = _incompatible(spec, parent_spec)
     if problem:
         return ParentResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where}: {problem}")
-    data = status.get("data") if isinstance(status.get("data"), dict) else {}
+    data = status.get("data")
+    data = data if isinstance(data, dict) else {}
     meta = parent.get("metadata") or {}
     lineage = Lineage(
         parent_job=parent_name,
