@@ -118,3 +118,17 @@ def test_a_failed_gate_is_told_once_in_an_event():
     assert event is not None and event[:2] == ("Warning", "RegressionDetected") and "accuracy went from 0.9 (parent) to 0.7" in event[2]
     assert regression_event(failed, failed) is None
     assert regression_event({}, {"regression": {**failed["regression"], "passed": True}}) is None
+
+
+def test_the_continuous_example_starts_from_the_sentiment_example():
+    from pathlib import Path
+
+    import yaml
+
+    ROOT = Path(__file__).resolve().parents[3]
+    child = yaml.safe_load((ROOT / "examples" / "continuous-from-sentiment.yaml").read_text())
+    parent_manifest = yaml.safe_load((ROOT / "examples" / "sentiment-classification.yaml").read_text())
+    assert child["spec"]["model"]["fromJob"]["name"] == parent_manifest["metadata"]["name"]
+    body = {**parent_manifest, "status": {"phase": "Succeeded", "modelUri": parent_manifest["spec"]["output"]["uri"] + "/model"}}
+    got = resolve_parent(child["metadata"]["name"], "default", parse_spec(child["spec"]), body)
+    assert got.lineage is not None and got.lineage.base_model_uri == parent_manifest["spec"]["model"]["uri"]
