@@ -218,9 +218,17 @@ def load_parent_test_set(parent: Parent, spec: FineTuneJobSpec, storage: Storage
     if local.stat().st_size > cap:
         raise ParentModelInvalid(f"{where} is {local.stat().st_size} bytes, over dataset.limits.maxFileBytes ({cap})")
     try:
-        file = pq.ParquetFile(str(local))
+        # Class names stay dictionary-encoded (a long name repeated in every row is never expanded); token ids are
+        # measured as 8 bytes a value, whatever their encoding, before anything is decoded.
+        label_column = "label_name" if labels is not None else "labels"
+        columns = pq.ParquetFile(str(local)).schema_arrow.names
+        if set(columns) != {"input_ids", label_column}:
+            raise ParentModelInvalid(f"{where} has columns {columns}, expected input_ids and {label_column} "
+                                     "(the parent and this job must have the same task)")
+        file = pq.ParquetFile(str(local), read_dictionary=["label_name"] if labels is not None else None)
         meta = file.metadata
-        decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        decoded = sum(max(meta.row_group(i).column(j).total_uncompressed_size, 8 * meta.row_group(i).column(j).num_values)
+                      for i in range(meta.num_row_groups) for j in range(meta.num_columns))
         if decoded > cap:
             raise ParentModelInvalid(f"{where} decodes to {decoded} bytes, over dataset.limits.maxFileBytes ({cap})")
         table = file.read()
@@ -230,10 +238,6 @@ def load_parent_test_set(parent: Parent, spec: FineTuneJobSpec, storage: Storage
         raise ParentModelInvalid(f"{where} is not readable Parquet: {str(e)[:200]}") from None
     finally:
         local.unlink(missing_ok=True)
-    label_column = "label_name" if labels is not None else "labels"
-    if set(table.column_names) != {"input_ids", label_column}:
-        raise ParentModelInvalid(f"{where} has columns {table.column_names}, expected input_ids and {label_column} "
-                                 "(the parent and this job must have the same task)")
     try:
         ids = pc.list_flatten(table.column("input_ids"))
         if len(ids) and (pc.min(ids).as_py() < 0 or pc.max(ids).as_py() >= vocab_size):
@@ -245,11 +249,15 @@ def load_parent_test_set(parent: Parent, spec: FineTuneJobSpec, storage: Storage
             out = pa.table({"input_ids": table.column("input_ids").cast(pa.list_(pa.int32())),
                             "labels": table.column("labels").cast(pa.list_(pa.int32()))})
         else:
-            label_ids = pc.index_in(table.column("label_name"), value_set=pa.array(labels, type=pa.string()))
-            unknown = pc.is_null(label_ids)
-            if pc.any(unknown).as_py():
-                missing = sorted(set(pc.filter(table.column("label_name"), unknown).to_pylist()))[:5]
-                raise ParentModelInvalid(f"{where} has labels {missing} that this job's labels {labels} lack")
+            names = table.column("label_name").combine_chunks()
+            if not pa.types.is_dictionary(names.type):
+                names = names.dictionary_encode()
+            known = pc.index_in(names.dictionary, value_set=pa.array(labels, type=pa.string()))  # per distinct name
+            used = pc.unique(names.indices)
+            missing = [names.dictionary[i].as_py() for i in used.to_pylist() if known[i].as_py() is None]
+            if missing:
+                raise ParentModelInvalid(f"{where} has labels {sorted(str(m)[:64] for m in missing)[:5]} that this job's labels {labels} lack")
+            label_ids = pc.take(known, names.indices)
             out = pa.table({"input_ids": table.column("input_ids").cast(pa.list_(pa.int32())), "label": label_ids.cast(pa.int64())})
     except ParentModelInvalid:
         raise
@@ -265,11 +273,11 @@ def parent_test_metrics(parent: Parent, storage: Storage) -> dict[str, Any]:
         raise ParentModelInvalid(f"model.fromJob {parent.lineage.parent_job}: the operator passed no {pod_env.PARENT_OUTPUT_URI}")
     uri = output_file(out, PROGRESS_FILE)
     try:
-        body = storage.read_bytes(uri)
+        body = storage.read_bytes_at_most(uri, MAX_PARENT_PROGRESS_BYTES)
     except FileNotFoundError:
         raise ParentModelInvalid(f"the parent's {uri} does not exist") from None
     if len(body) > MAX_PARENT_PROGRESS_BYTES:
-        raise ParentModelInvalid(f"the parent's {uri} is {len(body)} bytes, more than a progress document ({MAX_PARENT_PROGRESS_BYTES})")
+        raise ParentModelInvalid(f"the parent's {uri} is over {MAX_PARENT_PROGRESS_BYTES} bytes: not a progress document")
     try:
         doc = ProgressDocument.model_validate_json(body)
     except ValueError as e:

@@ -117,3 +117,54 @@ def test_a_child_starts_from_its_lora_parent_and_is_gated_on_the_parents_test_se
     assert line.startswith("RegressionDetected: on the parent's test set eval_loss went from") and line.count("\n") == 1
     assert not (tmp_path / "worse" / "model").exists()  # not promoted
     assert _progress(tmp_path / "worse")["regression"]["passed"] is False
+
+
+# ------------------------------------------------------------------------ the parent's files are input
+
+
+def _parent_with(tmp_path, **lineage):
+    from finetune_api.documents import Lineage
+
+    return Parent(Lineage(parent_job="p", parent_model_uri=str(tmp_path / "model"), parent_output_uri=str(tmp_path),
+                          parent_test_set_uri=str(tmp_path / "test-set.parquet"), **lineage))
+
+
+def test_the_parents_test_set_and_progress_are_checked_like_any_input(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from finetune_trainer.errors import ParentModelInvalid
+    from finetune_trainer.lineage import load_parent_test_set, parent_test_metrics
+    from finetune_trainer.storage import Storage
+
+    storage, parent = Storage(), _parent_with(tmp_path)
+    clf = parse_spec({"model": {"fromJob": {"name": "p"}, "task": "sequence-classification"},
+                      "dataset": {"train": "/d.jsonl", "format": "classification", "limits": {"maxFileBytes": "64Ki"}}, "output": {"uri": "/out"}})
+
+    def load(table, labels=("neg", "pos"), vocab=100):
+        pq.write_table(table, str(tmp_path / "test-set.parquet"))
+        return load_parent_test_set(parent, clf, storage, work_dir=tmp_path, labels=list(labels), vocab_size=vocab)
+
+    good = pa.table({"input_ids": [[1, 2, 3], [4, 5]], "label_name": ["pos", "neg"]})
+    assert load(good, labels=("pos", "neg"))["label"] == [0, 1]  # by name, onto this job's label ids
+    with pytest.raises(ParentModelInvalid, match=r"labels \['pos'\] that this job's labels \['neg', 'other'\] lack"):
+        load(good, labels=("neg", "other"))
+    with pytest.raises(ParentModelInvalid, match="token ids outside this model's vocabulary"):
+        load(good, vocab=4)
+    with pytest.raises(ParentModelInvalid, match="expected input_ids and label_name"):
+        load(pa.table({"input_ids": [[1]], "labels": [[1]]}))
+    with pytest.raises(ParentModelInvalid, match="over dataset.limits.maxFileBytes"):
+        rng = __import__("random").Random(0)
+        load(pa.table({"input_ids": [[rng.randrange(100) for _ in range(90)] for _ in range(400)], "label_name": ["pos"] * 400}))
+    (tmp_path / "test-set.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ParentModelInvalid, match="not readable Parquet"):
+        load_parent_test_set(parent, clf, storage, work_dir=tmp_path, labels=["neg", "pos"], vocab_size=100)
+
+    (tmp_path / "progress.json").write_text(json.dumps({"stage": "done", "evaluation": {"test": {"accuracy": 0.75, "per_class": {}}}}))
+    assert parent_test_metrics(parent, storage) == {"accuracy": 0.75}
+    (tmp_path / "progress.json").write_text('{"stage": "done", "x": "' + "a" * (9 << 20) + '"}')
+    with pytest.raises(ParentModelInvalid, match="over 8388608 bytes"):
+        parent_test_metrics(parent, storage)
+    (tmp_path / "progress.json").write_text('{"step": "many"}')
+    with pytest.raises(ParentModelInvalid, match="is not a progress document"):
+        parent_test_metrics(parent, storage)
