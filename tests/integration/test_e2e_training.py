@@ -31,11 +31,10 @@ BUCKET = "e2e"
 @pytest.fixture(scope="module")
 def procnode(cluster, tmp_path_factory):
     work = tmp_path_factory.mktemp("procnode")
-    # The pods' processes inherit nothing else from this one: a PYTHONPATH set for the test run (a worktree's
-    # operator/ and trainer-image/ ahead of the venv's editable install) is passed on, so they run that code.
-    pythonpath = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+    # The pods import the trainer the tests import: a PYTHONPATH set for this run (a worktree's code) reaches them too.
+    passed = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
     node = ProcessNode(cluster.api_client(), name="e2e-proc-0", workdir=work, taint=True, targets_file=work / "targets.json",
-                       extra_env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **pythonpath}).start()
+                       extra_env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **passed}).start()
 
     def ready():
         conditions = json.loads(cluster.kubectl("get", "node", node.name, "-o", "json").stdout)["status"]["conditions"]
