@@ -21,6 +21,11 @@ from finetune_api.spec import FineTuneJobSpec
 
 PROGRESS_FILE = "progress.json"
 DATA_REPORT_FILE = "data-report.json"
+TEST_SET_FILE = "test-set.parquet"
+"""The job's final, tokenised test split (Parquet; ``input_ids`` and ``labels`` or ``label``), for the regression
+gate of the jobs that start from this one (``model.fromJob``)."""
+MODEL_FOLDER = "model"
+MERGED_FOLDER = "merged"
 
 
 def output_file(output_uri: str, name: str) -> str:
@@ -67,6 +72,7 @@ class DataSummary(WireModel):
     pii_redacted: int | None = Field(default=None, description="PII spans replaced by placeholders.")
     leakage: int | None = Field(default=None, description="Validation/test examples also found in train.")
     report_uri: str | None = Field(default=None, description="Full data report.")
+    report_digest: str | None = Field(default=None, description="sha256:<hex> of data-report.json as written: what a child job (model.fromJob) records as its parent's data.")
 
 
 # The baselines a run compares the fine-tuned model with, in the order the model card shows them. Every entry of
@@ -170,6 +176,38 @@ class EvaluationSummary(WireModel):
     )
 
 
+class RegressionResult(WireModel):
+    """The regression gate (``evaluation.regression``): the new model against its parent on the parent's test set."""
+
+    metric: str = Field(description="Metric compared.")
+    direction: str = Field(description="max when higher is better, min when lower is.")
+    parent: float | None = Field(default=None, description="The parent's recorded value on its test set (its progress.json evaluation.test).")
+    child: float | None = Field(default=None, description="This job's model on the same test rows.")
+    drop: float | None = Field(default=None, description="How much worse the new model is (positive: worse), in the metric's units.")
+    max_drop: float = Field(description="evaluation.regression.maxDrop.")
+    passed: bool = Field(description="drop <= maxDrop.")
+    action: str = Field(description="warn or fail.")
+    test_rows: int | None = Field(default=None, description="Rows of the parent's test set evaluated.")
+
+
+class Lineage(WireModel):
+    """Where a job with ``model.fromJob`` started: resolved by the operator from the parent FineTuneJob before
+    the first pod, kept in status.lineage and the model card (the regression gate's result is status.regression)."""
+
+    parent_job: str = Field(description="The parent FineTuneJob (same namespace).")
+    parent_uid: str | None = Field(default=None, description="Its metadata.uid, so a re-created parent of the same name is told apart.")
+    parent_model_uri: str = Field(description="The parent's exported model this job started from (a full or merged model, or an adapter).")
+    base_model_uri: str | None = Field(
+        default=None, description="When parentModelUri is an adapter: the model folder its adapters are merged into (the first job's model.uri)."
+    )
+    adapters: list[str] | None = Field(
+        default=None, description="When parentModelUri is an adapter: the adapters merged into baseModelUri, oldest first (the last is parentModelUri)."
+    )
+    parent_output_uri: str | None = Field(default=None, description="The parent's output.uri (its progress.json holds its test metrics).")
+    parent_data_report_digest: str | None = Field(default=None, description="sha256 of the parent's data-report.json.")
+    parent_test_set_uri: str | None = Field(default=None, description="The parent's stored test split, on which the regression gate evaluates this job's model.")
+
+
 class ProgressDocument(WireModel):
     """What the trainer writes to <output>/progress.json (rank 0 only).
 
@@ -197,6 +235,10 @@ class ProgressDocument(WireModel):
     tracking: TrackingSummary | None = None
     failure_reason: str | None = None
     """The trainer's ``Reason: message`` line when it failed (stage ``failed``)."""
+    test_set_uri: str | None = None
+    """Where the trainer stored its test split (:data:`TEST_SET_FILE`), for jobs that start from this one."""
+    regression: RegressionResult | None = None
+    """With model.fromJob: the regression gate's result."""
     updated_at: str | None = None
 
 

@@ -43,6 +43,31 @@ MLFLOW_PARENT_RUN_ID = "FINETUNE_MLFLOW_PARENT_RUN_ID"
 """An MLflow run the job's run is nested under (tag ``mlflow.parentRunId``): the parent run of a sweep,
 its trials being the children. Unset: a top-level run. Not set by the operator today."""
 
+PARENT_JOB = "FINETUNE_PARENT_JOB"
+"""spec.model.fromJob.name, once the operator resolved it (the parent Succeeded): set only for such jobs."""
+
+PARENT_MODEL_URI = "FINETUNE_PARENT_MODEL_URI"
+"""The parent's exported model (its status.modelUri, or the merged copy under it): a full model folder, or an adapter."""
+
+PARENT_BASE_MODEL_URI = "FINETUNE_PARENT_BASE_MODEL_URI"
+"""Set when :data:`PARENT_MODEL_URI` is an adapter: the model folder the adapter chain sits on."""
+
+PARENT_ADAPTERS = "FINETUNE_PARENT_ADAPTERS"
+"""JSON list of adapter folders, oldest first, to merge into :data:`PARENT_BASE_MODEL_URI` (the last is the parent's)."""
+
+PARENT_OUTPUT_URI = "FINETUNE_PARENT_OUTPUT_URI"
+"""The parent's spec.output.uri: its progress.json there holds its recorded test metrics."""
+
+PARENT_DATA_REPORT_DIGEST = "FINETUNE_PARENT_DATA_REPORT_DIGEST"
+"""sha256 of the parent's data-report.json as the parent wrote it (its status.data.reportDigest)."""
+
+PARENT_TEST_SET_URI = "FINETUNE_PARENT_TEST_SET_URI"
+"""The parent's stored test split (its status.testSetUri), which the regression gate evaluates the new model on."""
+
+LINEAGE = (PARENT_JOB, PARENT_MODEL_URI, PARENT_BASE_MODEL_URI, PARENT_ADAPTERS, PARENT_OUTPUT_URI, PARENT_DATA_REPORT_DIGEST,
+           PARENT_TEST_SET_URI)
+"""What a job with spec.model.fromJob gets besides :data:`SET_BY_OPERATOR` (finetune_api.documents.Lineage)."""
+
 SET_BY_OPERATOR = (JOB_NAME, NAMESPACE, ATTEMPT, METRICS_PORT, TERMINATION_LOG, CACHE_DIR, WORK_DIR, JOB_UID)
 """What every training pod gets from the operator's builder."""
 

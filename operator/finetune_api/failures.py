@@ -40,6 +40,12 @@ CATALOGUE: tuple[Failure, ...] = (
     Failure("RetentionExceeded", 22, True, "Loss on the retention set rose past the allowed threshold."),
     Failure("CheckpointError", 23, False, "A checkpoint could not be written or read."),
     Failure("OutputClaimed", 24, True, "spec.output.uri is claimed by another FineTuneJob (another uid): pick another output."),
+    Failure("RegressionDetected", 25, True,
+            "On its parent's test set the new model is worse than the parent by more than evaluation.regression.maxDrop "
+            "and the action is fail: no model is exported."),
+    Failure("ParentModelInvalid", 26, True,
+            "model.fromJob: the parent job's model, test set or progress document could not be read or is not what the "
+            "parent's trainer writes."),
 )
 
 BY_REASON: dict[str, Failure] = {f.reason: f for f in CATALOGUE}
@@ -124,5 +130,16 @@ NAMESPACE_NOT_ENABLED = Refusal(
 CREDENTIALS_SECRET_LABEL = ("finetune.io/credentials", "true")
 NAMESPACE_ENABLED_LABEL = ("finetune.io/enabled", "true")
 
+PARENT_JOB_NOT_FOUND = Refusal(
+    "ParentJobNotFound", "spec.model.fromJob names no FineTuneJob in the job's namespace (the job Fails).")
+PARENT_JOB_FAILED = Refusal(
+    "ParentJobFailed",
+    "spec.model.fromJob names a FineTuneJob that Failed, or that Succeeded without a model this job can start from "
+    "(no status.modelUri, or an output this job's output overlaps); the job Fails.")
+WAITING_FOR_PARENT_JOB = Refusal(
+    "WaitingForParentJob",
+    "spec.model.fromJob names a FineTuneJob that has not finished: nothing is created yet, the job stays Pending "
+    "and starts once that job Succeeded (or Fails with ParentJobFailed).")
+
 REFUSALS: tuple[Refusal, ...] = (IMAGE_NOT_ALLOWED, PRIORITY_CLASS_NOT_ALLOWED, SECRET_NOT_LABELLED, SECRET_FORBIDDEN,
-                                 NAMESPACE_NOT_ENABLED)
+                                 NAMESPACE_NOT_ENABLED, PARENT_JOB_NOT_FOUND, PARENT_JOB_FAILED, WAITING_FOR_PARENT_JOB)

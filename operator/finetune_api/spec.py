@@ -91,17 +91,39 @@ class Task(str, Enum):
     seq2seq_lm = "seq2seq-lm"
 
 
+class JobReference(_Model):
+    """A FineTuneJob in the same namespace (there is no namespace field on purpose: a job reads no other namespace's jobs)."""
+
+    name: str = Field(max_length=253, pattern=K8S_NAME, description="Name of a FineTuneJob in this job's namespace.")
+
+
+FROM_JOB_XOR_URI = "set exactly one of model.uri and model.fromJob"
+
+
 class ModelSpec(_Model):
     """The base model to fine-tune."""
 
-    uri: str = Field(
+    uri: str | None = Field(
+        default=None,
         description=(
             "Where the base model lives: an s3:// prefix holding a Hugging Face model folder "
             "(config.json, weights, tokenizer), hf://org/name for a hub id (needs network from the pods), "
-            "or an absolute path on a volume mounted into the training pods."
+            "or an absolute path on a volume mounted into the training pods. Exactly one of uri and fromJob."
         ),
         pattern=MODEL_URI,
         max_length=MAX_STR,
+    )
+    from_job: JobReference | None = Field(
+        default=None,
+        description=(
+            "Continue from another FineTuneJob in this namespace: its exported model is the base (a full or merged "
+            "model as is; an adapter is merged into its own base first, and this job trains a new adapter or all "
+            "weights on top). The job waits Pending (reason WaitingForParentJob) until that job has Succeeded, and "
+            "fails (ParentJobFailed, ParentJobNotFound) when it failed or does not exist. status.lineage and the model "
+            "card record the parent job, its model URI and its data report digest; the new model is also evaluated on "
+            "the parent's test set (see evaluation.regression). The parent's files are read with this job's storage "
+            "settings. Exactly one of uri and fromJob."
+        ),
     )
     task: Task = Field(
         default=Task.causal_lm,
@@ -133,6 +155,8 @@ class ModelSpec(_Model):
 
     @model_validator(mode="after")
     def _labels(self) -> "ModelSpec":
+        if (self.uri is None) == (self.from_job is None):
+            raise ValueError(FROM_JOB_XOR_URI)
         if self.task != Task.sequence_classification.value and (self.labels or self.num_labels):
             raise ValueError("model.labels and model.numLabels are only valid with task sequence-classification")
         if self.labels and self.num_labels and len(self.labels) != self.num_labels:
@@ -144,6 +168,7 @@ class ModelSpec(_Model):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
+                cel("has(self.uri) != has(self.fromJob)", FROM_JOB_XOR_URI),
                 cel(
                     "self.task == 'sequence-classification' || (!has(self.labels) && !has(self.numLabels))",
                     "model.labels and model.numLabels are only valid with task sequence-classification",
@@ -681,6 +706,44 @@ class GenerationSpec(_Model):
     num_beams: int = Field(default=1, ge=1, le=16, description="Beam-search width; 1 is greedy decoding.")
 
 
+class RegressionSpec(_Model):
+    """The regression gate of a job with model.fromJob: the new model against its parent, on the parent's test set."""
+
+    max_drop: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1e6,
+        description=(
+            "Largest allowed worsening of metric, in the metric's own units (0.02 = two accuracy points; for a loss, "
+            "a rise of 0.02), from the parent's recorded test value to the new model's value on the same test rows."
+        ),
+    )
+    metric: str | None = Field(
+        default=None,
+        max_length=128,
+        description=(
+            "Metric compared, e.g. accuracy, f1_macro, eval_loss; which way is better comes from the metric "
+            "(higher for accuracy and F1, lower for losses). Default: the job's headline metric, the one its gain "
+            "is reported on (earlyStopping.metric, and accuracy for a classifier that monitors eval_loss)."
+        ),
+    )
+    action: Literal["warn", "fail"] = Field(
+        default="warn",
+        description=(
+            "What happens past maxDrop. warn: the job succeeds, with a Warning Event (RegressionDetected) and "
+            "status.lineage.regression.passed false; fail: the job fails with reason RegressionDetected and no "
+            "model is exported (nothing under output.uri/model)."
+        ),
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _judged(cls, value: str | None) -> str | None:
+        if value is not None and metric_catalogue.direction(value) is None:
+            raise ValueError(f"evaluation.regression.metric {value!r} is not a judged metric; use one of {', '.join(metric_catalogue.judged('max') + metric_catalogue.judged('min'))}")
+        return value
+
+
 class EvaluationSpec(_Model):
     """Validation during training and the final test."""
 
@@ -723,6 +786,13 @@ class EvaluationSpec(_Model):
         ),
     )
     retention: RetentionSpec | None = Field(default=None, description="Catastrophic-forgetting check.")
+    regression: RegressionSpec | None = Field(
+        default=None,
+        description=(
+            "With model.fromJob: how much worse than its parent, on the parent's test set, the new model may be "
+            "(default when unset: maxDrop 0, action warn; the comparison is always made and reported)."
+        ),
+    )
     max_eval_samples: int | None = Field(default=None, ge=1, description="Cap on validation rows per evaluation.")
     use_best_model: bool = Field(
         default=True,
@@ -1071,7 +1141,7 @@ def _immutable_rule() -> str:
 # output (old checkpoints, the model folder), so an output that equals, contains or lies inside an
 # input would destroy it. Paths as CEL sees them in the spec (optional ones guarded by has()).
 _INPUTS = (
-    ("model.uri", "self.model.uri", None),
+    ("model.uri", "self.model.uri", "has(self.model.uri)"),
     ("dataset.train", "self.dataset.train", None),
     ("dataset.validation", "self.dataset.validation", "has(self.dataset.validation)"),
     ("dataset.test", "self.dataset.test", "has(self.dataset.test)"),
@@ -1105,6 +1175,7 @@ def _overlap_rule(path: str, guard: str | None) -> str:
     return f"!({guard}) || {rule}" if guard else rule
 
 
+_REGRESSION_NEEDS_PARENT = "evaluation.regression needs model.fromJob (it compares the new model with its parent job's)"
 _FSDP_FULL_ONLY = "hyperparameters.distributedStrategy fsdp needs method full (adapters train few parameters: use ddp or auto)"
 _SEQ2SEQ_FORMAT = (
     "model.task seq2seq-lm needs dataset.format prompt-completion (the prompt is the encoder's input, the completion the "
@@ -1163,6 +1234,8 @@ class FineTuneJobSpec(_Model):
         overlap = output_overlap(self)
         if overlap:
             raise ValueError(_OUTPUT_OVERLAP.format(field=overlap))
+        if self.evaluation.regression is not None and self.model.from_job is None:
+            raise ValueError(_REGRESSION_NEEDS_PARENT)
         return self
 
     def _preference_rules(self) -> None:
@@ -1210,6 +1283,7 @@ class FineTuneJobSpec(_Model):
                     _DISTILLATION_TASK_RULE,
                 ),
                 *(cel(_overlap_rule(path, guard), _OUTPUT_OVERLAP.format(field=name)) for name, path, guard in _INPUTS),
+                cel("!has(self.evaluation) || !has(self.evaluation.regression) || has(self.model.fromJob)", _REGRESSION_NEEDS_PARENT),
                 cel(
                     _immutable_rule(),
                     "spec is immutable after creation except spec.runPolicy (suspend, backoffLimit, activeDeadlineSeconds, ttlSecondsAfterFinished)",

@@ -13,7 +13,7 @@ from pydantic import Field
 
 # CheckpointRef, DataSummary and Gain are parts of the status; ProgressDocument is re-exported for
 # the callers that imported it from here.
-from finetune_api.documents import CheckpointRef, DataSummary, Gain, ProgressDocument  # noqa: F401
+from finetune_api.documents import CheckpointRef, DataSummary, Gain, Lineage, ProgressDocument, RegressionResult  # noqa: F401
 from finetune_api.documents import TrackingSummary
 from finetune_api.documents import WireModel as _Model
 
@@ -107,4 +107,9 @@ class FineTuneJobStatus(_Model):
     gain: Gain | None = Field(default=None, description="Baseline versus final metric.")
     tracking: TrackingSummary | None = Field(default=None, description="TensorBoard folder, MLflow run and model version, and any tracker problem.")
     failure_reason: str | None = Field(default=None, description="The trainer's one-line reason for the last failure.")
+    test_set_uri: str | None = Field(default=None, description="Where the trainer stored the test split, for jobs that start from this one (model.fromJob).")
+    lineage: Lineage | None = Field(default=None, description="With model.fromJob: the parent job and model this job started from (set before the first pod).")
+    regression: RegressionResult | None = Field(
+        default=None, description="With model.fromJob: the new model against its parent on the parent's test set (evaluation.regression)."
+    )
 

@@ -9,8 +9,10 @@ from typing import Any
 import yaml
 
 from finetune_api import env as pod_env
+from finetune_api.documents import Lineage
 from finetune_api.spec import API_GROUP, API_VERSION, KIND, MLFLOW_CREDENTIAL_KEYS, FineTuneJobSpec, bytes_quantity, quantity_bytes
 from finetune_operator.config import METRICS_PORT, OperatorDefaults
+from finetune_operator.lineage import lineage_env
 
 MANAGED_BY = "finetune-operator"
 LABEL_JOB = f"{API_GROUP}/job"
@@ -143,7 +145,7 @@ def build_config_map(owner: Owner, spec: FineTuneJobSpec) -> dict[str, Any]:
     }
 
 
-def _env(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults) -> list[dict[str, Any]]:
+def _env(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults, lineage: Lineage | None = None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
         {"name": pod_env.JOB_NAME, "value": owner.name},
@@ -173,7 +175,9 @@ def _env(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDe
     if mlflow is not None and mlflow.credentials_secret:  # basic auth or a token: each key optional
         for key in MLFLOW_CREDENTIAL_KEYS:
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow.credentials_secret.name, "key": key, "optional": True}}})
-    reserved = {e["name"] for e in env}
+    if lineage is not None:  # spec.model.fromJob, resolved (finetune_operator.lineage)
+        env.extend(lineage_env(lineage))
+    reserved = {e["name"] for e in env} | set(pod_env.LINEAGE)  # a user's env cannot forge a lineage either
     for extra in spec.resources.env or []:
         if extra.name not in reserved:  # the operator's own variables win
             env.append({"name": extra.name, "value": extra.value})
@@ -222,7 +226,7 @@ def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
     return {"requests": amounts, "limits": limits}
 
 
-def _container(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults) -> dict[str, Any]:
+def _container(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults, lineage: Lineage | None = None) -> dict[str, Any]:
     """The trainer container: torchrun, read-only root, the config mounted, scratch on emptyDirs."""
     res = spec.resources
     return {
@@ -230,7 +234,7 @@ def _container(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Oper
         "image": res.image or defaults.trainer_image,
         "imagePullPolicy": defaults.image_pull_policy,
         "command": trainer_command(owner, spec, attempt),
-        "env": _env(owner, spec, attempt, defaults),
+        "env": _env(owner, spec, attempt, defaults, lineage),
         "ports": [
             {"name": "rendezvous", "containerPort": MASTER_PORT},
             *metrics_container_ports(defaults.metrics_port, procs_per_node(spec)),
@@ -253,7 +257,7 @@ def _container(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Oper
     }
 
 
-def _pod_spec(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults) -> dict[str, Any]:
+def _pod_spec(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults, lineage: Lineage | None = None) -> dict[str, Any]:
     """The training pod: non-root, no API token, a subdomain of the headless Service for rendezvous."""
     res = spec.resources
     pod_spec: dict[str, Any] = {
@@ -269,7 +273,7 @@ def _pod_spec(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Opera
             "fsGroup": 10001,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_container(owner, spec, attempt, defaults)],
+        "containers": [_container(owner, spec, attempt, defaults, lineage)],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(owner)}},
             {"name": "cache", "emptyDir": {"sizeLimit": res.cache_size}},
@@ -290,9 +294,11 @@ def _pod_spec(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Opera
     return pod_spec
 
 
-def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults, *, suspend: bool = False) -> dict[str, Any]:
+def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDefaults, *, suspend: bool = False,
+              lineage: Lineage | None = None) -> dict[str, Any]:
     """One Indexed Job: completions = parallelism = nodes. backoffLimit 0 because a torchrun group
-    cannot continue short a member: the operator restarts the whole group instead."""
+    cannot continue short a member: the operator restarts the whole group instead. ``lineage``: the
+    resolved spec.model.fromJob (status.lineage), passed to the trainer as env."""
     res = spec.resources
     meta = _meta(job_name(owner, attempt), owner, attempt)
     queued = bool(res.queue_name)
@@ -309,6 +315,6 @@ def build_job(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: Opera
             "backoffLimit": 0,
             # Kueue admits a suspended Job as one gang; without Kueue the operator's suspend decides.
             "suspend": bool(suspend or queued),
-            "template": {"metadata": {"labels": labels(owner, attempt)}, "spec": _pod_spec(owner, spec, attempt, defaults)},
+            "template": {"metadata": {"labels": labels(owner, attempt)}, "spec": _pod_spec(owner, spec, attempt, defaults, lineage)},
         },
     }

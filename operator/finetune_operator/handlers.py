@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from finetune_api.documents import Lineage
 from finetune_api.failures import SECRET_FORBIDDEN
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import TERMINAL_PHASES
@@ -28,6 +29,7 @@ from finetune_api.validation import validation_message
 from finetune_operator import kube, metrics
 from finetune_operator.builders import CREDENTIAL_KEYS, Owner, build_config_map, build_job, build_service, config_map_name, job_name, service_name
 from finetune_operator.config import OperatorConfig
+from finetune_operator.lineage import regression_event
 from finetune_operator.networkpolicy import build_network_policy, network_policy_name
 from finetune_operator.policy import Selector, matches, namespace_refusal, pod_spec_refusal, secret_refusal
 from finetune_operator.progress import ProgressReader, endpoint_allowed, endpoint_refusal, project, secret_values, tracking_refusal
@@ -215,6 +217,9 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
     secret_problem = ((check_secret(meta["namespace"], spec, config.secret_selector) or check_tracking_secret(meta["namespace"], spec, config.secret_selector))
                       if spec is not None and checking and not policy_refused else None)
     conflict = name_conflict(_owner(body), int(status.get("attempt") or 0), network_policy=config.defaults.network_policy) if checking else None
+    # spec.model.fromJob: the parent, in this namespace only, read until its lineage is pinned in status.
+    parent_read = checking and spec is not None and spec.model.from_job is not None and not status.get("lineage")
+    parent = kube.get_finetunejob(meta["namespace"], spec.model.from_job.name) if parent_read and spec and spec.model.from_job else None
     return Observed(
         name=meta["name"],
         namespace=meta["namespace"],
@@ -232,6 +237,8 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
         policy_refused=policy_refused,
         namespace_refused=namespace_refused,
         progress_problem=_reader(config).problem(meta["uid"]) if spec is not None and active else None,
+        parent=parent,
+        parent_read=parent_read,
         timing=config.timing,
     )
 
@@ -299,6 +306,8 @@ def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Plan, confi
         final = _reader(config).read(meta["uid"], ns, spec, force=True)  # the last word of the trainer
         if final is not None:
             new_status = {**new_status, **project(final)}
+    regression = regression_event(old_status, new_status)  # the trainer's gate said warn: tell the story in Events
+    events = [*plan.events, regression] if regression else plan.events
     patch = _status_patch(old_status, new_status)
     if patch:
         kube.patch_status(ns, name, patch, meta.get("resourceVersion"))
@@ -306,7 +315,7 @@ def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Plan, confi
             metrics.TRANSITIONS.labels(new_status.get("phase") or "").inc()
         if int(new_status.get("restarts") or 0) > int(old_status.get("restarts") or 0):
             metrics.RESTARTS.inc()
-    for event_type, reason, message in plan.events:
+    for event_type, reason, message in events:
         kube.post_event(body, event_type, reason, message, instance=config.instance)
         log.info("%s/%s: %s: %s", ns, name, reason, message)
     for job_name in plan.delete_jobs:
@@ -320,6 +329,7 @@ def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Plan, confi
         kube.create_owned(build_config_map(owner, spec), owner.uid)
         if config.defaults.network_policy:  # before the Job, so its pods never run unprotected
             kube.create_owned(build_network_policy(owner, spec, config.defaults), owner.uid)
-        kube.create_owned(build_job(owner, spec, plan.create_job, config.defaults), owner.uid)
+        lineage = Lineage.model_validate(new_status["lineage"]) if new_status.get("lineage") else None
+        kube.create_owned(build_job(owner, spec, plan.create_job, config.defaults, lineage=lineage), owner.uid)
     if plan.delete_self:
         kube.delete_finetunejob(ns, name)

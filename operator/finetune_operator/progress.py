@@ -99,6 +99,10 @@ def project(doc: ProgressDocument) -> dict[str, Any]:
         out["gain"] = {k: _r(v) if isinstance(v, float) else v for k, v in gain.items()}
     if doc.tracking:
         out["tracking"] = doc.tracking.wire()
+    if doc.test_set_uri:
+        out["testSetUri"] = doc.test_set_uri
+    if doc.regression:
+        out["regression"] = doc.regression.wire()  # full precision: the gate's numbers are compared by people and tests
     return out
 
 

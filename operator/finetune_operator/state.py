@@ -28,11 +28,12 @@ from typing import Any
 from finetune_api.status import ProgressDocument
 from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import Phase, TERMINAL_PHASES
-from finetune_api.failures import NAMESPACE_NOT_ENABLED, EXIT_PREEMPTED, PERMANENT_EXIT_CODES, find_termination_line, last_meaningful_line
+from finetune_api.failures import NAMESPACE_NOT_ENABLED, WAITING_FOR_PARENT_JOB, EXIT_PREEMPTED, PERMANENT_EXIT_CODES, find_termination_line, last_meaningful_line
 
 from finetune_operator.builders import Owner, job_name
 from finetune_operator.config import Timing
 from finetune_operator.conditions import iso, now_utc, parse_time, set_phase as _set_phase
+from finetune_operator.lineage import resolve_parent
 from finetune_operator.progress import project as project_progress
 from finetune_operator.views import JobView, PodView
 
@@ -74,6 +75,10 @@ class Observed:
     # Why the last read of the trainer's progress failed (progress.ProgressReader.problem), shown in
     # status.progressProblem while the job is active; None once a read succeeds.
     progress_problem: str | None = None
+    # spec.model.fromJob, read only when may_create_job() holds and status has no lineage yet: the parent
+    # FineTuneJob's body (None: there is none in the namespace). parent_read says it was looked up.
+    parent: dict[str, Any] | None = None
+    parent_read: bool = False
     timing: Timing = field(default_factory=Timing)  # the operator's time limits (pod start, restart backoff)
     now: datetime = field(default_factory=now_utc)
 
@@ -295,13 +300,25 @@ def _to_create(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) 
         return _fail(obs, plan, *obs.policy_refused, last_word=False)
     if obs.secret_problem:  # no Job of this attempt ran, so there is no last word to read
         return _fail(obs, plan, *obs.secret_problem, last_word=False)
+    if spec.model.from_job is not None and not obs.status.get("lineage"):
+        if not obs.parent_read:  # the handler looks the parent up only when a Job may be created
+            plan.requeue_after = 2.0
+            return plan
+        parent = resolve_parent(obs.name, obs.namespace, spec, obs.parent)
+        if parent.lineage is None and parent.wait:
+            _transition(obs, plan, Phase.pending.value, parent.reason or "", parent.message or "")
+            plan.requeue_after = 5.0
+            return plan
+        if parent.lineage is None:
+            return _fail(obs, plan, parent.reason or "", parent.message or "", last_word=False)
+        plan.status["lineage"] = parent.lineage.wire()  # pinned: a later attempt starts from the same model
     if obs.name_conflict:
         return _name_conflict(obs, plan, obs.name_conflict)
     plan.create_job = group.attempt
     plan.status.setdefault("startTime", iso(obs.now))
     plan.status["jobName"] = job_name(Owner(obs.name, obs.namespace, ""), group.attempt)
     # A job that waited for its namespace to opt in says so no longer once its Job exists.
-    if old.get("phase") in (None, Phase.suspended.value) or old.get("reason") == NAMESPACE_NOT_ENABLED.reason:
+    if old.get("phase") in (None, Phase.suspended.value) or old.get("reason") in (NAMESPACE_NOT_ENABLED.reason, WAITING_FOR_PARENT_JOB.reason):
         _transition(obs, plan, Phase.pending.value, "JobCreated",
                     f"created Job {plan.status['jobName']} ({spec.resources.nodes} node(s) x {spec.resources.gpus_per_node} GPU)")
     return plan

@@ -94,6 +94,11 @@ BAD_SPECS = [
     ("gamma-with-dpo", prefer_with(objective={"gamma": 1.0}), "objective.gamma is only valid with objective.type simpo"),
     ("objective-enum", prefer_with(objective={"type": "ppo"}), 'Unsupported value: "ppo"'),
     ("dpo-with-distillation", prefer_with(distillation={"teacher": {"uri": "s3://models/t"}}), "distillation is not supported with objective.type dpo or simpo"),
+    ("uri-and-from-job", with_("model.fromJob", {"name": "parent"}), "set exactly one of model.uri and model.fromJob"),
+    ("neither-uri-nor-from-job", {**GOOD, "model": {"task": "causal-lm"}}, "set exactly one of model.uri and model.fromJob"),
+    ("regression-without-parent", with_("evaluation.regression", {"maxDrop": 0.01}), "evaluation.regression needs model.fromJob"),
+    ("regression-action-enum", {**GOOD, "model": {"fromJob": {"name": "parent"}}, "evaluation": {"regression": {"action": "ignore"}}},
+     'Unsupported value: "ignore"'),
 ]
 
 

@@ -29,6 +29,8 @@ __all__ = [
     "RetentionExceeded",
     "CheckpointError",
     "OutputClaimed",
+    "RegressionDetected",
+    "ParentModelInvalid",
 ]
 
 
@@ -71,3 +73,5 @@ OutOfMemory = ERRORS["OutOfMemory"]
 RetentionExceeded = ERRORS["RetentionExceeded"]
 CheckpointError = ERRORS["CheckpointError"]
 OutputClaimed = ERRORS["OutputClaimed"]
+RegressionDetected = ERRORS["RegressionDetected"]
+ParentModelInvalid = ERRORS["ParentModelInvalid"]

@@ -355,6 +355,7 @@ def build_model_card(summary: RunSummary) -> tuple[dict[str, Any], str]:
     as the evaluation module returns them. Gains compare the fine-tuned model with the reference baseline on the
     baselines' split.
     """
+    from .lineage import lineage_markdown
     from .readme import readme
 
     v = card_view(summary)
@@ -392,6 +393,7 @@ def build_model_card(summary: RunSummary) -> tuple[dict[str, Any], str]:
         "calibration": _jsonable(summary.evaluation.calibration),
         "retention": _jsonable(summary.evaluation.retention),
         "limitations": notes,
+        "lineage": _jsonable(summary.lineage),
     }
     json.dumps(card, allow_nan=False)  # fail here, not in the writer, if something slipped through
-    return card, readme(v, notes)
+    return card, readme(v, notes) + lineage_markdown(summary.lineage)

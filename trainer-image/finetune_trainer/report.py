@@ -82,6 +82,7 @@ class RunSummary:
     distributed_strategy: str | None = None
     trainable_params: int | None = None
     total_params: int | None = None
+    lineage: dict[str, Any] | None = None  # model.fromJob: the parent and the regression gate (lineage.lineage_card)
 
     @classmethod
     def of(cls, trainer: Trainer, evaluation: FinalEvaluation, best_checkpoint: dict[str, Any] | None) -> RunSummary:

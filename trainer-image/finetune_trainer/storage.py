@@ -233,6 +233,20 @@ class Storage:
         with self._s3_errors("read", uri):
             return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
+    def read_bytes_at_most(self, uri: str, limit: int) -> bytes:
+        """At most ``limit + 1`` bytes of the object: a caller that gets more than ``limit`` knows it is too big,
+        without the rest ever being read."""
+        if not is_s3(uri):
+            with open(uri, "rb") as f:
+                return f.read(limit + 1)
+        bucket, key = split_s3(uri)
+        with self._s3_errors("read", uri):
+            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+            try:
+                return body.read(limit + 1)
+            finally:
+                body.close()
+
     def write_bytes(self, uri: str, data: bytes) -> None:
         if not is_s3(uri):
             _atomic_write(Path(uri), lambda tmp: tmp.write_bytes(data))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from finetune_api import env as pod_env
 from finetune_api import metric_catalogue
-from finetune_api.documents import DATA_REPORT_FILE
+from finetune_api.documents import DATA_REPORT_FILE, RegressionResult
 from finetune_api.metric_catalogue import Direction
 
 from . import distributed
@@ -39,12 +39,14 @@ from .checkpoint import CheckpointManager
 from .collate import Batching, make_collator, rows_of, token_counts
 from .config import JobConfig
 from .distributed import DistInfo, dist_info
-from .errors import InvalidConfig, TrainerError
+from .errors import InvalidConfig, ParentModelInvalid, TrainerError
 from .early_stopping import EarlyStopping, improves
 from .evaluator import Evaluator
+from .lineage import (Parent, effective_spec, enforce, gate_metric, lineage_card, load_parent_test_set, merge_adapters, parent_test_metrics,
+                      regression_gate, report_bytes, save_test_set)
 from .loss import WindowLoss
 from .metrics import TrainerMetrics
-from .model import LoadedModel, check_hardware, load_model, load_tokenizer, resolve_model_dir
+from .model import DEFAULT_CACHE_DIR, LoadedModel, check_hardware, load_model, load_tokenizer, resolve_model_dir
 from .optim import build_optimizer, build_scheduler
 from .preemption import Preempted, SigtermFlag
 from .progress import ProgressWriter
@@ -82,7 +84,8 @@ def _finite(x: Any) -> float | None:
 class Trainer:
     def __init__(self, config: JobConfig, *, work_dir: str | Path | None = None):
         self.config = config
-        self.spec = config.spec
+        self.parent = Parent.from_env(config.spec)  # model.fromJob, as the operator resolved it (None without)
+        self.spec = effective_spec(config.spec, self.parent)
         self.hp = config.spec.hyperparameters
         self.dist: DistInfo = dist_info()
         self.classification = self.spec.is_classification
@@ -104,6 +107,10 @@ class Trainer:
         known = metric_catalogue.monitorable(task, self.spec.evaluation.metrics)
         if self.monitor not in known:
             raise InvalidConfig(f"evaluation.earlyStopping.metric {self.monitor!r} is not computed for this task; use one of {', '.join(known)}")
+        self.regression_metric = gate_metric(self.spec, self.monitor) if self.parent else None
+        if self.parent and self.spec.evaluation.regression and not self.parent.lineage.parent_test_set_uri:
+            raise ParentModelInvalid(f"evaluation.regression needs the parent's test set, and FineTuneJob {self.parent.lineage.parent_job} "
+                                     "stored none (it had no test split, or an older trainer ran it)")
 
     # ------------------------------------------------------------------------------------ stages
 
@@ -182,12 +189,17 @@ class Trainer:
         """The base model's folder and tokenizer, then the prepared data (its report published)."""
         from .data.shared import prepare_data_per_node
 
-        model_dir = resolve_model_dir(self.spec.model.uri, self.storage, self.dist, cache_dir=os.environ.get(pod_env.CACHE_DIR))
+        source = self.parent.model_source if self.parent else self.spec.model.uri
+        assert source is not None  # the spec requires model.uri or model.fromJob
+        model_dir = resolve_model_dir(source, self.storage, self.dist, cache_dir=os.environ.get(pod_env.CACHE_DIR))
         tokenizer = load_tokenizer(model_dir, self.spec)
         # Local rank 0 prepares the (deterministic) data for its node; the other local ranks map the same files.
         data = prepare_data_per_node(self.spec, self.storage, tokenizer, root=self.work_dir, local_rank=self.dist.local_rank,
                                      local_world_size=self.dist.local_world_size)
         self._publish_data_report(data)
+        if self.parent and self.parent.adapters:  # an adapter parent: its chain merged into its base, then trained on
+            model_dir = merge_adapters(model_dir, self.parent, self.spec, self.storage, self.dist, labels=data.labels,
+                                       cache_root=Path(os.environ.get(pod_env.CACHE_DIR) or DEFAULT_CACHE_DIR))
         return model_dir, tokenizer, data
 
     def _publish_data_report(self, data: PreparedData) -> None:
@@ -195,9 +207,13 @@ class Trainer:
         summary = data.summary(report_uri).model_dump()
         summary["report_uri"] = report_uri
         self.metrics.on_data(summary)
+        body, summary["report_digest"] = report_bytes(data.report)
         if self.dist.is_main:
-            self.storage.write_json(report_uri, data.report)
+            self.storage.write_bytes(report_uri, body)
             self.progress.set_data(summary)
+            test_set = save_test_set(data.test, data.labels, work_dir=self.work_dir, storage=self.storage, output=self.output)
+            if test_set:  # for the jobs that start from this one (model.fromJob)
+                self.progress.update(force=True, test_set_uri=test_set)
         text = None
         try:
             from .data import format_report
@@ -465,7 +481,9 @@ class Trainer:
         if evaluation.gain is not None:
             g = evaluation.gain
             self.progress.set_gain(g["metric"], _finite(g["baseline"]), _finite(g["final"]), split=g["split"], baseline_kind=g["baseline_kind"])
+        regression = self._regression_gate(evaluation)  # action fail raises here: nothing is exported
         summary = RunSummary.of(self, evaluation, best_checkpoint)
+        summary.lineage = lineage_card(self.parent, regression) if self.parent else None
         # Replicas must end identical; the checksum in every rank's log makes a divergence visible.
         log.info("final trainable parameter checksum %.12e", self.model_state.checksum())
         model_uri = self.join(self.output, "model")
@@ -484,6 +502,28 @@ class Trainer:
         self.tracking.on_finish(True, model_uri)
         self._stage("done", model_uri=model_uri)
         return {**summary.to_dict(), "model_uri": model_uri}
+
+    def _regression_gate(self, evaluation: Any) -> RegressionResult | None:
+        """model.fromJob: this model on the parent's test set against the parent's recorded value (a collective)."""
+        if self.parent is None or self.regression_metric is None:
+            return None
+        if not self.parent.lineage.parent_test_set_uri:
+            log.warning("regression gate skipped: the parent %s stored no test set", self.parent.lineage.parent_job)
+            return None
+        parent_metrics = parent_test_metrics(self.parent, self.storage)
+        dataset = load_parent_test_set(self.parent, self.spec, self.storage, work_dir=self.work_dir, labels=self.data.labels,
+                                       vocab_size=int(self.raw_model.get_input_embeddings().num_embeddings), rank=self.dist.rank)
+        loader = self.evaluator.loader(dataset)
+        kwargs: dict[str, Any] = {}
+        if self.classification and evaluation.calibration:  # each model at its own calibrated temperature, as deployed
+            kwargs["temperature"] = evaluation.calibration["temperature"]
+        measured = public(self.evaluator.evaluate(loader, **kwargs)) or {}
+        result = regression_gate(self.regression_metric, _finite(parent_metrics.get(self.regression_metric)),
+                                 _finite(measured.get(self.regression_metric)), self.spec.evaluation.regression, test_rows=len(dataset))
+        log.info("regression gate: %s", result.wire())
+        self.progress.update(force=True, regression=result)  # recorded first, whatever the action
+        enforce(result)
+        return result
 
     def _restore_best(self) -> dict[str, Any] | None:
         """With useBestModel, load the best checkpoint's weights; what the card says about it (None without one)."""

@@ -22,7 +22,7 @@ def _container(metrics_port: int = 9400) -> dict:
 
 
 def test_names_are_distinct_and_prefixed():
-    declared = [*env.SET_BY_OPERATOR, *env.READ_BY_TRAINER]
+    declared = [*env.SET_BY_OPERATOR, *env.READ_BY_TRAINER, *env.LINEAGE]
     assert set(declared) == NAMES
     assert len(set(env.SET_BY_OPERATOR)) == len(env.SET_BY_OPERATOR)
     assert all(name.startswith("FINETUNE_") and name.isupper() for name in NAMES)
@@ -60,7 +60,7 @@ def _string_literals(path: Path) -> set[str]:
 
 def test_no_side_spells_a_contract_variable_out():
     """The names come from finetune_api.env, so a rename cannot miss one side."""
-    modules = [ROOT / "operator" / "finetune_operator" / "builders.py"]
+    modules = [ROOT / "operator" / "finetune_operator" / "builders.py", ROOT / "operator" / "finetune_operator" / "lineage.py"]
     modules += list((ROOT / "trainer-image" / "finetune_trainer").rglob("*.py"))
     spelled = {f"{p.relative_to(ROOT)}: {s}" for p in modules for s in _string_literals(p) & NAMES}
     assert not spelled, sorted(spelled)

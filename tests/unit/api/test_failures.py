@@ -43,7 +43,7 @@ def test_catalogue_reasons_and_codes_are_unique_and_match_the_readme_table():
     assert len({f.exit_code for f in CATALOGUE} | {failures.GENERIC.exit_code, EXIT_PREEMPTED}) == len(CATALOGUE) + 2
     assert {f.reason: f.exit_code for f in CATALOGUE}["MalformedData"] == 13
     assert sorted(f.reason for f in CATALOGUE if not f.permanent) == ["CheckpointError", "S3EndpointError"]
-    assert PERMANENT_EXIT_CODES == {10, 11, 12, 13, 14, 15, 16, 17, 18, 20, 21, 22, 24}
+    assert PERMANENT_EXIT_CODES == {10, 11, 12, 13, 14, 15, 16, 17, 18, 20, 21, 22, 24, 25, 26}
     assert EXIT_PREEMPTED == 143 and EXIT_PREEMPTED not in PERMANENT_EXIT_CODES
 
 

@@ -67,6 +67,13 @@ BAD = [
     ({"objective": {"type": "dpo", "gamma": 0.5}}, "objective.gamma is only valid with objective.type simpo"),
     ({"objective": {"type": "dpo"}, "dataset": {"train": "s3://data/x", "format": "preference"}, "hyperparameters": {"packing": False},
       "distillation": {"teacher": {"uri": "s3://models/t"}}}, "distillation is not supported with objective.type dpo or simpo"),
+    ({"model": {"uri": "s3://models/m", "fromJob": {"name": "parent"}}}, "set exactly one of model.uri and model.fromJob"),
+    ({"model": {"task": "causal-lm"}}, "set exactly one of model.uri and model.fromJob"),
+    ({"model": {"fromJob": {"name": "Not_A_Name"}}}, "String should match pattern"),
+    ({"model": {"fromJob": {"name": "p", "namespace": "other"}}}, "Extra inputs are not permitted"),  # same namespace only
+    ({"evaluation": {"regression": {"maxDrop": 0.1}}}, "evaluation.regression needs model.fromJob"),
+    ({"model": {"fromJob": {"name": "p"}}, "evaluation": {"regression": {"metric": "speed"}}}, "'speed' is not a judged metric"),
+    ({"model": {"fromJob": {"name": "p"}}, "evaluation": {"regression": {"maxDrop": -1}}}, "greater than or equal to 0"),
 ]
 
 
@@ -86,6 +93,14 @@ def test_preference_objectives_fill_the_papers_defaults_and_refuse_what_they_do_
             parse_spec({**PREFERENCE, "objective": {"type": "dpo"}, **extra})
     with pytest.raises(ValidationError, match="dataset.format classification goes with"):
         parse_spec({**PREFERENCE, "model": {"uri": "s3://models/m", "task": "sequence-classification"}, "objective": {"type": "dpo"}})
+
+
+def test_from_job_takes_the_place_of_the_uri_and_regression_defaults_to_warn():
+    spec = parse_spec({**MINIMAL, "model": {"fromJob": {"name": "sentiment"}}, "evaluation": {"regression": {}}})
+    assert spec.model.uri is None and spec.model.from_job is not None and spec.model.from_job.name == "sentiment"
+    regression = spec.evaluation.regression
+    assert regression is not None and (regression.max_drop, regression.metric, regression.action) == (0.0, None, "warn")
+    assert spec.wire()["model"] == {"fromJob": {"name": "sentiment"}, "task": "causal-lm", "trustRemoteCode": False}
 
 
 @pytest.mark.parametrize("patch,message", BAD, ids=[m for _, m in BAD])

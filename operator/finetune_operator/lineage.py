@@ -1,0 +1,175 @@
+"""``model.fromJob``: from a FineTuneJob's name to the model it exported, as pure functions.
+
+:func:`exported_model` reads a finished FineTuneJob (its spec and status, as the API server holds them)
+and says what it published: a full model folder (method full, or an adapter's merged copy with
+``output.mergeAdapter``), or an adapter together with the base it sits on. It is the one answer to
+"FineTuneJob name -> exported model URI" (a distillation teacher given by job name needs it too).
+
+:func:`resolve_parent` is the decision a child makes about its parent before its first pod: start (with
+the :class:`~finetune_api.documents.Lineage` to record in status and to hand to the trainer), wait (the
+parent has not finished), or fail (no such parent, it failed, or what it left is not usable). The handler
+reads the parent object (one GET, same namespace only) and :func:`finetune_operator.state.decide` calls
+this; nothing here does I/O.
+
+An adapter parent is given to the trainer as a chain: the first job's base model plus every adapter
+since, oldest first. The trainer merges the chain into one model and trains on top of it (a new adapter,
+or all weights), so a child's own adapter again sits on a base its lineage names, however deep the chain.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from finetune_api import env as pod_env
+from finetune_api.documents import MERGED_FOLDER, Lineage
+from finetune_api.failures import PARENT_JOB_FAILED, PARENT_JOB_NOT_FOUND, WAITING_FOR_PARENT_JOB
+from finetune_api.spec import FineTuneJobSpec, as_prefix
+from finetune_api.status import Phase
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """What a succeeded FineTuneJob published. ``base_model_uri`` is None for a full model; for an adapter it
+    is the model folder that ``adapters`` (oldest first, ending with ``model_uri``) are merged into."""
+
+    model_uri: str
+    base_model_uri: str | None = None
+    adapters: tuple[str, ...] = ()
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base_model_uri is not None
+
+
+class NotExported(ValueError):
+    """The job has no model a child can start from; the message says why."""
+
+
+def _spec_of(body: Mapping[str, Any]) -> FineTuneJobSpec:
+    try:
+        return FineTuneJobSpec.model_validate(dict(body.get("spec") or {}))
+    except ValidationError as err:
+        raise NotExported(f"its spec does not validate ({err.error_count()} error(s))") from None
+
+
+def exported_model(body: Mapping[str, Any]) -> ExportedModel:
+    """The model a *succeeded* FineTuneJob ``body`` exported (its status.modelUri), as a child loads it.
+
+    Raises :class:`NotExported` when there is none (no status.modelUri)."""
+    spec = _spec_of(body)
+    status = dict(body.get("status") or {})
+    model_uri = status.get("modelUri")
+    if not isinstance(model_uri, str) or not model_uri:
+        raise NotExported("its status has no modelUri (it exported no model)")
+    if not spec.is_adapter:
+        return ExportedModel(model_uri)
+    if spec.output.merge_adapter:
+        return ExportedModel(model_uri.rstrip("/") + "/" + MERGED_FOLDER)
+    if spec.model.uri is not None:
+        return ExportedModel(model_uri, base_model_uri=spec.model.uri, adapters=(model_uri,))
+    # The job itself started from a parent: its adapter sits on that parent's (merged) model.
+    lineage = status.get("lineage")
+    if not isinstance(lineage, dict):
+        raise NotExported("it started from model.fromJob but its status has no lineage")
+    recorded = Lineage.model_validate(lineage)
+    if recorded.base_model_uri:
+        return ExportedModel(model_uri, base_model_uri=recorded.base_model_uri, adapters=(*(recorded.adapters or ()), model_uri))
+    return ExportedModel(model_uri, base_model_uri=recorded.parent_model_uri, adapters=(model_uri,))
+
+
+@dataclass(frozen=True)
+class ParentResolution:
+    """What a child does about its parent: ``lineage`` set -> start; ``wait`` -> stay Pending; else fail with
+    ``reason``/``message``."""
+
+    lineage: Lineage | None = None
+    wait: bool = False
+    reason: str | None = None
+    message: str | None = None
+
+
+def resolve_parent(name: str, namespace: str, spec: FineTuneJobSpec, parent: Mapping[str, Any] | None) -> ParentResolution:
+    """The child ``name``'s decision about ``spec.model.fromJob``, given the parent object (None: not found)."""
+    assert spec.model.from_job is not None
+    parent_name = spec.model.from_job.name
+    where = f"spec.model.fromJob {parent_name!r}"
+    if parent_name == name:
+        return ParentResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where} names this job itself: name another FineTuneJob")
+    if parent is None:
+        return ParentResolution(
+            reason=PARENT_JOB_NOT_FOUND.reason,
+            message=f"{where}: no FineTuneJob {parent_name} in namespace {namespace} (fromJob reads this namespace only); "
+                    f"create it or fix the name, then re-create this FineTuneJob")
+    status = dict(parent.get("status") or {})
+    phase = status.get("phase")
+    if phase == Phase.failed.value:
+        return ParentResolution(
+            reason=PARENT_JOB_FAILED.reason,
+            message=f"{where} Failed ({status.get('reason')}: {status.get('message') or ''}): a job can only start from a "
+                    f"Succeeded one; re-run it or name another, then re-create this FineTuneJob")
+    if phase != Phase.succeeded.value:
+        return ParentResolution(
+            wait=True, reason=WAITING_FOR_PARENT_JOB.reason,
+            message=f"waiting for FineTuneJob {parent_name} to succeed (it is {phase or 'Pending'}): this job starts from its model")
+    try:
+        exported = exported_model(parent)
+        parent_spec = _spec_of(parent)
+    except NotExported as why:
+        return ParentResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where} Succeeded but {why}; name another FineTuneJob")
+    problem = _incompatible(spec, parent_spec)
+    if problem:
+        return ParentResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where}: {problem}")
+    data = status.get("data")
+    data = data if isinstance(data, dict) else {}
+    meta = parent.get("metadata") or {}
+    lineage = Lineage(
+        parent_job=parent_name,
+        parent_uid=meta.get("uid"),
+        parent_model_uri=exported.model_uri,
+        base_model_uri=exported.base_model_uri,
+        adapters=list(exported.adapters) or None,
+        parent_output_uri=parent_spec.output.uri,
+        parent_data_report_digest=data.get("reportDigest"),
+        parent_test_set_uri=status.get("testSetUri"),
+    )
+    return ParentResolution(lineage=lineage)
+
+
+def _incompatible(child: FineTuneJobSpec, parent: FineTuneJobSpec) -> str | None:
+    """Why ``child`` cannot start from ``parent``'s model, or None."""
+    if child.model.task != parent.model.task:
+        return f"it trained task {parent.model.task}, this job's model.task is {child.model.task}: they must match"
+    out, theirs = as_prefix(child.output.uri), as_prefix(parent.output.uri)
+    if out.startswith(theirs) or theirs.startswith(out):
+        return (f"output.uri {child.output.uri} overlaps the parent's output {parent.output.uri}, where its model is: "
+                f"the trainer deletes and overwrites under its output, so pick another output.uri")
+    return None
+
+
+def lineage_env(lineage: Lineage) -> list[dict[str, str]]:
+    """The training pods' environment for ``lineage`` (finetune_api.env.LINEAGE), unset values left out."""
+    values = {
+        pod_env.PARENT_JOB: lineage.parent_job,
+        pod_env.PARENT_MODEL_URI: lineage.parent_model_uri,
+        pod_env.PARENT_BASE_MODEL_URI: lineage.base_model_uri,
+        pod_env.PARENT_ADAPTERS: json.dumps(lineage.adapters) if lineage.adapters else None,
+        pod_env.PARENT_OUTPUT_URI: lineage.parent_output_uri,
+        pod_env.PARENT_DATA_REPORT_DIGEST: lineage.parent_data_report_digest,
+        pod_env.PARENT_TEST_SET_URI: lineage.parent_test_set_uri,
+    }
+    return [{"name": name, "value": value} for name, value in values.items() if value]
+
+
+def regression_event(old_status: Mapping[str, Any], new_status: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """A Warning Event the first time status shows a failed regression gate (status.regression.passed false)."""
+    new, old = new_status.get("regression"), old_status.get("regression")
+    if not isinstance(new, dict) or new.get("passed") is not False or (isinstance(old, dict) and old.get("passed") is False):
+        return None
+    return ("Warning", "RegressionDetected",
+            f"on the parent's test set {new.get('metric')} went from {new.get('parent')} (parent) to {new.get('child')} "
+            f"(drop {new.get('drop')}, evaluation.regression.maxDrop {new.get('maxDrop')}, action {new.get('action')})")
