@@ -809,19 +809,33 @@ DISTILLATION_TASKS = (Task.causal_lm.value, Task.sequence_classification.value)
 _DISTILLATION_TASK_RULE = "distillation needs model.task causal-lm or sequence-classification (it matches the two models' logits)"
 
 
-class TeacherSpec(_Model):
-    """The model whose softened outputs the student learns from."""
+TEACHER_XOR = "set exactly one of distillation.teacher.uri and distillation.teacher.fromJob"
 
-    uri: str = Field(
+
+class TeacherSpec(_Model):
+    """The model whose softened outputs the student learns from: a URI, or a FineTuneJob that exported it."""
+
+    uri: str | None = Field(
+        default=None,
         description=(
             "Where the teacher lives, in the same forms as model.uri (an s3:// prefix holding a Hugging Face model folder, "
             "hf://org/name, or an absolute path), e.g. the model/ folder a full fine-tune or a merged adapter "
             "(output.mergeAdapter, model/merged) of an earlier FineTuneJob wrote. It must be a model of the job's task with "
             "the student's tokenizer (same vocabulary: it reads the student's token ids) and, for sequence-classification, "
-            "a trained head with the student's labels in the same order; the trainer fails with InvalidConfig otherwise."
+            "a trained head with the student's labels in the same order; the trainer fails with InvalidConfig otherwise. "
+            "Exactly one of uri and fromJob."
         ),
         pattern=MODEL_URI,
         max_length=MAX_STR,
+    )
+    from_job: JobReference | None = Field(
+        default=None,
+        description=(
+            "The teacher is the model another FineTuneJob in this namespace exported: the job waits Pending (reason "
+            "WaitingForParentJob) until that job has Succeeded, fails (ParentJobFailed, ParentJobNotFound) when it failed, "
+            "does not exist, trained another task or exported only an adapter (set output.mergeAdapter on it), and records "
+            "the resolved model in status.teacherUri. Exactly one of uri and fromJob."
+        ),
     )
     precision: Precision = Field(
         default=Precision.auto,
@@ -831,6 +845,14 @@ class TeacherSpec(_Model):
             "copy of the teacher (it is not sharded under fsdp), so size resources for both models."
         ),
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherSpec":
+        if (self.uri is None) == (self.from_job is None):
+            raise ValueError(TEACHER_XOR)
+        return self
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [cel("has(self.uri) != has(self.fromJob)", TEACHER_XOR)]})
 
 
 class DistillationSpec(_Model):
@@ -1146,7 +1168,7 @@ _INPUTS = (
     ("dataset.validation", "self.dataset.validation", "has(self.dataset.validation)"),
     ("dataset.test", "self.dataset.test", "has(self.dataset.test)"),
     ("evaluation.retention.dataset", "self.evaluation.retention.dataset", "has(self.evaluation) && has(self.evaluation.retention)"),
-    ("distillation.teacher.uri", "self.distillation.teacher.uri", "has(self.distillation)"),
+    ("distillation.teacher.uri", "self.distillation.teacher.uri", "has(self.distillation) && has(self.distillation.teacher.uri)"),
 )
 _OUTPUT_OVERLAP = "output.uri must not equal, contain or lie inside {field} (the trainer deletes and overwrites under its output)"
 

@@ -109,6 +109,9 @@ class FineTuneJobStatus(_Model):
     failure_reason: str | None = Field(default=None, description="The trainer's one-line reason for the last failure.")
     test_set_uri: str | None = Field(default=None, description="Where the trainer stored the test split, for jobs that start from this one (model.fromJob).")
     lineage: Lineage | None = Field(default=None, description="With model.fromJob: the parent job and model this job started from (set before the first pod).")
+    teacher_uri: str | None = Field(
+        default=None, description="With distillation.teacher.fromJob: the model that job exported, this job's teacher (set before the first pod)."
+    )
     regression: RegressionResult | None = Field(
         default=None, description="With model.fromJob: the new model against its parent on the parent's test set (evaluation.regression)."
     )

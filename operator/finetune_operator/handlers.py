@@ -29,7 +29,7 @@ from finetune_api.validation import validation_message
 from finetune_operator import kube, metrics
 from finetune_operator.builders import CREDENTIAL_KEYS, Owner, build_config_map, build_job, build_service, config_map_name, job_name, service_name
 from finetune_operator.config import OperatorConfig
-from finetune_operator.lineage import regression_event
+from finetune_operator.lineage import regression_event, with_teacher_uri
 from finetune_operator.networkpolicy import build_network_policy, network_policy_name
 from finetune_operator.policy import Selector, matches, namespace_refusal, pod_spec_refusal, secret_refusal
 from finetune_operator.progress import ProgressReader, endpoint_allowed, endpoint_refusal, project, secret_values, tracking_refusal
@@ -220,6 +220,9 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
     # spec.model.fromJob: the parent, in this namespace only, read until its lineage is pinned in status.
     parent_read = checking and spec is not None and spec.model.from_job is not None and not status.get("lineage")
     parent = kube.get_finetunejob(meta["namespace"], spec.model.from_job.name) if parent_read and spec and spec.model.from_job else None
+    teacher_ref = spec.distillation.teacher.from_job if spec is not None and spec.distillation is not None else None
+    teacher_read = checking and teacher_ref is not None and not status.get("teacherUri")
+    teacher = kube.get_finetunejob(meta["namespace"], teacher_ref.name) if teacher_read and teacher_ref else None
     return Observed(
         name=meta["name"],
         namespace=meta["namespace"],
@@ -239,6 +242,8 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
         progress_problem=_reader(config).problem(meta["uid"]) if spec is not None and active else None,
         parent=parent,
         parent_read=parent_read,
+        teacher=teacher,
+        teacher_read=teacher_read,
         timing=config.timing,
     )
 
@@ -325,6 +330,7 @@ def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Plan, confi
     if plan.create_job is not None:
         assert spec is not None  # decide plans a Job only for a valid spec
         owner = _owner(body)
+        spec = with_teacher_uri(spec, new_status.get("teacherUri"))  # the trainer reads the resolved teacher as a uri
         kube.create_owned(build_service(owner), owner.uid)
         kube.create_owned(build_config_map(owner, spec), owner.uid)
         if config.defaults.network_policy:  # before the Job, so its pods never run unprotected

@@ -3,7 +3,7 @@
 :func:`exported_model` reads a finished FineTuneJob (its spec and status, as the API server holds them)
 and says what it published: a full model folder (method full, or an adapter's merged copy with
 ``output.mergeAdapter``), or an adapter together with the base it sits on. It is the one answer to
-"FineTuneJob name -> exported model URI" (a distillation teacher given by job name needs it too).
+"FineTuneJob name -> exported model URI"; :func:`resolve_teacher` uses it for ``distillation.teacher.fromJob``.
 
 :func:`resolve_parent` is the decision a child makes about its parent before its first pod: start (with
 the :class:`~finetune_api.documents.Lineage` to record in status and to hand to the trainer), wait (the
@@ -138,6 +138,68 @@ def resolve_parent(name: str, namespace: str, spec: FineTuneJobSpec, parent: Map
         parent_test_set_uri=status.get("testSetUri"),
     )
     return ParentResolution(lineage=lineage)
+
+
+@dataclass(frozen=True)
+class TeacherResolution:
+    """What a student does about ``distillation.teacher.fromJob``: ``uri`` set -> start with that teacher;
+    ``wait`` -> stay Pending; else fail with ``reason``/``message``."""
+
+    uri: str | None = None
+    wait: bool = False
+    reason: str | None = None
+    message: str | None = None
+
+
+def resolve_teacher(name: str, namespace: str, spec: FineTuneJobSpec, teacher: Mapping[str, Any] | None) -> TeacherResolution:
+    """The student ``name``'s decision about ``spec.distillation.teacher.fromJob``, given that job's object (None:
+    not found). The teacher must be a whole model (a full fine-tune, or an adapter job with output.mergeAdapter):
+    the trainer loads it as it is and merges nothing."""
+    assert spec.distillation is not None and spec.distillation.teacher.from_job is not None
+    teacher_name = spec.distillation.teacher.from_job.name
+    where = f"spec.distillation.teacher.fromJob {teacher_name!r}"
+    if teacher_name == name:
+        return TeacherResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where} names this job itself: name another FineTuneJob")
+    if teacher is None:
+        return TeacherResolution(
+            reason=PARENT_JOB_NOT_FOUND.reason,
+            message=f"{where}: no FineTuneJob {teacher_name} in namespace {namespace} (fromJob reads this namespace only); "
+                    f"create it or fix the name, then re-create this FineTuneJob")
+    status = dict(teacher.get("status") or {})
+    phase = status.get("phase")
+    if phase == Phase.failed.value:
+        return TeacherResolution(
+            reason=PARENT_JOB_FAILED.reason,
+            message=f"{where} Failed ({status.get('reason')}: {status.get('message') or ''}): a teacher must come from a "
+                    f"Succeeded job; re-run it or name another, then re-create this FineTuneJob")
+    if phase != Phase.succeeded.value:
+        return TeacherResolution(
+            wait=True, reason=WAITING_FOR_PARENT_JOB.reason,
+            message=f"waiting for FineTuneJob {teacher_name} to succeed (it is {phase or 'Pending'}): its model is this job's teacher")
+    try:
+        exported = exported_model(teacher)
+        teacher_spec = _spec_of(teacher)
+    except NotExported as why:
+        return TeacherResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where} Succeeded but {why}; name another FineTuneJob")
+    if exported.is_adapter:
+        return TeacherResolution(
+            reason=PARENT_JOB_FAILED.reason,
+            message=f"{where} exported only an adapter ({exported.model_uri}): a teacher needs whole weights; re-run it with "
+                    f"output.mergeAdapter true (its model/merged is then the teacher), or set distillation.teacher.uri")
+    problem = _incompatible(spec, teacher_spec)
+    if problem:
+        return TeacherResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where}: {problem}")
+    return TeacherResolution(uri=exported.model_uri)
+
+
+def with_teacher_uri(spec: FineTuneJobSpec, teacher_uri: str | None) -> FineTuneJobSpec:
+    """``spec`` as the trainer gets it: ``distillation.teacher.fromJob`` replaced by the model it resolved to
+    (status.teacherUri), so the trainer reads one kind of teacher. Unchanged without a fromJob teacher."""
+    distillation = spec.distillation
+    if distillation is None or distillation.teacher.from_job is None or not teacher_uri:
+        return spec
+    teacher = distillation.teacher.model_copy(update={"uri": teacher_uri, "from_job": None})
+    return spec.model_copy(update={"distillation": distillation.model_copy(update={"teacher": teacher})})
 
 
 def _incompatible(child: FineTuneJobSpec, parent: FineTuneJobSpec) -> str | None:

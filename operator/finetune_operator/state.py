@@ -33,7 +33,7 @@ from finetune_api.failures import NAMESPACE_NOT_ENABLED, WAITING_FOR_PARENT_JOB,
 from finetune_operator.builders import Owner, job_name
 from finetune_operator.config import Timing
 from finetune_operator.conditions import iso, now_utc, parse_time, set_phase as _set_phase
-from finetune_operator.lineage import resolve_parent
+from finetune_operator.lineage import resolve_parent, resolve_teacher
 from finetune_operator.progress import project as project_progress
 from finetune_operator.views import JobView, PodView
 
@@ -79,6 +79,9 @@ class Observed:
     # FineTuneJob's body (None: there is none in the namespace). parent_read says it was looked up.
     parent: dict[str, Any] | None = None
     parent_read: bool = False
+    # spec.distillation.teacher.fromJob, read the same way until status.teacherUri is pinned.
+    teacher: dict[str, Any] | None = None
+    teacher_read: bool = False
     timing: Timing = field(default_factory=Timing)  # the operator's time limits (pod start, restart backoff)
     now: datetime = field(default_factory=now_utc)
 
@@ -312,6 +315,19 @@ def _to_create(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) 
         if parent.lineage is None:
             return _fail(obs, plan, parent.reason or "", parent.message or "", last_word=False)
         plan.status["lineage"] = parent.lineage.wire()  # pinned: a later attempt starts from the same model
+    teacher_ref = spec.distillation.teacher.from_job if spec.distillation is not None else None
+    if teacher_ref is not None and not obs.status.get("teacherUri"):
+        if not obs.teacher_read:
+            plan.requeue_after = 2.0
+            return plan
+        teacher = resolve_teacher(obs.name, obs.namespace, spec, obs.teacher)
+        if teacher.uri is None and teacher.wait:
+            _transition(obs, plan, Phase.pending.value, teacher.reason or "", teacher.message or "")
+            plan.requeue_after = 5.0
+            return plan
+        if teacher.uri is None:
+            return _fail(obs, plan, teacher.reason or "", teacher.message or "", last_word=False)
+        plan.status["teacherUri"] = teacher.uri  # pinned: every attempt learns from the same teacher
     if obs.name_conflict:
         return _name_conflict(obs, plan, obs.name_conflict)
     plan.create_job = group.attempt

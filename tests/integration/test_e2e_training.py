@@ -102,28 +102,25 @@ def test_classification_happy_path(kubectl, operator, procnode, s3, data, namesp
     assert {"JobCreated", "PodsRunning", "Completed"} <= reasons
 
 
-def test_distilled_student_downloads_its_teacher_and_reports_it(kubectl, operator, procnode, s3, data, namespace, tmp_path):
-    """examples/distillation/sentiment-student.yaml through the operator, its teacher put where the example's teacher job
-    writes its model (a MiniLM classifier with the example's labels, not trained: this checks the wiring, the gain from
-    a trained teacher is tests/unit/trainer/test_distill.py's)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from finetune_devcluster.assets import minilm_dir, upload_dir
-
-    teacher = tmp_path / "teacher"
-    AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, id2label={0: "negative", 1: "positive"},
-                                                       label2id={"negative": 0, "positive": 1}).save_pretrained(teacher)
-    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(teacher)
-    upload_dir(s3.client(), teacher, BUCKET, f"runs/{namespace}/sentiment-teacher/model")
+def test_distilled_student_waits_for_its_teacher_job_and_learns_from_its_model(kubectl, operator, procnode, s3, data, namespace):
+    """examples/distillation/ through the operator, both applied at once: the student (teacher.fromJob) waits for the
+    teacher job, then downloads the model that job exported and reports it beside itself (a short teacher run: this
+    checks the wiring; the gain from a well-trained teacher is tests/unit/trainer/test_distill.py's)."""
     secret(kubectl, namespace, s3)
+    short = {"hyperparameters": {"maxSteps": 4}, "evaluation": {"everySteps": 100, "baseline": False}}
     kubectl.create(example("distillation/sentiment-student.yaml", "distilled", namespace, s3,
                            hyperparameters={"maxSteps": 6}, evaluation={"everySteps": 100, "baseline": False}))
+    wait_for("the student waits for its teacher job", lambda: (kubectl.get("ftj", "distilled", namespace=namespace) or {})
+             .get("status", {}).get("reason") == "WaitingForParentJob", timeout=60)
+    kubectl.create(example("distillation/sentiment-teacher.yaml", "sentiment-teacher", namespace, s3, **short))
+    teacher = wait_phase(kubectl, namespace, "sentiment-teacher", "Succeeded", timeout=600)
     st = wait_phase(kubectl, namespace, "distilled", "Succeeded", timeout=600)
+    assert st["teacherUri"] == teacher["modelUri"] == f"s3://{BUCKET}/runs/{namespace}/sentiment-teacher/model"
     assert st["progress"]["step"] == 6
     run = f"runs/{namespace}/distilled"
     evaluation = read_json(s3, f"{run}/progress.json")["evaluation"]
     measured = evaluation["teacher"]
-    assert measured["uri"] == f"s3://{BUCKET}/runs/{namespace}/sentiment-teacher/model" and measured["alpha"] == 0.5
+    assert measured["uri"] == teacher["modelUri"] and measured["alpha"] == 0.5
     assert measured["test"]["eval_samples"] == evaluation["test"]["eval_samples"] > 0
     card = read_json(s3, f"{run}/model/model_card.json")
     assert card["evaluation"]["teacher"]["test"]["accuracy"] == measured["test"]["accuracy"]

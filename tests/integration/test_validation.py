@@ -79,6 +79,8 @@ BAD_SPECS = [
     ("seq2seq-packed", {**with_("model.task", "seq2seq-lm"), "dataset": {"train": "s3://data/x", "format": "prompt-completion"}},
      "model.task seq2seq-lm needs hyperparameters.packing false"),
     ("teacher-uri", with_("distillation", {"teacher": {"uri": "ftp://models/t"}}), "should match"),
+    ("teacher-uri-and-job", with_("distillation", {"teacher": {"uri": "s3://models/t", "fromJob": {"name": "teacher"}}}),
+     "set exactly one of distillation.teacher.uri and distillation.teacher.fromJob"),
     ("distillation-temperature", with_("distillation", {"teacher": {"uri": "s3://models/t"}, "temperature": 0}), "should be greater than 0"),
     ("distillation-alpha", with_("distillation", {"teacher": {"uri": "s3://models/t"}, "alpha": 1.5}), "should be less than or equal to 1"),
     ("output-inside-teacher", {**with_("distillation", {"teacher": {"uri": "s3://out"}})},

@@ -164,6 +164,9 @@ def load_teacher(spec: FineTuneJobSpec, storage: Storage, dist: DistInfo, *, stu
     distillation = spec.distillation
     assert distillation is not None
     uri, classification, trust = distillation.teacher.uri, spec.is_classification, spec.model.trust_remote_code
+    if uri is None:  # the operator replaces fromJob by the model it resolved to (status.teacherUri)
+        raise InvalidConfig(f"distillation.teacher.fromJob {distillation.teacher.from_job.name if distillation.teacher.from_job else ''!r} is "
+                            "resolved by the operator; outside the operator set distillation.teacher.uri instead")
     precision = resolve_teacher_precision(distillation.teacher.precision)
     try:
         teacher_dir = resolve_model_dir(uri, storage, dist, cache_dir=cache_dir)

@@ -132,3 +132,59 @@ def test_the_continuous_example_starts_from_the_sentiment_example():
     body = {**parent_manifest, "status": {"phase": "Succeeded", "modelUri": parent_manifest["spec"]["output"]["uri"] + "/model"}}
     got = resolve_parent(child["metadata"]["name"], "default", parse_spec(child["spec"]), body)
     assert got.lineage is not None and got.lineage.base_model_uri == parent_manifest["spec"]["model"]["uri"]
+
+
+# ------------------------------------------------------------------------------- distillation.teacher.fromJob
+
+STUDENT = {"model": {"uri": "s3://models/student"}, "dataset": {"train": "s3://data/t.jsonl"}, "output": {"uri": "s3://out/student"},
+           "distillation": {"teacher": {"fromJob": {"name": "parent"}}, "alpha": 0.7}}
+FULL_TEACHER = {**PARENT_SPEC, "method": "full"}
+
+
+def _student_obs(status=None, **kw):
+    return Observed(name="student", namespace="ns", generation=1, status=status or {}, spec=parse_spec(STUDENT), now=NOW, **kw)
+
+
+def test_a_teacher_job_resolves_to_its_whole_model_and_the_trainer_reads_it_as_a_uri():
+    from finetune_operator.lineage import resolve_teacher, with_teacher_uri
+
+    spec = parse_spec(STUDENT)
+    assert resolve_teacher("student", "ns", spec, parent(spec=FULL_TEACHER)).uri == "s3://out/parent/model"
+    merged = parent(spec={**PARENT_SPEC, "output": {"uri": "s3://out/parent", "mergeAdapter": True}})
+    assert resolve_teacher("student", "ns", spec, merged).uri == "s3://out/parent/model/merged"
+    resolved = with_teacher_uri(spec, "s3://out/parent/model")
+    teacher = resolved.distillation.teacher
+    assert (teacher.uri, teacher.from_job, resolved.distillation.alpha) == ("s3://out/parent/model", None, 0.7)
+    assert spec.distillation.teacher.from_job.name == "parent"  # the stored spec is left alone
+    # The config the trainer reads names the resolved model and parses back (exactly one of uri and fromJob).
+    assert parse_spec(resolved.wire()).distillation.teacher.uri == "s3://out/parent/model"
+    assert with_teacher_uri(parse_spec(PARENT_SPEC), "s3://x") == parse_spec(PARENT_SPEC)
+
+
+@pytest.mark.parametrize("body,reason,words", [
+    (None, "ParentJobNotFound", "no FineTuneJob parent in namespace ns"),
+    (parent("Failed", spec=FULL_TEACHER, reason="OutOfMemory", message="lower batchSize"), "ParentJobFailed", "Failed (OutOfMemory"),
+    (parent(), "ParentJobFailed", "exported only an adapter"),  # a LoRA job without mergeAdapter
+    (parent(spec={**FULL_TEACHER, "output": {"uri": "s3://out/student/teacher"}}), "ParentJobFailed", "overlaps the parent's output"),
+])
+def test_an_unusable_teacher_job_fails_the_student_with_a_reason(body, reason, words):
+    from finetune_operator.lineage import resolve_teacher
+
+    got = resolve_teacher("student", "ns", parse_spec(STUDENT), body)
+    assert got.uri is None and not got.wait and got.reason == reason and words in (got.message or "")
+
+
+def test_decide_waits_for_the_teacher_job_then_pins_its_model_and_the_config_map_names_it():
+    waiting = decide(_student_obs(teacher=parent("Running", spec=FULL_TEACHER), teacher_read=True))
+    assert waiting.create_job is None and (waiting.status["phase"], waiting.status["reason"]) == ("Pending", "WaitingForParentJob")
+    started = decide(_student_obs(waiting.status, teacher=parent(spec=FULL_TEACHER), teacher_read=True))
+    assert started.create_job == 0 and started.status["teacherUri"] == "s3://out/parent/model"
+    again = decide(_student_obs({**started.status, "jobName": None}, teacher=None, teacher_read=False))
+    assert again.status["teacherUri"] == "s3://out/parent/model" and again.status.get("reason") != "ParentJobNotFound"
+    failed = decide(_student_obs(teacher=None, teacher_read=True))
+    assert (failed.status["phase"], failed.status["reason"]) == ("Failed", "ParentJobNotFound")
+    from finetune_operator.lineage import with_teacher_uri
+
+    owner = builders.Owner("student", "ns", "uid-s")
+    config = builders.build_config_map(owner, with_teacher_uri(parse_spec(STUDENT), started.status["teacherUri"]))
+    assert "s3://out/parent/model" in json.dumps(config["data"]) and "fromJob" not in json.dumps(config["data"])
