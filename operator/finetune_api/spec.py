@@ -579,13 +579,15 @@ class Hyperparameters(_Model):
     dropout: float | None = Field(default=None, ge=0.0, lt=1.0, description="Override the model's dropout probabilities.")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
     max_seq_length: int = Field(default=1024, ge=8, le=262144, description="Tokens per sequence; longer rows are truncated.")
-    packing: bool = Field(
-        default=True,
+    packing: bool | None = Field(
+        default=None,
         description=(
             "Causal LM: pack several rows into one sequence (padding-free) so no compute goes to pad tokens. Attention is kept "
             "inside each row (flash-attention's varlen kernel when installed, else SDPA per row, memory linear in tokens); at "
             "start-up the trainer checks on two rows that packed and unpacked logits agree and fails with InvalidConfig if the "
-            "model attends across rows. Must be false with model.task seq2seq-lm (encoder-decoder rows are padded)."
+            "model attends across rows. Unset: true for a causal LM trained with the next-token loss, false for model.task "
+            "seq2seq-lm (encoder-decoder rows are padded) and objective.type dpo/simpo (pairs are scored as padded rows), "
+            "where true is refused; the job config the trainer gets says which was used."
         ),
     )
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory by recomputing activations.")
@@ -1235,6 +1237,29 @@ class FineTuneJobSpec(_Model):
         ),
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _packing_default(cls, data: Any) -> Any:
+        """hyperparameters.packing when unset: true for a causal LM on the next-token loss, false for seq2seq-lm and
+        the preference objectives (their rows are padded), so the stored config says which was used."""
+        if not isinstance(data, dict):
+            return data
+
+        def part(value: Any, name: str) -> Any:
+            got = value.get(name) if isinstance(value, dict) else getattr(value, name, None)
+            return getattr(got, "value", got)
+
+        task, objective = part(data.get("model"), "task"), part(data.get("objective"), "type")
+        default = not (task == Task.seq2seq_lm.value or objective in PREFERENCE_OBJECTIVES)
+        hp = data.get("hyperparameters")
+        if hp is None:
+            return {**data, "hyperparameters": {"packing": default}}
+        if isinstance(hp, dict) and hp.get("packing") is None:
+            return {**data, "hyperparameters": {**hp, "packing": default}}
+        if isinstance(hp, Hyperparameters) and hp.packing is None:
+            return {**data, "hyperparameters": hp.model_copy(update={"packing": default})}
+        return data
+
     @model_validator(mode="after")
     def _cross(self) -> "FineTuneJobSpec":
         if self.lora is not None and self.method not in ADAPTER_METHODS:
@@ -1279,8 +1304,8 @@ class FineTuneJobSpec(_Model):
             "x-kubernetes-validations": [
                 cel("!has(self.lora) || self.method in ['lora', 'qlora', 'dora']", "spec.lora is only valid with method lora, qlora or dora"),
                 cel(f"({_PREFERENCE}) == (has(self.dataset.format) && self.dataset.format == 'preference')", _PREFERENCE_FORMAT),
-                cel(f"!({_PREFERENCE}) || (has(self.hyperparameters) && has(self.hyperparameters.packing) "
-                    "&& !self.hyperparameters.packing)", _PREFERENCE_PACKING),
+                cel(f"!({_PREFERENCE}) || !has(self.hyperparameters) || !has(self.hyperparameters.packing) "
+                    "|| !self.hyperparameters.packing", _PREFERENCE_PACKING),
                 cel(f"!({_PREFERENCE}) || !has(self.evaluation) || !has(self.evaluation.retention)", _PREFERENCE_RETENTION),
                 cel(f"!({_PREFERENCE}) || !has(self.distillation)", _PREFERENCE_DISTILLATION),
                 cel(f"!({_PREFERENCE}) || !has(self.evaluation) || !has(self.evaluation.metrics) "
@@ -1291,8 +1316,8 @@ class FineTuneJobSpec(_Model):
                 ),
                 cel("self.model.task != 'seq2seq-lm' || self.dataset.format == 'prompt-completion'", _SEQ2SEQ_FORMAT),
                 cel(
-                    "self.model.task != 'seq2seq-lm' || (has(self.hyperparameters) && has(self.hyperparameters.packing) "
-                    "&& !self.hyperparameters.packing)",
+                    "self.model.task != 'seq2seq-lm' || !has(self.hyperparameters) || !has(self.hyperparameters.packing) "
+                    "|| !self.hyperparameters.packing",
                     _SEQ2SEQ_PACKING,
                 ),
                 cel(

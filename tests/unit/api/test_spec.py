@@ -51,8 +51,8 @@ BAD = [
     ({"hyperparameters": {"learningRat": 0.1}}, "Extra inputs are not permitted"),
     ({"model": {"uri": "s3://models/m", "task": "seq2seq-lm"}, "hyperparameters": {"packing": False}},
      "model.task seq2seq-lm needs dataset.format prompt-completion"),
-    ({"model": {"uri": "s3://models/m", "task": "seq2seq-lm"}, "dataset": {"train": "s3://data/x", "format": "prompt-completion"}},
-     "model.task seq2seq-lm needs hyperparameters.packing false"),
+    ({"model": {"uri": "s3://models/m", "task": "seq2seq-lm"}, "dataset": {"train": "s3://data/x", "format": "prompt-completion"},
+      "hyperparameters": {"packing": True}}, "model.task seq2seq-lm needs hyperparameters.packing false"),
     ({"evaluation": {"generation": {"numBeams": 0}}}, "greater than or equal to 1"),
     ({"distillation": {"teacher": {"uri": "http://example.com/teacher"}}}, "String should match pattern"),
     ({"distillation": {"teacher": {"uri": "s3://models/t"}, "temperature": 0}}, "greater than 0"),
@@ -64,7 +64,7 @@ BAD = [
     ({"distillation": {"teacher": {}}}, "set exactly one of distillation.teacher.uri and distillation.teacher.fromJob"),
     ({"dataset": {"train": "s3://data/x", "format": "preference"}}, "dataset.format preference goes with objective.type dpo or simpo"),
     ({"objective": {"type": "simpo"}, "hyperparameters": {"packing": False}}, "dataset.format preference goes with objective.type dpo or simpo"),
-    ({"objective": {"type": "dpo"}, "dataset": {"train": "s3://data/x", "format": "preference"}},
+    ({"objective": {"type": "dpo"}, "dataset": {"train": "s3://data/x", "format": "preference"}, "hyperparameters": {"packing": True}},
      "objective.type dpo and simpo need hyperparameters.packing false"),
     ({"objective": {"type": "sft", "beta": 0.5}}, "objective.beta is only valid with objective.type dpo or simpo"),
     ({"objective": {"type": "dpo", "gamma": 0.5}}, "objective.gamma is only valid with objective.type simpo"),
@@ -274,3 +274,17 @@ def test_distillation_is_limited_to_the_logit_tasks_in_the_model_and_the_crd():
     rules = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
     rule = next(r for r in rules if r["message"].startswith("distillation needs"))
     assert rule["rule"] == "!has(self.distillation) || self.model.task in ['causal-lm', 'sequence-classification']"
+
+
+def test_packing_defaults_to_what_the_task_and_objective_can_do_and_is_stored():
+    seq2seq = parse_spec({**MINIMAL, "model": {"uri": "s3://models/m", "task": "seq2seq-lm"},
+                          "dataset": {"train": "s3://data/x", "format": "prompt-completion"}})
+    dpo = parse_spec({**MINIMAL, "objective": {"type": "dpo"}, "dataset": {"train": "s3://data/x", "format": "preference"},
+                      "hyperparameters": {"batchSize": 4}})
+    assert (parse_spec(MINIMAL).hyperparameters.packing, seq2seq.hyperparameters.packing, dpo.hyperparameters.packing) == (True, False, False)
+    assert seq2seq.wire()["hyperparameters"]["packing"] is False  # the job config says which was used
+    assert parse_spec({**MINIMAL, "hyperparameters": {"packing": False}}).hyperparameters.packing is False
+    from finetune_api.crd import crd
+
+    hp = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["hyperparameters"]
+    assert "default" not in hp["properties"]["packing"]  # the API server must not fill true before the rules run
