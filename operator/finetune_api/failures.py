@@ -131,15 +131,19 @@ CREDENTIALS_SECRET_LABEL = ("finetune.io/credentials", "true")
 NAMESPACE_ENABLED_LABEL = ("finetune.io/enabled", "true")
 
 PARENT_JOB_NOT_FOUND = Refusal(
-    "ParentJobNotFound", "spec.model.fromJob names no FineTuneJob in the job's namespace (the job Fails).")
+    "ParentJobNotFound",
+    "spec.model.fromJob (or distillation.teacher.fromJob) names no FineTuneJob in the job's namespace yet: nothing is "
+    "created, the job stays Pending and goes on once that job exists (as a pod waits for a missing ConfigMap), so "
+    "`kubectl apply -f` of a folder works in any order.")
 PARENT_JOB_FAILED = Refusal(
     "ParentJobFailed",
-    "spec.model.fromJob names a FineTuneJob that Failed, or that Succeeded without a model this job can start from "
-    "(no status.modelUri, or an output this job's output overlaps); the job Fails.")
+    "spec.model.fromJob (or distillation.teacher.fromJob) names this job itself, a FineTuneJob that Failed, or one "
+    "that Succeeded without a model this job can use (no status.modelUri, another task, an output this job's output "
+    "overlaps; for a teacher, only an adapter); the job Fails.")
 WAITING_FOR_PARENT_JOB = Refusal(
     "WaitingForParentJob",
-    "spec.model.fromJob names a FineTuneJob that has not finished: nothing is created yet, the job stays Pending "
-    "and starts once that job Succeeded (or Fails with ParentJobFailed).")
+    "spec.model.fromJob (or distillation.teacher.fromJob) names a FineTuneJob that has not finished: nothing is "
+    "created yet, the job stays Pending and starts once that job Succeeded (or Fails with ParentJobFailed).")
 
 REFUSALS: tuple[Refusal, ...] = (IMAGE_NOT_ALLOWED, PRIORITY_CLASS_NOT_ALLOWED, SECRET_NOT_LABELLED, SECRET_FORBIDDEN,
                                  NAMESPACE_NOT_ENABLED, PARENT_JOB_NOT_FOUND, PARENT_JOB_FAILED, WAITING_FOR_PARENT_JOB)

@@ -118,8 +118,8 @@ class ModelSpec(_Model):
         description=(
             "Continue from another FineTuneJob in this namespace: its exported model is the base (a full or merged "
             "model as is; an adapter is merged into its own base first, and this job trains a new adapter or all "
-            "weights on top). The job waits Pending (reason WaitingForParentJob) until that job has Succeeded, and "
-            "fails (ParentJobFailed, ParentJobNotFound) when it failed or does not exist. status.lineage and the model "
+            "weights on top). The job waits Pending (reason WaitingForParentJob; ParentJobNotFound while no such job "
+            "exists yet) until that job has Succeeded, and fails (ParentJobFailed) when it failed. status.lineage and the model "
             "card record the parent job, its model URI and its data report digest; the new model is also evaluated on "
             "the parent's test set (see evaluation.regression). The parent's files are read with this job's storage "
             "settings. Exactly one of uri and fromJob."
@@ -834,8 +834,8 @@ class TeacherSpec(_Model):
         default=None,
         description=(
             "The teacher is the model another FineTuneJob in this namespace exported: the job waits Pending (reason "
-            "WaitingForParentJob) until that job has Succeeded, fails (ParentJobFailed, ParentJobNotFound) when it failed, "
-            "does not exist, trained another task or exported only an adapter (set output.mergeAdapter on it), and records "
+            "WaitingForParentJob, or ParentJobNotFound while it does not exist) until that job has Succeeded, fails "
+            "(ParentJobFailed) when it failed, trained another task or exported only an adapter (set output.mergeAdapter on it), and records "
             "the resolved model in status.teacherUri. Exactly one of uri and fromJob."
         ),
     )

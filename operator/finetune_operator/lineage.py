@@ -100,11 +100,11 @@ def resolve_parent(name: str, namespace: str, spec: FineTuneJobSpec, parent: Map
     where = f"spec.model.fromJob {parent_name!r}"
     if parent_name == name:
         return ParentResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where} names this job itself: name another FineTuneJob")
-    if parent is None:
+    if parent is None:  # not yet: a folder applied at once creates the child first as often as not
         return ParentResolution(
-            reason=PARENT_JOB_NOT_FOUND.reason,
-            message=f"{where}: no FineTuneJob {parent_name} in namespace {namespace} (fromJob reads this namespace only); "
-                    f"create it or fix the name, then re-create this FineTuneJob")
+            wait=True, reason=PARENT_JOB_NOT_FOUND.reason,
+            message=f"{where}: no FineTuneJob {parent_name} in namespace {namespace} yet (fromJob reads this namespace only); "
+                    f"this job waits for it: create it, or fix the name and re-create this FineTuneJob")
     status = dict(parent.get("status") or {})
     phase = status.get("phase")
     if phase == Phase.failed.value:
@@ -162,9 +162,9 @@ def resolve_teacher(name: str, namespace: str, spec: FineTuneJobSpec, teacher: M
         return TeacherResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where} names this job itself: name another FineTuneJob")
     if teacher is None:
         return TeacherResolution(
-            reason=PARENT_JOB_NOT_FOUND.reason,
-            message=f"{where}: no FineTuneJob {teacher_name} in namespace {namespace} (fromJob reads this namespace only); "
-                    f"create it or fix the name, then re-create this FineTuneJob")
+            wait=True, reason=PARENT_JOB_NOT_FOUND.reason,
+            message=f"{where}: no FineTuneJob {teacher_name} in namespace {namespace} yet (fromJob reads this namespace only); "
+                    f"this job waits for it: create it, or fix the name and re-create this FineTuneJob")
     status = dict(teacher.get("status") or {})
     phase = status.get("phase")
     if phase == Phase.failed.value:

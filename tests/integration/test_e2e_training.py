@@ -103,16 +103,19 @@ def test_classification_happy_path(kubectl, operator, procnode, s3, data, namesp
 
 
 def test_distilled_student_waits_for_its_teacher_job_and_learns_from_its_model(kubectl, operator, procnode, s3, data, namespace):
-    """examples/distillation/ through the operator, the teacher then at once the student: the student (teacher.fromJob)
+    """examples/distillation/ through the operator, the student before its teacher: the student (teacher.fromJob)
     waits for the teacher job, then downloads the model that job exported and reports it beside itself (a short teacher run: this
     checks the wiring; the gain from a well-trained teacher is tests/unit/trainer/test_distill.py's)."""
     secret(kubectl, namespace, s3)
     short = {"hyperparameters": {"maxSteps": 4}, "evaluation": {"everySteps": 100, "baseline": False}}
-    kubectl.create(example("distillation/sentiment-teacher.yaml", "sentiment-teacher", namespace, s3, **short))
+    # The student first (kubectl apply -f examples/distillation/ creates it first too): it waits for a teacher job that
+    # does not exist yet, then for it to finish.
     kubectl.create(example("distillation/sentiment-student.yaml", "distilled", namespace, s3,
                            hyperparameters={"maxSteps": 6}, evaluation={"everySteps": 100, "baseline": False}))
-    wait_for("the student waits for its teacher job",
-             lambda: status(kubectl, namespace, "distilled").get("reason") == "WaitingForParentJob", timeout=60, interval=0.5)
+    wait_for("the student waits for a teacher job that does not exist yet",
+             lambda: (s := status(kubectl, namespace, "distilled")).get("reason") == "ParentJobNotFound" and s.get("phase") == "Pending",
+             timeout=60, interval=0.5)
+    kubectl.create(example("distillation/sentiment-teacher.yaml", "sentiment-teacher", namespace, s3, **short))
     teacher = wait_phase(kubectl, namespace, "sentiment-teacher", "Succeeded", timeout=600)
     st = wait_phase(kubectl, namespace, "distilled", "Succeeded", timeout=600)
     assert st["teacherUri"] == teacher["modelUri"] == f"s3://{BUCKET}/runs/{namespace}/sentiment-teacher/model"

@@ -53,7 +53,6 @@ def test_a_succeeded_parent_gives_the_lineage_with_its_real_values():
 
 
 @pytest.mark.parametrize("body,reason,words", [
-    (None, "ParentJobNotFound", "no FineTuneJob parent in namespace ns"),
     (parent("Failed", reason="OutOfMemory", message="lower batchSize"), "ParentJobFailed", "Failed (OutOfMemory: lower batchSize)"),
     (parent(modelUri=None), "ParentJobFailed", "Succeeded but its status has no modelUri"),
     (parent(spec={**PARENT_SPEC, "model": {"uri": "s3://models/base", "task": "sequence-classification"},
@@ -91,10 +90,15 @@ def test_decide_waits_for_the_parent_then_creates_the_job_with_the_lineage_pinne
     assert again.status["lineage"] == started.status["lineage"] and again.status.get("reason") != "ParentJobNotFound"
 
 
-def test_decide_fails_the_child_of_a_missing_parent():
+def test_the_child_of_a_missing_parent_waits_for_it_like_a_pod_for_a_configmap():
+    """kubectl apply -f of a folder creates the child first as often as not: it waits Pending, and starts once the parent exists."""
     plan = decide(_obs(parent=None, parent_read=True))
-    assert plan.create_job is None and (plan.status["phase"], plan.status["reason"]) == ("Failed", "ParentJobNotFound")
-    assert plan.events[0][0] == "Warning"
+    assert plan.create_job is None and plan.requeue_after and (plan.status["phase"], plan.status["reason"]) == ("Pending", "ParentJobNotFound")
+    assert "no FineTuneJob parent in namespace ns yet" in plan.status["message"] and plan.events[0][0] == "Normal"
+    later = decide(_obs(plan.status, parent=parent("Running"), parent_read=True))
+    assert (later.status["phase"], later.status["reason"]) == ("Pending", "WaitingForParentJob")
+    started = decide(_obs(later.status, parent=parent(), parent_read=True))
+    assert started.create_job == 0 and started.status["lineage"]["parentJob"] == "parent"
 
 
 def test_the_pods_get_the_lineage_env_and_a_user_cannot_forge_it():
@@ -162,7 +166,6 @@ def test_a_teacher_job_resolves_to_its_whole_model_and_the_trainer_reads_it_as_a
 
 
 @pytest.mark.parametrize("body,reason,words", [
-    (None, "ParentJobNotFound", "no FineTuneJob parent in namespace ns"),
     (parent("Failed", spec=FULL_TEACHER, reason="OutOfMemory", message="lower batchSize"), "ParentJobFailed", "Failed (OutOfMemory"),
     (parent(), "ParentJobFailed", "exported only an adapter"),  # a LoRA job without mergeAdapter
     (parent(spec={**FULL_TEACHER, "output": {"uri": "s3://out/student/teacher"}}), "ParentJobFailed", "overlaps the parent's output"),
@@ -181,8 +184,8 @@ def test_decide_waits_for_the_teacher_job_then_pins_its_model_and_the_config_map
     assert started.create_job == 0 and started.status["teacherUri"] == "s3://out/parent/model"
     again = decide(_student_obs({**started.status, "jobName": None}, teacher=None, teacher_read=False))
     assert again.status["teacherUri"] == "s3://out/parent/model" and again.status.get("reason") != "ParentJobNotFound"
-    failed = decide(_student_obs(teacher=None, teacher_read=True))
-    assert (failed.status["phase"], failed.status["reason"]) == ("Failed", "ParentJobNotFound")
+    missing = decide(_student_obs(teacher=None, teacher_read=True))
+    assert (missing.status["phase"], missing.status["reason"]) == ("Pending", "ParentJobNotFound") and missing.create_job is None
     from finetune_operator.lineage import with_teacher_uri
 
     owner = builders.Owner("student", "ns", "uid-s")
