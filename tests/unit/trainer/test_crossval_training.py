@@ -18,7 +18,7 @@ from test_resume import _wait_for
 
 pytestmark = pytest.mark.slow
 
-STEPS = 4
+STEPS = 8
 
 
 def _spec(assets, out):
@@ -29,8 +29,8 @@ def _spec(assets, out):
         "dataset": {"train": assets["sentiment"], "format": "classification", "split": {"test": 0.2, "seed": 5},
                     "crossValidation": {"folds": 3}, "leakageCheck": "off", "preprocessing": {"dedupe": {"near": False}, "redactPii": False}},
         "hyperparameters": {"maxSteps": STEPS, "learningRate": 0.003, "batchSize": 16, "maxSeqLength": 32, "warmupRatio": 0.0, "seed": 3},
-        "evaluation": {"strategy": "steps", "everySteps": 2, "baseline": False, "calibration": False},
-        "checkpoint": {"everySteps": 2, "keepLast": 2},
+        "evaluation": {"strategy": "steps", "everySteps": 4, "baseline": False, "calibration": False},
+        "checkpoint": {"everySteps": 4, "keepLast": 2},
         "output": {"uri": str(out)},
     }
 
@@ -58,7 +58,7 @@ def test_three_folds_report_mean_and_std_and_the_refit_is_tested(reference):
     for name in ("accuracy", "eval_loss", "f1_macro"):
         values = [r["metrics"][name] for r in results]
         assert cv["mean"][name] == pytest.approx(np.mean(values), rel=1e-12) and cv["std"][name] == pytest.approx(np.std(values), rel=1e-12)
-    assert all(0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["metrics"]["eval_loss"] > 0 for r in results)
+    assert all(r["metrics"]["accuracy"] >= 0.8 and r["metrics"]["eval_loss"] > 0 for r in results)  # every fold learned the task
     assert len({r["metrics"]["eval_loss"] for r in results}) == 3  # three different validation folds, three different models
     # Each fold validated on its own rows with the metrics its last evaluation logged.
     for r in results:
@@ -80,9 +80,9 @@ def test_three_folds_report_mean_and_std_and_the_refit_is_tested(reference):
 def test_killed_in_fold_two_resumes_at_that_fold_and_step_exactly(assets, reference, tmp_path):
     out = tmp_path / "out"
     config = write_config(tmp_path / "job.yaml", _spec(assets, out), name="sentiment-cv")
-    proc = subprocess.Popen([sys.executable, str(RUNNER), "--config", str(config)], env=trainer_env(tmp_path, FT_TEST_STEP_SLEEP="1.0"),
+    proc = subprocess.Popen([sys.executable, str(RUNNER), "--config", str(config)], env=trainer_env(tmp_path, FT_TEST_STEP_SLEEP="0.6"),
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "w"))
-    _wait_for(out / "cross-validation" / "fold-2" / "checkpoints" / "step-00000002" / "manifest.json", proc, timeout=240)
+    _wait_for(out / "cross-validation" / "fold-2" / "checkpoints" / "step-00000004" / "manifest.json", proc, timeout=240)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (out / "cross-validation" / "fold-2" / "checkpoints" / f"step-{STEPS:08d}" / "manifest.json").exists()
@@ -90,7 +90,7 @@ def test_killed_in_fold_two_resumes_at_that_fold_and_step_exactly(assets, refere
     r = run_trainer(config, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = next(x for x in r.stderr.splitlines() if "resumed from" in x)
-    assert "/cross-validation/fold-2/checkpoints/step-00000002" in resumed and " at step 2 " in resumed
+    assert "/cross-validation/fold-2/checkpoints/step-00000004" in resumed and " at step 4 " in resumed
     assert "cross-validation fold 1/3" not in r.stderr  # fold 1 came back from the checkpoint's state, not retrained
     # The resumed fold continued exactly: the same losses, the same fold metrics, the same mean/std.
     assert _fold_state(out, 2)["history"] == _fold_state(reference.out, 2)["history"]
