@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from finetune_api.documents import CrossValidationSummary, FoldResult
 
-from . import distributed
 from .checkpoint import CheckpointManager
 from .resume import maybe_resume
 from .state import TrainerState
@@ -87,14 +86,15 @@ def _has_checkpoint(trainer: Trainer, output: str) -> bool:
 
 
 def _start(trainer: Trainer, folds: int) -> int:
-    """Where to continue: the fold (1..K) to set up first, or K + 1 for the refit. Decided on rank 0 for all ranks."""
-    start = 1
-    if trainer.spec.checkpoint.resume != "none" and trainer.dist.is_main:
-        if _has_checkpoint(trainer, trainer.output):
-            start = folds + 1
-        else:
-            start = next((k for k in range(folds, 0, -1) if _has_checkpoint(trainer, fold_output(trainer, k))), 1)
-    return int(distributed.broadcast_object(start))
+    """Where to continue: the fold (1..K) to set up first, or K + 1 for the refit.
+
+    Every rank lists the same checkpoints itself: the process group is joined only when the first fold's
+    model is set up, so nothing can be broadcast yet (and maybe_resume then checks that the ranks agree)."""
+    if trainer.spec.checkpoint.resume == "none":
+        return 1
+    if _has_checkpoint(trainer, trainer.output):
+        return folds + 1
+    return next((k for k in range(folds, 0, -1) if _has_checkpoint(trainer, fold_output(trainer, k))), 1)
 
 
 def _release(trainer: Trainer) -> None:

@@ -119,3 +119,15 @@ def test_spec_rules():
     for bad in (1, 21):
         with pytest.raises(ValidationError):
             FineTuneJobSpec.model_validate({**BASE, "dataset": {"train": "/d", "format": "classification", "crossValidation": {"folds": bad}}})
+
+
+def test_folds_survive_the_per_node_hand_over(tmp_path):
+    """Local rank 0 publishes the prepared data for the pod's other processes: they must get the same folds."""
+    from finetune_trainer.data import shared
+    from finetune_trainer.storage import Storage
+
+    spec = _cv_spec(_near_pairs(tmp_path), "drop")
+    published = shared._prepare_and_publish(spec, Storage(), make_tokenizer(), tmp_path, tmp_path / "node")
+    loaded = shared._load(tmp_path / "node")
+    assert loaded.folds == published.folds and len(loaded.folds) == 2
+    assert loaded.report["cross_validation"] == published.report["cross_validation"]
