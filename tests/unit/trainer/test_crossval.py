@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from finetune_api.documents import DataReport
+from finetune_api.documents import DataReport, undeclared_keys
 from finetune_api.spec import FineTuneJobSpec
 from finetune_trainer.crossval import card_markdown, summarise
 from finetune_trainer.data.folds import fold_indices
@@ -55,6 +55,7 @@ def test_prepared_folds_leave_the_test_split_out_and_are_stratified(minilm, tmp_
     for fold in data.folds:
         assert set(fold.train).isdisjoint(fold.validation) and len(fold.train) + len(fold.validation) == 81
         assert Counter(labels[fold.validation].tolist()) == {0: 18, 1: 9}
+    assert undeclared_keys(DataReport.model_validate(data.report)) == []  # every key of the cross_validation section is declared
     cv = DataReport.model_validate(data.report).cross_validation
     assert cv.stratified and cv.folds == 3 and [f.validation_rows for f in cv.fold_reports] == [27, 27, 27]
     again = prepare(spec, minilm, tmp_path / "again")
@@ -78,6 +79,7 @@ def test_leakage_rule_per_fold(tmp_path):
     tokenizer = make_tokenizer()
     train = _near_pairs(tmp_path)
     warned = prepare(_cv_spec(train, "warn"), tokenizer, tmp_path / "warn")
+    assert undeclared_keys(DataReport.model_validate(warned.report)) == []
     per_fold = DataReport.model_validate(warned.report).cross_validation.fold_reports
     leaked = [f.leakage.total for f in per_fold]
     # A pair split across the two folds leaks in both directions; one inside a fold in neither.
