@@ -190,6 +190,30 @@ class RegressionResult(WireModel):
     test_rows: int | None = Field(default=None, description="Rows of the parent's test set evaluated.")
 
 
+class FoldResult(WireModel):
+    """One fold of ``dataset.crossValidation``: what it trained and validated on, and its validation metrics."""
+
+    fold: int = Field(description="Fold number, 1 to folds.")
+    train_rows: int = Field(description="Rows of the other folds it trained on.")
+    validation_rows: int = Field(description="Rows of this fold it validated on (after the per-fold leakage rule).")
+    steps: int = Field(description="Optimizer steps it ran.")
+    step: int | None = Field(default=None, description="The step its metrics are from: the best checkpoint's with evaluation.useBestModel, else the last.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Validation metrics of the fold's model (eval_loss, accuracy, ...).")
+
+
+class CrossValidationSummary(WireModel):
+    """``dataset.crossValidation``: every finished fold and, per metric, the mean and (population, numpy's default)
+    standard deviation over the finished folds."""
+
+    folds: int = Field(description="K, the number of folds.")
+    stratified: bool = Field(description="Folds keep the class proportions (StratifiedKFold).")
+    current_fold: int | None = Field(default=None, description="The fold training now (1 to folds); unset during the refit and after.")
+    results: list[FoldResult] = Field(default_factory=list, description="The finished folds, in order.")
+    mean: dict[str, float] | None = Field(default=None, description="Mean of each metric over the finished folds.")
+    std: dict[str, float] | None = Field(default=None, description="Standard deviation (ddof 0) of each metric over the finished folds.")
+    final_model: str = Field(default="refit", description="What was exported: refit, a model trained on all non-test rows after the folds.")
+
+
 class Lineage(WireModel):
     """Where a job with ``model.fromJob`` started: resolved by the operator from the parent FineTuneJob before
     the first pod, kept in status.lineage and the model card (the regression gate's result is status.regression)."""
@@ -239,6 +263,10 @@ class ProgressDocument(WireModel):
     """Where the trainer stored its test split (:data:`TEST_SET_FILE`), for jobs that start from this one."""
     regression: RegressionResult | None = None
     """With model.fromJob: the regression gate's result."""
+    fold: int | None = None
+    """With dataset.crossValidation: the fold training now (1 to folds); unset during the refit."""
+    cross_validation: CrossValidationSummary | None = None
+    """With dataset.crossValidation: the folds' results and their mean and standard deviation."""
     updated_at: str | None = None
 
 
@@ -360,6 +388,26 @@ class LeakageReport(ReportModel):
     """Rows found by every check, test-in-validation and retention-in-train included."""
 
 
+class FoldReport(ReportModel):
+    fold: int
+    train_rows: int
+    validation_rows: int
+    leakage: LeakageFinding | None = None
+    """This fold's validation rows found in its training folds."""
+
+
+class CrossValidationReport(ReportModel):
+    """The folds of ``dataset.crossValidation`` (made from the training rows, the test split left out)."""
+
+    folds: int
+    seed: int
+    stratified: bool
+    stratify_fallback: str | None = None
+    rows: int
+    fold_reports: list[FoldReport]
+    leakage_total: int
+
+
 class ClassBalance(ReportModel):
     counts: dict[str, int]
     imbalance_ratio: float | None
@@ -402,6 +450,7 @@ class DataReport(ReportModel):
     leakage: LeakageReport
     classes: ClassesReport | None
     final_sizes: dict[str, int | None]
+    cross_validation: CrossValidationReport | None = None
 
 
 def undeclared_keys(model: BaseModel, where: str = "") -> list[str]:

@@ -490,6 +490,30 @@ class DataLimits(_Model):
         return quantity_bytes(self.max_record_bytes)
 
 
+_CV_NOT_WITH_VALIDATION = (
+    "dataset.crossValidation makes its own validation folds from the training rows; remove dataset.validation "
+    "(or remove crossValidation to validate on that file)"
+)
+_CV_RESUME = "dataset.crossValidation resumes at its own fold and step: checkpoint.resume must be latest or none"
+
+
+class CrossValidationSpec(_Model):
+    """K-fold cross-validation inside one job (sequential folds, then one refit on all non-test rows)."""
+
+    folds: int = Field(
+        ge=2, le=20,
+        description=(
+            "K: the training rows (everything but the test split) are cut into K folds with scikit-learn's (Stratified)KFold, "
+            "seeded by dataset.split.seed; K trainings from the same base model with the same hyperparameters each validate on "
+            "one fold. dataset.split.validation is not used."
+        ),
+    )
+    stratify: bool = Field(
+        default=True,
+        description="Keep the class proportions in every fold (StratifiedKFold; classification only, other tasks use plain KFold).",
+    )
+
+
 class DatasetSpec(_Model):
     """Where the data is and how to prepare it."""
 
@@ -535,6 +559,26 @@ class DatasetSpec(_Model):
     leakage_key: MatchKey = Field(
         default=MatchKey.turns,
         description=MATCH_KEY_DESCRIPTION.format(what="the leakage checks") + PREFERENCE_KEYS_DESCRIPTION,
+    )
+    cross_validation: CrossValidationSpec | None = Field(
+        default=None,
+        description=(
+            "K-fold cross-validation: the folds run one after another in this job (each a fresh model and optimizer; a resume "
+            "continues at the same fold and step), each fold's validation rows are leakage-checked against its training folds "
+            "(dataset.leakageCheck), and status.crossValidation gives every fold's metrics and their mean and standard "
+            "deviation. The exported model is then trained once more on all non-test rows (the refit; no validation, so no "
+            "early stopping or best-checkpoint choice there) and tested on the test split as usual."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _cross_validation(self) -> "DatasetSpec":
+        if self.cross_validation is not None and self.validation:
+            raise ValueError(_CV_NOT_WITH_VALIDATION)
+        return self
+
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [cel("!has(self.crossValidation) || !has(self.validation)", _CV_NOT_WITH_VALIDATION)]}
     )
 
 
@@ -1283,6 +1327,8 @@ class FineTuneJobSpec(_Model):
             raise ValueError(_OUTPUT_OVERLAP.format(field=overlap))
         if self.evaluation.regression is not None and self.model.from_job is None:
             raise ValueError(_REGRESSION_NEEDS_PARENT)
+        if self.dataset.cross_validation is not None and self.checkpoint.resume not in ("latest", "none"):
+            raise ValueError(_CV_RESUME)
         return self
 
     def _preference_rules(self) -> None:
@@ -1331,6 +1377,8 @@ class FineTuneJobSpec(_Model):
                 ),
                 *(cel(_overlap_rule(path, guard), _OUTPUT_OVERLAP.format(field=name)) for name, path, guard in _INPUTS),
                 cel("!has(self.evaluation) || !has(self.evaluation.regression) || has(self.model.fromJob)", _REGRESSION_NEEDS_PARENT),
+                cel("!has(self.dataset.crossValidation) || !has(self.checkpoint) || !has(self.checkpoint.resume) "
+                    "|| self.checkpoint.resume in ['latest', 'none']", _CV_RESUME),
                 cel(
                     _immutable_rule(),
                     "spec is immutable after creation except spec.runPolicy (suspend, backoffLimit, activeDeadlineSeconds, ttlSecondsAfterFinished)",

@@ -15,6 +15,7 @@ from pydantic import Field
 # the callers that imported it from here.
 from finetune_api.documents import CheckpointRef, DataSummary, Gain, Lineage, ProgressDocument, RegressionResult  # noqa: F401
 from finetune_api.documents import TrackingSummary
+from finetune_api.documents import CrossValidationSummary
 from finetune_api.documents import WireModel as _Model
 
 
@@ -70,6 +71,7 @@ class Progress(_Model):
     best_metric: float | None = Field(default=None, description="Best value of the monitored metric so far.")
     best_metric_name: str | None = Field(default=None, description="Name of the monitored metric.")
     stage: str | None = Field(default=None, description="What the trainer is doing: preparing-data, baseline, training, testing, saving, done.")
+    fold: int | None = Field(default=None, description="With dataset.crossValidation: the fold training now (1 to folds); unset during the refit.")
     updated_at: str | None = Field(default=None, description="When the trainer last wrote progress.")
 
 
@@ -114,5 +116,8 @@ class FineTuneJobStatus(_Model):
     )
     regression: RegressionResult | None = Field(
         default=None, description="With model.fromJob: the new model against its parent on the parent's test set (evaluation.regression)."
+    )
+    cross_validation: CrossValidationSummary | None = Field(
+        default=None, description="With dataset.crossValidation: every finished fold's validation metrics and each metric's mean and standard deviation."
     )
 

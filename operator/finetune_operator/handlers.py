@@ -137,8 +137,12 @@ def _owner(body: Mapping[str, Any]) -> Owner:
 
 
 def _status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """A merge patch turning old into new (keys that disappeared are nulled)."""
+    """A merge patch turning old into new (keys that disappeared are nulled, also one level down: a merge patch
+    merges objects, so e.g. status.progress.fold would otherwise outlive the trainer's last fold)."""
     patch = {k: v for k, v in new.items() if old.get(k) != v}
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(old.get(k), dict):
+            patch[k] = {**v, **{gone: None for gone in old[k] if gone not in v}}
     for k in old:
         if k not in new:
             patch[k] = None

@@ -83,6 +83,7 @@ def project(doc: ProgressDocument) -> dict[str, Any]:
         "bestMetric": _r(doc.best_metric),
         "bestMetricName": doc.best_metric_name,
         "stage": doc.stage,
+        "fold": doc.fold,
         "updatedAt": doc.updated_at,
     }
     out: dict[str, Any] = {"progress": {k: v for k, v in progress.items() if v is not None}}
@@ -103,6 +104,8 @@ def project(doc: ProgressDocument) -> dict[str, Any]:
         out["testSetUri"] = doc.test_set_uri
     if doc.regression:
         out["regression"] = doc.regression.wire()  # full precision: the gate's numbers are compared by people and tests
+    if doc.cross_validation:
+        out["crossValidation"] = doc.cross_validation.wire()  # full precision, like regression: mean/std are checked against the folds
     return out
 
 

@@ -102,6 +102,12 @@ BAD_SPECS = [
     ("regression-without-parent", with_("evaluation.regression", {"maxDrop": 0.01}), "evaluation.regression needs model.fromJob"),
     ("regression-action-enum", {**GOOD, "model": {"fromJob": {"name": "parent"}}, "evaluation": {"regression": {"action": "ignore"}}},
      'Unsupported value: "ignore"'),
+    ("cv-with-validation-file", with_("dataset", {"train": "s3://data/x", "validation": "s3://data/v", "crossValidation": {"folds": 3}}),
+     "dataset.crossValidation makes its own validation folds from the training rows; remove dataset.validation"),
+    ("cv-resume-uri", {**with_("dataset.crossValidation", {"folds": 3}), "checkpoint": {"resume": "s3://out/run/checkpoints/step-00000010"}},
+     "checkpoint.resume must be latest or none"),
+    ("cv-one-fold", with_("dataset.crossValidation", {"folds": 1}), "should be greater than or equal to 2"),
+    ("cv-too-many-folds", with_("dataset.crossValidation", {"folds": 21}), "should be less than or equal to 20"),
 ]
 
 

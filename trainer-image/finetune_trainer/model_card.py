@@ -355,6 +355,7 @@ def build_model_card(summary: RunSummary) -> tuple[dict[str, Any], str]:
     as the evaluation module returns them. Gains compare the fine-tuned model with the reference baseline on the
     baselines' split.
     """
+    from .crossval import card_markdown as cross_validation_markdown
     from .lineage import lineage_markdown
     from .readme import readme
 
@@ -394,6 +395,7 @@ def build_model_card(summary: RunSummary) -> tuple[dict[str, Any], str]:
         "retention": _jsonable(summary.evaluation.retention),
         "limitations": notes,
         "lineage": _jsonable(summary.lineage),
+        "crossValidation": _jsonable(summary.cross_validation),
     }
     json.dumps(card, allow_nan=False)  # fail here, not in the writer, if something slipped through
-    return card, readme(v, notes) + lineage_markdown(summary.lineage)
+    return card, readme(v, notes) + lineage_markdown(summary.lineage) + cross_validation_markdown(summary.cross_validation)

@@ -83,6 +83,7 @@ class RunSummary:
     trainable_params: int | None = None
     total_params: int | None = None
     lineage: dict[str, Any] | None = None  # model.fromJob: the parent and the regression gate (lineage.lineage_card)
+    cross_validation: dict[str, Any] | None = None  # dataset.crossValidation: the folds and their mean/std (crossval.finish)
 
     @classmethod
     def of(cls, trainer: Trainer, evaluation: FinalEvaluation, best_checkpoint: dict[str, Any] | None) -> RunSummary:

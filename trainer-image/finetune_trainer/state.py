@@ -31,6 +31,8 @@ class TrainerState:
     retention_before: float | None = None
     checkpoint_metrics: dict[str, float | None] = field(default_factory=dict)  # step -> monitored metric
     world_size: int | None = None  # processes that wrote this state (a resume on another count remaps the position)
+    fold: int | None = None  # dataset.crossValidation: the fold this state trains (1..K), None for the refit
+    folds: list[dict[str, Any]] = field(default_factory=list)  # dataset.crossValidation: the finished folds' FoldResults
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))

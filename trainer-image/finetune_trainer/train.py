@@ -92,6 +92,7 @@ class Trainer:
         self.storage = Storage.from_spec(self.spec.storage)
         self.join = join
         self.output = config.output_uri
+        self.checkpoint_output = self.output  # where checkpoints/ lives: a fold's own folder under dataset.crossValidation
         self.work_dir = Path(work_dir or os.environ.get(pod_env.WORK_DIR, DEFAULT_WORK_DIR)) / config.name
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = TrainerMetrics(config.name, self.dist.rank)
@@ -141,6 +142,10 @@ class Trainer:
     def _run(self) -> dict[str, Any]:
         self.tracking.start()
         self.setup()
+        if self.spec.dataset.cross_validation is not None:
+            from .crossval import run_folds
+
+            run_folds(self)  # K fold trainings; then this trainer is set up for the refit on all non-test rows
         self.tracking.on_params(flat_params(self.spec, job=self.config.name, total_steps=self.state.total_steps,
                                             world_size=self.dist.world_size, distributed_strategy=self.strategy))
         resumed_from = maybe_resume(self)
@@ -171,6 +176,11 @@ class Trainer:
         self._stage("preparing-data")
         self.model_dir, self.tokenizer, self.data = self._setup_data()
         self.num_labels = len(self.data.labels) if self.data.labels else self.spec.model.num_labels
+        if self.spec.dataset.cross_validation is None:  # else crossval.run_folds sets up each fold, then the refit
+            self.setup_training()
+
+    def setup_training(self) -> None:
+        """Model, optimizer, evaluation and checkpoints for ``self.data`` (again per fold under dataset.crossValidation)."""
         self._stage("loading-model")
         self.strategy, self.loaded, self.accelerator = self._setup_model()
         self.teacher = self._setup_teacher()
@@ -317,7 +327,7 @@ class Trainer:
 
     def _setup_checkpoints(self) -> CheckpointManager:
         checkpoints = CheckpointManager(
-            self.storage, self.output, self.work_dir / "checkpoints", self.dist,
+            self.storage, self.checkpoint_output, self.work_dir / "checkpoints", self.dist,
             keep_last=self.spec.checkpoint.keep_last, is_adapter=self.loaded.is_adapter, join=self.join,
         )
         checkpoints.on_complete = self._on_checkpoint_complete
@@ -484,6 +494,10 @@ class Trainer:
         regression = self._regression_gate(evaluation)  # action fail raises here: nothing is exported
         summary = RunSummary.of(self, evaluation, best_checkpoint)
         summary.lineage = lineage_card(self.parent, regression) if self.parent else None
+        if self.spec.dataset.cross_validation is not None:
+            from .crossval import finish as cross_validation_summary
+
+            summary.cross_validation = cross_validation_summary(self)
         # Replicas must end identical; the checksum in every rank's log makes a divergence visible.
         log.info("final trainable parameter checksum %.12e", self.model_state.checksum())
         model_uri = self.join(self.output, "model")

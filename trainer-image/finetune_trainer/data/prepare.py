@@ -28,6 +28,7 @@ from finetune_api.spec import FineTuneJobSpec
 from finetune_api.status import DataSummary
 from finetune_trainer.data import pii
 from finetune_trainer.data import report as reports
+from finetune_trainer.data.folds import Fold, plan_folds
 from finetune_trainer.data.formats import CHAT, CLASSIFICATION
 from finetune_trainer.data.labels import class_balance, inverse_frequency_weights, resolve_labels
 from finetune_trainer.data.leakage import CHECKS, TRAIN_CHECKS, LeakageFindings, failure_message, run_checks
@@ -58,6 +59,7 @@ class PreparedData:
     labels: list[str] | None  # classification label names in id order
     class_weights: list[float] | None
     report: dict[str, Any]  # the full data report (JSON-serialisable)
+    folds: list[Fold] | None = None  # dataset.crossValidation: row indices into train (see data/folds.py)
 
     def summary(self, report_uri: str | None = None) -> DataSummary:
         return reports.summary(self.report, report_uri)
@@ -128,7 +130,7 @@ def _split_from_train(spec: FineTuneJobSpec, splits: _Splits, labels: list[str] 
     """Carve the validation/test sets that were not given as files out of train; returns the split report."""
     dspec = spec.dataset
     split_info: dict[str, Any] = {"method": "files" if (dspec.validation or dspec.test) else "none"}
-    val_fraction = 0.0 if dspec.validation else dspec.split.validation
+    val_fraction = 0.0 if dspec.validation or dspec.cross_validation else dspec.split.validation  # cross-validation: folds instead
     test_fraction = 0.0 if dspec.test else dspec.split.test
     if val_fraction <= 0 and test_fraction <= 0:
         return split_info
@@ -208,6 +210,20 @@ def _classes_step(spec: FineTuneJobSpec, splits: _Splits, labels: list[str], lab
     return classes, class_weights
 
 
+def _folds_step(spec: FineTuneJobSpec, splits: _Splits, labels: list[str] | None, policy: str) -> tuple[list[Fold], dict[str, Any]]:
+    """dataset.crossValidation: the folds of the training rows (the test split is already out), leakage-checked per fold."""
+    cv = spec.dataset.cross_validation
+    assert cv is not None
+    stratify = None
+    if labels is not None and cv.stratify:
+        names = pa.array(labels, type=pa.string())
+        stratify = np.concatenate(
+            [pc.index_in(t["label_name"], value_set=names).to_numpy(zero_copy_only=False) for t in arrow_batches(splits.train, ["label_name"])]
+        )
+    return plan_folds(splits.train, folds=cv.folds, seed=spec.dataset.split.seed, stratify_labels=stratify, policy=policy,
+                      near_threshold=spec.dataset.preprocessing.dedupe.near_threshold)
+
+
 # ------------------------------------------------------------------------------------ the entry
 
 
@@ -250,6 +266,7 @@ def prepare_data(spec: FineTuneJobSpec, storage: Storage, tokenizer: PreTrainedT
 
     # 5. Leakage: validation/test/retention against train, test against validation.
     leakage = _leakage_step(spec, splits, leakage_policy)
+    folds, cv_report = _folds_step(spec, splits, labels, leakage_policy) if dspec.cross_validation else (None, None)
 
     # 6. Classes, then the final datasets with only the training columns.
     classes, class_weights = _classes_step(spec, splits, labels, label_source) if labels is not None else (None, None)
@@ -271,6 +288,8 @@ def prepare_data(spec: FineTuneJobSpec, storage: Storage, tokenizer: PreTrainedT
         "classes": classes,
         "final_sizes": {name: (len(d) if d is not None else None) for name, d in final.items()},
     }
+    if cv_report is not None:
+        report["cross_validation"] = cv_report
     return PreparedData(
         train=final["train"],
         validation=final["validation"],
@@ -279,4 +298,5 @@ def prepare_data(spec: FineTuneJobSpec, storage: Storage, tokenizer: PreTrainedT
         labels=labels,
         class_weights=class_weights,
         report=report,
+        folds=folds,
     )

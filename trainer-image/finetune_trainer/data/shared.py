@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import datasets
 
+from finetune_trainer.data.folds import Fold
 from finetune_trainer.data.prepare import PreparedData, prepare_data
 from finetune_trainer.distributed import DistInfo, launch_key, local_main_works
 from finetune_trainer.storage import Storage
@@ -68,7 +69,8 @@ def _prepare_and_publish(spec: FineTuneJobSpec, storage: Storage, tokenizer: Pre
     folder.mkdir(parents=True, exist_ok=True)
     data = prepare_data(spec, storage, tokenizer, cache_dir=folder)
     files = {name: (getattr(data, name).cache_files[0]["filename"] if getattr(data, name) is not None else None) for name in SPLITS}
-    manifest = {"files": files, "labels": data.labels, "class_weights": data.class_weights, "report": data.report}
+    manifest = {"files": files, "labels": data.labels, "class_weights": data.class_weights, "report": data.report,
+                "folds": [f.wire() for f in data.folds] if data.folds is not None else None}
     _write_atomic(folder / MANIFEST, json.dumps(manifest, default=str))
     return data  # local_main_works writes the .complete marker
 
@@ -76,7 +78,8 @@ def _prepare_and_publish(spec: FineTuneJobSpec, storage: Storage, tokenizer: Pre
 def _load(folder: Path) -> PreparedData:
     manifest = json.loads((folder / MANIFEST).read_text())
     loaded = {name: (datasets.Dataset.from_file(path) if path else None) for name, path in manifest["files"].items()}
-    return PreparedData(labels=manifest["labels"], class_weights=manifest["class_weights"], report=manifest["report"], **loaded)
+    folds = [Fold.from_wire(f) for f in manifest["folds"]] if manifest.get("folds") is not None else None
+    return PreparedData(labels=manifest["labels"], class_weights=manifest["class_weights"], report=manifest["report"], folds=folds, **loaded)
 
 
 def _write_atomic(path: Path, text: str) -> None:
