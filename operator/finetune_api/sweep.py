@@ -102,7 +102,7 @@ class SearchParameter(_Model):
             "The template field to vary, as written in a FineTuneJob: hyperparameters.<field>, lora.<field> or method "
             "(numeric and enum fields only)."
         ),
-        json_schema_extra={"enum": sorted(SEARCHABLE)},
+        json_schema_extra={"enum": list[Any](sorted(SEARCHABLE))},
     )
     type: ParameterType = Field(
         description="uniform or log-uniform: a float in [low, high]; int: an integer in [low, high] (step); choice: one of values."
@@ -146,9 +146,10 @@ class SearchParameter(_Model):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("!(self.type in ['uniform', 'log-uniform', 'int']) || (has(self.low) && has(self.high) && self.low < self.high && !has(self.values))",
-                    "uniform, log-uniform and int need low < high, and no values"),
-                cel("self.type != 'choice' || (has(self.values) && !has(self.low) && !has(self.high))", "choice needs values, and no low or high"),
+                # (values has untyped items, which CEL cannot see: the operator checks values, status InvalidSpec)
+                cel("!(self.type in ['uniform', 'log-uniform', 'int']) || (has(self.low) && has(self.high) && self.low < self.high)",
+                    "uniform, log-uniform and int need low < high"),
+                cel("self.type != 'choice' || (!has(self.low) && !has(self.high))", "choice takes values, no low or high"),
                 cel("self.type != 'log-uniform' || self.low > 0.0", "log-uniform needs low > 0"),
                 cel("!has(self.step) || self.type == 'int'", "step is only valid with type int"),
             ]
@@ -280,8 +281,8 @@ class FineTuneSweepSpec(_Model):
         if any(p.startswith("lora.") for p in paths) and self.template.method not in ADAPTER_METHODS:
             raise ValueError(_LORA_RULE)
         for p in self.search_space:  # every bound and candidate must make a valid FineTuneJob
-            probes = p.values if p.type == "choice" else [p.low, p.high]
-            for value in probes or []:
+            probes: list[Any] = list(p.values or []) if p.type == "choice" else [p.low, p.high]
+            for value in probes:
                 if p.type == "int":
                     value = int(value)
                 try:

@@ -291,9 +291,10 @@ def decide(name: str, namespace: str, uid: str, spec: FineTuneSweepSpec, status:
                 plan.events.append(Event("Normal", "TrialPruned", f"{rec['name']}: {rec['message']}"))
         study = build_study(spec, ordered)
     for rec in ordered:  # level-triggered: a pruned trial stays suspended
-        child = by_number.get(rec["number"])
-        if rec["state"] == TrialState.pruned.value and child is not None and not child.suspended and child.phase not in ("Succeeded", "Failed"):
-            plan.suspend.append(child.name)
+        observed = by_number.get(rec["number"])
+        if (rec["state"] == TrialState.pruned.value and observed is not None and not observed.suspended
+                and observed.phase not in ("Succeeded", "Failed")):
+            plan.suspend.append(observed.name)
 
     counts = {s.value: sum(1 for r in ordered if r["state"] == s.value) for s in TrialState}
     limit = min(spec.max_trials, grid_size(spec) or spec.max_trials)

@@ -92,3 +92,11 @@ def test_sweep_crd_names_columns_rules_and_descriptions():
 
     missing = [p for p, n in walk(spec, "spec") if not n.get("description")]
     assert missing == []
+
+
+def test_the_sweep_example_validates_and_asks_for_six_pruned_trials_two_at_a_time():
+    manifest = yaml.safe_load((ROOT / "examples" / "sweeps" / "sentiment-sweep.yaml").read_text())
+    assert manifest["kind"] == "FineTuneSweep"
+    s = parse_sweep(manifest["spec"])
+    assert (s.max_trials, s.parallelism) == (6, 2) and s.pruning is not None
+    assert s.objective.metric == "eval_loss" and s.direction == "min"
