@@ -266,7 +266,7 @@ async def _reconcile_sweep(namespace: str, name: str) -> None:
 async def on_sweep_event(type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
     """Every change of a FineTuneSweep, and every existing one at startup: level-triggered like the jobs."""
     if type == "DELETED":  # its trials carry owner references: the garbage collector removes them
-        sweep_handlers.forget(body["metadata"]["uid"])
+        sweep_handlers.forget(body["metadata"]["uid"], namespace, name)
         return
     await _reconcile_sweep(namespace, name)
 

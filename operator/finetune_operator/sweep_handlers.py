@@ -17,9 +17,9 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from finetune_api.spec import API_GROUP, API_VERSION, PLURAL
-from finetune_api.sweep import LABEL_SWEEP, SWEEP_KIND, SWEEP_PLURAL, SweepPhase, parse_sweep
+from finetune_api.sweep import LABEL_SWEEP, SWEEP_KIND, SWEEP_PLURAL, SweepPhase, TrialState, parse_sweep
 from finetune_api.validation import validation_message
-from finetune_operator import kube
+from finetune_operator import kube, metrics
 from finetune_operator.sweep import Event, decide, observe_trial
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,37 @@ def _lock(uid: str) -> threading.Lock:
         return _locks.setdefault(uid, threading.Lock())
 
 
-def forget(uid: str) -> None:
+def forget(uid: str, namespace: str | None = None, name: str | None = None) -> None:
+    """A deleted sweep: drop its lock and its metric series."""
     with _locks_guard:
         _locks.pop(uid, None)
+        metric = _best_metric.pop((namespace or "", name or ""), None)
+    if namespace and name:
+        for state in TrialState:
+            try:
+                metrics.SWEEP_TRIALS.remove(namespace, name, state.value)
+            except KeyError:
+                pass
+        if metric is not None:
+            try:
+                metrics.SWEEP_BEST.remove(namespace, name, metric)
+            except KeyError:
+                pass
+
+
+_best_metric: dict[tuple[str, str], str] = {}  # (namespace, sweep) -> the metric label of its best-value series
+
+
+def record_metrics(namespace: str, name: str, metric: str, status: dict[str, Any]) -> None:
+    """The sweep's trial counts and best value as Prometheus gauges (one series per sweep and state)."""
+    counts = {TrialState.running.value: "running", TrialState.complete.value: "completed",
+              TrialState.pruned.value: "pruned", TrialState.failed.value: "failed"}
+    for state, key in counts.items():
+        metrics.SWEEP_TRIALS.labels(namespace, name, state).set(status.get(key) or 0)
+    if status.get("bestValue") is not None:
+        metrics.SWEEP_BEST.labels(namespace, name, metric).set(status["bestValue"])
+        with _locks_guard:
+            _best_metric[(namespace, name)] = metric
 
 
 def _api() -> client.CustomObjectsApi:
@@ -109,8 +137,13 @@ def reconcile_sweep(namespace: str, name: str, instance: str) -> None:
         if exc.status == 404:
             return
         raise
-    with _lock(body["metadata"]["uid"]):
-        _reconcile(body, instance)
+    metrics.RECONCILES.labels("sweep").inc()
+    with _lock(body["metadata"]["uid"]), metrics.DURATION.labels("sweep").time():
+        try:
+            _reconcile(body, instance)
+        except Exception:  # the next change of the sweep or of a trial retries (level-triggered)
+            metrics.ERRORS.labels("sweep").inc()
+            raise
 
 
 def _reconcile(body: dict[str, Any], instance: str) -> None:
@@ -133,6 +166,7 @@ def _reconcile(body: dict[str, Any], instance: str) -> None:
         suspend_trial(namespace, trial)
     if {k: old_status.get(k) for k in plan.status} != plan.status:
         patch_sweep_status(namespace, name, plan.status)
+    record_metrics(namespace, name, spec.objective.metric, plan.status)
     for event in plan.events:
         post_sweep_event(body, event, instance)
     if plan.status["phase"] != old_status.get("phase") and plan.status["phase"] != SweepPhase.running.value:
