@@ -140,6 +140,8 @@ def _sampler(spec: FineTuneSweepSpec) -> optuna.samplers.BaseSampler:
         return optuna.samplers.GridSampler({p.path: p.candidates() for p in spec.search_space}, seed=seed)
     if spec.search.algorithm == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    # TPE models the results once it has some: the first trials are random (Optuna's default of 10 would
+    # leave a small sweep random throughout), a third of the budget, between 2 and 10
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, spec.max_trials // 3)))
 
 
@@ -281,11 +283,10 @@ def decide(name: str, namespace: str, uid: str, spec: FineTuneSweepSpec, status:
     # prune: a running trial whose intermediate values lose to the others'
     study = build_study(spec, ordered)
     if spec.pruning is not None:
-        for rec in ordered:
+        for index, rec in enumerate(ordered):  # the study holds the records in this order
             if rec["state"] != TrialState.running.value or not rec.get("intermediate"):
                 continue
-            frozen = study.trials[rec["number"]] if rec["number"] < len(study.trials) else None
-            if frozen is not None and study.pruner.prune(study, frozen):
+            if study.pruner.prune(study, study.trials[index]):
                 last = rec["intermediate"][-1]
                 rec.update(state=TrialState.pruned.value, message=f"pruned at step {last['step']} ({spec.objective.metric}={last['value']:.6g})")
                 plan.events.append(Event("Normal", "TrialPruned", f"{rec['name']}: {rec['message']}"))

@@ -236,3 +236,17 @@ def test_successive_halving_promotes_a_good_trial():
     world.evaluate("sw-t3", 10, 0.05)
     assert world.reconcile(spec).suspend == []
     assert world.status["trials"][3]["state"] == "Running"
+
+
+def test_a_gap_in_the_trial_numbers_does_not_confuse_the_pruner():
+    """Trial 1's record and job are gone (deleted by hand, status lost): trial 2 is still judged by its own values."""
+    spec = sweep(parallelism=3, maxTrials=4, pruning={"type": "median", "startupTrials": 1})
+    params = {"hyperparameters.learningRate": 1e-3, "lora.r": 8}
+    status = {"trials": [
+        {"number": 0, "name": "sw-t0", "params": params, "state": "Complete", "value": 0.2, "intermediate": [{"step": 10, "value": 0.2}]},
+        {"number": 2, "name": "sw-t2", "params": params, "state": "Running"},
+    ]}
+    child = ObservedTrial(number=2, name="sw-t2", params=params, phase="Running", checkpoints=((10, 3.0),))
+    plan = decide("sw", "ns", UID, spec, status, [child])
+    assert plan.suspend == ["sw-t2"]
+    assert [r["number"] for r in plan.status["trials"]] == [0, 2, 3, 4]  # new trials after the highest number
