@@ -280,6 +280,9 @@ class FineTuneSweepSpec(_Model):
                 p.candidates()  # raises for a float range
         if any(p.startswith("lora.") for p in paths) and self.template.method not in ADAPTER_METHODS:
             raise ValueError(_LORA_RULE)
+        methods = [p for p in self.search_space if p.path == "method"]
+        if methods and any(p.startswith("lora.") for p in paths) and any(v not in ADAPTER_METHODS for v in methods[0].values or []):
+            raise ValueError("searchSpace: lora.* paths need every method value to be lora, qlora or dora")
         for p in self.search_space:  # every bound and candidate must make a valid FineTuneJob
             probes: list[Any] = list(p.values or []) if p.type == "choice" else [p.low, p.high]
             for value in probes:
@@ -288,7 +291,7 @@ class FineTuneSweepSpec(_Model):
                 try:
                     trial_spec(self.template, {p.path: value}, "probe")
                 except ValueError as exc:
-                    raise ValueError(f"searchSpace {p.path}={value!r} does not make a valid FineTuneJob: {_first_line(exc)}") from None
+                    raise ValueError(f"searchSpace {p.path}={value!r} does not make a valid FineTuneJob: {first_line(exc)}") from None
         return self
 
     model_config = ConfigDict(
@@ -307,7 +310,8 @@ class FineTuneSweepSpec(_Model):
         return "max" if self.objective.direction == Mode.max.value else "min"
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
+    """One line for why a spec does not validate (the same wording as a FineTuneJob's InvalidSpec)."""
     from pydantic import ValidationError
 
     from finetune_api.validation import validation_message

@@ -39,6 +39,7 @@ from finetune_api.sweep import (
     FineTuneSweepSpec,
     SweepPhase,
     TrialState,
+    first_line,
     trial_spec,
 )
 
@@ -309,8 +310,19 @@ def decide(name: str, namespace: str, uid: str, spec: FineTuneSweepSpec, status:
         rec = {"number": number, "name": trial_name(name, number), "params": params, "state": TrialState.running.value}
         if "grid_id" in study.trials[-1].system_attrs:
             rec["gridId"] = int(study.trials[-1].system_attrs["grid_id"])
-        plan.create.append(_child(name, namespace, uid, spec, number, params))
-        plan.events.append(Event("Normal", "TrialCreated", f"{rec['name']}: {_fmt(params)}"))
+        try:
+            plan.create.append(_child(name, namespace, uid, spec, number, params))
+            plan.events.append(Event("Normal", "TrialCreated", f"{rec['name']}: {_fmt(params)}"))
+        except ValueError as exc:  # these values together make no valid FineTuneJob: a failed trial, no job
+            message = f"the parameters make no valid FineTuneJob: {first_line(exc)}"[:1024]
+            rec.update(state=TrialState.failed.value, message=message)
+            plan.events.append(Event("Warning", "TrialFailed", f"{rec['name']}: {message}"))
+            study.tell(trial, state=OptunaState.FAIL)
+            counts[TrialState.failed.value] += 1
+            too_many_failures = counts[TrialState.failed.value] > spec.max_failed_trials
+            ordered.append(rec)
+            numbers.append(number)
+            continue
         ordered.append(rec)
         numbers.append(number)
         counts[TrialState.running.value] += 1

@@ -53,6 +53,7 @@ BAD = [
     (_sweep(objective={"metric": "accuracy"}), "monitored metric"),
     (_sweep(searchSpace=[{"path": "hyperparameters.learningRate", "type": "choice", "values": [0.5, 2.0]}]), "learningRate=2.0 does not make a valid"),
     ({**_sweep(), "template": {**TEMPLATE, "method": "full"}}, "need template.method lora"),
+    (_sweep(searchSpace=[RANK, {"path": "method", "type": "choice", "values": ["lora", "full"]}]), "every method value to be lora"),
 ]
 
 

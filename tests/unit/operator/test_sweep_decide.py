@@ -250,3 +250,18 @@ def test_a_gap_in_the_trial_numbers_does_not_confuse_the_pruner():
     plan = decide("sw", "ns", UID, spec, status, [child])
     assert plan.suspend == ["sw-t2"]
     assert [r["number"] for r in plan.status["trials"]] == [0, 2, 3, 4]  # new trials after the highest number
+
+
+def test_values_that_make_no_valid_job_together_fail_that_trial_only():
+    """method lora with distributedStrategy fsdp is invalid, though each value alone is fine: that trial fails, no job."""
+    spec = parse_sweep({
+        "template": {**TEMPLATE, "method": "full"},
+        "searchSpace": [{"path": "method", "type": "choice", "values": ["full", "lora"]},
+                        {"path": "hyperparameters.distributedStrategy", "type": "choice", "values": ["ddp", "fsdp"]}],
+        "search": {"algorithm": "grid"}, "parallelism": 4, "maxTrials": 4, "maxFailedTrials": 1,
+    })
+    plan = decide("sw", "ns", UID, spec, None, [])
+    failed = [r for r in plan.status["trials"] if r["state"] == "Failed"]
+    assert [r["params"] for r in failed] == [{"method": "lora", "hyperparameters.distributedStrategy": "fsdp"}]
+    assert "fsdp" in failed[0]["message"] and len(plan.create) == 3
+    assert {r["name"] for r in failed}.isdisjoint(b["metadata"]["name"] for b in plan.create)
