@@ -135,10 +135,15 @@ def grid_size(spec: FineTuneSweepSpec) -> int | None:
     return size
 
 
-def _sampler(spec: FineTuneSweepSpec) -> optuna.samplers.BaseSampler:
-    seed = spec.search.seed
+def _sampler(spec: FineTuneSweepSpec, trials: int) -> optuna.samplers.BaseSampler:
+    """The sampler of a study rebuilt with ``trials`` trials in it. Its seed moves on with that count: a
+    fresh sampler with the sweep's seed alone would start its random stream over at every reconcile and
+    propose the first trial's parameters again. Still deterministic: the same objects, the same seed. The grid
+    keeps the sweep's seed: it shuffles its combinations with it, and the recorded grid ids index that order
+    (it never repeats one: it skips the ids the trials record)."""
     if spec.search.algorithm == "grid":
-        return optuna.samplers.GridSampler({p.path: p.candidates() for p in spec.search_space}, seed=seed)
+        return optuna.samplers.GridSampler({p.path: p.candidates() for p in spec.search_space}, seed=spec.search.seed)
+    seed = spec.search.seed + trials
     if spec.search.algorithm == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # TPE models the results once it has some: the first trials are random (Optuna's default of 10 would
@@ -166,7 +171,7 @@ _STATES = {
 def build_study(spec: FineTuneSweepSpec, records: list[dict[str, Any]]) -> optuna.Study:
     """A fresh in-memory study holding the recorded trials, in trial-number order."""
     study = optuna.create_study(
-        direction="maximize" if spec.direction == "max" else "minimize", sampler=_sampler(spec), pruner=_pruner(spec)
+        direction="maximize" if spec.direction == "max" else "minimize", sampler=_sampler(spec, len(records)), pruner=_pruner(spec)
     )
     dists = distributions(spec)
     grid_space = {p.path: p.candidates() for p in spec.search_space} if spec.search.algorithm == "grid" else None

@@ -2,7 +2,8 @@
 trainings on the process node: trials created two at a time, the best one recorded, losing trials pruned.
 
 A grid over the learning rate, seeded so that the two good rates run first: the two tiny rates that follow
-do not learn, so the median pruner stops them at their first checkpoint.
+do not learn, so the median pruner stops them at their first checkpoint. The operator is killed and
+restarted between the two halves.
 """
 
 from __future__ import annotations
@@ -48,8 +49,17 @@ def test_sweep_runs_trials_records_the_best_and_prunes_losers(kubectl, operator,
     wait_for("ftsweep short name", lambda: kubectl.run("get", "ftsweep", "-n", namespace, check=False).returncode == 0, timeout=30)
     kubectl.create(sweep_manifest("sw", namespace, s3))
 
+    def sweep_status() -> dict:
+        return (kubectl.get("ftsweep", "sw", namespace) or {}).get("status") or {}
+
+    # the operator dies once the first two trials are done: the one that starts again has only the objects
+    # to go on, and must neither repeat a trial nor lose the ones recorded
+    wait_for("two trials complete", lambda: sweep_status().get("completed") == 2, timeout=300)
+    operator.kill()
+    operator.start()
+
     def finished():
-        st = (kubectl.get("ftsweep", "sw", namespace) or {}).get("status") or {}
+        st = sweep_status()
         if st.get("phase") == "Failed":
             raise RuntimeError(f"sweep failed: {st.get('message')}")
         return st.get("phase") == "Succeeded" and st

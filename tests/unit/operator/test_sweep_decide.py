@@ -114,6 +114,8 @@ def test_max_trials_reached_best_recorded():
     status = world.status
     assert status["phase"] == "Succeeded"
     assert len(world.jobs) == 6 and status["completed"] == 6 and status["progress"] == "6/6"
+    tried = [json.dumps(world.params(n), sort_keys=True) for n in world.jobs]
+    assert len(set(tried)) == 6, "a later reconcile proposed an earlier trial's parameters again"
     values = {r["name"]: r["value"] for r in status["trials"]}
     best = min(values, key=values.get)
     assert status["bestTrial"] == best and status["bestValue"] == values[best]
@@ -265,3 +267,19 @@ def test_values_that_make_no_valid_job_together_fail_that_trial_only():
     assert [r["params"] for r in failed] == [{"method": "lora", "hyperparameters.distributedStrategy": "fsdp"}]
     assert "fsdp" in failed[0]["message"] and len(plan.create) == 3
     assert {r["name"] for r in failed}.isdisjoint(b["metadata"]["name"] for b in plan.create)
+
+
+def test_tpe_never_repeats_a_trial_when_trials_finish_one_by_one():
+    """Each reconcile rebuilds the sampler: its random stream must not start over (it did, proposing trial 0's
+    parameters again as trial 2, in the first run of the example)."""
+    spec = sweep(parallelism=2, maxTrials=8, search={"algorithm": "tpe", "seed": 1})
+    world = World()
+    world.reconcile(spec)
+    for _ in range(20):
+        running = sorted(n for n, j in world.jobs.items() if j["status"]["phase"] == "Running")
+        if not running:
+            break
+        world.finish(running[0])
+        world.reconcile(spec)
+    tried = [json.dumps(world.params(n), sort_keys=True) for n in world.jobs]
+    assert len(tried) == 8 and len(set(tried)) == 8
