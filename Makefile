@@ -44,6 +44,7 @@ realnode-tools: setup
 ## crds: regenerate crds/ from the spec model (operator/finetune_api/spec.py)
 crds: setup
 	$(PY) -m finetune_api.crd > crds/finetune.io_finetunejobs.yaml
+	$(PY) -m finetune_api.crd --sweep > crds/finetune.io_finetunesweeps.yaml
 
 ## demo: start the local control plane + S3, install the operator with helm, run the example jobs
 demo: tools

@@ -5,7 +5,8 @@ translation: inline every ``$ref``, turn ``anyOf: [X, null]`` into X (optional f
 required), turn numeric ``exclusiveMinimum: n`` into ``minimum: n, exclusiveMinimum: true``, drop
 ``title``, and keep descriptions, defaults, enums, patterns, bounds and ``x-kubernetes-*`` extensions.
 
-Run ``python -m finetune_api.crd > crds/finetune.io_finetunejobs.yaml`` (``make crds``).
+Run ``python -m finetune_api.crd > crds/finetune.io_finetunejobs.yaml`` (``make crds``); ``--sweep`` prints the
+FineTuneSweep CRD (:mod:`finetune_api.sweep_crd`) instead.
 """
 
 from __future__ import annotations
@@ -200,4 +201,9 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    if sys.argv[1:] == ["--sweep"]:  # crds/finetune.io_finetunesweeps.yaml
+        from finetune_api import sweep_crd
+
+        sys.stdout.write(sweep_crd.render())
+    else:
+        sys.stdout.write(render())

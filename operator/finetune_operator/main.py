@@ -16,7 +16,8 @@ import kopf
 from kubernetes import config as k8s_config
 
 from finetune_api.spec import API_GROUP, API_VERSION, PLURAL
-from finetune_operator import handlers, kube, metrics
+from finetune_api.sweep import LABEL_SWEEP, SWEEP_PLURAL
+from finetune_operator import handlers, kube, metrics, sweep_handlers
 from finetune_operator.builders import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY
 from finetune_operator.config import OperatorConfig
 from finetune_operator.policy import check_image_patterns
@@ -25,6 +26,7 @@ from finetune_operator.views import JobView, PodView, job_view, pod_view
 
 CONFIG = OperatorConfig.from_env()
 FTJ = (API_GROUP, API_VERSION, PLURAL)
+FTS = (API_GROUP, API_VERSION, SWEEP_PLURAL)
 CHILDREN = {LABEL_MANAGED_BY: MANAGED_BY}
 PREFIX = API_GROUP
 IndexKey = tuple[str, str | None]  # (namespace, FineTuneJob name): how the indexes below are keyed
@@ -251,3 +253,54 @@ async def _resync_loop() -> None:
         if bodies is None:
             continue
         resync_round(list(bodies), lambda key: _snapshot(bodies, key))
+
+
+# ------------------------------------------------------------------------------------------- sweeps
+
+
+_sweep_phases: dict[tuple[str, str], str | None] = {}  # every FineTuneSweep seen, for the sweep resync
+
+
+async def _reconcile_sweep(namespace: str, name: str) -> None:
+    await asyncio.get_running_loop().run_in_executor(_POOL, lambda: sweep_handlers.reconcile_sweep(namespace, name, CONFIG.instance))
+
+
+@kopf.on.event(*FTS)  # type: ignore[arg-type]
+async def on_sweep_event(type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
+    """Every change of a FineTuneSweep, and every existing one at startup: level-triggered like the jobs."""
+    if type == "DELETED":  # its trials carry owner references: the garbage collector removes them
+        _sweep_phases.pop((namespace, name), None)
+        sweep_handlers.forget(body["metadata"]["uid"], namespace, name)
+        return
+    _sweep_phases[(namespace, name)] = (body.get("status") or {}).get("phase")
+    if _sweep_resync_task is None:
+        _start_sweep_resync()
+    await _reconcile_sweep(namespace, name)
+
+
+_sweep_resync_task: asyncio.Task[None] | None = None
+
+
+def _start_sweep_resync() -> None:
+    global _sweep_resync_task
+    _sweep_resync_task = asyncio.get_running_loop().create_task(_sweep_resync_loop())
+
+
+async def _sweep_resync_loop() -> None:
+    """Reconcile every unfinished sweep now and then, so a failed reconcile (an API error) is retried even
+    when no trial changes; sweeps are few, one at a time is enough."""
+    while True:
+        await asyncio.sleep(CONFIG.resync_seconds)
+        for (namespace, name), phase in list(_sweep_phases.items()):
+            if phase in ("Succeeded", "Failed"):
+                continue
+            try:
+                await _reconcile_sweep(namespace, name)
+            except Exception as exc:  # counted in the metrics; the next round retries
+                log.warning("resync of sweep %s/%s failed: %s", namespace, name, exc)
+
+
+@kopf.on.event(*FTJ, labels={LABEL_SWEEP: kopf.PRESENT})  # type: ignore[arg-type]
+async def on_trial_event(type: str | None, namespace: str, labels: Mapping[str, str], **_: Any) -> None:
+    """A trial FineTuneJob changed (phase, progress, checkpoints): its sweep decides again."""
+    await _reconcile_sweep(namespace, labels[LABEL_SWEEP])

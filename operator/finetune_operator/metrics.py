@@ -1,6 +1,7 @@
 """Operator metrics (Prometheus) and the liveness endpoint, served on one port.
 
-/metrics: jobs by phase, reconciles and errors by handler, reconcile duration, restarts.
+/metrics: jobs by phase, reconciles and errors by handler, reconcile duration, restarts, sweep trials by state
+and each sweep's best value.
 /healthz: 200 while the operator's event loop has ticked recently, 503 otherwise.
 """
 
@@ -30,6 +31,9 @@ DURATION = Histogram(
 )
 RESTARTS = PCounter("finetune_operator_restarts_total", "Training group restarts after failures.", registry=REGISTRY)
 TRANSITIONS = PCounter("finetune_operator_phase_transitions_total", "Phase transitions by new phase.", ["phase"], registry=REGISTRY)
+
+SWEEP_TRIALS = Gauge("finetune_operator_sweep_trials", "FineTuneSweep trials by state.", ["namespace", "sweep", "state"], registry=REGISTRY)
+SWEEP_BEST = Gauge("finetune_operator_sweep_best_value", "Best objective value of a FineTuneSweep.", ["namespace", "sweep", "metric"], registry=REGISTRY)
 
 
 def set_phase_counts(phases: Iterable[str | None]) -> None:

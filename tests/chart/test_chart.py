@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "finetune-operator"
 CRD_SOURCE = REPO / "crds" / "finetune.io_finetunejobs.yaml"
 CHART_CRD = CHART / "crds" / "finetune.io_finetunejobs.yaml"
+SWEEP_CRD_SOURCE = REPO / "crds" / "finetune.io_finetunesweeps.yaml"
+SWEEP_CHART_CRD = CHART / "crds" / "finetune.io_finetunesweeps.yaml"
 
 RELEASE = "ftop"
 NAMESPACE = "finetune-system"
@@ -41,9 +43,11 @@ KUBE_VERSION = "1.33.0"
 # The operator's RBAC, exactly: (apiGroup, resource) -> verbs. Keep in step with the calls in
 # operator/finetune_operator/kube.py and Kopf's needs (watches, events, finalizer patches).
 NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
-    # delete: kube.delete_finetunejob (ttlSecondsAfterFinished)
-    ("finetune.io", "finetunejobs"): {"get", "list", "watch", "patch", "delete"},
+    # delete: kube.delete_finetunejob (ttlSecondsAfterFinished); create/patch: a sweep's trials (sweep_handlers)
+    ("finetune.io", "finetunejobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("finetune.io", "finetunejobs/status"): {"get", "patch"},
+    ("finetune.io", "finetunesweeps"): {"get", "list", "watch", "patch"},
+    ("finetune.io", "finetunesweeps/status"): {"get", "patch"},
     # patch: kube.set_job_suspend
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "services"): {"get", "list", "watch", "create", "delete"},
@@ -588,28 +592,31 @@ def test_readme_documents_every_value() -> None:
 # ----------------------------------------------------------------------------------------------- CRD
 
 
-def test_chart_crd_is_the_generated_crd() -> None:
-    assert CHART_CRD.exists(), f"{CHART_CRD} is missing (or a dangling symlink)"
-    if CHART_CRD.is_symlink():
-        assert CHART_CRD.resolve() == CRD_SOURCE.resolve()
-    assert CHART_CRD.read_bytes() == CRD_SOURCE.read_bytes(), f"{CHART_CRD} differs from {CRD_SOURCE}"
+@pytest.mark.parametrize("chart_crd,source", [(CHART_CRD, CRD_SOURCE), (SWEEP_CHART_CRD, SWEEP_CRD_SOURCE)], ids=["job", "sweep"])
+def test_chart_crd_is_the_generated_crd(chart_crd: Path, source: Path) -> None:
+    assert chart_crd.exists(), f"{chart_crd} is missing (or a dangling symlink)"
+    if chart_crd.is_symlink():
+        assert chart_crd.resolve() == source.resolve()
+    assert chart_crd.read_bytes() == source.read_bytes(), f"{chart_crd} differs from {source}"
 
 
 def test_helm_follows_the_crd_symlink(helm: str, tmp_path: Path) -> None:
-    source = yaml.safe_load(CRD_SOURCE.read_text())
+    sources = [yaml.safe_load(CRD_SOURCE.read_text()), yaml.safe_load(SWEEP_CRD_SOURCE.read_text())]
 
     docs = render(helm, None, "--include-crds")
-    assert one(docs, "CustomResourceDefinition") == source
+    crds = sorted(of_kind(docs, "CustomResourceDefinition"), key=lambda d: d["metadata"]["name"])
+    assert crds == sorted(sources, key=lambda d: d["metadata"]["name"])
 
     proc = run_helm(helm, "package", str(CHART), "--destination", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     (package,) = tmp_path.glob("finetune-operator-*.tgz")
     with tarfile.open(package) as tar:
-        member = tar.getmember("finetune-operator/crds/finetune.io_finetunejobs.yaml")
-        assert member.isfile(), "the package must hold the CRD itself, not a link"
-        extracted = tar.extractfile(member)
-        assert extracted is not None
-        assert extracted.read() == CRD_SOURCE.read_bytes()
+        for source in (CRD_SOURCE, SWEEP_CRD_SOURCE):
+            member = tar.getmember(f"finetune-operator/crds/{source.name}")
+            assert member.isfile(), "the package must hold the CRD itself, not a link"
+            extracted = tar.extractfile(member)
+            assert extracted is not None
+            assert extracted.read() == source.read_bytes()
 
 
 # --------------------------------------------------------------------------------------------- NOTES

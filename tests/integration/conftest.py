@@ -16,6 +16,7 @@ from tests.integration.kubeutil import Kubectl, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "finetune.io_finetunejobs.yaml"
+SWEEP_CRD = ROOT / "crds" / "finetune.io_finetunesweeps.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +26,7 @@ def kubectl(cluster) -> Kubectl:
 
 @pytest.fixture(scope="session")
 def crd_installed(kubectl: Kubectl) -> None:
-    kubectl.run("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    kubectl.run("apply", "--server-side", "--force-conflicts", "-f", str(CRD), "-f", str(SWEEP_CRD))
     # Polled rather than `kubectl wait`: right after a create, .status.conditions is still null and
     # `kubectl wait --for=condition=...` fails at once on that instead of waiting.
     def established() -> bool:

@@ -94,12 +94,20 @@ Everything the operator does in a namespace it serves, except reading Secrets (s
 */}}
 {{- define "finetune-operator.namespacedRules" -}}
 # The custom resources: watch them, patch for Kopf's finalizer and progress annotations, and delete
-# a finished job once spec.runPolicy.ttlSecondsAfterFinished has passed.
+# a finished job once spec.runPolicy.ttlSecondsAfterFinished has passed; create: a FineTuneSweep's
+# trials (patch also suspends a pruned trial).
 - apiGroups: ["finetune.io"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["finetune.io"]
   resources: ["finetunejobs/status"]
+  verbs: ["get", "patch"]
+# FineTuneSweeps: watched, patched by Kopf, their status written by the operator.
+- apiGroups: ["finetune.io"]
+  resources: ["finetunesweeps"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["finetune.io"]
+  resources: ["finetunesweeps/status"]
   verbs: ["get", "patch"]
 # The training group: one indexed batch Job per FineTuneJob; patched to set spec.suspend.
 - apiGroups: ["batch"]

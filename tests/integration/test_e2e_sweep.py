@@ -1,0 +1,95 @@
+"""End to end: a FineTuneSweep of the sentiment example on the local control plane, with real Optuna and real
+trainings on the process node: trials created two at a time, the best one recorded, losing trials pruned.
+
+A grid over the learning rate, seeded so that the two good rates run first: the two tiny rates that follow
+do not learn, so the median pruner stops them at their first checkpoint. The operator is killed and
+restarted between the two halves.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from finetune_api.sweep import ANNOTATION_PARAMS, LABEL_SWEEP
+from finetune_devcluster.procnode import NODE_LABEL, TAINT_KEY
+from tests.integration.conftest import ROOT
+from tests.integration.kubeutil import wait_for
+from tests.integration.test_e2e_training import BUCKET, data, procnode, secret  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
+GOOD, BAD = (0.003, 0.002), (2e-06, 1e-06)
+
+
+def sweep_manifest(name: str, namespace: str, s3) -> dict:
+    manifest = yaml.safe_load((ROOT / "examples" / "sweeps" / "sentiment-sweep.yaml").read_text())
+    text = json.dumps(manifest).replace("s3://finetune-demo/", f"s3://{BUCKET}/")
+    manifest = json.loads(text)
+    manifest["metadata"] = {"name": name, "namespace": namespace}
+    spec = manifest["spec"]
+    spec.update(
+        maxTrials=4, parallelism=2,
+        search={"algorithm": "grid", "seed": 4},  # grid order: 0.003, 0.002, then the two tiny rates
+        pruning={"type": "median", "startupTrials": 2},
+        searchSpace=[{"path": "hyperparameters.learningRate", "type": "choice", "values": [*GOOD, *BAD]}],
+    )
+    template = spec["template"]
+    template["output"]["uri"] = f"s3://{BUCKET}/runs/{namespace}/{name}"
+    template["storage"]["endpoint"] = s3.endpoint_url
+    template["dataset"]["preprocessing"] = {"dedupe": {"exact": True, "near": False}}
+    template["hyperparameters"].update(maxSteps=30, warmupRatio=0.0)
+    template["resources"].update(nodeSelector={NODE_LABEL: "process"}, tolerations=[{"key": TAINT_KEY, "operator": "Exists"}])
+    return manifest
+
+
+def test_sweep_runs_trials_records_the_best_and_prunes_losers(kubectl, operator, procnode, s3, data, namespace):  # noqa: F811
+    secret(kubectl, namespace, s3)
+    wait_for("ftsweep short name", lambda: kubectl.run("get", "ftsweep", "-n", namespace, check=False).returncode == 0, timeout=30)
+    kubectl.create(sweep_manifest("sw", namespace, s3))
+
+    def sweep_status() -> dict:
+        return (kubectl.get("ftsweep", "sw", namespace) or {}).get("status") or {}
+
+    # the operator dies once the first two trials are done: the one that starts again has only the objects
+    # to go on, and must neither repeat a trial nor lose the ones recorded
+    wait_for("two trials complete", lambda: sweep_status().get("completed") == 2, timeout=300)
+    operator.kill()
+    operator.start()
+
+    def finished():
+        st = sweep_status()
+        if st.get("phase") == "Failed":
+            raise RuntimeError(f"sweep failed: {st.get('message')}")
+        return st.get("phase") == "Succeeded" and st
+
+    st = wait_for("sweep Succeeded", finished, timeout=400)
+    jobs = {j["metadata"]["name"]: j for j in kubectl.items("ftj", namespace)}
+    assert sorted(jobs) == ["sw-t0", "sw-t1", "sw-t2", "sw-t3"]
+    for job in jobs.values():
+        assert job["metadata"]["labels"][LABEL_SWEEP] == "sw"
+        assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneSweep"
+    tried = sorted(json.loads(j["metadata"]["annotations"][ANNOTATION_PARAMS])["hyperparameters.learningRate"] for j in jobs.values())
+    assert tried == sorted([*GOOD, *BAD])
+    assert len(st["trials"]) == 4 and st["progress"] == "4/4" and st["completed"] + st["pruned"] == 4
+
+    # the best recorded is the best child's, and one of the good rates
+    best = jobs[st["bestTrial"]]
+    assert st["bestParams"] == json.loads(best["metadata"]["annotations"][ANNOTATION_PARAMS])
+    assert st["bestParams"]["hyperparameters.learningRate"] in GOOD
+    assert st["bestValue"] == best["status"]["progress"]["bestMetric"]
+    assert st["bestModelUri"] == best["status"]["modelUri"]
+    complete = [r for r in st["trials"] if r["state"] == "Complete"]
+    assert st["bestValue"] == min(r["value"] for r in complete)
+
+    # the tiny rates were pruned: their jobs are suspended, not finished
+    pruned = [r for r in st["trials"] if r["state"] == "Pruned"]
+    assert pruned, f"no trial was pruned: {[(r['name'], r['state'], r.get('intermediate')) for r in st['trials']]}"
+    for rec in pruned:
+        assert rec["params"]["hyperparameters.learningRate"] in BAD
+        assert jobs[rec["name"]]["spec"]["runPolicy"]["suspend"] is True
+        wait_for(f"{rec['name']} Suspended", lambda: (kubectl.get("ftj", rec["name"], namespace) or {}).get("status", {}).get("phase") == "Suspended", timeout=60)
+
+    reasons = [e["reason"] for e in kubectl.items("events", namespace) if e.get("involvedObject", {}).get("kind") == "FineTuneSweep"]
+    assert reasons.count("TrialCreated") == 4 and "TrialPruned" in reasons and "SweepSucceeded" in reasons
