@@ -87,6 +87,10 @@ BASELINES: dict[str, str] = {
         "The pretrained encoder with the new, randomly initialised classification head, before any training: what "
         "fine-tuning started from; close to chance by construction, not a real competitor."
     ),
+    "parent_model": (
+        "The model this job started from with model.fromJob (its parent job's exported model, its head included), "
+        "before any training here: what this fine-tune continued from."
+    ),
     "majority_class": "Always predicting the most frequent training class: the floor a classifier has to beat to have learnt anything.",
     "linear_probe": (
         "Logistic regression (scikit-learn, standardised features) on the frozen base encoder's mean-pooled features "
@@ -94,7 +98,8 @@ BASELINES: dict[str, str] = {
     ),
 }
 STARTING_POINTS = {"causal-lm": "base_model", "sequence-classification": "random_head", "seq2seq-lm": "base_model"}
-"""The baseline the headline gain is measured from, per task: the weights fine-tuning started from."""
+"""The baseline the headline gain is measured from, per task: the weights fine-tuning started from (``parent_model``
+instead for a job with model.fromJob, whose weights, a classifier's head included, are its parent's)."""
 
 
 class Gain(WireModel):
@@ -105,7 +110,10 @@ class Gain(WireModel):
         default=None, description="Where both were measured: test when there is a test set (validation chose the checkpoint), else validation."
     )
     baseline_kind: str | None = Field(
-        default=None, description="Which baseline: base_model (causal LM) or random_head (classification: encoder + untrained head)."
+        default=None, description=(
+            "Which baseline: base_model (causal LM), random_head (classification: encoder + untrained head), or "
+            "parent_model (model.fromJob: the parent's model before this job trained it)."
+        ),
     )
 
 
@@ -138,6 +146,7 @@ class BaselineReport(ReportModel):
     k: int | None = Field(default=None, description="Demonstrations in each k_shot prompt (evaluation.fewShotExamples).")
     k_shot_train_rows: list[int] | None = Field(default=None, description="The training rows shown, by index in the prepared train set.")
     random_head: dict[str, Any] | None = None
+    parent_model: dict[str, Any] | None = None
     majority_class: dict[str, Any] | None = None
     linear_probe: dict[str, Any] | None = None
     descriptions: dict[str, str] = Field(default_factory=dict, description="What each measured baseline is (BASELINES).")

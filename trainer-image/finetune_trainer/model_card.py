@@ -35,7 +35,7 @@ COUNT_METRICS = {m.name for m in metric_catalogue.METRICS if m.direction is None
 # Never copied into the card: tensors evaluate_classification returns on request; bookkeeping of a baseline.
 NON_METRIC_KEYS = {"per_class", "logits", "labels", "majority_class", "train_samples", "prompts_shortened"}
 # How the card names each baseline (finetune_api.documents.BASELINES says what each is).
-BASELINE_TITLES = {"base_model": "Base model", "k_shot": "k-shot base model", "random_head": "Random head",
+BASELINE_TITLES = {"base_model": "Base model", "k_shot": "k-shot base model", "random_head": "Random head", "parent_model": "Parent model",
                    "majority_class": "Majority class", "linear_probe": "Linear probe"}
 FAIR_BASELINES = ("linear_probe", "k_shot")  # the no-fine-tune baselines a fine-tune has to beat to be worth it
 MAX_REPORT_ROWS = 60

@@ -163,7 +163,8 @@ def measure_baseline(evaluator: Evaluator) -> tuple[dict[str, Any] | None, float
     report: dict[str, Any] | None = None
     split, dataset, loader = comparison_split(evaluator)
     if spec.evaluation.baseline and loader is not None and dataset is not None:
-        reference = STARTING_POINTS["sequence-classification" if evaluator.classification else "causal-lm"]
+        reference = ("parent_model" if spec.model.from_job is not None
+                     else STARTING_POINTS["sequence-classification" if evaluator.classification else "causal-lm"])
         report = {"split": split, "reference": reference}
         start = public(evaluator.evaluate(loader)) or {}
         if spec.is_preference:

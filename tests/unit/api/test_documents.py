@@ -77,7 +77,7 @@ def test_the_baseline_kinds_and_calibration_are_declared():
     from finetune_api.documents import BASELINES, STARTING_POINTS, BaselineReport, CalibrationReport
 
     assert set(STARTING_POINTS.values()) <= set(BASELINES) <= set(BaselineReport.model_fields)
-    assert {"random_head", "majority_class", "linear_probe", "k_shot", "base_model"} == set(BASELINES)
+    assert {"random_head", "majority_class", "linear_probe", "k_shot", "base_model", "parent_model"} == set(BASELINES)
     cal = CalibrationReport.model_validate({"temperature": 1.5, "ece_before": 0.2, "ece_after": 0.1, "nll_before": 0.7, "nll_after": 0.6,
                                             "test_ece_before": 0.25, "test_ece_after": 0.12, "test_nll_before": 0.8, "test_nll_after": 0.7})
     assert undeclared_keys(cal) == [] and cal.fitted_on == "validation"

@@ -99,7 +99,9 @@ def test_a_child_starts_from_its_lora_parent_and_is_gated_on_the_parents_test_se
     assert regression["testRows"] == len(parent_test_rows(parent_out)) > 0
     assert regression["drop"] == pytest.approx(regression["child"] - regression["parent"]) and regression["passed"] is True
     # Trained on the merged parent, the child starts where the parent ended: its first baseline is the parent's quality.
-    child_baseline = _progress(tmp_path / "child")["evaluation"]["baseline"]["base_model"]["eval_loss"]
+    child_report = _progress(tmp_path / "child")["evaluation"]["baseline"]
+    assert child_report["reference"] == "parent_model" and "base_model" not in child_report  # named for what it is
+    child_baseline = child_report["parent_model"]["eval_loss"]
     assert child_baseline < progress["evaluation"]["baseline"]["base_model"]["eval_loss"]
     card = json.loads((tmp_path / "child" / "model" / "model_card.json").read_text())
     assert card["baseModel"] == str(parent_out / "model")
