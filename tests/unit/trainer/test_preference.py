@@ -357,7 +357,7 @@ def test_the_trainer_refuses_bad_preference_jobs_with_the_words_of_the_api_serve
     for name, value in (("FINETUNE_TERMINATION_LOG", log), ("FINETUNE_METRICS_PORT", "0"), ("FINETUNE_WORK_DIR", tmp_path / "work")):
         monkeypatch.setenv(name, str(value))
     spec = {"model": {"uri": "/models/x"}, "objective": {"type": "dpo"}, "output": {"uri": str(tmp_path / "out")},
-            "dataset": {"train": "/data/train.jsonl", "format": "preference"}}
+            "dataset": {"train": "/data/train.jsonl", "format": "preference"}, "hyperparameters": {"packing": True}}
     assert main(["--config", str(write_config(tmp_path / "a.yaml", spec))]) == 11
     assert log.read_text().startswith("InvalidConfig: spec: objective.type dpo and simpo need hyperparameters.packing false")
     spec["hyperparameters"] = {"packing": False}

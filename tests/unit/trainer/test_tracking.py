@@ -94,6 +94,11 @@ def test_mlflow_run_and_tensorboard_events_hold_what_the_trainer_computed(assets
     for name, value in s3.env(base={}).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("S3_ENDPOINT", s3.endpoint_url)
+    import boto3
+
+    # tensorboard's reader uses boto3's default session, which keeps the credentials it first resolved: an earlier
+    # test of this process (another S3 server, other keys) must not decide which keys this read sends.
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
     ea = _events(f"{out}/tensorboard")
     scalars = ea.Scalars("train/loss")
     assert [s.step for s in scalars] == list(range(1, STEPS + 1))
