@@ -286,7 +286,7 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """up (with only the process node) + demo data in S3 + examples/*.yaml applied + watched to the end."""
+    """up (with only the process node) + demo data in S3 + examples/*.yaml and examples/sweeps/*.yaml applied + watched to the end."""
     from . import stack
 
     args.nodes, args.no_s3, args.no_operator, args.no_procnode = 0, False, False, False
@@ -313,10 +313,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print((out.stdout or out.stderr).strip(), file=sys.stderr)
         if out.returncode == 0:
             names.append(out.stdout.split()[0].split("/")[-1])
+    sweeps = []
+    for path in sorted((stack.EXAMPLES / "sweeps").glob("*.yaml")):
+        out = c.kubectl("apply", "-f", str(path), check=False)
+        print((out.stdout or out.stderr).strip(), file=sys.stderr)
+        if out.returncode == 0:
+            sweeps.append(out.stdout.split()[0].split("/")[-1])
     print(f"watching {', '.join(names)} (kubectl get ftj -w shows the same) ...", file=sys.stderr)
     objs = stack.watch(c, names)
+    print(f"watching sweeps {', '.join(sweeps)} (kubectl get ftsweep -w) ...", file=sys.stderr)
+    sweep_objs = stack.watch(c, sweeps, kind="ftsweep")
     print(stack.summary(objs, s3, state_dir()))
-    return 0 if all(o["status"]["phase"] == "Succeeded" for o in objs.values()) else 1
+    print(stack.sweep_summary(sweep_objs))
+    return 0 if all(o["status"]["phase"] == "Succeeded" for o in [*objs.values(), *sweep_objs.values()]) else 1
 
 
 def cmd_procnode(args: argparse.Namespace) -> int:

@@ -224,21 +224,45 @@ def seed(s3: Any, state: Path) -> dict[str, str]:
     return seed_bucket(s3.client(), DEMO_BUCKET, state / "assets")
 
 
-def watch(cluster: LocalCluster, names: list[str], namespace: str = "default", timeout: float = 1800) -> dict[str, dict]:
-    """Print the FineTuneJob table while the jobs run; return their final objects."""
+def watch(cluster: LocalCluster, names: list[str], namespace: str = "default", timeout: float = 1800, kind: str = "ftj") -> dict[str, dict]:
+    """Print the FineTuneJob (or, kind ftsweep, FineTuneSweep) table while they run; return their final objects."""
     deadline = time.monotonic() + timeout
     last = ""
+    if not names:
+        return {}
     while True:
-        table = cluster.kubectl("get", "ftj", "-n", namespace, *names, check=False).stdout.strip()
+        table = cluster.kubectl("get", kind, "-n", namespace, *names, check=False).stdout.strip()
         if table != last:
             print(table, flush=True)
             last = table
-        objs = {n: json.loads(cluster.kubectl("get", "ftj", n, "-n", namespace, "-o", "json").stdout) for n in names}
+        objs = {n: json.loads(cluster.kubectl("get", kind, n, "-n", namespace, "-o", "json").stdout) for n in names}
         if all((o.get("status") or {}).get("phase") in ("Succeeded", "Failed") for o in objs.values()):
             return objs
         if time.monotonic() > deadline:
             raise TimeoutError(f"jobs still running after {timeout:.0f}s:\n{table}")
         time.sleep(3)
+
+
+def sweep_summary(objs: dict[str, dict]) -> str:
+    """Each FineTuneSweep's outcome: its trials, the best one and its parameters, its honest test estimate, its model."""
+    lines = []
+    for name, obj in objs.items():
+        st = obj.get("status") or {}
+        lines.append(f"\nsweep {name}: {st.get('phase')} {st.get('message', '')}")
+        lines.append(f"  trials:      {st.get('completed', 0)} complete, {st.get('pruned', 0)} pruned, {st.get('failed', 0)} failed ({st.get('progress')})")
+        for rec in st.get("trials") or []:
+            params = ", ".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}" for k, v in rec["params"].items())
+            value = f"{rec['value']:.4f}" if rec.get("value") is not None else "-"
+            lines.append(f"    {rec['name']:<22} {rec['state']:<9} {value:>8}  {params}")
+        if st.get("bestTrial"):
+            lines.append(f"  best trial:  {st['bestTrial']} ({(obj.get('spec') or {}).get('objective', {}).get('metric', 'eval_loss')}={st.get('bestValue'):.4f} "
+                         f"on validation) with {json.dumps(st.get('bestParams'), sort_keys=True)}")
+        gain = st.get("bestGain") or {}
+        if gain:
+            lines.append(f"  its test:    {gain.get('metric')} {gain.get('baselineKind') or 'baseline'} {gain.get('baseline')} -> {gain.get('final')} (on {gain.get('split')})")
+        if st.get("modelUri"):
+            lines.append(f"  model:       {st['modelUri']}")
+    return "\n".join(lines)
 
 
 def summary(objs: dict[str, dict], s3: Any, state: Path) -> str:
@@ -257,6 +281,13 @@ def summary(objs: dict[str, dict], s3: Any, state: Path) -> str:
             lines.append("  data:        " + ", ".join(f"{k}={v}" for k, v in data.items() if k != "reportUri"))
         if st.get("latestCheckpoint"):
             lines.append(f"  checkpoint:  {st['latestCheckpoint']}")
+        lineage = st.get("lineage") or {}
+        if lineage:
+            lines.append(f"  lineage:     from job {lineage.get('parentJob')} (model {lineage.get('parentModelUri')}, "
+                         f"data report {str(lineage.get('parentDataReportDigest') or '-')[:12]})")
+        regression = st.get("regression") or {}
+        if regression:
+            lines.append("  regression:  " + ", ".join(f"{k}={v}" for k, v in regression.items()))
         tracking = st.get("tracking") or {}
         if tracking.get("tensorboardUri"):
             lines.append(f"  tensorboard: {tracking['tensorboardUri']}")

@@ -45,6 +45,8 @@ LABEL_SWEEP = f"{API_GROUP}/sweep"
 """Label on every trial FineTuneJob: the name of its sweep."""
 LABEL_TRIAL = f"{API_GROUP}/sweep-trial"
 """Label on every trial FineTuneJob: its trial number."""
+LABEL_FINAL = f"{API_GROUP}/sweep-final"
+"""Label ("true") on a sweep's final retraining FineTuneJob (final.action retrain)."""
 ANNOTATION_PARAMS = f"{API_GROUP}/sweep-params"
 """Annotation on every trial FineTuneJob: its parameters as JSON (path -> value), so a sweep whose status
 was lost still knows what each child tried."""
@@ -210,6 +212,25 @@ class SweepObjective(_Model):
         default=None,
         description="min or max; default: the metric's own direction (max for accuracy and F1, min for losses and any other metric).",
     )
+    split: str = Field(
+        default="validation",
+        description=(
+            "Where trials are compared: validation only. Choosing the winner by its test score would make that score "
+            "optimistic (the test split would have taken part in the choice); the best trial's test result is reported "
+            "as status.bestGain instead, an honest estimate. With template.dataset.crossValidation a trial's value is "
+            "the mean over its folds."
+        ),
+        json_schema_extra={"enum": ["validation"]},
+    )
+
+    @model_validator(mode="after")
+    def _split(self) -> "SweepObjective":
+        if self.split != "validation":
+            raise ValueError(
+                "objective.split must be validation: selecting trials on the test split leaks it into the choice; "
+                "the best trial's test result is in status.bestGain"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -226,6 +247,56 @@ class SweepObjective(_Model):
         if expected is not None and self.direction != expected:
             raise ValueError(f"objective.direction must be {expected} for {self.metric}")
         return self
+
+
+class FinalAction(str, Enum):
+    promote = "promote"
+    retrain = "retrain"
+
+
+FINAL_SUFFIX = "final"
+"""The retraining FineTuneJob of a sweep is ``<sweep>-final``."""
+
+
+class FinalSpec(_Model):
+    """What the sweep ends with once every trial has finished; its result is status.modelUri."""
+
+    action: FinalAction = Field(
+        default=FinalAction.promote,
+        description=(
+            "promote: the best trial's exported model is the sweep's model (nothing more runs). retrain: one more "
+            "FineTuneJob <sweep>-final trains the best trial's parameters on the template with overrides applied "
+            "(typically the full schedule, where the trials ran a short one), writing to <output.uri>/<sweep>-final; "
+            "its model is the sweep's."
+        ),
+    )
+    overrides: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "retrain only: fields set over the template and the best parameters, as a partial FineTuneJob spec "
+            "(nested, e.g. {hyperparameters: {maxSteps: 200}}; lists are replaced, not merged). output may not be "
+            "overridden. The result must be a valid FineTuneJob."
+        ),
+        json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("!has(self.overrides) || self.action == 'retrain'", "final.overrides is only valid with action retrain"),
+            ]
+        }
+    )
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def monitored_metric(template: FineTuneJobSpec) -> str:
@@ -247,6 +318,11 @@ _LORA_CEL = (
     "|| self.template.method in [%s]" % ", ".join(f"'{m}'" for m in ADAPTER_METHODS)
 )
 _LORA_RULE = "searchSpace lora.* paths need template.method lora, qlora or dora"
+_CV_PRUNE_CEL = "!has(self.pruning) || !has(self.template.dataset.crossValidation)"
+_CV_PRUNE_RULE = (
+    "pruning is not available with template.dataset.crossValidation: a trial's value is the mean over its folds, "
+    "known only when they all finished"
+)
 
 
 class FineTuneSweepSpec(_Model):
@@ -267,6 +343,10 @@ class FineTuneSweepSpec(_Model):
     max_failed_trials: int = Field(
         default=3, ge=0, le=MAX_TRIALS, description="The sweep fails when more trials than this have failed; no new trial starts after that."
     )
+    final: FinalSpec = Field(
+        default_factory=FinalSpec,
+        description="After the trials: promote the best trial's model (default) or retrain its parameters as <sweep>-final.",
+    )
 
     @model_validator(mode="after")
     def _cross(self) -> "FineTuneSweepSpec":
@@ -280,6 +360,17 @@ class FineTuneSweepSpec(_Model):
                 p.candidates()  # raises for a float range
         if any(p.startswith("lora.") for p in paths) and self.template.method not in ADAPTER_METHODS:
             raise ValueError(_LORA_RULE)
+        if self.pruning is not None and self.template.dataset.cross_validation is not None:
+            raise ValueError(_CV_PRUNE_RULE)
+        if self.final.overrides is not None:
+            if self.final.action != FinalAction.retrain.value:
+                raise ValueError("final.overrides is only valid with action retrain")
+            if "output" in self.final.overrides:
+                raise ValueError("final.overrides may not set output: the final job writes to <output.uri>/<sweep>-final")
+            try:
+                trial_spec(self.template, {}, "probe", overrides=self.final.overrides)
+            except ValueError as exc:
+                raise ValueError(f"final.overrides does not make a valid FineTuneJob: {first_line(exc)}") from None
         methods = [p for p in self.search_space if p.path == "method"]
         if methods and any(p.startswith("lora.") for p in paths) and any(v not in ADAPTER_METHODS for v in methods[0].values or []):
             raise ValueError("searchSpace: lora.* paths need every method value to be lora, qlora or dora")
@@ -301,6 +392,7 @@ class FineTuneSweepSpec(_Model):
                 cel(_MONITOR_CEL, _MONITOR_RULE),
                 cel(_GRID_CEL, _GRID_RULE),
                 cel(_LORA_CEL, _LORA_RULE),
+                cel(_CV_PRUNE_CEL, _CV_PRUNE_RULE),
             ]
         }
     )
@@ -321,9 +413,11 @@ def first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0]
 
 
-def trial_spec(template: FineTuneJobSpec, params: dict[str, Any], trial_name: str) -> FineTuneJobSpec:
+def trial_spec(template: FineTuneJobSpec, params: dict[str, Any], trial_name: str,
+               overrides: dict[str, Any] | None = None) -> FineTuneJobSpec:
     """The FineTuneJob spec of one trial: the template with ``params`` (path -> value) set and its own output
-    folder. Raises ValidationError when the values make an invalid job."""
+    folder (the final retraining: with ``final.overrides`` merged over that). Raises ValidationError when the
+    values make an invalid job."""
     wire = copy.deepcopy(template.wire())
     for path, value in params.items():
         node = wire
@@ -335,6 +429,8 @@ def trial_spec(template: FineTuneJobSpec, params: dict[str, Any], trial_name: st
         wire.pop("lora")  # a searched method full drops the adapter settings
     if wire.get("method") == Method.full.value and any(p.startswith("lora.") for p in params):
         raise ValueError("lora.* parameters with method full")
+    if overrides:
+        wire = _deep_merge(wire, {k: v for k, v in overrides.items() if k != "output"})
     wire["output"]["uri"] = wire["output"]["uri"].rstrip("/") + "/" + trial_name
     return parse_spec(wire)
 
@@ -347,6 +443,7 @@ def parse_sweep(spec: dict[str, Any]) -> FineTuneSweepSpec:
 
 
 class SweepPhase(str, Enum):
+    pending = "Pending"
     running = "Running"
     succeeded = "Succeeded"
     failed = "Failed"
@@ -379,13 +476,34 @@ class TrialRecord(WireModel):
         default=None, max_length=MAX_INTERMEDIATE, description="The objective at each evaluation seen while the trial ran (the newest ones)."
     )
     model_uri: str | None = Field(default=None, description="The trial's exported model (Complete trials).")
+    gain: dict[str, Any] | None = Field(
+        default=None, description="The trial's status.gain (Complete trials): its primary metric before and after, on test when it has a test split.",
+        json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    )
     message: str | None = Field(default=None, max_length=1024, description="Why a trial failed or was pruned.")
+
+
+class FinalRecord(WireModel):
+    """final.action retrain: the FineTuneJob that retrains the best trial's parameters."""
+
+    name: str = Field(description="The final FineTuneJob (<sweep>-final).")
+    from_trial: str = Field(description="The trial whose parameters it trains.")
+    params: dict[str, Any] = Field(
+        description="Those parameters.", json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    )
+    phase: str | None = Field(default=None, description="The final job's phase as the sweep last saw it.")
+    value: float | None = Field(default=None, description="Its best validation value of the objective metric.")
+    model_uri: str | None = Field(default=None, description="Its exported model.")
+    message: str | None = Field(default=None, max_length=1024, description="Why it failed.")
 
 
 class FineTuneSweepStatus(WireModel):
     """Observed state of the sweep, written by the operator only."""
 
-    phase: str | None = Field(default=None, description="Running, Succeeded or Failed.", json_schema_extra={"enum": [p.value for p in SweepPhase]})
+    phase: str | None = Field(
+        default=None, description="Pending (its namespace has not opted in), Running, Succeeded or Failed.",
+        json_schema_extra={"enum": [p.value for p in SweepPhase]},
+    )
     message: str | None = Field(default=None, max_length=4096, description="Human-readable explanation of the phase.")
     observed_generation: int | None = Field(default=None, description="metadata.generation the operator last acted on.")
     trials: list[TrialRecord] | None = Field(default=None, max_length=MAX_TRIALS, description="Every trial created, in order.")
@@ -400,6 +518,18 @@ class FineTuneSweepStatus(WireModel):
         default=None, description="Its parameters.", json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True}
     )
     best_model_uri: str | None = Field(default=None, description="Its exported model.")
+    best_gain: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "Its status.gain: baseline and final of its primary metric on its test split (validation when it has none). "
+            "The test split took no part in choosing it, so this is the honest estimate of the sweep's result."
+        ),
+        json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    )
+    final: FinalRecord | None = Field(default=None, description="final.action retrain: the retraining job.")
+    model_uri: str | None = Field(
+        default=None, description="The sweep's result once Succeeded: the best trial's model (promote) or the final job's (retrain)."
+    )
 
 
 SWEEP_API_VERSION = f"{API_GROUP}/{API_VERSION}"

@@ -13,13 +13,14 @@ import yaml
 from finetune_api import crd, spec, sweep
 
 PRINTER_COLUMNS = [
-    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Running, Succeeded or Failed."},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Pending, Running, Succeeded or Failed."},
     {"name": "Trials", "type": "string", "jsonPath": ".status.progress", "description": "Finished trials / maxTrials."},
     {"name": "Running", "type": "integer", "jsonPath": ".status.running", "description": "Trials running now."},
     {"name": "Pruned", "type": "integer", "jsonPath": ".status.pruned", "description": "Trials stopped early."},
     {"name": "Failed", "type": "integer", "jsonPath": ".status.failed", "description": "Trials that failed."},
     {"name": "Best", "type": "number", "jsonPath": ".status.bestValue", "description": "Best objective value."},
     {"name": "Best-Trial", "type": "string", "jsonPath": ".status.bestTrial", "description": "The best trial's FineTuneJob."},
+    {"name": "Model", "type": "string", "jsonPath": ".status.modelUri", "priority": 1, "description": "The sweep's model (kubectl get -o wide)."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -20,7 +20,7 @@ from finetune_api.sweep import LABEL_SWEEP, SWEEP_PLURAL
 from finetune_operator import handlers, kube, metrics, sweep_handlers
 from finetune_operator.builders import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY
 from finetune_operator.config import OperatorConfig
-from finetune_operator.policy import check_image_patterns
+from finetune_operator.policy import check_image_patterns, namespace_refusal
 from finetune_operator.progress import ProgressReader, check_allowlist, secret_values
 from finetune_operator.views import JobView, PodView, job_view, pod_view
 
@@ -262,12 +262,19 @@ _sweep_phases: dict[tuple[str, str], str | None] = {}  # every FineTuneSweep see
 
 
 async def _reconcile_sweep(namespace: str, name: str) -> None:
-    await asyncio.get_running_loop().run_in_executor(_POOL, lambda: sweep_handlers.reconcile_sweep(namespace, name, CONFIG.instance))
+    refused = None
+    if CONFIG.namespace_selector:  # a sweep creates FineTuneJobs: it serves the namespaces the jobs serve
+        found = _snapshot(_INDEXES.get("namespaces"), namespace)
+        refused = namespace_refusal(namespace, found[0] if found else None, CONFIG.namespace_selector)
+    await asyncio.get_running_loop().run_in_executor(
+        _POOL, lambda: sweep_handlers.reconcile_sweep(namespace, name, CONFIG.instance, refused)
+    )
 
 
 @kopf.on.event(*FTS)  # type: ignore[arg-type]
 async def on_sweep_event(type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
     """Every change of a FineTuneSweep, and every existing one at startup: level-triggered like the jobs."""
+    _remember(namespaces=_.get("ftj_namespaces"))
     if type == "DELETED":  # its trials carry owner references: the garbage collector removes them
         _sweep_phases.pop((namespace, name), None)
         sweep_handlers.forget(body["metadata"]["uid"], namespace, name)

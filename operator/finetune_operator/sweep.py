@@ -31,6 +31,9 @@ from optuna.trial import TrialState as OptunaState
 from finetune_api.spec import API_GROUP, API_VERSION, KIND
 from finetune_api.sweep import (
     ANNOTATION_PARAMS,
+    FINAL_SUFFIX,
+    LABEL_FINAL,
+    FinalAction,
     LABEL_SWEEP,
     LABEL_TRIAL,
     MAX_INTERMEDIATE,
@@ -65,6 +68,9 @@ class ObservedTrial:
     best_metric_name: str | None = None
     model_uri: str | None = None
     failure: str | None = None
+    gain: dict[str, Any] | None = None
+    cv_mean: dict[str, float] | None = None
+    """dataset.crossValidation: status.crossValidation.mean (each metric's mean over the folds)."""
 
 
 def observe_trial(body: Mapping[str, Any]) -> ObservedTrial | None:
@@ -75,6 +81,23 @@ def observe_trial(body: Mapping[str, Any]) -> ObservedTrial | None:
         params = json.loads((meta.get("annotations") or {})[ANNOTATION_PARAMS])
     except (KeyError, ValueError, TypeError):
         return None
+    return _observe(body, number, params)
+
+
+def observe_final(body: Mapping[str, Any]) -> ObservedTrial | None:
+    """The sweep's final retraining FineTuneJob (label finetune.io/sweep-final); None for any other object."""
+    meta = body.get("metadata") or {}
+    if (meta.get("labels") or {}).get(LABEL_FINAL) != "true":
+        return None
+    try:
+        params = json.loads((meta.get("annotations") or {})[ANNOTATION_PARAMS])
+    except (KeyError, ValueError, TypeError):
+        params = {}
+    return _observe(body, -1, params if isinstance(params, dict) else {})
+
+
+def _observe(body: Mapping[str, Any], number: int, params: Any) -> ObservedTrial:
+    meta = body.get("metadata") or {}
     status = body.get("status") or {}
     progress = status.get("progress") or {}
     checkpoints = tuple(
@@ -91,7 +114,31 @@ def observe_trial(body: Mapping[str, Any]) -> ObservedTrial | None:
         best_metric_name=progress.get("bestMetricName"),
         model_uri=status.get("modelUri"),
         failure=status.get("failureReason") or status.get("message"),
+        gain=status.get("gain") if isinstance(status.get("gain"), dict) else None,
+        cv_mean=((status.get("crossValidation") or {}).get("mean") or None) if isinstance(status.get("crossValidation"), dict) else None,
     )
+
+
+def _metric_in(values: Mapping[str, Any] | None, metric: str) -> float | None:
+    """``metric`` in a name -> value mapping that may spell it with or without the ``eval_`` prefix."""
+    for key in (metric, metric.removeprefix("eval_"), f"eval_{metric}"):
+        value = (values or {}).get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            return float(value)
+    return None
+
+
+def final_value(trial: ObservedTrial, spec: FineTuneSweepSpec, intermediate: list[dict[str, Any]] | None = None) -> float | None:
+    """A succeeded job's value of the objective: the mean over its folds (crossValidation), else its best
+    validation value (status.progress.bestMetric), else the best of the values seen at its checkpoints."""
+    metric = spec.objective.metric
+    if spec.template.dataset.cross_validation is not None:
+        return _metric_in(trial.cv_mean, metric)
+    value = trial.best_metric if trial.best_metric_name in (None, metric) else None
+    if value is None and intermediate:
+        values = [iv["value"] for iv in intermediate]
+        value = max(values) if spec.direction == "max" else min(values)
+    return None if value is None else float(value)
 
 
 @dataclass
@@ -228,15 +275,13 @@ def _merge(records: dict[int, dict[str, Any]], trial: ObservedTrial | None, rec:
         events.append(Event("Warning", "TrialFailed", f"{rec['name']}: its FineTuneJob was deleted"))
         return
     seen = {int(iv["step"]) for iv in rec.get("intermediate") or ()}
-    new = [{"step": s, "value": v} for s, v in trial.checkpoints if s not in seen]
+    cv = spec.template.dataset.cross_validation is not None  # checkpoint steps restart at every fold: no curve to prune on
+    new = [] if cv else [{"step": s, "value": v} for s, v in trial.checkpoints if s not in seen]
     if new:
         merged = sorted([*(rec.get("intermediate") or []), *new], key=lambda iv: iv["step"])
         rec["intermediate"] = merged[-MAX_INTERMEDIATE:]
     if trial.phase == "Succeeded":
-        value = trial.best_metric if trial.best_metric_name in (None, spec.objective.metric) else None
-        if value is None and rec.get("intermediate"):
-            values = [iv["value"] for iv in rec["intermediate"]]
-            value = max(values) if spec.direction == "max" else min(values)
+        value = final_value(trial, spec, rec.get("intermediate"))
         if value is None:
             rec.update(state=TrialState.failed.value, message=f"the job succeeded without a value of {spec.objective.metric}")
             events.append(Event("Warning", "TrialFailed", f"{rec['name']}: no value of {spec.objective.metric}"))
@@ -244,6 +289,8 @@ def _merge(records: dict[int, dict[str, Any]], trial: ObservedTrial | None, rec:
         rec.update(state=TrialState.complete.value, value=float(value))
         if trial.model_uri:
             rec["modelUri"] = trial.model_uri
+        if trial.gain:
+            rec["gain"] = dict(trial.gain)
         events.append(Event("Normal", "TrialCompleted", f"{rec['name']}: {spec.objective.metric}={value:.6g} with {_fmt(rec['params'])}"))
     elif trial.phase == "Failed":
         rec.update(state=TrialState.failed.value, message=(trial.failure or "the job failed")[:1024])
@@ -254,27 +301,45 @@ def _fmt(params: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def _child(name: str, namespace: str, uid: str, spec: FineTuneSweepSpec, number: int, params: dict[str, Any]) -> dict[str, Any]:
-    child_name = trial_name(name, number)
+def final_name(sweep: str) -> str:
+    return f"{sweep}-{FINAL_SUFFIX}"
+
+
+def _child(name: str, namespace: str, uid: str, spec: FineTuneSweepSpec, number: int | None, params: dict[str, Any]) -> dict[str, Any]:
+    """Trial ``number``'s FineTuneJob, or (number None) the final retraining with final.overrides."""
+    if number is None:
+        child_name, labels = final_name(name), {LABEL_SWEEP: name, LABEL_FINAL: "true"}
+        job_spec = trial_spec(spec.template, params, child_name, overrides=spec.final.overrides)
+    else:
+        child_name, labels = trial_name(name, number), {LABEL_SWEEP: name, LABEL_TRIAL: str(number)}
+        job_spec = trial_spec(spec.template, params, child_name)
     return {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": KIND,
         "metadata": {
             "name": child_name,
             "namespace": namespace,
-            "labels": {LABEL_SWEEP: name, LABEL_TRIAL: str(number)},
+            "labels": labels,
             "annotations": {ANNOTATION_PARAMS: json.dumps(params, sort_keys=True)},
             "ownerReferences": [
                 {"apiVersion": SWEEP_API_VERSION, "kind": SWEEP_KIND, "name": name, "uid": uid, "controller": True, "blockOwnerDeletion": True}
             ],
         },
-        "spec": trial_spec(spec.template, params, child_name).wire(),
+        "spec": job_spec.wire(),
     }
 
 
 def decide(name: str, namespace: str, uid: str, spec: FineTuneSweepSpec, status: Mapping[str, Any] | None,
-           children: list[ObservedTrial], generation: int | None = None) -> SweepPlan:
+           children: list[ObservedTrial], generation: int | None = None, *, final: ObservedTrial | None = None,
+           refused: str | None = None) -> SweepPlan:
+    """``children``: the trial jobs; ``final``: the <sweep>-final job if there is one; ``refused``: why the
+    operator does not serve the namespace (namespaceSelector), which holds the sweep Pending with no trial."""
     plan = SweepPlan()
+    if refused is not None and not (status or {}).get("trials") and not children:
+        plan.status = {"phase": SweepPhase.pending.value, "message": refused}
+        if generation is not None:
+            plan.status["observedGeneration"] = generation
+        return plan
     by_number = {c.number: c for c in children}
     records: dict[int, dict[str, Any]] = {int(r["number"]): dict(r) for r in (status or {}).get("trials") or ()}
     for child in children:  # created just before a crash, before its record was written
@@ -332,8 +397,62 @@ def decide(name: str, namespace: str, uid: str, spec: FineTuneSweepSpec, status:
         numbers.append(number)
         counts[TrialState.running.value] += 1
 
+    if refused is not None:  # a namespace that stopped opting in: nothing new starts here
+        plan.create = []
     plan.status = _status(spec, ordered, counts, limit, too_many_failures, generation)
+    _finalise(name, namespace, uid, spec, status, plan, final, refused)
     return plan
+
+
+def _finalise(name: str, namespace: str, uid: str, spec: FineTuneSweepSpec, old: Mapping[str, Any] | None, plan: SweepPlan,
+              final: ObservedTrial | None, refused: str | None) -> None:
+    """The last step once every trial finished with a best one (the status says Succeeded): promote its model,
+    or retrain its parameters as <sweep>-final and succeed (or fail) with that job."""
+    status = plan.status
+    if status["phase"] != SweepPhase.succeeded.value:
+        return
+    best = next(r for r in status["trials"] if r["name"] == status["bestTrial"])
+    if best.get("gain"):
+        status["bestGain"] = best["gain"]
+    if spec.final.action == FinalAction.promote.value:
+        if status.get("bestModelUri"):
+            status["modelUri"] = status["bestModelUri"]
+            if (old or {}).get("modelUri") != status["modelUri"]:
+                plan.events.append(Event("Normal", "BestModelPromoted", f"{best['name']}'s model is the sweep's: {status['modelUri']}"))
+        return
+    record = dict((old or {}).get("final") or {})
+    if not record:  # pinned when first created: the trials are over, the best one cannot change
+        record = {"name": final_name(name), "fromTrial": best["name"], "params": dict(best["params"])}
+    trials_done = status["message"]
+    if final is None:
+        if record.get("phase") in ("Succeeded", "Failed"):
+            pass  # it ran and was deleted afterwards: the recorded outcome stands
+        elif refused is None:
+            plan.create.append(_child(name, namespace, uid, spec, None, record["params"]))
+            plan.events.append(Event("Normal", "FinalRetrainCreated", f"{record['name']}: the parameters of {record['fromTrial']} ({_fmt(record['params'])})"))
+            record["phase"] = "Pending"
+    else:
+        record["phase"] = final.phase or "Pending"
+        if final.phase == "Succeeded":
+            value = final_value(final, spec)
+            if value is not None:
+                record["value"] = value
+            if final.model_uri:
+                record["modelUri"] = final.model_uri
+        elif final.phase == "Failed":
+            record["message"] = (final.failure or "the job failed")[:1024]
+    status["final"] = record
+    if record.get("phase") == "Succeeded" and record.get("modelUri"):
+        status["modelUri"] = record["modelUri"]
+        status["message"] = f"{trials_done}; retrained as {record['name']}: {status['modelUri']}"
+        if (old or {}).get("phase") != SweepPhase.succeeded.value:
+            plan.events.append(Event("Normal", "FinalRetrainSucceeded", f"{record['name']}: {status['modelUri']}"))
+    elif record.get("phase") in ("Succeeded", "Failed"):
+        status["phase"] = SweepPhase.failed.value
+        status["message"] = f"{trials_done}; the final retraining {record['name']} failed: {record.get('message') or 'it exported no model'}"
+    else:
+        status["phase"] = SweepPhase.running.value
+        status["message"] = f"{trials_done}; retraining its parameters as {record['name']} ({record['phase']})"
 
 
 def _status(spec: FineTuneSweepSpec, ordered: list[dict[str, Any]], counts: dict[str, int], limit: int,

@@ -20,7 +20,7 @@ from finetune_api.spec import API_GROUP, API_VERSION, PLURAL
 from finetune_api.sweep import LABEL_SWEEP, SWEEP_KIND, SWEEP_PLURAL, SweepPhase, TrialState, parse_sweep
 from finetune_api.validation import validation_message
 from finetune_operator import kube, metrics
-from finetune_operator.sweep import Event, decide, observe_trial
+from finetune_operator.sweep import Event, decide, observe_final, observe_trial
 
 log = logging.getLogger(__name__)
 _locks: dict[str, threading.Lock] = {}
@@ -72,6 +72,11 @@ def _api() -> client.CustomObjectsApi:
 def list_trials(namespace: str, sweep: str) -> list[dict[str, Any]]:
     found = _api().list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, label_selector=f"{LABEL_SWEEP}={sweep}")
     return list(found.get("items") or [])
+
+
+def _owned(child: dict[str, Any], sweep_uid: str) -> bool:
+    """Only this sweep's own children count: a FineTuneJob anyone labels finetune.io/sweep=<name> is not a trial."""
+    return any(o.get("uid") == sweep_uid for o in (child.get("metadata") or {}).get("ownerReferences") or ())
 
 
 def create_trial(body: dict[str, Any], sweep_uid: str) -> bool:
@@ -129,8 +134,9 @@ def post_sweep_event(body: dict[str, Any], event: Event, instance: str) -> None:
         log.warning("could not post event %s on sweep %s/%s: %s", event.reason, meta["namespace"], meta["name"], exc.reason)
 
 
-def reconcile_sweep(namespace: str, name: str, instance: str) -> None:
-    """Reconcile one sweep from a fresh read (an event's body may predate the status this operator last wrote)."""
+def reconcile_sweep(namespace: str, name: str, instance: str, refused: str | None = None) -> None:
+    """Reconcile one sweep from a fresh read (an event's body may predate the status this operator last wrote).
+    ``refused``: why the operator does not serve this namespace (namespaceSelector), or None."""
     try:
         body = _api().get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, SWEEP_PLURAL, name)
     except ApiException as exc:
@@ -140,13 +146,13 @@ def reconcile_sweep(namespace: str, name: str, instance: str) -> None:
     metrics.RECONCILES.labels("sweep").inc()
     with _lock(body["metadata"]["uid"]), metrics.DURATION.labels("sweep").time():
         try:
-            _reconcile(body, instance)
+            _reconcile(body, instance, refused)
         except Exception:  # the next change of the sweep or of a trial retries (level-triggered)
             metrics.ERRORS.labels("sweep").inc()
             raise
 
 
-def _reconcile(body: dict[str, Any], instance: str) -> None:
+def _reconcile(body: dict[str, Any], instance: str, refused: str | None = None) -> None:
     meta = body["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
     old_status = body.get("status") or {}
@@ -158,8 +164,10 @@ def _reconcile(body: dict[str, Any], instance: str) -> None:
             patch_sweep_status(namespace, name, status)
             post_sweep_event(body, Event("Warning", "InvalidSpec", status["message"]), instance)
         return
-    trials = [t for t in (observe_trial(c) for c in list_trials(namespace, name)) if t is not None]
-    plan = decide(name, namespace, uid, spec, old_status, trials, meta.get("generation"))
+    children = [c for c in list_trials(namespace, name) if _owned(c, uid)]
+    trials = [t for t in (observe_trial(c) for c in children) if t is not None]
+    final = next((f for f in (observe_final(c) for c in children) if f is not None), None)
+    plan = decide(name, namespace, uid, spec, old_status, trials, meta.get("generation"), final=final, refused=refused)
     for child in plan.create:
         create_trial(child, uid)
     for trial in plan.suspend:
@@ -169,6 +177,8 @@ def _reconcile(body: dict[str, Any], instance: str) -> None:
     record_metrics(namespace, name, spec.objective.metric, plan.status)
     for event in plan.events:
         post_sweep_event(body, event, instance)
-    if plan.status["phase"] != old_status.get("phase") and plan.status["phase"] != SweepPhase.running.value:
+    if plan.status["phase"] != old_status.get("phase") and plan.status["phase"] == SweepPhase.pending.value:
+        post_sweep_event(body, Event("Warning", "NamespaceNotServed", plan.status["message"]), instance)
+    elif plan.status["phase"] != old_status.get("phase") and plan.status["phase"] != SweepPhase.running.value:
         kind = "Normal" if plan.status["phase"] == SweepPhase.succeeded.value else "Warning"
         post_sweep_event(body, Event(kind, f"Sweep{plan.status['phase']}", plan.status["message"]), instance)

@@ -555,7 +555,7 @@ def test_grafana_dashboard_configmap_behind_toggle(helm: str) -> None:
     dashboard = json.loads(cm["data"]["finetune-operator.json"])
     titles = [p["title"] for p in dashboard["panels"]]
     for needed in ("Jobs by phase", "Progress (%)", "Train loss", "Eval loss", "Learning rate", "Tokens/s (all ranks)",
-                   "Checkpoint save time", "Group restarts", "Data report (rows)"):
+                   "Checkpoint save time", "Group restarts", "Data report (rows)", "Sweep trials by state", "Sweep best objective value"):
         assert needed in titles
     assert all(p["targets"][0]["expr"] for p in dashboard["panels"])
 

@@ -54,6 +54,12 @@ BAD = [
     (_sweep(searchSpace=[{"path": "hyperparameters.learningRate", "type": "choice", "values": [0.5, 2.0]}]), "learningRate=2.0 does not make a valid"),
     ({**_sweep(), "template": {**TEMPLATE, "method": "full"}}, "need template.method lora"),
     (_sweep(searchSpace=[RANK, {"path": "method", "type": "choice", "values": ["lora", "full"]}]), "every method value to be lora"),
+    (_sweep(objective={"metric": "eval_loss", "split": "test"}), "selecting trials on the test split leaks it"),
+    (_sweep(final={"action": "promote", "overrides": {"hyperparameters": {"maxSteps": 5}}}), "only valid with action retrain"),
+    (_sweep(final={"action": "retrain", "overrides": {"output": {"uri": "s3://elsewhere"}}}), "may not set output"),
+    (_sweep(final={"action": "retrain", "overrides": {"hyperparameters": {"learningRate": -1}}}), "final.overrides does not make a valid FineTuneJob"),
+    ({**_sweep(pruning={"type": "median"}), "template": {**TEMPLATE, "dataset": {**TEMPLATE["dataset"], "crossValidation": {"folds": 3}}}},
+     "pruning is not available with template.dataset.crossValidation"),
 ]
 
 
@@ -61,6 +67,16 @@ BAD = [
 def test_bad_sweeps_say_what_to_change(manifest, message):
     with pytest.raises(ValidationError, match=message):
         parse_sweep(manifest)
+
+
+def test_the_final_retraining_spec_merges_its_overrides_over_the_best_parameters():
+    s = parse_sweep(_sweep(final={"action": "retrain", "overrides": {"hyperparameters": {"maxSteps": 300}, "lora": {"alpha": 64}}}))
+    assert s.final.action == "retrain"
+    job = trial_spec(s.template, {"hyperparameters.learningRate": 3e-4, "lora.r": 8}, "sw-final", overrides=s.final.overrides)
+    assert (job.hyperparameters.max_steps, job.hyperparameters.learning_rate) == (300, 3e-4)
+    assert job.lora is not None and (job.lora.r, job.lora.alpha) == (8, 64)
+    assert job.output.uri == "s3://out/sweep-1/sw-final"
+    assert parse_sweep(_sweep()).final.action == "promote" and parse_sweep(_sweep()).objective.split == "validation"
 
 
 def test_committed_sweep_crd_matches_the_model():
@@ -71,7 +87,7 @@ def test_sweep_crd_names_columns_rules_and_descriptions():
     doc = yaml.safe_load(COMMITTED.read_text())
     assert doc["spec"]["names"]["kind"] == "FineTuneSweep" and "ftsweep" in doc["spec"]["names"]["shortNames"]
     version = doc["spec"]["versions"][0]
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Trials", "Running", "Pruned", "Failed", "Best", "Best-Trial", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Trials", "Running", "Pruned", "Failed", "Best", "Best-Trial", "Model", "Age"]
     root = version["schema"]["openAPIV3Schema"]
     assert root["properties"]["metadata"]["properties"]["name"]["maxLength"] == sweep.MAX_SWEEP_NAME
     spec = root["properties"]["spec"]

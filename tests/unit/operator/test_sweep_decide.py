@@ -6,8 +6,8 @@ import json
 import math
 from typing import Any
 
-from finetune_api.sweep import ANNOTATION_PARAMS, LABEL_SWEEP, LABEL_TRIAL, parse_sweep
-from finetune_operator.sweep import ObservedTrial, decide, observe_trial
+from finetune_api.sweep import ANNOTATION_PARAMS, LABEL_FINAL, LABEL_SWEEP, LABEL_TRIAL, parse_sweep
+from finetune_operator.sweep import ObservedTrial, decide, observe_final, observe_trial
 
 TEMPLATE = {
     "model": {"uri": "s3://models/tiny-llama"},
@@ -39,8 +39,12 @@ class World:
     def observed(self) -> list[ObservedTrial]:
         return [t for t in (observe_trial(b) for b in self.jobs.values()) if t is not None]
 
-    def reconcile(self, spec, status: dict[str, Any] | None = "current"):
-        plan = decide("sw", "ns", UID, spec, self.status if status == "current" else status, self.observed())
+    def final(self) -> ObservedTrial | None:
+        return next((f for f in (observe_final(b) for b in self.jobs.values()) if f is not None), None)
+
+    def reconcile(self, spec, status: dict[str, Any] | None = "current", refused: str | None = None):
+        plan = decide("sw", "ns", UID, spec, self.status if status == "current" else status, self.observed(),
+                      final=self.final(), refused=refused)
         for body in plan.create:
             assert body["metadata"]["name"] not in self.jobs
             self.jobs[body["metadata"]["name"]] = {**body, "status": {"phase": "Running"}}
@@ -59,6 +63,7 @@ class World:
             "progress": {"bestMetric": value, "bestMetricName": "eval_loss"},
             "modelUri": f"s3://out/sw/{name}/model",
             "checkpoints": [{"step": 10, "uri": "x", "metric": value + 0.5}, {"step": 20, "uri": "y", "metric": value}],
+            "gain": {"metric": "eval_loss", "baseline": 9.0, "final": value + 0.01, "split": "test", "baselineKind": "base_model"},
         }
 
     def evaluate(self, name: str, step: int, value: float) -> None:
@@ -121,6 +126,11 @@ def test_max_trials_reached_best_recorded():
     assert status["bestTrial"] == best and status["bestValue"] == values[best]
     assert status["bestParams"] == world.params(best)
     assert status["bestModelUri"] == f"s3://out/sw/{best}/model"
+    # final.action promote (the default): the best trial's model is the sweep's, and its test result is reported
+    assert status["modelUri"] == status["bestModelUri"] and "final" not in status
+    assert status["bestGain"] == {"metric": "eval_loss", "baseline": 9.0, "final": values[best] + 0.01, "split": "test",
+                                  "baselineKind": "base_model"}
+    assert [e.reason for e in world.reconcile(spec).events] == []  # promoted once, not at every reconcile
 
 
 def test_grid_visits_every_combination_once_and_stops_when_exhausted():
@@ -283,3 +293,83 @@ def test_tpe_never_repeats_a_trial_when_trials_finish_one_by_one():
         world.reconcile(spec)
     tried = [json.dumps(world.params(n), sort_keys=True) for n in world.jobs]
     assert len(tried) == 8 and len(set(tried)) == 8
+
+
+def _run_trials(world: World, spec) -> None:
+    for _ in range(20):
+        world.reconcile(spec)
+        running = [n for n, j in world.jobs.items() if j["status"]["phase"] == "Running" and LABEL_TRIAL in j["metadata"]["labels"]]
+        if not running:
+            return
+        for name in running:
+            world.finish(name)
+    raise AssertionError("the trials did not end")
+
+
+def test_final_retrain_trains_the_best_parameters_with_the_overrides_and_becomes_the_sweeps_model():
+    world = World()
+    spec = sweep(parallelism=2, maxTrials=4, search={"algorithm": "random", "seed": 5},
+                 final={"action": "retrain", "overrides": {"hyperparameters": {"maxSteps": 200}}})
+    _run_trials(world, spec)
+    status = world.status
+    assert status["phase"] == "Running" and "sw-final" in status["message"]
+    assert status["completed"] == 4 and "modelUri" not in status
+    final = world.jobs["sw-final"]
+    best = status["bestTrial"]
+    assert final["metadata"]["labels"] == {LABEL_SWEEP: "sw", LABEL_FINAL: "true"}
+    assert final["metadata"]["ownerReferences"][0]["uid"] == UID
+    assert world.params("sw-final") == world.params(best) == status["final"]["params"]
+    assert status["final"]["fromTrial"] == best
+    assert final["spec"]["hyperparameters"]["maxSteps"] == 200  # the override
+    assert final["spec"]["hyperparameters"]["learningRate"] == world.params(best)["hyperparameters.learningRate"]
+    assert final["spec"]["lora"]["r"] == world.params(best)["lora.r"]
+    assert final["spec"]["output"]["uri"] == "s3://out/sw/sw-final"
+    assert world.reconcile(spec).create == []  # created once
+    # an operator restart mid-retrain (status as written) changes nothing
+    again = decide("sw", "ns", UID, spec, world.status, world.observed(), final=world.final())
+    assert again.create == [] and again.status == world.status
+    world.finish("sw-final", value=0.01)
+    plan = world.reconcile(spec)
+    assert world.status["phase"] == "Succeeded"
+    assert world.status["modelUri"] == "s3://out/sw/sw-final/model"
+    assert world.status["final"]["value"] == 0.01 and world.status["final"]["phase"] == "Succeeded"
+    assert world.status["bestTrial"] == best  # the final job is not a trial: it does not compete
+    assert "FinalRetrainSucceeded" in [e.reason for e in plan.events]
+
+
+def test_a_failed_final_retrain_fails_the_sweep_with_its_reason():
+    world = World()
+    spec = sweep(maxTrials=2, search={"algorithm": "random", "seed": 1}, final={"action": "retrain"})
+    _run_trials(world, spec)
+    assert world.status["phase"] == "Running" and "sw-final" in world.jobs
+    world.jobs["sw-final"]["status"] = {"phase": "Failed", "failureReason": "OOM at step 3"}
+    world.reconcile(spec)
+    assert world.status["phase"] == "Failed"
+    assert "the final retraining sw-final failed: OOM at step 3" in world.status["message"]
+    assert "modelUri" not in world.status
+
+
+def test_cross_validated_trials_are_compared_by_their_mean_over_folds():
+    template = {**TEMPLATE, "dataset": {**TEMPLATE["dataset"], "crossValidation": {"folds": 3}}}
+    spec = parse_sweep({"template": template, "searchSpace": [LR], "maxTrials": 2, "parallelism": 2})
+    world = World()
+    world.reconcile(spec)
+    assert world.jobs["sw-t0"]["spec"]["dataset"]["crossValidation"]["folds"] == 3
+    for name, mean in (("sw-t0", 0.7), ("sw-t1", 0.4)):
+        world.finish(name, value=0.1)  # its refit's bestMetric: not what the sweep compares
+        world.jobs[name]["status"]["crossValidation"] = {"folds": 3, "stratified": False, "mean": {"eval_loss": mean}, "std": {"eval_loss": 0.05}}
+    world.reconcile(spec)
+    assert world.status["phase"] == "Succeeded"
+    assert {r["name"]: r["value"] for r in world.status["trials"]} == {"sw-t0": 0.7, "sw-t1": 0.4}
+    assert world.status["bestTrial"] == "sw-t1" and world.status["bestValue"] == 0.4
+    assert all("intermediate" not in r for r in world.status["trials"])  # fold checkpoints restart their steps
+
+
+def test_a_namespace_that_has_not_opted_in_holds_the_sweep_pending_with_no_trial():
+    world = World()
+    spec = sweep(parallelism=2, maxTrials=4)
+    plan = world.reconcile(spec, refused="namespace ns lacks the label(s) finetune.io/enabled=true")
+    assert plan.create == [] and world.jobs == {}
+    assert world.status["phase"] == "Pending" and "finetune.io/enabled" in world.status["message"]
+    plan = world.reconcile(spec)  # labelled since
+    assert len(plan.create) == 2 and world.status["phase"] == "Running"
