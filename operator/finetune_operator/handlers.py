@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from finetune_api.documents import Lineage
 from finetune_api.failures import SECRET_FORBIDDEN
-from finetune_api.spec import FineTuneJobSpec
+from finetune_api.spec import FineTuneJobSpec, JobReference
 from finetune_api.status import TERMINAL_PHASES
 from finetune_api.validation import validation_message
 from finetune_operator import kube, metrics
@@ -222,11 +222,9 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
                       if spec is not None and checking and not policy_refused else None)
     conflict = name_conflict(_owner(body), int(status.get("attempt") or 0), network_policy=config.defaults.network_policy) if checking else None
     # spec.model.fromJob: the parent, in this namespace only, read until its lineage is pinned in status.
-    parent_read = checking and spec is not None and spec.model.from_job is not None and not status.get("lineage")
-    parent = kube.get_finetunejob(meta["namespace"], spec.model.from_job.name) if parent_read and spec and spec.model.from_job else None
+    parent_read, parent = _read_reference(meta["namespace"], spec.model.from_job if spec else None, checking and not status.get("lineage"))
     teacher_ref = spec.distillation.teacher.from_job if spec is not None and spec.distillation is not None else None
-    teacher_read = checking and teacher_ref is not None and not status.get("teacherUri")
-    teacher = kube.get_finetunejob(meta["namespace"], teacher_ref.name) if teacher_read and teacher_ref else None
+    teacher_read, teacher = _read_reference(meta["namespace"], teacher_ref, checking and not status.get("teacherUri"))
     return Observed(
         name=meta["name"],
         namespace=meta["namespace"],
@@ -250,6 +248,14 @@ def observe(body: Mapping[str, Any], jobs: list[JobView], pods: list[PodView], c
         teacher_read=teacher_read,
         timing=config.timing,
     )
+
+
+def _read_reference(namespace: str, ref: JobReference | None, wanted: bool) -> tuple[bool, dict[str, Any] | None]:
+    """A FineTuneJob this job names (model.fromJob, distillation.teacher.fromJob), in this namespace only:
+    (read, the object or None when not found). Read only when ``wanted`` (a Job may be created and nothing is
+    pinned in status yet)."""
+    read = wanted and ref is not None
+    return read, kube.get_finetunejob(namespace, ref.name) if read and ref is not None else None
 
 
 def _endpoint_refused(spec: FineTuneJobSpec | None, config: OperatorConfig) -> str | None:

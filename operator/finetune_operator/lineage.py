@@ -19,9 +19,9 @@ or all weights), so a child's own adapter again sits on a base its lineage names
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
 
@@ -30,6 +30,8 @@ from finetune_api.documents import MERGED_FOLDER, Lineage
 from finetune_api.failures import PARENT_JOB_FAILED, PARENT_JOB_NOT_FOUND, WAITING_FOR_PARENT_JOB
 from finetune_api.spec import FineTuneJobSpec, as_prefix
 from finetune_api.status import Phase
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,113 +85,101 @@ def exported_model(body: Mapping[str, Any]) -> ExportedModel:
 
 
 @dataclass(frozen=True)
-class ParentResolution:
-    """What a child does about its parent: ``lineage`` set -> start; ``wait`` -> stay Pending; else fail with
-    ``reason``/``message``."""
+class Reference(Generic[T]):
+    """What a job does about a FineTuneJob it names (``model.fromJob``, ``distillation.teacher.fromJob``):
+    ``value`` set -> start with it (the parent's :class:`~finetune_api.documents.Lineage`, the teacher's uri);
+    ``wait`` -> stay Pending; else fail with ``reason``/``message``."""
 
-    lineage: Lineage | None = None
+    value: T | None = None
     wait: bool = False
     reason: str | None = None
     message: str | None = None
 
 
-def resolve_parent(name: str, namespace: str, spec: FineTuneJobSpec, parent: Mapping[str, Any] | None) -> ParentResolution:
+def _refused(message: str) -> Reference[Any]:
+    return Reference(reason=PARENT_JOB_FAILED.reason, message=message)
+
+
+def resolve_reference(
+    name: str, namespace: str, spec: FineTuneJobSpec, field: str, ref_name: str, job: Mapping[str, Any] | None, *,
+    failed: str, waiting: str, build: Callable[[Mapping[str, Any], ExportedModel, FineTuneJobSpec], T],
+    refuse: Callable[[ExportedModel], str | None] = lambda exported: None,
+) -> Reference[T]:
+    """Job ``name``'s decision about the FineTuneJob ``ref_name`` that its ``field`` names, given that job's object
+    (None: not found). ``failed`` says what a Failed one cannot be, ``waiting`` what its model is for; ``refuse``
+    may reject what it exported (before the compatibility check), and ``build`` makes the value to start with."""
+    where = f"{field} {ref_name!r}"
+    if ref_name == name:
+        return _refused(f"{where} names this job itself: name another FineTuneJob")
+    if job is None:  # not yet: a folder applied at once creates the child first as often as not
+        return Reference(
+            wait=True, reason=PARENT_JOB_NOT_FOUND.reason,
+            message=f"{where}: no FineTuneJob {ref_name} in namespace {namespace} yet (fromJob reads this namespace only); "
+                    f"this job waits for it: create it, or fix the name and re-create this FineTuneJob")
+    status = dict(job.get("status") or {})
+    phase = status.get("phase")
+    if phase == Phase.failed.value:
+        return _refused(f"{where} Failed ({status.get('reason')}: {status.get('message') or ''}): {failed}; "
+                        f"re-run it or name another, then re-create this FineTuneJob")
+    if phase != Phase.succeeded.value:
+        return Reference(
+            wait=True, reason=WAITING_FOR_PARENT_JOB.reason,
+            message=f"waiting for FineTuneJob {ref_name} to succeed (it is {phase or 'Pending'}): {waiting}")
+    try:
+        exported = exported_model(job)
+        job_spec = _spec_of(job)
+    except NotExported as why:
+        return _refused(f"{where} Succeeded but {why}; name another FineTuneJob")
+    refusal = refuse(exported)
+    if refusal:
+        return _refused(f"{where} {refusal}")
+    problem = _incompatible(spec, job_spec)
+    if problem:
+        return _refused(f"{where}: {problem}")
+    return Reference(value=build(job, exported, job_spec))
+
+
+def resolve_parent(name: str, namespace: str, spec: FineTuneJobSpec, parent: Mapping[str, Any] | None) -> Reference[Lineage]:
     """The child ``name``'s decision about ``spec.model.fromJob``, given the parent object (None: not found)."""
     assert spec.model.from_job is not None
     parent_name = spec.model.from_job.name
-    where = f"spec.model.fromJob {parent_name!r}"
-    if parent_name == name:
-        return ParentResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where} names this job itself: name another FineTuneJob")
-    if parent is None:  # not yet: a folder applied at once creates the child first as often as not
-        return ParentResolution(
-            wait=True, reason=PARENT_JOB_NOT_FOUND.reason,
-            message=f"{where}: no FineTuneJob {parent_name} in namespace {namespace} yet (fromJob reads this namespace only); "
-                    f"this job waits for it: create it, or fix the name and re-create this FineTuneJob")
-    status = dict(parent.get("status") or {})
-    phase = status.get("phase")
-    if phase == Phase.failed.value:
-        return ParentResolution(
-            reason=PARENT_JOB_FAILED.reason,
-            message=f"{where} Failed ({status.get('reason')}: {status.get('message') or ''}): a job can only start from a "
-                    f"Succeeded one; re-run it or name another, then re-create this FineTuneJob")
-    if phase != Phase.succeeded.value:
-        return ParentResolution(
-            wait=True, reason=WAITING_FOR_PARENT_JOB.reason,
-            message=f"waiting for FineTuneJob {parent_name} to succeed (it is {phase or 'Pending'}): this job starts from its model")
-    try:
-        exported = exported_model(parent)
-        parent_spec = _spec_of(parent)
-    except NotExported as why:
-        return ParentResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where} Succeeded but {why}; name another FineTuneJob")
-    problem = _incompatible(spec, parent_spec)
-    if problem:
-        return ParentResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where}: {problem}")
-    data = status.get("data")
-    data = data if isinstance(data, dict) else {}
-    meta = parent.get("metadata") or {}
-    lineage = Lineage(
-        parent_job=parent_name,
-        parent_uid=meta.get("uid"),
-        parent_model_uri=exported.model_uri,
-        base_model_uri=exported.base_model_uri,
-        adapters=list(exported.adapters) or None,
-        parent_output_uri=parent_spec.output.uri,
-        parent_data_report_digest=data.get("reportDigest"),
-        parent_test_set_uri=status.get("testSetUri"),
-    )
-    return ParentResolution(lineage=lineage)
+
+    def lineage(body: Mapping[str, Any], exported: ExportedModel, parent_spec: FineTuneJobSpec) -> Lineage:
+        status = dict(body.get("status") or {})
+        data = status.get("data")
+        data = data if isinstance(data, dict) else {}
+        meta = body.get("metadata") or {}
+        return Lineage(
+            parent_job=parent_name,
+            parent_uid=meta.get("uid"),
+            parent_model_uri=exported.model_uri,
+            base_model_uri=exported.base_model_uri,
+            adapters=list(exported.adapters) or None,
+            parent_output_uri=parent_spec.output.uri,
+            parent_data_report_digest=data.get("reportDigest"),
+            parent_test_set_uri=status.get("testSetUri"),
+        )
+
+    return resolve_reference(name, namespace, spec, "spec.model.fromJob", parent_name, parent,
+                             failed="a job can only start from a Succeeded one", waiting="this job starts from its model",
+                             build=lineage)
 
 
-@dataclass(frozen=True)
-class TeacherResolution:
-    """What a student does about ``distillation.teacher.fromJob``: ``uri`` set -> start with that teacher;
-    ``wait`` -> stay Pending; else fail with ``reason``/``message``."""
-
-    uri: str | None = None
-    wait: bool = False
-    reason: str | None = None
-    message: str | None = None
+def _adapter_only(exported: ExportedModel) -> str | None:
+    if not exported.is_adapter:
+        return None
+    return (f"exported only an adapter ({exported.model_uri}): a teacher needs whole weights; re-run it with "
+            f"output.mergeAdapter true (its model/merged is then the teacher), or set distillation.teacher.uri")
 
 
-def resolve_teacher(name: str, namespace: str, spec: FineTuneJobSpec, teacher: Mapping[str, Any] | None) -> TeacherResolution:
+def resolve_teacher(name: str, namespace: str, spec: FineTuneJobSpec, teacher: Mapping[str, Any] | None) -> Reference[str]:
     """The student ``name``'s decision about ``spec.distillation.teacher.fromJob``, given that job's object (None:
     not found). The teacher must be a whole model (a full fine-tune, or an adapter job with output.mergeAdapter):
     the trainer loads it as it is and merges nothing."""
     assert spec.distillation is not None and spec.distillation.teacher.from_job is not None
-    teacher_name = spec.distillation.teacher.from_job.name
-    where = f"spec.distillation.teacher.fromJob {teacher_name!r}"
-    if teacher_name == name:
-        return TeacherResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where} names this job itself: name another FineTuneJob")
-    if teacher is None:
-        return TeacherResolution(
-            wait=True, reason=PARENT_JOB_NOT_FOUND.reason,
-            message=f"{where}: no FineTuneJob {teacher_name} in namespace {namespace} yet (fromJob reads this namespace only); "
-                    f"this job waits for it: create it, or fix the name and re-create this FineTuneJob")
-    status = dict(teacher.get("status") or {})
-    phase = status.get("phase")
-    if phase == Phase.failed.value:
-        return TeacherResolution(
-            reason=PARENT_JOB_FAILED.reason,
-            message=f"{where} Failed ({status.get('reason')}: {status.get('message') or ''}): a teacher must come from a "
-                    f"Succeeded job; re-run it or name another, then re-create this FineTuneJob")
-    if phase != Phase.succeeded.value:
-        return TeacherResolution(
-            wait=True, reason=WAITING_FOR_PARENT_JOB.reason,
-            message=f"waiting for FineTuneJob {teacher_name} to succeed (it is {phase or 'Pending'}): its model is this job's teacher")
-    try:
-        exported = exported_model(teacher)
-        teacher_spec = _spec_of(teacher)
-    except NotExported as why:
-        return TeacherResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where} Succeeded but {why}; name another FineTuneJob")
-    if exported.is_adapter:
-        return TeacherResolution(
-            reason=PARENT_JOB_FAILED.reason,
-            message=f"{where} exported only an adapter ({exported.model_uri}): a teacher needs whole weights; re-run it with "
-                    f"output.mergeAdapter true (its model/merged is then the teacher), or set distillation.teacher.uri")
-    problem = _incompatible(spec, teacher_spec)
-    if problem:
-        return TeacherResolution(reason=PARENT_JOB_FAILED.reason, message=f"{where}: {problem}")
-    return TeacherResolution(uri=exported.model_uri)
+    return resolve_reference(name, namespace, spec, "spec.distillation.teacher.fromJob", spec.distillation.teacher.from_job.name,
+                             teacher, failed="a teacher must come from a Succeeded job", waiting="its model is this job's teacher",
+                             refuse=_adapter_only, build=lambda body, exported, teacher_spec: exported.model_uri)
 
 
 def with_teacher_uri(spec: FineTuneJobSpec, teacher_uri: str | None) -> FineTuneJobSpec:

@@ -20,10 +20,10 @@ does not control (:func:`_name_conflict`) and a namespace that has not opted in
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from finetune_api.status import ProgressDocument
 from finetune_api.spec import FineTuneJobSpec
@@ -33,9 +33,11 @@ from finetune_api.failures import NAMESPACE_NOT_ENABLED, WAITING_FOR_PARENT_JOB,
 from finetune_operator.builders import Owner, job_name
 from finetune_operator.config import Timing
 from finetune_operator.conditions import iso, now_utc, parse_time, set_phase as _set_phase
-from finetune_operator.lineage import resolve_parent, resolve_teacher
+from finetune_operator.lineage import Reference, resolve_parent, resolve_teacher
 from finetune_operator.progress import project as project_progress
 from finetune_operator.views import JobView, PodView
+
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------- the plan
 
@@ -304,30 +306,17 @@ def _to_create(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) 
     if obs.secret_problem:  # no Job of this attempt ran, so there is no last word to read
         return _fail(obs, plan, *obs.secret_problem, last_word=False)
     if spec.model.from_job is not None and not obs.status.get("lineage"):
-        if not obs.parent_read:  # the handler looks the parent up only when a Job may be created
-            plan.requeue_after = 2.0
+        # the handler looks the parent up only when a Job may be created
+        lineage = _referenced(obs, plan, obs.parent_read, lambda: resolve_parent(obs.name, obs.namespace, spec, obs.parent))
+        if lineage is None:
             return plan
-        parent = resolve_parent(obs.name, obs.namespace, spec, obs.parent)
-        if parent.lineage is None and parent.wait:
-            _transition(obs, plan, Phase.pending.value, parent.reason or "", parent.message or "")
-            plan.requeue_after = 5.0
-            return plan
-        if parent.lineage is None:
-            return _fail(obs, plan, parent.reason or "", parent.message or "", last_word=False)
-        plan.status["lineage"] = parent.lineage.wire()  # pinned: a later attempt starts from the same model
+        plan.status["lineage"] = lineage.wire()  # pinned: a later attempt starts from the same model
     teacher_ref = spec.distillation.teacher.from_job if spec.distillation is not None else None
     if teacher_ref is not None and not obs.status.get("teacherUri"):
-        if not obs.teacher_read:
-            plan.requeue_after = 2.0
+        teacher_uri = _referenced(obs, plan, obs.teacher_read, lambda: resolve_teacher(obs.name, obs.namespace, spec, obs.teacher))
+        if teacher_uri is None:
             return plan
-        teacher = resolve_teacher(obs.name, obs.namespace, spec, obs.teacher)
-        if teacher.uri is None and teacher.wait:
-            _transition(obs, plan, Phase.pending.value, teacher.reason or "", teacher.message or "")
-            plan.requeue_after = 5.0
-            return plan
-        if teacher.uri is None:
-            return _fail(obs, plan, teacher.reason or "", teacher.message or "", last_word=False)
-        plan.status["teacherUri"] = teacher.uri  # pinned: every attempt learns from the same teacher
+        plan.status["teacherUri"] = teacher_uri  # pinned: every attempt learns from the same teacher
     if obs.name_conflict:
         return _name_conflict(obs, plan, obs.name_conflict)
     plan.create_job = group.attempt
@@ -338,6 +327,24 @@ def _to_create(obs: Observed, spec: FineTuneJobSpec, group: _Group, plan: Plan) 
         _transition(obs, plan, Phase.pending.value, "JobCreated",
                     f"created Job {plan.status['jobName']} ({spec.resources.nodes} node(s) x {spec.resources.gpus_per_node} GPU)")
     return plan
+
+
+def _referenced(obs: Observed, plan: Plan, read: bool, resolve: Callable[[], Reference[T]]) -> T | None:
+    """The value a FineTuneJob this job names resolved to (see :func:`~finetune_operator.lineage.resolve_reference`),
+    or None with ``plan`` saying what to do instead: requeue until the handler has read it (``read``), stay Pending
+    while it waits for it, or fail."""
+    if not read:
+        plan.requeue_after = 2.0
+        return None
+    ref = resolve()
+    if ref.value is not None:
+        return ref.value
+    if ref.wait:
+        _transition(obs, plan, Phase.pending.value, ref.reason or "", ref.message or "")
+        plan.requeue_after = 5.0
+    else:
+        _fail(obs, plan, ref.reason or "", ref.message or "", last_word=False)
+    return None
 
 
 def _namespace_not_enabled(obs: Observed, plan: Plan, why: str) -> Plan:

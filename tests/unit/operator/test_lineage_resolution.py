@@ -46,7 +46,7 @@ def test_what_a_job_exported_full_merged_or_an_adapter_chain():
 
 def test_a_succeeded_parent_gives_the_lineage_with_its_real_values():
     got = resolve_parent("child", "ns", parse_spec(CHILD), parent())
-    assert got.lineage == Lineage(parent_job="parent", parent_uid="uid-p", parent_model_uri="s3://out/parent/model",
+    assert got.value == Lineage(parent_job="parent", parent_uid="uid-p", parent_model_uri="s3://out/parent/model",
                                   base_model_uri="s3://models/base", adapters=["s3://out/parent/model"],
                                   parent_output_uri="s3://out/parent", parent_data_report_digest=DIGEST,
                                   parent_test_set_uri="s3://out/parent/test-set.parquet")
@@ -61,13 +61,13 @@ def test_a_succeeded_parent_gives_the_lineage_with_its_real_values():
 ])
 def test_a_missing_failed_or_unusable_parent_fails_the_child_with_a_reason(body, reason, words):
     got = resolve_parent("child", "ns", parse_spec(CHILD), body)
-    assert got.lineage is None and not got.wait and got.reason == reason and words in (got.message or "")
+    assert got.value is None and not got.wait and got.reason == reason and words in (got.message or "")
 
 
 def test_an_unfinished_parent_makes_the_child_wait_and_itself_is_no_parent():
     for phase in (None, "Pending", "Running", "Restarting", "Suspended"):
         got = resolve_parent("child", "ns", parse_spec(CHILD), parent(phase))
-        assert got.wait and got.reason == "WaitingForParentJob" and got.lineage is None
+        assert got.wait and got.reason == "WaitingForParentJob" and got.value is None
     itself = resolve_parent("parent", "ns", parse_spec(CHILD), parent())
     assert itself.reason == "ParentJobFailed" and "names this job itself" in (itself.message or "")
 
@@ -102,7 +102,7 @@ def test_the_child_of_a_missing_parent_waits_for_it_like_a_pod_for_a_configmap()
 
 
 def test_the_pods_get_the_lineage_env_and_a_user_cannot_forge_it():
-    lineage = resolve_parent("child", "ns", parse_spec(CHILD), parent()).lineage
+    lineage = resolve_parent("child", "ns", parse_spec(CHILD), parent()).value
     assert lineage is not None
     spec = parse_spec({**CHILD, "resources": {"env": [{"name": pod_env.PARENT_MODEL_URI, "value": "s3://evil/model"}, {"name": "X", "value": "1"}]}})
     job = builders.build_job(builders.Owner("child", "ns", "uid-c"), spec, 0, builders.OperatorDefaults(), lineage=lineage)
@@ -135,7 +135,7 @@ def test_the_continuous_example_starts_from_the_sentiment_example():
     assert child["spec"]["model"]["fromJob"]["name"] == parent_manifest["metadata"]["name"]
     body = {**parent_manifest, "status": {"phase": "Succeeded", "modelUri": parent_manifest["spec"]["output"]["uri"] + "/model"}}
     got = resolve_parent(child["metadata"]["name"], "default", parse_spec(child["spec"]), body)
-    assert got.lineage is not None and got.lineage.base_model_uri == parent_manifest["spec"]["model"]["uri"]
+    assert got.value is not None and got.value.base_model_uri == parent_manifest["spec"]["model"]["uri"]
 
 
 # ------------------------------------------------------------------------------- distillation.teacher.fromJob
@@ -153,9 +153,9 @@ def test_a_teacher_job_resolves_to_its_whole_model_and_the_trainer_reads_it_as_a
     from finetune_operator.lineage import resolve_teacher, with_teacher_uri
 
     spec = parse_spec(STUDENT)
-    assert resolve_teacher("student", "ns", spec, parent(spec=FULL_TEACHER)).uri == "s3://out/parent/model"
+    assert resolve_teacher("student", "ns", spec, parent(spec=FULL_TEACHER)).value == "s3://out/parent/model"
     merged = parent(spec={**PARENT_SPEC, "output": {"uri": "s3://out/parent", "mergeAdapter": True}})
-    assert resolve_teacher("student", "ns", spec, merged).uri == "s3://out/parent/model/merged"
+    assert resolve_teacher("student", "ns", spec, merged).value == "s3://out/parent/model/merged"
     resolved = with_teacher_uri(spec, "s3://out/parent/model")
     teacher = resolved.distillation.teacher
     assert (teacher.uri, teacher.from_job, resolved.distillation.alpha) == ("s3://out/parent/model", None, 0.7)
@@ -174,7 +174,7 @@ def test_an_unusable_teacher_job_fails_the_student_with_a_reason(body, reason, w
     from finetune_operator.lineage import resolve_teacher
 
     got = resolve_teacher("student", "ns", parse_spec(STUDENT), body)
-    assert got.uri is None and not got.wait and got.reason == reason and words in (got.message or "")
+    assert got.value is None and not got.wait and got.reason == reason and words in (got.message or "")
 
 
 def test_decide_waits_for_the_teacher_job_then_pins_its_model_and_the_config_map_names_it():

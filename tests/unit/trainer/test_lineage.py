@@ -87,7 +87,7 @@ def test_a_child_starts_from_its_lora_parent_and_is_gated_on_the_parents_test_se
     child_spec = lm_spec(assets, str(tmp_path / "child"), model={"fromJob": {"name": "parent"}, "uri": None},
                          hyperparameters={"maxSteps": 4, "learningRate": 0.002}, evaluation={"regression": {"maxDrop": 0.5}})
     resolution = resolve_parent("child", "ns", parse_spec(child_spec), _parent_body("parent", parent_spec, parent_out))
-    lineage = resolution.lineage
+    lineage = resolution.value
     assert lineage is not None and lineage.parent_model_uri == str(parent_out / "model")
     assert lineage.base_model_uri == assets["llama"] and lineage.adapters == [str(parent_out / "model")]
     env = {e["name"]: e["value"] for e in lineage_env(lineage)}
