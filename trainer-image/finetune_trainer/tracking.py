@@ -19,8 +19,14 @@ credentials. A later attempt adds its own event file next to the earlier ones.
 MLflow: mlflow-skinny's ``MlflowClient`` (the client without the server). One run per job: the run is
 tagged ``finetune.runKey`` (a hash of the job's uid, or of the output URI outside Kubernetes) and a later
 attempt of the same job finds and continues it, so a resumed job logs into one run. With
-``FINETUNE_MLFLOW_PARENT_RUN_ID`` set, the run is nested under that run (tag ``mlflow.parentRunId``):
-how a sweep's parent run will hold its trials. On success, ``tracking.mlflow.registerModel`` gets a new
+``FINETUNE_MLFLOW_PARENT_RUN_ID`` set, the run is nested under that run (tag ``mlflow.parentRunId``).
+Otherwise a sweep's trial (``FINETUNE_SWEEP_NAME``/``_UID``/``_TRIAL``, from the operator, which never
+talks to MLflow itself) is nested under the sweep's parent run in the same experiment, found by its tag
+``finetune.sweepKey`` (a hash of the sweep's uid) or created, named after the sweep. Trials racing to
+create it converge: the canonical parent is the earliest active one (start time, then run id), a trial
+whose own parent lost deletes it, and at its end each trial looks again and re-points its tag. The parent
+goes RUNNING when a trial starts and FINISHED when one ends, and gets ``trial/<monitored metric>`` (step =
+trial number, the trial's best value, from :meth:`Tracking.on_result`). On success, ``tracking.mlflow.registerModel`` gets a new
 model version whose source is the exported model's URI.
 """
 

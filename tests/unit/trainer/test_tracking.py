@@ -67,7 +67,7 @@ def test_mlflow_run_and_tensorboard_events_hold_what_the_trainer_computed(assets
     assert [run.info.run_id for run in runs] == [tracking["mlflowRunId"]]
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny-lm-tracked"
-    assert run.data.tags["mlflow.parentRunId"] == "parent-123"  # how a sweep's trials will hang under its run
+    assert run.data.tags["mlflow.parentRunId"] == "parent-123"  # an explicit parent (a sweep trial without one gets the sweep's parent run)
     assert run.data.tags["finetune.modelUri"] == f"{out}/model"
     # Params: the spec's hyperparameters, flattened.
     assert run.data.params["hyperparameters.learningRate"] == "0.01" and run.data.params["method"] == "lora"
