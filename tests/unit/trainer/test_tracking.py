@@ -248,7 +248,8 @@ def _trial(mlflow_server, experiment, sweep, number, backend_class=None, **kw):
 
     cls = backend_class or MlflowBackend
     return cls(mlflow_server.url, experiment=experiment, job=f"{sweep}-t{number}", run_key=f"uid-{experiment}-{sweep}-t{number}",
-               output_uri=f"s3://b/{sweep}-t{number}", register_model=None, sweep=SweepTrial(sweep, f"uid-{experiment}-{sweep}", number), **kw)
+               output_uri=f"s3://b/{sweep}-t{number}", register_model=None,
+               sweep=SweepTrial(sweep, f"uid-{experiment}-{sweep}", number), **kw)
 
 
 def _run_trial(backend, value, started=None):
