@@ -41,7 +41,23 @@ first one's checkpoints. Unset outside Kubernetes: no claim is made."""
 
 MLFLOW_PARENT_RUN_ID = "FINETUNE_MLFLOW_PARENT_RUN_ID"
 """An MLflow run the job's run is nested under (tag ``mlflow.parentRunId``): the parent run of a sweep,
-its trials being the children. Unset: a top-level run. Not set by the operator today."""
+explicitly. Not set by the operator: a sweep's trials get :data:`SWEEP_NAME`, :data:`SWEEP_UID` and
+:data:`SWEEP_TRIAL` instead, and the trainer finds or creates the sweep's parent run itself (the operator
+never talks to MLflow). Unset, and no sweep: a top-level run."""
+
+SWEEP_NAME = "FINETUNE_SWEEP_NAME"
+"""Set on a sweep's trials only (label finetune.io/sweep and a controller ownerReference of kind
+FineTuneSweep): the sweep's name, the MLflow parent run's name."""
+
+SWEEP_UID = "FINETUNE_SWEEP_UID"
+"""The trial's FineTuneSweep's metadata.uid (its ownerReference's): the trainer tags the sweep's MLflow
+parent run ``finetune.sweepKey`` with a hash of it, so all trials find the same parent run."""
+
+SWEEP_TRIAL = "FINETUNE_SWEEP_TRIAL"
+"""The trial's number (label finetune.io/sweep-trial): the step of its result in the parent run."""
+
+SWEEP = (SWEEP_NAME, SWEEP_UID, SWEEP_TRIAL)
+"""What a sweep's trial gets besides :data:`SET_BY_OPERATOR`; reserved like :data:`LINEAGE`."""
 
 PARENT_JOB = "FINETUNE_PARENT_JOB"
 """spec.model.fromJob.name, once the operator resolved it (the parent Succeeded): set only for such jobs."""
@@ -71,5 +87,5 @@ LINEAGE = (PARENT_JOB, PARENT_MODEL_URI, PARENT_BASE_MODEL_URI, PARENT_ADAPTERS,
 SET_BY_OPERATOR = (JOB_NAME, NAMESPACE, ATTEMPT, METRICS_PORT, TERMINATION_LOG, CACHE_DIR, WORK_DIR, JOB_UID)
 """What every training pod gets from the operator's builder."""
 
-READ_BY_TRAINER = (METRICS_PORT, TERMINATION_LOG, CACHE_DIR, WORK_DIR, LOG_LEVEL, JOB_UID, NAMESPACE, MLFLOW_PARENT_RUN_ID)
+READ_BY_TRAINER = (METRICS_PORT, TERMINATION_LOG, CACHE_DIR, WORK_DIR, LOG_LEVEL, JOB_UID, NAMESPACE, MLFLOW_PARENT_RUN_ID, *SWEEP)
 """What the trainer reads (each with a default for runs outside a pod)."""

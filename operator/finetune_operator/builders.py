@@ -3,6 +3,7 @@ config, and one Indexed batch/v1 Job per attempt. No I/O here; everything is uni
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import yaml
 from finetune_api import env as pod_env
 from finetune_api.documents import Lineage
 from finetune_api.spec import API_GROUP, API_VERSION, KIND, MLFLOW_CREDENTIAL_KEYS, FineTuneJobSpec, bytes_quantity, quantity_bytes
+from finetune_api.sweep import LABEL_SWEEP, LABEL_TRIAL, SWEEP_KIND
 from finetune_operator.config import METRICS_PORT, OperatorDefaults
 from finetune_operator.lineage import lineage_env
 
@@ -35,6 +37,28 @@ OPTIONAL_CREDENTIAL_KEYS = ("AWS_SESSION_TOKEN",)
 
 
 @dataclass(frozen=True)
+class SweepTrial:
+    """The FineTuneSweep a trial FineTuneJob belongs to (see :func:`sweep_trial`)."""
+
+    name: str
+    uid: str
+    number: int
+
+
+def sweep_trial(meta: Mapping[str, Any]) -> SweepTrial | None:
+    """A FineTuneJob's sweep, when it is a sweep's trial: labels finetune.io/sweep and finetune.io/sweep-trial
+    (a number) and a controller ownerReference of kind FineTuneSweep with the label's name. None otherwise."""
+    labels_ = meta.get("labels") or {}
+    name, number = labels_.get(LABEL_SWEEP), str(labels_.get(LABEL_TRIAL) or "")
+    if not name or not number.isdigit():
+        return None
+    for ref in meta.get("ownerReferences") or ():
+        if ref.get("controller") and ref.get("kind") == SWEEP_KIND and ref.get("name") == name and ref.get("uid"):
+            return SweepTrial(name=name, uid=ref["uid"], number=int(number))
+    return None
+
+
+@dataclass(frozen=True)
 class Owner:
     """Identity of the FineTuneJob, enough to name children and point owner references at it."""
 
@@ -42,6 +66,13 @@ class Owner:
     namespace: str
     uid: str
     generation: int = 1
+    sweep: SweepTrial | None = None  # a sweep's trial: the trainer nests its MLflow run under the sweep's
+
+    @classmethod
+    def of(cls, meta: Mapping[str, Any]) -> Owner:
+        """From the FineTuneJob's metadata."""
+        return cls(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"], generation=int(meta.get("generation") or 1),
+                   sweep=sweep_trial(meta))
 
     def reference(self) -> dict[str, Any]:
         return {
@@ -160,6 +191,9 @@ def _env(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDe
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if owner.sweep is not None:  # the trainer finds or creates the sweep's MLflow parent run (finetune_trainer.tracking)
+        env += [{"name": pod_env.SWEEP_NAME, "value": owner.sweep.name}, {"name": pod_env.SWEEP_UID, "value": owner.sweep.uid},
+                {"name": pod_env.SWEEP_TRIAL, "value": str(owner.sweep.number)}]
     storage = spec.storage
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
@@ -177,7 +211,7 @@ def _env(owner: Owner, spec: FineTuneJobSpec, attempt: int, defaults: OperatorDe
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow.credentials_secret.name, "key": key, "optional": True}}})
     if lineage is not None:  # spec.model.fromJob, resolved (finetune_operator.lineage)
         env.extend(lineage_env(lineage))
-    reserved = {e["name"] for e in env} | set(pod_env.LINEAGE)  # a user's env cannot forge a lineage either
+    reserved = {e["name"] for e in env} | set(pod_env.LINEAGE) | set(pod_env.SWEEP)  # a user's env cannot forge a lineage or a sweep either
     for extra in spec.resources.env or []:
         if extra.name not in reserved:  # the operator's own variables win
             env.append({"name": extra.name, "value": extra.value})

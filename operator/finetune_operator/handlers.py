@@ -132,8 +132,7 @@ def check_secret(namespace: str, spec: FineTuneJobSpec, selector: Selector = ())
 
 
 def _owner(body: Mapping[str, Any]) -> Owner:
-    meta = body["metadata"]
-    return Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"], generation=int(meta.get("generation") or 1))
+    return Owner.of(body["metadata"])
 
 
 def _status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

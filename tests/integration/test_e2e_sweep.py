@@ -4,18 +4,19 @@ the best parameters retrained as <sweep>-final, the dashboard's sweep row fed by
 
 A grid over the learning rate, seeded so that the two good rates run first: the two tiny rates that follow
 do not learn, so the median pruner stops them at their first checkpoint. The operator is killed and
-restarted between the two halves.
+restarted between the two halves. The trials log to a real MLflow server, nested under one parent run of the sweep.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
 import pytest
 import yaml
 
-from finetune_api.sweep import ANNOTATION_PARAMS, LABEL_SWEEP
+from finetune_api.sweep import ANNOTATION_PARAMS, LABEL_SWEEP, LABEL_TRIAL
 from finetune_devcluster.procnode import NODE_LABEL, TAINT_KEY
 from tests.integration.conftest import ROOT
 from tests.integration.kubeutil import wait_for
@@ -26,7 +27,7 @@ GOOD, BAD = (0.003, 0.002), (2e-06, 1e-06)
 FINAL_STEPS = 10  # the retraining's own schedule (final.overrides), shorter than the trials' 30 to keep the test short
 
 
-def sweep_manifest(name: str, namespace: str, s3) -> dict:
+def sweep_manifest(name: str, namespace: str, s3, mlflow_uri: str | None = None) -> dict:
     manifest = yaml.safe_load((ROOT / "examples" / "sweeps" / "sentiment-sweep.yaml").read_text())
     text = json.dumps(manifest).replace("s3://finetune-demo/", f"s3://{BUCKET}/")
     manifest = json.loads(text)
@@ -46,15 +47,17 @@ def sweep_manifest(name: str, namespace: str, s3) -> dict:
     template["hyperparameters"].update(maxSteps=30, warmupRatio=0.0)
     template["evaluation"]["baseline"] = True  # each trial's status.gain (test split): the sweep reports the winner's
     template["resources"].update(nodeSelector={NODE_LABEL: "process"}, tolerations=[{"key": TAINT_KEY, "operator": "Exists"}])
+    if mlflow_uri:
+        template.setdefault("tracking", {})["mlflow"] = {"uri": mlflow_uri, "experiment": f"sweep-{namespace}"}
     return manifest
 
 
 def test_sweep_runs_trials_records_the_best_prunes_losers_and_retrains_the_best(kubectl, operator, procnode, s3, data,  # noqa: F811
-                                                                               namespace, prometheus):  # noqa: F811
+                                                                               namespace, prometheus, mlflow_server):  # noqa: F811
     start = time.time()
     secret(kubectl, namespace, s3)
     wait_for("ftsweep short name", lambda: kubectl.run("get", "ftsweep", "-n", namespace, check=False).returncode == 0, timeout=30)
-    kubectl.create(sweep_manifest("sw", namespace, s3))
+    kubectl.create(sweep_manifest("sw", namespace, s3, mlflow_server.url))
 
     def sweep_status() -> dict:
         return (kubectl.get("ftsweep", "sw", namespace) or {}).get("status") or {}
@@ -124,3 +127,26 @@ def test_sweep_runs_trials_records_the_best_prunes_losers_and_retrains_the_best(
         assert any(s["metric"].get("sweep") == "sw" for s in series)
     best_value = prometheus.query_range(f'max by (sweep) (finetune_operator_sweep_best_value{{sweep="sw", namespace="{namespace}"}})', start, time.time())
     assert abs(float(best_value[0]["values"][-1][1]) - st["bestValue"]) < 1e-9
+
+    # MLflow: one parent run for the sweep (the trainer found or created it; the operator only passed the sweep's
+    # name, uid and trial number), every trial's run nested under it, each completed trial's value logged into it
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    experiment_id = client.get_experiment_by_name(f"sweep-{namespace}").experiment_id
+    sweep_uid = kubectl.get("ftsweep", "sw", namespace)["metadata"]["uid"]
+    key = hashlib.sha256(sweep_uid.encode()).hexdigest()[:32]
+    (parent,) = client.search_runs([experiment_id], filter_string=f"tags.`finetune.sweepKey` = '{key}'")
+    assert (parent.info.run_name, parent.data.tags["finetune.sweep"]) == ("sw", "sw")
+    jobs = {j["metadata"]["name"]: j for j in kubectl.items("ftj", namespace) if LABEL_TRIAL in j["metadata"]["labels"]}
+    assert len(jobs) == 4  # the trials (sw-final is no trial: its run is not nested)
+    for job in jobs.values():
+        run = client.get_run(job["status"]["tracking"]["mlflowRunId"])
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, job["metadata"]["name"]
+        assert run.info.run_name == job["metadata"]["name"]
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == sorted(jobs)
+    logged = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "trial/eval_loss")}
+    # the trainer's full value; the sweep's status holds it to 4 significant digits
+    expected = {int(jobs[r["name"]]["metadata"]["labels"][LABEL_TRIAL]): r["value"] for r in complete}
+    assert sorted(logged) == sorted(expected) and all(logged[n] == pytest.approx(v, rel=1e-3) for n, v in expected.items()), (logged, expected)

@@ -19,8 +19,14 @@ credentials. A later attempt adds its own event file next to the earlier ones.
 MLflow: mlflow-skinny's ``MlflowClient`` (the client without the server). One run per job: the run is
 tagged ``finetune.runKey`` (a hash of the job's uid, or of the output URI outside Kubernetes) and a later
 attempt of the same job finds and continues it, so a resumed job logs into one run. With
-``FINETUNE_MLFLOW_PARENT_RUN_ID`` set, the run is nested under that run (tag ``mlflow.parentRunId``):
-how a sweep's parent run will hold its trials. On success, ``tracking.mlflow.registerModel`` gets a new
+``FINETUNE_MLFLOW_PARENT_RUN_ID`` set, the run is nested under that run (tag ``mlflow.parentRunId``).
+Otherwise a sweep's trial (``FINETUNE_SWEEP_NAME``/``_UID``/``_TRIAL``, from the operator, which never
+talks to MLflow itself) is nested under the sweep's parent run in the same experiment, found by its tag
+``finetune.sweepKey`` (a hash of the sweep's uid) or created, named after the sweep. Trials racing to
+create it converge: the canonical parent is the earliest active one (start time, then run id), a trial
+whose own parent lost deletes it, and at its end each trial looks again and re-points its tag. The parent
+goes RUNNING when a trial starts and FINISHED when one ends, and gets ``trial/<monitored metric>`` (step =
+trial number, the trial's best value, from :meth:`Tracking.on_result`). On success, ``tracking.mlflow.registerModel`` gets a new
 model version whose source is the exported model's URI.
 """
 
@@ -34,6 +40,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +66,9 @@ JOB_TAG = "finetune.job"
 OUTPUT_TAG = "finetune.output"
 MODEL_URI_TAG = "finetune.modelUri"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag for nested runs
+SWEEP_KEY_TAG = "finetune.sweepKey"  # on a sweep's parent run: a hash of the FineTuneSweep's uid
+SWEEP_TAG = "finetune.sweep"  # the sweep's name, on its parent run
+TRIAL_TAG = "finetune.sweepTrial"  # the trial's number, on a trial's run
 SECRET_ENV = (*MLFLOW_CREDENTIAL_KEYS, "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 MAX_PROBLEM = 1000  # TrackingSummary.problem holds 1024 characters
 
@@ -135,6 +145,8 @@ class Backend:
 
     def checkpoint(self) -> None: ...
 
+    def result(self, metric: str, value: float) -> None: ...
+
     def finish(self, success: bool | None, model_uri: str | None) -> None: ...
 
 
@@ -190,19 +202,43 @@ class TensorBoardBackend(Backend):
         self.storage.upload_dir(self.local_dir, self.uri)
 
 
+@dataclass(frozen=True)
+class SweepTrial:
+    """The FineTuneSweep a job is a trial of (env ``FINETUNE_SWEEP_*``, set by the operator)."""
+
+    name: str
+    uid: str
+    number: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> SweepTrial | None:
+        name, uid, number = (environ.get(k, "") for k in (pod_env.SWEEP_NAME, pod_env.SWEEP_UID, pod_env.SWEEP_TRIAL))
+        return cls(name, uid, int(number)) if name and uid and number.isdigit() else None
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.uid.encode()).hexdigest()[:32]
+
+
 class MlflowBackend(Backend):
-    """One MLflow run per job, through mlflow-skinny's ``MlflowClient``."""
+    """One MLflow run per job, through mlflow-skinny's ``MlflowClient``; a sweep's trial nested under the
+    sweep's parent run (see :meth:`_sweep_parent`)."""
 
     name = "mlflow"
 
     def __init__(self, uri: str, *, experiment: str, job: str, run_key: str, output_uri: str, register_model: str | None,
-                 storage: Storage | None = None, parent_run_id: str | None = None, on_ids: Callable[..., None] | None = None):
+                 storage: Storage | None = None, parent_run_id: str | None = None, sweep: SweepTrial | None = None,
+                 on_ids: Callable[..., None] | None = None):
         self.uri, self.experiment, self.job, self.output_uri, self.storage = uri, experiment, job, output_uri, storage
         self.run_key = hashlib.sha256(run_key.encode()).hexdigest()[:32]  # a tag value the filter syntax needs no quoting for
         self.register_model, self.parent_run_id = register_model, parent_run_id
+        self.sweep = sweep if not parent_run_id else None  # an explicit parent wins
         self.on_ids = on_ids or (lambda **_: None)
         self.client: Any = None
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.created_parent: str | None = None  # the sweep parent run this trial created, while it may still be deleted
+        self.result_value: tuple[str, float] | None = None
         self.logged_params: dict[str, str] = {}  # what the run already holds (a continued run)
 
     def start(self) -> None:
@@ -211,21 +247,77 @@ class MlflowBackend(Backend):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        experiment_id = self._experiment_id()
+        self.experiment_id = experiment_id = self._experiment_id()
+        if self.sweep is not None:
+            self.parent_run_id = self._sweep_parent()
+            self.client.update_run(self.parent_run_id, status="RUNNING")
         found = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{self.run_key}'",
                                         max_results=1, order_by=["attributes.start_time DESC"])
         if found:  # a later attempt of this job: continue its run
             self.run_id = found[0].info.run_id
             self.logged_params = dict(found[0].data.params)
             self.client.update_run(self.run_id, status="RUNNING")
+            if self.parent_run_id and found[0].data.tags.get(PARENT_RUN_TAG) != self.parent_run_id:
+                self.client.set_tag(self.run_id, PARENT_RUN_TAG, self.parent_run_id)
             log.info("mlflow: continuing run %s (experiment %s)", self.run_id, self.experiment)
         else:
             tags = {RUN_KEY_TAG: self.run_key, JOB_TAG: self.job, OUTPUT_TAG: self.output_uri}
             if self.parent_run_id:
                 tags[PARENT_RUN_TAG] = self.parent_run_id
+            if self.sweep is not None:
+                tags[SWEEP_TAG], tags[TRIAL_TAG] = self.sweep.name, str(self.sweep.number)
             self.run_id = self.client.create_run(experiment_id, tags=tags, run_name=self.job).info.run_id
             log.info("mlflow: run %s in experiment %s at %s", self.run_id, self.experiment, self.uri)
         self.on_ids(mlflow_run_id=self.run_id, mlflow_experiment_id=experiment_id)
+
+    # A sweep's parent run. The trials of a sweep run in parallel pods, and MLflow has no unique constraint
+    # or compare-and-set, so two trials may both find no parent and both create one. Each converges on the
+    # same one: the canonical parent is the earliest active run with the sweep's key (start_time, then
+    # run_id); a trial whose own parent lost deletes it, and each trial looks again when it finishes and
+    # re-points its mlflow.parentRunId tag (tags are mutable), so all trials end under one parent.
+
+    def _sweep_parents(self) -> list[Any]:
+        assert self.sweep is not None
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{SWEEP_KEY_TAG}` = '{self.sweep.key}'",
+                                       max_results=1000)  # active runs only (the default view)
+        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+    def _sweep_parent(self) -> str:
+        """The canonical parent run of this trial's sweep, created when there is none yet."""
+        assert self.sweep is not None
+        parents = self._sweep_parents()
+        if not parents:
+            tags = {SWEEP_KEY_TAG: self.sweep.key, SWEEP_TAG: self.sweep.name}
+            self.created_parent = self.client.create_run(self.experiment_id, tags=tags, run_name=self.sweep.name).info.run_id
+            log.info("mlflow: created parent run %s of sweep %s", self.created_parent, self.sweep.name)
+            parents = self._sweep_parents()  # another trial may have created one meanwhile
+        canonical = parents[0].info.run_id if parents else self.created_parent
+        assert canonical is not None
+        if self.created_parent and self.created_parent != canonical:
+            log.info("mlflow: sweep %s already has parent run %s; deleting the one this trial created (%s)",
+                     self.sweep.name, canonical, self.created_parent)
+            self.client.delete_run(self.created_parent)
+            self.created_parent = None
+        return canonical
+
+    def _finish_sweep(self) -> None:
+        """At the end of a trial: the canonical parent once more (the tag re-pointed if it changed), the trial's
+        result logged into it (step = trial number), and the parent marked FINISHED."""
+        assert self.sweep is not None
+        parent = self._sweep_parent()
+        if parent != self.parent_run_id:
+            log.info("mlflow: run %s re-pointed from parent %s to %s", self.run_id, self.parent_run_id, parent)
+            self.client.set_tag(self.run_id, PARENT_RUN_TAG, parent)
+            self.parent_run_id = parent
+        if self.result_value is not None:
+            from mlflow.entities import Metric
+
+            metric, value = self.result_value
+            self.client.log_batch(parent, metrics=[Metric(f"trial/{metric}", value, int(time.time() * 1000), self.sweep.number)])
+        self.client.set_terminated(parent, "FINISHED")
+
+    def result(self, metric: str, value: float) -> None:
+        self.result_value = (metric, float(value))
 
     def _experiment_id(self) -> str:
         from mlflow.exceptions import MlflowException
@@ -275,6 +367,11 @@ class MlflowBackend(Backend):
                 except Exception as e:  # noqa: BLE001 - the run still ends with the job's outcome; reported below
                     error = error or e
         self.client.set_terminated(self.run_id, {True: "FINISHED", False: "FAILED", None: "KILLED"}[success])
+        if self.sweep is not None:
+            try:
+                self._finish_sweep()
+            except Exception as e:  # noqa: BLE001 - reported below, like a refused registration
+                error = error or e
         if error is not None:
             raise error
 
@@ -342,7 +439,7 @@ class Tracking:
                 mlflow.uri, experiment=mlflow.experiment or os.environ.get(pod_env.NAMESPACE) or "finetune",
                 job=job, run_key=os.environ.get(pod_env.JOB_UID) or output_uri, output_uri=output_uri,
                 register_model=mlflow.register_model, storage=storage, parent_run_id=os.environ.get(pod_env.MLFLOW_PARENT_RUN_ID) or None,
-                on_ids=tracking._set_ids,
+                sweep=SweepTrial.from_env(), on_ids=tracking._set_ids,
             ))
         return tracking
 
@@ -381,6 +478,12 @@ class Tracking:
 
     def on_checkpoint(self, step: int) -> None:
         self._submit("checkpoint")
+
+    def on_result(self, metric: str, value: float | None) -> None:
+        """The job's result (its monitored metric's best value), before :meth:`on_finish`: a sweep's trial logs
+        it into the sweep's parent run as ``trial/<metric>``, step = the trial's number."""
+        if value is not None and value == value:
+            self._submit("result", metric, float(value))
 
     def on_finish(self, success: bool | None, model_uri: str | None = None) -> None:
         """End the run (``success`` None: preempted, to be continued) and wait for the queue, within bounds."""

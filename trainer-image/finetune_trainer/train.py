@@ -513,6 +513,7 @@ class Trainer:
         del full_weights
         distributed.barrier()
         self.tracking.on_metrics(st.step, {**eval_scalars(evaluation.final, "final"), **eval_scalars(evaluation.test, "test")})
+        self.tracking.on_result(self.monitor, st.best_metric)  # a sweep's trial: into the sweep's parent run
         self.tracking.on_finish(True, model_uri)
         self._stage("done", model_uri=model_uri)
         return {**summary.to_dict(), "model_uri": model_uri}

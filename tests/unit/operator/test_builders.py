@@ -115,6 +115,49 @@ def test_credentials_only_by_secret_reference():
     assert env["NODE_RANK"].get("value") is None
 
 
+def _trial_meta(**over):
+    meta = {"name": "sw-t3", "namespace": "team-a", "uid": "u-t3", "generation": 1,
+            "labels": {"finetune.io/sweep": "sw", "finetune.io/sweep-trial": "3"},
+            "ownerReferences": [{"apiVersion": "finetune.io/v1alpha1", "kind": "FineTuneSweep", "name": "sw", "uid": "u-sweep",
+                                 "controller": True, "blockOwnerDeletion": True}]}
+    meta.update(over)
+    return meta
+
+
+def _pod_env(owner, spec=SPEC):
+    c = builders.build_job(owner, parse_spec(spec), 0, OperatorDefaults())["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value") for e in c["env"]}
+
+
+def test_a_sweeps_trial_gets_the_sweeps_name_uid_and_its_trial_number():
+    """The trainer nests the trial's MLflow run under the sweep's parent run with these; the operator itself never talks to MLflow."""
+    owner = builders.Owner.of(_trial_meta())
+    assert owner.sweep == builders.SweepTrial(name="sw", uid="u-sweep", number=3)
+    env = _pod_env(owner)
+    assert (env["FINETUNE_SWEEP_NAME"], env["FINETUNE_SWEEP_UID"], env["FINETUNE_SWEEP_TRIAL"]) == ("sw", "u-sweep", "3")
+    assert env["FINETUNE_JOB_UID"] == "u-t3"
+
+
+def test_only_a_real_sweep_trial_gets_the_sweep_variables_and_a_user_cannot_set_them():
+    sweep_ref = _trial_meta()["ownerReferences"][0]
+    not_trials = [
+        _trial_meta(labels={}),  # created by hand: no labels
+        _trial_meta(ownerReferences=[]),  # labels copied by hand, no owner
+        _trial_meta(ownerReferences=[{**sweep_ref, "kind": "SomethingElse"}]),
+        _trial_meta(ownerReferences=[{**sweep_ref, "controller": False}]),
+        _trial_meta(ownerReferences=[{**sweep_ref, "name": "other-sweep"}]),  # owner and label disagree
+        _trial_meta(labels={"finetune.io/sweep": "sw", "finetune.io/sweep-trial": "x"}),
+    ]
+    forged = {**SPEC, "resources": {**SPEC["resources"], "env": [{"name": "FINETUNE_SWEEP_UID", "value": "forged"},
+                                                                  {"name": "FINETUNE_SWEEP_NAME", "value": "forged"}]}}
+    for meta in not_trials:
+        owner = builders.Owner.of(meta)
+        assert owner.sweep is None, meta
+        env = _pod_env(owner, forged)
+        assert not {"FINETUNE_SWEEP_NAME", "FINETUNE_SWEEP_UID", "FINETUNE_SWEEP_TRIAL"} & set(env), meta
+    assert _pod_env(builders.Owner.of(_trial_meta()), forged)["FINETUNE_SWEEP_UID"] == "u-sweep"  # the operator's value wins
+
+
 def test_cpu_only_job_has_no_gpu_limit_and_one_process():
     spec = {**SPEC, "resources": {"nodes": 1, "gpusPerNode": 0}}
     c = _job(spec)["spec"]["template"]["spec"]["containers"][0]

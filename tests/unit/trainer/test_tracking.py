@@ -67,7 +67,7 @@ def test_mlflow_run_and_tensorboard_events_hold_what_the_trainer_computed(assets
     assert [run.info.run_id for run in runs] == [tracking["mlflowRunId"]]
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny-lm-tracked"
-    assert run.data.tags["mlflow.parentRunId"] == "parent-123"  # how a sweep's trials will hang under its run
+    assert run.data.tags["mlflow.parentRunId"] == "parent-123"  # an explicit parent (a sweep trial without one gets the sweep's parent run)
     assert run.data.tags["finetune.modelUri"] == f"{out}/model"
     # Params: the spec's hyperparameters, flattened.
     assert run.data.params["hyperparameters.learningRate"] == "0.01" and run.data.params["method"] == "lora"
@@ -241,3 +241,123 @@ def test_a_refused_registration_is_reported_and_the_run_still_ends(mlflow_server
     assert seen[-1].problem.startswith("mlflow: finish failed: RestException: INVALID_PARAMETER_VALUE: Invalid model version source")
     assert MlflowClient(tracking_uri=mlflow_server.url).get_run(backend.run_id).info.status == "FINISHED"
     assert seen[-1].mlflow_model_version is None
+
+
+def _trial(mlflow_server, experiment, sweep, number, backend_class=None, **kw):
+    from finetune_trainer.tracking import MlflowBackend, SweepTrial
+
+    cls = backend_class or MlflowBackend
+    return cls(mlflow_server.url, experiment=experiment, job=f"{sweep}-t{number}", run_key=f"uid-{experiment}-{sweep}-t{number}",
+               output_uri=f"s3://b/{sweep}-t{number}", register_model=None,
+               sweep=SweepTrial(sweep, f"uid-{experiment}-{sweep}", number), **kw)
+
+
+def _run_trial(backend, value, started=None):
+    tracking = Tracking([backend], finish_timeout=60)
+    tracking.start()
+    tracking.on_metrics(1, {"train/loss": value})
+    if started is not None:
+        started.wait(60)
+    tracking.on_result("eval_loss", value)
+    tracking.on_finish(True)
+    assert tracking.problems == {}
+    return backend
+
+
+def _parents(client, experiment_id, sweep_uid, view):
+    import hashlib
+
+    key = hashlib.sha256(sweep_uid.encode()).hexdigest()[:32]
+    return client.search_runs([experiment_id], filter_string=f"tags.`finetune.sweepKey` = '{key}'", run_view_type=view)
+
+
+def test_parallel_trials_of_a_sweep_converge_on_one_parent_run(mlflow_server):
+    """Two trials that both find no parent run and both create one (forced here: each waits for the other after
+    its first search): the later one deletes its own, both runs end under the earlier, which holds each trial's result."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    from finetune_trainer.tracking import MlflowBackend
+
+    race = threading.Barrier(2)
+
+    class Racing(MlflowBackend):
+        raced = False
+
+        def _sweep_parents(self):
+            found = super()._sweep_parents()
+            if not self.raced:
+                self.raced = True
+                race.wait(30)  # both have looked before either creates
+            return found
+
+    backends = [_trial(mlflow_server, "unit-sweep", "sw", n, Racing) for n in (0, 1)]
+    threads = [threading.Thread(target=_run_trial, args=(b, 0.5 + n)) for n, b in enumerate(backends)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    experiment_id = client.get_experiment_by_name("unit-sweep").experiment_id
+    (parent,) = _parents(client, experiment_id, "uid-unit-sweep-sw", ViewType.ACTIVE_ONLY)
+    (loser,) = _parents(client, experiment_id, "uid-unit-sweep-sw", ViewType.DELETED_ONLY)  # the race did happen
+    assert {b.created_parent for b in backends} == {parent.info.run_id, None}
+    assert (parent.info.run_name, parent.data.tags["finetune.sweep"], parent.info.status) == ("sw", "sw", "FINISHED")
+    assert "mlflow.parentRunId" not in parent.data.tags
+    for n, backend in enumerate(backends):
+        run = client.get_run(backend.run_id)
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id != loser.info.run_id
+        assert (run.info.run_name, run.data.tags["finetune.sweepTrial"], run.info.status) == (f"sw-t{n}", str(n), "FINISHED")
+    assert [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "trial/eval_loss")] == [(0, 0.5), (1, 1.5)]
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["sw-t0", "sw-t1"]
+
+    # another sweep in the same experiment: its own parent; a later trial of the first sweep: the existing parent
+    other = _run_trial(_trial(mlflow_server, "unit-sweep", "sw2", 0), 0.25)
+    (other_parent,) = _parents(client, experiment_id, "uid-unit-sweep-sw2", ViewType.ACTIVE_ONLY)
+    assert other.parent_run_id == other_parent.info.run_id != parent.info.run_id and other_parent.info.run_name == "sw2"
+    third = _run_trial(_trial(mlflow_server, "unit-sweep", "sw", 2), 0.75)
+    assert third.parent_run_id == parent.info.run_id and third.created_parent is None
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "trial/eval_loss")] == [0, 1, 2]
+
+
+def test_a_trial_re_points_its_run_at_finish_when_an_earlier_parent_appeared(mlflow_server):
+    """Pods' clocks differ: a trial can create its parent, see no other, and later find one that started earlier.
+    At finish it re-points its run's mlflow.parentRunId at that one and deletes its own; the parent goes RUNNING while
+    a trial starts and FINISHED when it ends."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    started, go_on = threading.Event(), threading.Event()
+    backend = _trial(mlflow_server, "unit-sweep-skew", "sk", 1)
+    thread = threading.Thread(target=_run_trial, args=(backend, 0.4, go_on))
+    started_at = time.time()
+    thread.start()
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    deadline = time.monotonic() + 60
+    while backend.run_id is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    own = backend.created_parent
+    assert own and backend.parent_run_id == own and client.get_run(own).info.status == "RUNNING"
+    experiment_id = client.get_experiment_by_name("unit-sweep-skew").experiment_id
+    (key,) = {r.data.tags["finetune.sweepKey"] for r in _parents(client, experiment_id, "uid-unit-sweep-skew-sk", ViewType.ACTIVE_ONLY)}
+    earlier = client.create_run(experiment_id, tags={"finetune.sweepKey": key, "finetune.sweep": "sk"}, run_name="sk",
+                                start_time=int(started_at * 1000) - 60_000).info.run_id
+    go_on.set()
+    thread.join(120)
+    assert client.get_run(backend.run_id).data.tags["mlflow.parentRunId"] == earlier == backend.parent_run_id
+    assert client.get_run(own).info.lifecycle_stage == "deleted"
+    parent = client.get_run(earlier)
+    assert parent.info.status == "FINISHED" and parent.data.metrics == {"trial/eval_loss": 0.4}
+
+
+def test_an_explicit_parent_run_wins_over_the_sweep_and_the_sweep_comes_from_the_operators_env():
+    from finetune_api import env
+    from finetune_trainer.tracking import MlflowBackend, SweepTrial
+
+    sweep = SweepTrial.from_env({env.SWEEP_NAME: "sw", env.SWEEP_UID: "u", env.SWEEP_TRIAL: "7"})
+    assert sweep == SweepTrial("sw", "u", 7) and len(sweep.key) == 32
+    assert SweepTrial.from_env({env.SWEEP_NAME: "sw", env.SWEEP_TRIAL: "7"}) is None and SweepTrial.from_env({}) is None
+    backend = MlflowBackend("http://x", experiment="e", job="j", run_key="k", output_uri="o", register_model=None,
+                            parent_run_id="p-1", sweep=sweep)
+    assert backend.sweep is None and backend.parent_run_id == "p-1"
