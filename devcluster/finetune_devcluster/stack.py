@@ -252,10 +252,10 @@ def sweep_summary(objs: dict[str, dict]) -> str:
         lines.append(f"  trials:      {st.get('completed', 0)} complete, {st.get('pruned', 0)} pruned, {st.get('failed', 0)} failed ({st.get('progress')})")
         for rec in st.get("trials") or []:
             params = ", ".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}" for k, v in rec["params"].items())
-            value = f"{rec['value']:.4f}" if rec.get("value") is not None else "-"
+            value = f"{rec['value']:.4g}" if rec.get("value") is not None else "-"
             lines.append(f"    {rec['name']:<22} {rec['state']:<9} {value:>8}  {params}")
         if st.get("bestTrial"):
-            lines.append(f"  best trial:  {st['bestTrial']} ({(obj.get('spec') or {}).get('objective', {}).get('metric', 'eval_loss')}={st.get('bestValue'):.4f} "
+            lines.append(f"  best trial:  {st['bestTrial']} ({(obj.get('spec') or {}).get('objective', {}).get('metric', 'eval_loss')}={st.get('bestValue'):.4g} "
                          f"on validation) with {json.dumps(st.get('bestParams'), sort_keys=True)}")
         gain = st.get("bestGain") or {}
         if gain:
@@ -284,7 +284,7 @@ def summary(objs: dict[str, dict], s3: Any, state: Path) -> str:
         lineage = st.get("lineage") or {}
         if lineage:
             lines.append(f"  lineage:     from job {lineage.get('parentJob')} (model {lineage.get('parentModelUri')}, "
-                         f"data report {str(lineage.get('parentDataReportDigest') or '-')[:12]})")
+                         f"data report {str(lineage.get('parentDataReportDigest') or '-')[:19]})")
         regression = st.get("regression") or {}
         if regression:
             lines.append("  regression:  " + ", ".join(f"{k}={v}" for k, v in regression.items()))
