@@ -36,6 +36,9 @@ from finetune_api.spec import (
     parse_spec,
 )
 
+_ANY_OBJECT = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+"""The CRD schema of a free-form object field (parameters, overrides, a copied status.gain)."""
+
 SWEEP_KIND = "FineTuneSweep"
 SWEEP_PLURAL = "finetunesweeps"
 SWEEP_SINGULAR = "finetunesweep"
@@ -277,7 +280,7 @@ class FinalSpec(_Model):
             "(nested, e.g. {hyperparameters: {maxSteps: 200}}; lists are replaced, not merged). output may not be "
             "overridden. The result must be a valid FineTuneJob."
         ),
-        json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        json_schema_extra=_ANY_OBJECT,
     )
 
     model_config = ConfigDict(
@@ -467,7 +470,7 @@ class TrialRecord(WireModel):
     number: int = Field(description="Trial number (the child is <sweep>-t<number>).")
     name: str = Field(description="The trial's FineTuneJob.")
     params: dict[str, Any] = Field(
-        description="Searched path -> value.", json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+        description="Searched path -> value.", json_schema_extra=_ANY_OBJECT
     )
     grid_id: int | None = Field(default=None, description="search.algorithm grid: which combination of the grid this is.")
     state: str = Field(description="Running, Complete, Pruned or Failed.", json_schema_extra={"enum": [s.value for s in TrialState]})
@@ -478,7 +481,7 @@ class TrialRecord(WireModel):
     model_uri: str | None = Field(default=None, description="The trial's exported model (Complete trials).")
     gain: dict[str, Any] | None = Field(
         default=None, description="The trial's status.gain (Complete trials): its primary metric before and after, on test when it has a test split.",
-        json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        json_schema_extra=_ANY_OBJECT,
     )
     message: str | None = Field(default=None, max_length=1024, description="Why a trial failed or was pruned.")
 
@@ -489,7 +492,7 @@ class FinalRecord(WireModel):
     name: str = Field(description="The final FineTuneJob (<sweep>-final).")
     from_trial: str = Field(description="The trial whose parameters it trains.")
     params: dict[str, Any] = Field(
-        description="Those parameters.", json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+        description="Those parameters.", json_schema_extra=_ANY_OBJECT
     )
     phase: str | None = Field(default=None, description="The final job's phase as the sweep last saw it.")
     value: float | None = Field(default=None, description="Its best validation value of the objective metric.")
@@ -515,7 +518,7 @@ class FineTuneSweepStatus(WireModel):
     best_trial: str | None = Field(default=None, description="The FineTuneJob of the best complete trial.")
     best_value: float | None = Field(default=None, description="Its objective value.")
     best_params: dict[str, Any] | None = Field(
-        default=None, description="Its parameters.", json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+        default=None, description="Its parameters.", json_schema_extra=_ANY_OBJECT
     )
     best_model_uri: str | None = Field(default=None, description="Its exported model.")
     best_gain: dict[str, Any] | None = Field(
@@ -524,7 +527,7 @@ class FineTuneSweepStatus(WireModel):
             "Its status.gain: baseline and final of its primary metric on its test split (validation when it has none). "
             "The test split took no part in choosing it, so this is the honest estimate of the sweep's result."
         ),
-        json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        json_schema_extra=_ANY_OBJECT,
     )
     final: FinalRecord | None = Field(default=None, description="final.action retrain: the retraining job.")
     model_uri: str | None = Field(

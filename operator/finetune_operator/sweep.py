@@ -424,10 +424,8 @@ def _finalise(name: str, namespace: str, uid: str, spec: FineTuneSweepSpec, old:
     if not record:  # pinned when first created: the trials are over, the best one cannot change
         record = {"name": final_name(name), "fromTrial": best["name"], "params": dict(best["params"])}
     trials_done = status["message"]
-    if final is None:
-        if record.get("phase") in ("Succeeded", "Failed"):
-            pass  # it ran and was deleted afterwards: the recorded outcome stands
-        elif refused is None:
+    if final is None:  # not created yet, or (its phase recorded as ended) deleted after it ran: that outcome stands
+        if record.get("phase") not in ("Succeeded", "Failed") and refused is None:
             plan.create.append(_child(name, namespace, uid, spec, None, record["params"]))
             plan.events.append(Event("Normal", "FinalRetrainCreated", f"{record['name']}: the parameters of {record['fromTrial']} ({_fmt(record['params'])})"))
             record["phase"] = "Pending"

@@ -71,11 +71,13 @@ class World:
         status.setdefault("checkpoints", []).append({"step": step, "uri": f"s3://c/{step}", "metric": value})
 
 
-def run_to_end(world: World, spec, rounds: int = 50) -> None:
+def run_to_end(world: World, spec, rounds: int = 50, trials_only: bool = False) -> None:
+    """Finish every running job round after round until the sweep ends (``trials_only``: until no trial runs)."""
     for _ in range(rounds):
         world.reconcile(spec)
-        running = [n for n, j in world.jobs.items() if j["status"]["phase"] == "Running" and not j["spec"]["runPolicy"].get("suspend")]
-        if not running and world.status["phase"] != "Running":
+        running = [n for n, j in world.jobs.items() if j["status"]["phase"] == "Running" and not j["spec"]["runPolicy"].get("suspend")
+                   and (not trials_only or LABEL_TRIAL in j["metadata"]["labels"])]
+        if not running and (trials_only or world.status["phase"] != "Running"):
             return
         for name in running:
             world.finish(name)
@@ -295,22 +297,11 @@ def test_tpe_never_repeats_a_trial_when_trials_finish_one_by_one():
     assert len(tried) == 8 and len(set(tried)) == 8
 
 
-def _run_trials(world: World, spec) -> None:
-    for _ in range(20):
-        world.reconcile(spec)
-        running = [n for n, j in world.jobs.items() if j["status"]["phase"] == "Running" and LABEL_TRIAL in j["metadata"]["labels"]]
-        if not running:
-            return
-        for name in running:
-            world.finish(name)
-    raise AssertionError("the trials did not end")
-
-
 def test_final_retrain_trains_the_best_parameters_with_the_overrides_and_becomes_the_sweeps_model():
     world = World()
     spec = sweep(parallelism=2, maxTrials=4, search={"algorithm": "random", "seed": 5},
                  final={"action": "retrain", "overrides": {"hyperparameters": {"maxSteps": 200}}})
-    _run_trials(world, spec)
+    run_to_end(world, spec, trials_only=True)
     status = world.status
     assert status["phase"] == "Running" and "sw-final" in status["message"]
     assert status["completed"] == 4 and "modelUri" not in status
@@ -340,7 +331,7 @@ def test_final_retrain_trains_the_best_parameters_with_the_overrides_and_becomes
 def test_a_failed_final_retrain_fails_the_sweep_with_its_reason():
     world = World()
     spec = sweep(maxTrials=2, search={"algorithm": "random", "seed": 1}, final={"action": "retrain"})
-    _run_trials(world, spec)
+    run_to_end(world, spec, trials_only=True)
     assert world.status["phase"] == "Running" and "sw-final" in world.jobs
     world.jobs["sw-final"]["status"] = {"phase": "Failed", "failureReason": "OOM at step 3"}
     world.reconcile(spec)
