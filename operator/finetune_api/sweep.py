@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any
 
 from pydantic import ConfigDict, Field, model_validator
+from pydantic.json_schema import JsonDict
 
 from finetune_api import metric_catalogue
 from finetune_api.documents import WireModel
@@ -36,7 +37,7 @@ from finetune_api.spec import (
     parse_spec,
 )
 
-_ANY_OBJECT = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+_ANY_OBJECT: JsonDict = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 """The CRD schema of a free-form object field (parameters, overrides, a copied status.gain)."""
 
 SWEEP_KIND = "FineTuneSweep"
