@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 	touch $@
 
-## tools: build (once, cached outside the repo) kube-apiserver, controller-manager, scheduler, etcd, kwok, helm, minio;
+## tools: build (once, cached outside the repo) kube-apiserver, controller-manager, scheduler, etcd, kwok, helm, minio, kueue;
 ## install Debian's prometheus if missing
 tools: setup
 	$(PY) -m finetune_devcluster build

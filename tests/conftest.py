@@ -10,6 +10,7 @@
 ``kube``      a ``kubernetes.client.ApiClient`` for it, as cluster admin.
 ``namespace`` a fresh namespace per test (its ``default`` ServiceAccount exists), deleted afterwards.
 ``s3``        a running :class:`finetune_devcluster.LocalS3` (MinIO unless ``FINETUNE_S3_BACKEND=moto``).
+``kueue``     the Kueue manager (:class:`finetune_devcluster.kueue.LocalKueue`) on ``cluster``, per test module.
 ``mlflow_server`` a running :class:`finetune_devcluster.mlflow_server.LocalMlflow` storing its artifacts in ``s3``.
 
 Tests using ``cluster``/``kube``/``namespace`` are marked ``cluster`` and tests using ``s3`` are marked
@@ -83,6 +84,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             need |= {"kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd", "kwok", "helm"}
         if "s3" in names and (os.environ.get("FINETUNE_S3_BACKEND") or "minio") == "minio":
             need.add("minio")
+        if "kueue" in names:
+            need.add("kueue")
     if any(item.get_closest_marker("realnode") for item in session.items):
         _prepare_realnode()
     if not need:
@@ -187,6 +190,17 @@ def s3() -> Iterator["LocalS3"]:  # noqa: F821
     _raise_build_errors("minio")
     with LocalS3() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def kueue(cluster) -> Iterator["LocalKueue"]:  # noqa: F821
+    """The Kueue manager on ``cluster`` (finetune_devcluster.kueue), for one test module: its webhooks
+    (failurePolicy Fail, on every Job) are registered only while the module runs."""
+    from finetune_devcluster.kueue import LocalKueue
+
+    _raise_build_errors("kueue")
+    with LocalKueue(cluster) as k:
+        yield k
 
 
 @pytest.fixture(scope="session")

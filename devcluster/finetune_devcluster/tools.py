@@ -10,8 +10,9 @@
 Tools that come out of one Go module are built by one ``go build`` invocation (a *bundle*), so they
 share compilation and linking runs in parallel: the control plane (kube-apiserver,
 kube-controller-manager, kube-scheduler, kubectl and etcd) from ``gotools/k8s``; the kubelet of a real
-node (realnode.py) from ``gotools/kubelet`` (same versions), as its own bundle so only a real node pays for it; kwok, helm and minio with
-``go install <module>@<version>``. A build holds an exclusive file lock on the bundle, so parallel
+node (realnode.py) from ``gotools/kubelet`` (same versions), as its own bundle so only a real node pays for it; kwok, helm, minio
+and the Kueue manager with ``go install <module>@<version>``. A bundle may also carry files from its
+pinned module's source (``module_files``: Kueue's CRDs and webhook configurations, in ``ensure_bundle("kueue") / "crds"`` and ``/ "webhook"``). A build holds an exclusive file lock on the bundle, so parallel
 pytest workers or CLI calls build it once; the others wait and reuse it. A finished bundle folder has
 a ``.stamp`` naming its recipe (versions, flags, hash of go.mod/go.sum); a folder with a missing or
 different stamp is rebuilt.
@@ -38,6 +39,9 @@ KWOK_VERSION = "v0.7.0"
 HELM_VERSION = "v3.19.5"
 # MinIO publishes no semver tags; this is the module proxy's pseudo-version of master on 2026-02-12.
 MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"
+# Kueue's go.mod has no replace directives, so `go install ...@version` builds it like kwok; its k8s.io
+# libraries (v0.35) are its own and need no module of ours. It runs against the v1.33 control plane.
+KUEUE_VERSION = "v0.17.0"
 
 GOTOOLS = Path(__file__).resolve().parent / "gotools"
 
@@ -57,6 +61,9 @@ class Bundle:
     renames: tuple[tuple[str, str], ...] = ()
     # extra recipe input (files whose content changes the build)
     inputs: tuple[Path, ...] = ()
+    # (module, version, folder in the module, folder in the bundle): files copied from the pinned module's
+    # source (as the Go module cache holds it) into the bundle after the build, e.g. Kueue's CRDs
+    module_files: tuple[tuple[str, str, str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -65,7 +72,10 @@ class Bundle:
     def recipe(self) -> str:
         h = hashlib.sha256()
         argvs = [argv for argv, _cwd in self.commands(Path("$OUTDIR"))]
-        h.update(json.dumps([self.key, self.tools, self.renames, argvs]).encode())
+        parts: list = [self.key, self.tools, self.renames, argvs]
+        if self.module_files:  # only then: the other bundles' recipes (and so their caches) stay as they were
+            parts.append(self.module_files)
+        h.update(json.dumps(parts).encode())
         for p in self.inputs:
             h.update(p.name.encode())
             h.update(p.read_bytes() if p.exists() else b"<missing>")
@@ -172,6 +182,23 @@ BUNDLES: dict[str, Bundle] = {
             ),
         ),
         Bundle("minio", MINIO_VERSION, ("minio",), go_install(["github.com/minio/minio"], MINIO_VERSION)),
+        # The Kueue manager (kueue.py LocalKueue) with its CRDs and webhook configurations, copied from the
+        # same module's source (what Kueue's own kustomize install starts from).
+        Bundle(
+            "kueue",
+            KUEUE_VERSION,
+            ("kueue",),
+            go_install(
+                ["sigs.k8s.io/kueue/cmd/kueue"],
+                KUEUE_VERSION,
+                f"-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_VERSION}"
+                " -X sigs.k8s.io/kueue/pkg/version.GitCommit=unknown -X sigs.k8s.io/kueue/pkg/version.BuildDate=unknown",
+            ),
+            module_files=(
+                ("sigs.k8s.io/kueue", KUEUE_VERSION, "config/components/crd/bases", "crds"),
+                ("sigs.k8s.io/kueue", KUEUE_VERSION, "config/components/webhook", "webhook"),
+            ),
+        ),
     )
 }
 TOOLS: dict[str, Bundle] = {t: b for b in BUNDLES.values() for t in b.tools}
@@ -262,6 +289,10 @@ def _build(b: Bundle, verbose: bool) -> None:
         for src, dst in b.renames:
             if (tmp / src).exists():
                 (tmp / src).replace(tmp / dst)
+        for module, version, src, dst in b.module_files:
+            shutil.copytree(_module_dir(go, env, module, version) / src, tmp / dst)
+            for f in [tmp / dst, *(tmp / dst).rglob("*")]:
+                f.chmod(0o755 if f.is_dir() else 0o644)  # the module cache's files are read-only
         missing = [t for t in b.tools if not _executable(tmp / t)]
         if missing:
             raise ToolError(f"building {b.key}: go succeeded but did not produce {missing} in {tmp}: {os.listdir(tmp)}")
@@ -279,6 +310,19 @@ def _build(b: Bundle, verbose: bool) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _module_dir(go: str, env: dict[str, str], module: str, version: str) -> Path:
+    """The source folder of ``module@version`` in the Go module cache (downloaded if not there yet)."""
+    argv = [go, "mod", "download", "-json", f"{module}@{version}"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    try:
+        info = json.loads(proc.stdout)
+    except ValueError:
+        info = {}
+    if proc.returncode != 0 or not info.get("Dir"):
+        raise ToolError(f"{' '.join(argv)} failed (exit {proc.returncode}): {info.get('Error') or proc.stderr[-2000:]}")
+    return Path(info["Dir"])
 
 
 def _goenv(go: str, var: str) -> str:

@@ -118,9 +118,31 @@ def test_cache_keyed_by_pinned_versions():
     assert tools.bundle_dir("kubelet").name == f"kubelet-{tools.K8S_VERSION}"
     assert tools.bundle_dir("pause").name == f"pause-{tools.PAUSE_VERSION}"
     assert set(tools.TOOLS) >= {
-        "kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd", "kubectl", "kwok", "helm", "minio"
+        "kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd", "kubectl", "kwok", "helm", "minio", "kueue"
     }
+    assert tools.bundle_dir("kueue").name == f"kueue-{tools.KUEUE_VERSION}"
     # only a real node needs these: `build` without names (`make tools`) and ensure_all() leave them out
     assert set(tools.REALNODE_TOOLS) == {"kubelet", "pause"} <= set(tools.TOOLS)
     assert set(tools.DEFAULT_TOOLS) == set(tools.TOOLS) - {"kubelet", "pause"}
     assert os.path.isabs(tools.cache_dir())
+
+
+def test_module_files_are_copied_from_the_module_cache_into_the_bundle(fake_go, tmp_path, monkeypatch):
+    """``module_files``: what ``go mod download -json`` says is the module's folder is copied (and stamped)."""
+    src = tmp_path / "modcache" / "example.com" / "x@v1.0.0" / "config" / "crd"
+    src.mkdir(parents=True)
+    (src / "a.yaml").write_text("kind: CustomResourceDefinition\n")
+    (src / "a.yaml").chmod(0o444)  # as the module cache holds it
+    go = tmp_path / "gobin" / "go"
+    go.write_text(go.read_text().replace(
+        "#!/bin/sh\n",
+        '#!/bin/sh\nif [ "$1" = mod ]; then echo \'{"Dir": "%s"}\'; exit 0; fi\n' % (tmp_path / "modcache" / "example.com" / "x@v1.0.0"), 1))
+    bundle = tools.Bundle("fake", "v1.0.0", ("faketool",), tools.go_install(["example.com/x/cmd/faketool"], "v1.0.0"),
+                          module_files=(("example.com/x", "v1.0.0", "config/crd", "crds"),))
+    assert bundle.recipe() != tools.BUNDLES["fake"].recipe()  # the files are part of the recipe
+    monkeypatch.setitem(tools.BUNDLES, "fake", bundle)
+    monkeypatch.setitem(tools.TOOLS, "faketool", bundle)
+    d = tools.ensure_bundle("fake")
+    assert (d / "crds" / "a.yaml").read_text() == "kind: CustomResourceDefinition\n"
+    assert os.access(d / "crds" / "a.yaml", os.W_OK)
+    assert tools.ensure("faketool") == d / "faketool" and runs(fake_go) == 1  # cached: no rebuild
