@@ -248,7 +248,7 @@ def _go() -> str:
         raise ToolError(
             "Go toolchain not found on PATH: the local control plane is built from source with Go >= 1.24. "
             "Install Go (https://go.dev/dl/), or point FINETUNE_BIN_DIR / KUBEBUILDER_ASSETS at prebuilt "
-            "binaries (kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok, helm, minio)."
+            "binaries (kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok, helm, minio, kueue)."
         )
     return go
 

@@ -171,7 +171,10 @@ def decide(obs: Observed) -> Plan:
         return _to_create(obs, spec, group, plan)
     if job.complete:
         return _succeeded(obs, spec, plan)
-    if job.failed_condition is not None or job.failed > 0 or any(p.failed for p in group.pods):
+    # Kueue suspended the Job (evicted or preempted it): the Job controller stops its pods, and one that
+    # exits non-zero on that SIGTERM is no training failure (the Job does not count it either).
+    evicted = group.queued and job.suspended
+    if job.failed_condition is not None or job.failed > 0 or any(p.failed and not (evicted and p.deleting) for p in group.pods):
         return _failed(obs, spec, group, job, plan)
     return _running(obs, spec, group, job, plan)
 

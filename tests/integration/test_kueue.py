@@ -6,8 +6,8 @@ kwok nodes, ended by the tests (``cluster.pod_succeed``), so the Jobs really com
 frees their quota. What is shown, not assumed: the second job stays Pending/Queued (its Job suspended, no
 pods, its Workload without quota) while the first runs, and runs once the first finished; a 2-node job
 whose total request exceeds the quota left gets no pod at all (while a smaller single-node job behind it
-is admitted), then both of its pods together once quota frees; and that Kueue's webhooks really run on
-Job writes.
+is admitted), then both of its pods together once quota frees; a preempted job goes back to the queue
+without a restart and runs again; and Kueue's webhooks really run on Job writes.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def queue(kubectl, kueue, namespace):
     namespace; returns a function ``quota -> LocalQueue name``."""
     made: list[tuple[str, str]] = []
 
-    def make(cpu: str, gpu: str) -> str:
+    def make(cpu: str, gpu: str, preemption: dict | None = None) -> str:
         name = f"cq-{uuid.uuid4().hex[:6]}"
         kubectl.apply({"apiVersion": KUEUE, "kind": "ResourceFlavor", "metadata": {"name": name}})
         resources = {"cpu": cpu, "nvidia.com/gpu": gpu, "memory": "1Ti", "ephemeral-storage": "10Ti"}
@@ -47,6 +47,7 @@ def queue(kubectl, kueue, namespace):
             "apiVersion": KUEUE, "kind": "ClusterQueue", "metadata": {"name": name},
             "spec": {
                 "namespaceSelector": {},
+                **({"preemption": preemption} if preemption else {}),
                 "resourceGroups": [{
                     "coveredResources": list(resources),
                     "flavors": [{"name": name, "resources": [{"name": r, "nominalQuota": q} for r, q in resources.items()]}],
@@ -181,3 +182,40 @@ def test_kueue_webhooks_are_live(kubectl, kueue, namespace):
     assert kubectl.get("job", "direct", namespace)["spec"]["suspend"] is True
     refused = kubectl.create(plain_job("bad", "Not_A_Name"), check=False)
     assert refused.returncode != 0 and "vjob.kb.io" in refused.stderr, refused.stderr
+
+
+def test_preempted_job_goes_back_to_the_queue_without_a_restart(kubectl, operator, namespace, cluster, queue):
+    """Kueue evicts a running low-priority job for a higher one: it suspends the Job (the Job controller
+    removes its pods); the operator shows Pending/Queued again (no failure, no restart counted, the same
+    attempt) and the job runs again once the quota is back."""
+    q = queue(cpu="8", gpu="4", preemption={"withinClusterQueue": "LowerPriority"})
+    made = []
+    for name, value in (("low", 10), ("high", 1000)):
+        pc = f"{namespace}-{name}"
+        kubectl.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": pc}, "value": value})
+        made.append(pc)
+    try:
+        res = {"queueName": q, "nodes": 1, "gpusPerNode": 4, "cpu": "2"}
+        kubectl.create(ftj("low", namespace, resources={**res, "priorityClassName": made[0]}))
+        admitted(kubectl, namespace, "low")
+        running_pods(kubectl, namespace, "low", 0, 1)
+        wait_phase(kubectl, namespace, "low", "Running")
+
+        kubectl.create(ftj("high", namespace, resources={**res, "priorityClassName": made[1]}))
+        admitted(kubectl, namespace, "high")
+        running_pods(kubectl, namespace, "high", 0, 1)
+        w = wait_for("low's Workload evicted", lambda: (x := workload(kubectl, namespace, "low")) and condition(x, "Evicted") and x)
+        assert next(c for c in w["status"]["conditions"] if c["type"] == "Evicted")["reason"] == "Preempted"
+        assert_held(kubectl, namespace, "low", q)
+        stays_held(kubectl, namespace, "low")
+        st = status(kubectl, namespace, "low")
+        assert (st["attempt"], st["restarts"]) == (0, 0) and not st.get("failureReason")
+
+        finish(cluster, kubectl, namespace, "high")
+        admitted(kubectl, namespace, "low")
+        running_pods(kubectl, namespace, "low", 0, 1)
+        assert wait_phase(kubectl, namespace, "low", "Running")["attempt"] == 0
+        finish(cluster, kubectl, namespace, "low")
+    finally:
+        for pc in made:
+            kubectl.run("delete", "priorityclass", pc, "--wait=false", check=False)

@@ -142,6 +142,21 @@ def test_kueue_job_waits_queued():
     assert plan.set_suspend == {}
 
 
+def test_kueue_eviction_stopping_the_pods_is_no_failure():
+    """Kueue preempts a running queued job: the Job is suspended and the pod being deleted exits 143 on
+    SIGTERM; the job goes back to Queued, no restart. A pod that failed on its own still fails the group."""
+    spec = {**BASE, "resources": {"queueName": "q"}}
+    running = {"phase": "Running", "reason": "PodsRunning", "attempt": 0, "restarts": 0}
+    stopping = PodView("ft-0-0", 0, 0, "Failed", exit_code=143, deleting=True)
+    plan = decide(obs(running, jobs=[JobView("ft-0", 0, True)], pods=[stopping], spec=spec))
+    assert (plan.status["phase"], plan.status["reason"], plan.status["restarts"]) == ("Pending", "Queued", 0)
+    assert plan.delete_jobs == [] and plan.set_suspend == {}
+    crashed = PodView("ft-0-0", 0, 0, "Failed", exit_code=1, message="CUDA error")
+    assert decide(obs(running, jobs=[JobView("ft-0", 0, False)], pods=[crashed], spec=spec)).status["phase"] == "Restarting"
+    unqueued = decide(obs(running, jobs=[JobView("ft-0", 0, True)], pods=[stopping]))
+    assert unqueued.status["phase"] == "Restarting"  # not Kueue's: the operator did not suspend it either
+
+
 def test_deadline_exceeded():
     spec = {**BASE, "runPolicy": {"activeDeadlineSeconds": 60}}
     plan = decide(obs({"phase": "Running", "attempt": 0, "startTime": iso(NOW - timedelta(seconds=61))}, jobs=[running_job()], spec=spec))
