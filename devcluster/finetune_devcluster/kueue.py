@@ -247,8 +247,10 @@ class LocalKueue:
     def stop(self) -> None:
         """Webhook configurations first (see the module docstring), then SIGTERM (SIGKILL after 10 s)."""
         for kind, name in WEBHOOK_CONFIG_NAMES.items():
-            plural = kind.lower() + "s"
-            self.cluster.request("DELETE", f"/apis/admissionregistration.k8s.io/v1/{plural}/{name}")
+            try:
+                self.cluster.request("DELETE", f"/apis/admissionregistration.k8s.io/v1/{kind.lower()}s/{name}")
+            except OSError:  # the API server is gone already: so are the webhooks
+                pass
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)

@@ -290,7 +290,7 @@ def _build(b: Bundle, verbose: bool) -> None:
             if (tmp / src).exists():
                 (tmp / src).replace(tmp / dst)
         for module, version, src, dst in b.module_files:
-            shutil.copytree(_module_dir(go, env, module, version) / src, tmp / dst)
+            shutil.copytree(_module_dir(go, env, module, version, cwd=tmp) / src, tmp / dst)
             for f in [tmp / dst, *(tmp / dst).rglob("*")]:
                 f.chmod(0o755 if f.is_dir() else 0o644)  # the module cache's files are read-only
         missing = [t for t in b.tools if not _executable(tmp / t)]
@@ -312,10 +312,11 @@ def _build(b: Bundle, verbose: bool) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _module_dir(go: str, env: dict[str, str], module: str, version: str) -> Path:
-    """The source folder of ``module@version`` in the Go module cache (downloaded if not there yet)."""
+def _module_dir(go: str, env: dict[str, str], module: str, version: str, cwd: Path) -> Path:
+    """The source folder of ``module@version`` in the Go module cache (downloaded if not there yet);
+    run in ``cwd`` (no go.mod there), so no module of ours is involved."""
     argv = [go, "mod", "download", "-json", f"{module}@{version}"]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
     try:
         info = json.loads(proc.stdout)
     except ValueError:
