@@ -201,6 +201,11 @@ def kueue(cluster) -> Iterator["LocalKueue"]:  # noqa: F821
     _raise_build_errors("kueue")
     with LocalKueue(cluster) as k:
         yield k
+        # Workloads carry Kueue's finalizer: let Kueue release those of the tests' deleted namespaces
+        # before it stops, or the namespaces stay Terminating for the rest of the session.
+        left = k.wait_workloads_released(timeout=30)
+        if left:
+            print(f"\nWorkloads still held after 30 s: {left}")
 
 
 @pytest.fixture(scope="session")

@@ -240,6 +240,20 @@ class LocalKueue:
         except (urllib.error.URLError, OSError, KeyError):
             return False
 
+    def wait_workloads_released(self, timeout: float = 30.0) -> list[str]:
+        """Wait until no Workload is left in a namespace being deleted (Kueue removes its finalizer);
+        returns those still there after ``timeout`` (``namespace/name``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            _, nss = self.cluster.request("GET", "/api/v1/namespaces")
+            terminating = {n["metadata"]["name"] for n in (nss or {}).get("items", []) if n.get("status", {}).get("phase") == "Terminating"}
+            _, wls = self.cluster.request("GET", "/apis/kueue.x-k8s.io/v1beta2/workloads")
+            left = [f"{w['metadata']['namespace']}/{w['metadata']['name']}" for w in (wls or {}).get("items", [])
+                    if w["metadata"]["namespace"] in terminating]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.5)
+
     def logs(self, lines: int = 50) -> str:
         return tail(self.log, lines)
 
