@@ -1,4 +1,4 @@
-"""GPU trainer benchmark: our trainer against transformers Trainer + PEFT on real model shapes, with MFU.
+"""GPU trainer benchmark: our trainer against transformers Trainer + PEFT and TRL's SFTTrainer on real model shapes, with MFU.
 
 The GPU half of bench/trainer_throughput.py, built on the same machinery (bench/_common.py): same
 tokenizer (MiniLM's 30k WordPiece, built locally), same LoRA adapter and targets, same micro-batch and
@@ -35,6 +35,18 @@ Sides and settings: ours runs ``finetune_trainer`` with ``packing: true``, ``pre
 rate and gradient checkpointing as ours, ``bf16=True`` on cuda, and no checkpoint saving or tracker
 reporting. Its weights load in transformers' default dtype ("auto": the checkpoint's bf16), the LoRA
 weights stay fp32 on both sides (peft's default), attention is transformers' default (sdpa) on both.
+
+TRL contestants (``_common.TRL_CONTESTANTS``, ``--no-trl`` leaves them out): ``trl.SFTTrainer`` (the
+version pinned in constraints.txt; ``pip install -c constraints.txt '.[bench]'``) as ``trl-defaults``
+(SFTConfig's defaults: bf16 autocast, gradient checkpointing, lr 2e-5, fp32 weights, padded batches),
+``trl-matched`` (bf16 weights and autocast, the preset's gradient checkpointing, our learning rate),
+``trl-padding-free`` and ``trl-bfd-packing``, the same model, tokens, LoRA, micro-batch, steps, max
+length and seed (``_common.TRL_SHARED_SETTINGS``). On cuda the last two ask for
+``attn_implementation="flash_attention_2"`` when ``flash_attn`` is installed and ``use_liger_kernel``
+when ``liger_kernel`` is (TRL's fastest setup; neither is in the pins: install them on the GPU machine);
+each result records its SFTConfig arguments and the attention it ran, and the padding-free/packing ones
+carry TRL's note that padding-free is documented for FlashAttention 2/3. ``vs_trl`` compares ours with
+each and with the fastest (goal: >= 1.5x its tokens/s on GPU).
 
 Measured per side (from the end of warmup step W to the end of the last step, device synchronised at
 both ends): tokens/s of real (non-pad) tokens, padding fraction, peak GPU memory
@@ -111,8 +123,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (BASELINE_SETTINGS, LORA_TARGETS, ROOT, default_rows, length_stats, ratio, row_lengths, spawn,  # noqa: E402
-                     write_report)
+from _common import (BASELINE_SETTINGS, LORA_TARGETS, ROOT, TRL_CONTESTANTS, TRL_SHARED_SETTINGS, compare_with_trl, default_rows, length_stats, ratio,  # noqa: E402
+                     row_lengths, run_rounds, spawn, versions, write_report)
 
 RESULTS_DIR = ROOT / "bench" / "results"
 INSTRUCTION_LENGTHS = {"dist": "lognormal", "median": 350, "sigma": 1.0, "lo": 16}  # "hi" = max seq
@@ -309,6 +321,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="result file (default: bench/results/trainer-gpu-<preset>.json on cuda, a new temp folder on CPU)")
     ap.add_argument("--work-dir", type=Path, default=None, help="where the model and data go (the 8B model is 16 GB; default: a temp folder)")
     ap.add_argument("--keep-work", action="store_true", help="keep the model, data and child logs")
+    ap.add_argument("--no-trl", action="store_true", help="leave out the TRL contestants")
+    ap.add_argument("--rounds", type=int, default=1, help="run every side this many times, interleaved, keeping each one's best")
     args = ap.parse_args(argv)
 
     import torch
@@ -322,8 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = args.steps or preset.steps
     warmup = min(preset.warmup if args.warmup is None else args.warmup, steps - 1)
     batch, seq = args.batch or preset.batch, args.seq or preset.seq
-    rows = args.rows or default_rows(steps, batch)
     lengths_spec = {"hi": seq, **preset.lengths}
+    rows = args.rows or default_rows(steps, batch, seq=None if args.no_trl else seq, lengths=lengths_spec)
 
     if args.work_dir:
         args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -336,18 +350,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common = {"model_dir": str(model_dir), "data": str(data), "steps": steps, "warmup": warmup, "batch": batch, "seq": seq,
               "precision": precision, "device": device, "gradient_checkpointing": preset.gradient_checkpointing,
               "lora_r": preset.lora_r, "lora_alpha": preset.lora_alpha, "lora_dropout": preset.lora_dropout}
-    raw = {}
-    for which in ("baseline", "ours"):
-        raw[which] = spawn(which, common, work, device, tolerate_oom=device == "cuda")
-        r = raw[which]
-        print(f"[trainer_gpu] {which}: " + (r["error"] if "error" in r else f"{r['tokens_per_s']:.1f} tokens/s, padding {r['padding_fraction']:.1%}"),
-              flush=True)
+    names = ["baseline", "ours", *([] if args.no_trl else TRL_CONTESTANTS)]
+    raw = run_rounds(names, common, work, device, args.rounds, tolerate_oom=device == "cuda",
+                     log=lambda m: print(f"[trainer_gpu] {m}", flush=True))
+    trl_raw = {n: r for n, r in raw.items() if n in TRL_CONTESTANTS}
 
     shape = model_shape(build_config(preset.model_config, assets["model_vocab"]), lora_r=preset.lora_r)
     device_name = next((r["device_name"] for r in raw.values() if "device_name" in r), "cpu" if device == "cpu" else "unknown")
     peak, peak_source = peak_flops(device_name, args.peak_tflops) if (device == "cuda" or args.peak_tflops) else (None, "CPU: no meaningful peak (pass --peak-tflops)")
     b, o = (side_report(raw[w], shape, peak) for w in ("baseline", "ours"))
-    for side in (b, o):
+    trl = {name: side_report(r, shape, peak) for name, r in trl_raw.items()}
+    for side in (b, o, *trl.values()):
         if "trainable_params" in side and side["trainable_params"] != shape["lora"]:
             print(f"[trainer_gpu] note: trainable parameters {side['trainable_params']} != LoRA count {shape['lora']}", flush=True)
     tps_ratio = ratio(o.get("tokens_per_s"), b.get("tokens_per_s"))
@@ -358,17 +371,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "description": preset.description, "model_config": {**preset.model_config, "vocab_size": assets["model_vocab"]},
             "tokenizer": f"MiniLM WordPiece, {assets['tokenizer_vocab']} tokens (ids drawn below that)",
             "params": shape, "lora": {"r": preset.lora_r, "alpha": preset.lora_alpha, "dropout": preset.lora_dropout, "targets": LORA_TARGETS},
-            "max_seq_length": seq, "micro_batch": batch, "steps": steps, "warmup_steps": warmup, "rows": rows,
+            "max_seq_length": seq, "micro_batch": batch, "steps": steps, "warmup_steps": warmup, "rows": rows, "rounds": args.rounds,
             "row_length_distribution": lengths_spec, "row_tokens": assets["row_tokens"], "precision": precision,
             "gradient_checkpointing": preset.gradient_checkpointing, "device": device, "device_name": device_name,
             "peak_flops": peak, "peak_flops_source": peak_source, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "versions": _versions(),
+            "versions": versions(),
             "flops_formula": "per row of L tokens: L*(4N + 6N_lora) + 6*n_layers*d_attn*L^2 (LoRA; causal attention, per original row; "
                              "no recompute; padding not counted); see bench/trainer_gpu.py",
             "baseline_settings_differing_from_defaults": BASELINE_SETTINGS,
+            **({} if args.no_trl else {"trl_settings_shared": TRL_SHARED_SETTINGS}),
         },
         "baseline": b,
         "ours": o,
+        **({} if args.no_trl else {"trl": trl, "vs_trl": compare_with_trl(o, trl, gpu=device == "cuda")}),
         "ratios_ours_over_baseline": {k: ratio(o.get(f), b.get(f)) for k, f in (
             ("tokens_per_s", "tokens_per_s"), ("mfu", "mfu"), ("peak_gpu_mem", "peak_gpu_mem_mb"), ("peak_rss", "peak_rss_mb"))},
         "targets": targets(preset.name, device, tps_ratio, o.get("mfu"), o.get("padding_fraction")),
@@ -384,15 +399,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         shutil.rmtree(work, ignore_errors=True)
     return report
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "cuda": str(torch.version.cuda)}
 
 
 if __name__ == "__main__":
