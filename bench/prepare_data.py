@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -235,6 +236,37 @@ def breakdown(times: dict[str, float]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ running
 
 
+class _MemorySampler:
+    """The peak anonymous and file-backed resident memory of this process, sampled from /proc/self/status every
+    50 ms. ru_maxrss counts the pages of memory-mapped Arrow files the pipeline reads (clean, reclaimable page
+    cache, proportional to the data read), so the anonymous peak is the number that shows what the pipeline holds."""
+
+    def __init__(self) -> None:
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in self.peak:
+                self.peak[key] = max(self.peak[key], int(value.split()[0]))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> _MemorySampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
 def _cpu() -> dict[str, float]:
     """CPU seconds (user + system) of this process and of its finished children (the pipeline's worker processes)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -255,8 +287,11 @@ def run_one(n: int, folder: Path, workers: int = 0) -> dict[str, Any]:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     install_timers()
     cpu0 = _cpu()
+    anon_before = _MemorySampler()
+    anon_before._sample()
     t = time.perf_counter()
-    data = prepare_data(spec, Storage(), tok, cache_dir=folder / "cache")
+    with _MemorySampler() as memory:
+        data = prepare_data(spec, Storage(), tok, cache_dir=folder / "cache")
     wall = time.perf_counter() - t
     cpu = {k: v - cpu0[k] for k, v in _cpu().items()}
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -273,7 +308,10 @@ def run_one(n: int, folder: Path, workers: int = 0) -> dict[str, Any]:
         "rows_per_s": round(n / wall),
         "peak_rss_mb": round(peak_kb / 1024),
         "rss_before_prepare_mb": round(rss_before / 1024),
-        "peak_rss_children_mb": round(children_kb / 1024),
+        "peak_anon_rss_mb": round(memory.peak["RssAnon"] / 1024),
+        "anon_rss_before_prepare_mb": round(anon_before.peak["RssAnon"] / 1024),
+        "peak_file_rss_mb": round(memory.peak["RssFile"] / 1024),
+        "peak_rss_worker_mb": round(children_kb / 1024),
         "arrow_output_mb": round(arrow_mb, 1),
         "cpu_s": {k: round(v, 1) for k, v in cpu.items()},
         "cpu_us_per_row": round((cpu["main"] + cpu["workers"]) / n * 1e6),
@@ -325,7 +363,9 @@ def main() -> None:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         result["generate_s"] = round(generated, 1)
         results.append(result)
-        print(f"{n:>9} rows: {result['wall_s']:8.1f} s  {result['rows_per_s']:>7} rows/s  peak RSS {result['peak_rss_mb']} MB  "
+        print(f"{n:>9} rows: {result['wall_s']:8.1f} s  {result['rows_per_s']:>7} rows/s  peak RSS {result['peak_rss_mb']} MB "
+              f"(anon {result['anon_rss_before_prepare_mb']} -> {result['peak_anon_rss_mb']} MB, file {result['peak_file_rss_mb']} MB, "
+              f"worker {result['peak_rss_worker_mb']} MB)  "
               f"cpu {result['cpu_s']} ({result['cpu_us_per_row']} us/row), load {result['load_average']}  (child {time.perf_counter() - t:.0f} s)\n"
               f"    stages wall {result['stages_s']}\n    stages cpu  {result['stages_cpu_s']}", flush=True)
     out = {

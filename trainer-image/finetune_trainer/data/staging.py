@@ -100,9 +100,10 @@ class ArrowSink:
             self._flush()
 
     def write_table(self, table: pa.Table) -> None:
-        """Append rows already in Arrow form (no Python round trip)."""
+        """Append rows already in Arrow form (no Python round trip), as one record batch: rows gathered through a
+        select()'s indices come as one chunk per row, and a file of one-row batches costs an object per row to open."""
         self._flush()
-        for batch in table.select(self.schema.names).cast(self.schema).to_batches():
+        for batch in table.select(self.schema.names).cast(self.schema).combine_chunks().to_batches():
             self._writer.write_batch(batch)
         self.rows += table.num_rows
 
