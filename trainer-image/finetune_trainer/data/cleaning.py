@@ -333,19 +333,20 @@ class DuplicateIndex:
         batch_ids: dict[int, int] = {}  # batch position of a kept row -> its id
         first_hash: dict[tuple[int, int], int] = {}
         kept: list[int] = []
-        for i in range(n):
-            h = (int(hashes[i, 0]), int(hashes[i, 1]))
-            if kind[i] == NONE and exact and h in first_hash:
-                kind[i], matched[i], sim[i] = EXACT, first_hash[h], 1.0
-            if kind[i] == NONE:
+        kinds, matches, sims = kind.tolist(), matched.tolist(), sim.tolist()
+        for i, h in enumerate(zip(hashes[:, 0].tolist(), hashes[:, 1].tolist())):
+            if kinds[i] == NONE and exact and h in first_hash:
+                kinds[i], matches[i], sims[i] = EXACT, first_hash[h], 1.0
+            if kinds[i] == NONE:
                 for j, s in near_of.get(i, ()):  # ascending j: the lowest-numbered kept row
                     if j in batch_ids:
-                        kind[i], matched[i], sim[i] = NEAR, batch_ids[j], s
+                        kinds[i], matches[i], sims[i] = NEAR, batch_ids[j], s
                         break
-            if kind[i] == NONE:
+            if kinds[i] == NONE:
                 batch_ids[i] = self._rows + len(kept)
                 first_hash.setdefault(h, batch_ids[i])
                 kept.append(i)
+        kind, matched, sim = np.array(kinds, np.int8), np.array(matches, np.int64), np.array(sims, np.float64)
         keep = np.asarray(kept, dtype=np.int64)
         self.add_batch(hashes[keep], sigs[keep] if sigs is not None else None)
         return kind, matched, sim

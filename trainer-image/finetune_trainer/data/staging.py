@@ -23,6 +23,7 @@ show the row it duplicates.
 
 from __future__ import annotations
 
+import array
 import itertools
 import logging
 import multiprocessing
@@ -144,21 +145,38 @@ class LabelConflicts:
     Such rows are a data error, not duplicates: which label is right is unknown. Every conflicting row
     after the first is dropped as it streams by; ``preprocessing.labelConflicts`` then decides about the
     first one (``drop``: removed too, by :meth:`settle` once the input is staged; ``keepFirst``: kept) or
-    fails the job (``fail``). Memory: one label per distinct text, classification only.
+    fails the job (``fail``). Memory: per distinct text its key hash and first label's number in numpy arrays
+    (about 30 bytes; no Python object per text), classification only.
     """
 
     def __init__(self, policy: str):
         self.policy = policy
-        self._first_label: dict[bytes, str] = {}
+        self._seen = DuplicateIndex(1.0, near=False)  # row id = position in _first
+        self._first = array.array("i")  # the label number of each distinct text's first row
+        self._numbers: dict[str, int] = {}
+        self._names: list[str] = []
         self.conflicting: set[bytes] = set()
 
-    def is_conflict(self, hash_: bytes, label: str, origin: str, preview: str, counts: StepCounts) -> bool:
-        first = self._first_label.setdefault(hash_, label)
-        if first == label:
-            return False
-        self.conflicting.add(hash_)
-        counts.add_label_conflict(origin, [first, label], preview)
-        return True
+    def conflicts(self, hashes: list[bytes], labels: list[str], origins: list[str], previews: list[str], counts: StepCounts) -> list[bool]:
+        """For each row in order: does its text appear earlier (in this input) with another label? Counts each such row."""
+        kind, matched, _ = self._seen.match(hash_words(hashes), None)
+        new: dict[bytes, int] = {}  # texts first seen in this batch -> label number
+        out = []
+        for i, (hash_, label) in enumerate(zip(hashes, labels)):
+            number = self._numbers.setdefault(label, len(self._numbers))
+            if number == len(self._names):
+                self._names.append(label)
+            first = self._first[int(matched[i])] if kind[i] == EXACT else new.setdefault(hash_, number)
+            if first == number:
+                out.append(False)
+                continue
+            self.conflicting.add(hash_)
+            counts.add_label_conflict(origins[i], [self._names[first], label], previews[i])
+            out.append(True)
+        if new:
+            self._seen.add_batch(hash_words(list(new)), None)
+            self._first.extend(new.values())
+        return out
 
     def settle(self, staged: datasets.Dataset, counts: StepCounts, label_counts: Counter[str], name: str) -> datasets.Dataset:
         """Apply the policy once the whole input has streamed by."""
@@ -408,12 +426,12 @@ class _Stager:
         """Count each row of the chunk at the first step that drops it, or queue it for tokenisation (in order)."""
         pre, counts = self.ctx.pre, self.counts
         counts.pii.update(chunk.pii)
-        open_rows: list[int] = []
-        for i, (record, origin) in enumerate(zip(chunk.records, chunk.origins)):
-            if pre.drop_empty and chunk.empty[i]:
-                counts.empty += 1
-            elif self.conflicts is None or not self.conflicts.is_conflict(chunk.hashes[i], record["label"], origin, chunk.keys[i], counts):
-                open_rows.append(i)
+        open_rows = [i for i, empty in enumerate(chunk.empty) if not (empty and pre.drop_empty)]
+        counts.empty += len(chunk.records) - len(open_rows)
+        if self.conflicts is not None and open_rows:
+            conflicting = self.conflicts.conflicts([chunk.hashes[i] for i in open_rows], [chunk.records[i]["label"] for i in open_rows],
+                                                   [chunk.origins[i] for i in open_rows], [chunk.keys[i] for i in open_rows], counts)
+            open_rows = [i for i, conflict in zip(open_rows, conflicting) if not conflict]
         sigs = chunk.sigs[open_rows] if chunk.sigs is not None else None
         kinds, matched, similarity = dedupe_batch(self.index, hash_words([chunk.hashes[i] for i in open_rows]), sigs, pre.dedupe.exact)
         for i, kind, match, sim in zip(open_rows, kinds.tolist(), matched.tolist(), similarity.tolist()):
