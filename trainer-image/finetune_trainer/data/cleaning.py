@@ -187,13 +187,17 @@ class _SortedRuns:
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every (position in ``keys``, row id) whose keys are equal."""
         found_q, found_rows = [], []
+        order = np.argsort(keys)  # sorted needles: each binary search starts where the last ended (far fewer cache misses)
+        needles = keys[order]
         for run_keys, run_rows in self._runs:
-            lo = np.searchsorted(run_keys, keys, "left")
-            counts = np.searchsorted(run_keys, keys, "right") - lo
-            total = int(counts.sum())
-            if not total:
+            lo = np.searchsorted(run_keys, needles, "left")
+            hit = np.flatnonzero(run_keys[np.minimum(lo, len(run_keys) - 1)] == needles)  # most keys are in no run
+            if not len(hit):
                 continue
-            q = np.repeat(np.arange(len(keys)), counts)
+            lo = lo[hit]
+            counts = np.searchsorted(run_keys, needles[hit], "right") - lo
+            total = int(counts.sum())
+            q = np.repeat(order[hit], counts)
             starts = np.repeat(lo - (np.cumsum(counts) - counts), counts)
             found_q.append(q)
             found_rows.append(run_rows[starts + np.arange(total)])
