@@ -9,8 +9,16 @@ Rows stream through::
 ``maxNormalizationExpansion`` times longer is counted as malformed before anything normalises it)
 
 and are written in batches to ``staged-<input>.arrow`` in the work folder (memory-mapped by
-``datasets``), so the data never has to fit in RAM; the duplicate index (a hash and a 512-byte MinHash
-signature per row) is the only global state. Besides the training columns a staged row carries what the
+``datasets``), so the data never has to fit in RAM. The per-row work (normalise, redact, keys, hashes,
+MinHash signatures, tokenisation: :func:`clean_batch`) is done a chunk of :data:`CHUNK_ROWS` rows at a time,
+by forked worker processes when there are several CPUs (:func:`cleaned_chunks`, at most two chunks per
+worker in flight, results taken in order, so the output does not depend on the number of workers); this
+process reads and parses, then takes the rows of each
+chunk in order through label conflicts and dedupe, which depend on the rows before. The duplicate index
+(per row a hash and LSH band keys in numpy arrays, the 512-byte MinHash signature spilled to a temporary
+file, see :class:`~.cleaning.DuplicateIndex`) and the label-conflict hashes are the only global state.
+A row dropped as a duplicate or a label conflict was tokenised for nothing (a few per cent of rows; cheaper
+than a second pass). Besides the training columns a staged row carries what the
 leakage check and the report need: ``_origin`` (file:line), ``_preview`` (the start of its leakage key,
 cleaned and redacted), ``_hash`` and ``_sig`` (the leakage key's hash and MinHash signature).
 
