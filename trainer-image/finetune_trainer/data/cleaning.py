@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from datasketch.lsh import _optimal_param
-from rensa import RMinHash
+from rensa import RMinHash  # pinned (constraints.txt): signatures are compared only within one preparation, but another release may hash differently
 
 NUM_PERM = 128
 SHINGLE_WORDS = 5
