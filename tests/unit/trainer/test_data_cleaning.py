@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from finetune_trainer.data.cleaning import DuplicateIndex, dedupe_key, key_hash, normalize_aggressive, shingles, signature
+from finetune_trainer.data.cleaning import DuplicateIndex, dedupe_key, key_hash, normalize_aggressive, shingles, signature, signatures
 from finetune_trainer.data.formats import parse_record
 from finetune_trainer.data.labels import class_balance, inverse_frequency_weights, resolve_labels, sort_labels
 from finetune_trainer.data.splits import split_indices
@@ -61,6 +61,18 @@ def test_near_duplicate_threshold_semantics():
 def test_signature_is_deterministic():
     assert np.array_equal(signature("the same text every time"), signature("the same text every time"))
     assert signature("x").dtype == np.uint32 and signature("x").shape == (128,)
+
+
+def test_signatures_are_the_minhash_of_the_shingle_set():
+    """The batch signatures (unsorted str shingles with repeats) equal rensa's MinHash of :func:`shingles`' set."""
+    from rensa import RMinHash
+
+    rng = random.Random(4)
+    keys = [sentence(rng, n) for n in (1, 3, 5, 12, 60)] + ["a b a b a b a b a b", "", "ünïcode wörds here and there"]
+    for key, sig in zip(keys, signatures(keys)):
+        reference = RMinHash(num_perm=128, seed=1)
+        reference.update(shingles(key))
+        assert sig.tolist() == reference.digest()
 
 
 def test_stratified_split_keeps_class_proportions():

@@ -20,19 +20,23 @@ Duplicates are judged on a *dedupe key*: the aggressive form of the record's key
 keeps. Labels are not part of the key: two classification rows with the same text and different
 labels are a *label conflict*, handled by ``preprocessing.labelConflicts`` (see :mod:`.prepare`).
 
-The :class:`DuplicateIndex` is the only global state of the pipeline: a 16-byte hash per row for exact
-duplicates and a 128-value MinHash signature (512 bytes) per row for near duplicates.
+The :class:`DuplicateIndex` is the only global state of the pipeline: per row a 16-byte hash for exact
+duplicates and 12 LSH band keys for near duplicates in numpy arrays (~170 bytes), with the 128-value MinHash
+signature (512 bytes) spilled to a temporary file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import tempfile
 import unicodedata
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch.lsh import _optimal_param
+from rensa import RMinHash  # pinned (constraints.txt): signatures are compared only within one preparation, but another release may hash differently
 
 NUM_PERM = 128
 SHINGLE_WORDS = 5
@@ -41,7 +45,6 @@ MINHASH_SEED = 1
 # signature, so a false positive costs one comparison, while a false negative is a missed duplicate.
 # At threshold 0.85 this misses ~0.6% of pairs at similarity 0.9 (the balanced default misses ~19%).
 LSH_WEIGHTS = (0.05, 0.95)
-MINHASH_SCHEME = "affine32"  # 32-bit values: 512 bytes per signature; pinned so stored signatures stay comparable
 
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u2060\ufeff\u00ad"), None)  # no meaning, unlike ZWJ/ZWNJ
@@ -115,23 +118,95 @@ def shingles(key: str) -> list[bytes]:
     return sorted({" ".join(words[i : i + SHINGLE_WORDS]).encode("utf-8") for i in range(len(words) - SHINGLE_WORDS + 1)})
 
 
-_PERMUTATIONS = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED, scheme=MINHASH_SCHEME).permutations  # drawn once, not per row
-
-
 def signature(key: str) -> np.ndarray:
     """The MinHash signature of ``key``'s shingles (128 uint32 values)."""
-    mh = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED, scheme=MINHASH_SCHEME, permutations=_PERMUTATIONS)
-    mh.update_batch(shingles(key))
-    return mh.hashvalues.astype(np.uint32)
+    return signatures([key])[0]
 
 
-def _lean(sig: np.ndarray) -> LeanMinHash:
-    return LeanMinHash(seed=MINHASH_SEED, hashvalues=sig, scheme=MINHASH_SCHEME)
+def signatures(keys: Sequence[str]) -> np.ndarray:
+    """The MinHash signatures of ``keys`` as one (len(keys), 128) uint32 array: rensa's RMinHash (Rust), seeded,
+    over each key's :func:`shingles`, computed for the whole batch in one call."""
+    if not keys:
+        return np.empty((0, NUM_PERM), dtype=np.uint32)
+    matrix = RMinHash.digest_matrix_from_token_sets([_shingle_list(key) for key in keys], NUM_PERM, MINHASH_SEED)
+    return np.asarray(matrix.to_rows(), dtype=np.uint32)
+
+
+def _shingle_list(key: str) -> list[str]:
+    """:func:`shingles` as MinHash needs them: the same 5-grams, as str, unsorted, repeats left in (a minimum is the
+    same over a list and over its set; rensa hashes a str as its UTF-8 bytes). About 1.6x faster."""
+    words = _WORD.findall(key)
+    if len(words) < SHINGLE_WORDS:
+        return [" ".join(words)]
+    return list(map(" ".join, zip(*(words[i:] for i in range(SHINGLE_WORDS)))))
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
     """Estimated Jaccard similarity of two signatures (the fraction of equal MinHash values)."""
     return float(np.count_nonzero(a == b)) / len(a)
+
+
+def hash_words(hashes: Sequence[bytes]) -> np.ndarray:
+    """16-byte key hashes as an (n, 2) uint64 array (the index's form of them)."""
+    return np.frombuffer(b"".join(hashes), dtype=np.uint64).reshape(len(hashes), 2) if hashes else np.empty((0, 2), np.uint64)
+
+
+_MIX = np.uint64(0x100000001B3)  # FNV-1 64-bit prime: folds a band's values into one key (collisions only add candidates)
+
+
+def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One uint64 key per LSH band of each signature: (n, bands); equal band values give equal keys."""
+    values = sigs[:, : bands * rows].reshape(len(sigs), bands, rows).astype(np.uint64)
+    keys = np.arange(1, bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # the band number is part of the key
+    keys = np.broadcast_to(keys, (len(sigs), bands)).copy()
+    with np.errstate(over="ignore"):
+        for j in range(rows):
+            keys = (keys * _MIX) ^ values[:, :, j]
+    return keys
+
+
+class _SortedRuns:
+    """An append-only multimap uint64 key -> row id in a few sorted numpy runs, merged log-structured (a new run is
+    merged with the previous while it is at least as large), so a batch insert or lookup costs O(log n) binary
+    searches per key and memory is 12 bytes an entry -- no Python object per entry."""
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        if not len(keys):
+            return
+        order = np.argsort(keys, kind="stable")
+        self._runs.append((keys[order], rows[order].astype(np.uint32)))
+        while len(self._runs) > 1 and len(self._runs[-1][0]) >= len(self._runs[-2][0]):
+            (k2, r2), (k1, r1) = self._runs.pop(), self._runs.pop()
+            keys_, rows_ = np.concatenate([k1, k2]), np.concatenate([r1, r2])
+            order = np.argsort(keys_, kind="stable")
+            self._runs.append((keys_[order], rows_[order]))
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every (position in ``keys``, row id) whose keys are equal."""
+        found_q, found_rows = [], []
+        order = np.argsort(keys)  # sorted needles: each binary search starts where the last ended (far fewer cache misses)
+        needles = keys[order]
+        for run_keys, run_rows in self._runs:
+            lo = np.searchsorted(run_keys, needles, "left")
+            hit = np.flatnonzero(run_keys[np.minimum(lo, len(run_keys) - 1)] == needles)  # most keys are in no run
+            if not len(hit):
+                continue
+            lo = lo[hit]
+            counts = np.searchsorted(run_keys, needles[hit], "right") - lo
+            total = int(counts.sum())
+            q = np.repeat(order[hit], counts)
+            starts = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+            found_q.append(q)
+            found_rows.append(run_rows[starts + np.arange(total)])
+        if not found_q:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(found_q), np.concatenate(found_rows).astype(np.int64)
+
+
+NONE, EXACT, NEAR = 0, 1, 2  # match kinds of DuplicateIndex.match/dedupe
 
 
 class DuplicateIndex:
@@ -143,49 +218,160 @@ class DuplicateIndex:
     100-word text one changed word alters up to 5 of its 96 shingles (J ~ 0.9, caught); in a 30-word
     text the same edit gives J ~ 0.7 (kept). So the threshold catches boilerplate, templated rows and
     lightly edited copies of longer texts, not paraphrases. Texts under 5 words are one shingle, so
-    they match only when equal. MinHash LSH (datasketch) proposes candidates in sub-linear time; every
-    candidate is confirmed with the signatures, which removes the LSH's false positives (so the LSH is
-    tuned for recall, see ``LSH_WEIGHTS``).
+    they match only when equal. MinHash LSH proposes candidates in sub-linear time: a signature's 128
+    values are cut into bands (:data:`LSH_WEIGHTS` picks the layout, with datasketch's optimiser; 12 bands of
+    10 at 0.85) and rows sharing any band's values are candidates; every candidate is confirmed with the
+    signatures, which removes the LSH's false positives (so the LSH is tuned for recall).
+
+    Memory: the index keeps, per row, its key hash (16 bytes) and band keys (12 bytes each) in sorted numpy runs
+    (:class:`_SortedRuns`); the 512-byte signatures go to an unnamed temporary file in ``spill_dir`` and only the
+    candidates' are read back. Rows are looked up and added a batch at a time (:meth:`dedupe`, :meth:`match`,
+    :meth:`add_batch`).
     """
 
-    def __init__(self, near_threshold: float, near: bool = True):
+    def __init__(self, near_threshold: float, near: bool = True, spill_dir: str | os.PathLike[str] | None = None):
         self.near_threshold = near_threshold
         self.near = near
-        self._exact: dict[bytes, int] = {}
-        self._signatures = np.empty((1024 if near else 0, NUM_PERM), dtype=np.uint32)
+        self.bands, self.band_rows = _optimal_param(near_threshold, NUM_PERM, *LSH_WEIGHTS) if near else (0, 0)
         self._rows = 0
-        self._lsh = MinHashLSH(threshold=near_threshold, num_perm=NUM_PERM, weights=LSH_WEIGHTS) if near else None
+        self._exact = _SortedRuns()
+        self._hash_low = np.empty(1024, np.uint64)  # the second 8 bytes of each row's hash (confirms exact matches), grown by doubling
+        self._lsh = _SortedRuns()
+        self._sig_file = tempfile.TemporaryFile(dir=spill_dir) if near else None
+        self._sig_map: np.ndarray | None = None  # memory map of the signature file, reopened as it grows
 
     def __len__(self) -> int:
         return self._rows
 
+    def close(self) -> None:
+        if self._sig_file is not None:
+            self._sig_map = None
+            self._sig_file.close()
+
+    # ------------------------------------------------------------------ batch API
+
+    def add_batch(self, hashes: np.ndarray, sigs: np.ndarray | None) -> None:
+        """Add rows (``hashes``: (n, 2) uint64 from :func:`hash_words`; ``sigs``: (n, 128) or None); ids count up."""
+        n = len(hashes)
+        if not n:
+            return
+        ids = np.arange(self._rows, self._rows + n, dtype=np.int64)
+        self._exact.add(hashes[:, 0].copy(), ids)
+        if self._rows + n > len(self._hash_low):
+            grown = np.empty(max(2 * len(self._hash_low), self._rows + n), np.uint64)
+            grown[: self._rows] = self._hash_low[: self._rows]
+            self._hash_low = grown
+        self._hash_low[self._rows : self._rows + n] = hashes[:, 1]
+        if self.near:
+            assert sigs is not None and self._sig_file is not None
+            self._lsh.add(band_keys(sigs, self.bands, self.band_rows).ravel(), np.repeat(ids, self.bands))
+            self._sig_file.seek(0, os.SEEK_END)
+            self._sig_file.write(np.ascontiguousarray(sigs, dtype=np.uint32).tobytes())
+            self._sig_map = None
+        self._rows += n
+
+    def stored_signatures(self, rows: np.ndarray) -> np.ndarray:
+        """The stored signatures of row ids ``rows`` (read from the spill file)."""
+        assert self._sig_file is not None
+        if self._sig_map is None:
+            self._sig_file.flush()
+            self._sig_map = np.memmap(self._sig_file, dtype=np.uint32, mode="r", shape=(self._rows, NUM_PERM))
+        return np.asarray(self._sig_map[rows])
+
+    def match(self, hashes: np.ndarray, sigs: np.ndarray | None, exact: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each row: (kind NONE/EXACT/NEAR, the lowest matching row id or -1, similarity) against the index.
+        EXACT wins over NEAR; NEAR is the lowest-numbered row at least ``near_threshold`` similar."""
+        n = len(hashes)
+        kind = np.zeros(n, np.int8)
+        matched = np.full(n, -1, np.int64)
+        sim = np.zeros(n, np.float64)
+        if not n or not self._rows:
+            return kind, matched, sim
+        if exact:
+            q, rows = self._exact.lookup(hashes[:, 0].copy())
+            ok = self._hash_low[rows] == hashes[q, 1]
+            q, rows = q[ok], rows[ok]
+            if len(q):
+                order = np.lexsort((rows, q))
+                first_q, first = np.unique(q[order], return_index=True)
+                kind[first_q], matched[first_q], sim[first_q] = EXACT, rows[order][first], 1.0
+        if self.near and sigs is not None:
+            open_rows = np.flatnonzero(kind == NONE)
+            keys = band_keys(sigs[open_rows], self.bands, self.band_rows).ravel()
+            q, rows = self._lsh.lookup(keys)
+            if len(q):
+                q = open_rows[q // self.bands]
+                pairs = np.unique(q.astype(np.int64) << 32 | rows)  # sorted by (query, row), each pair once
+                q, rows = pairs >> 32, pairs & 0xFFFFFFFF
+                sims = np.count_nonzero(self.stored_signatures(rows) == sigs[q], axis=1) / NUM_PERM
+                ok = sims >= self.near_threshold
+                first_q, first = np.unique(q[ok], return_index=True)
+                kind[first_q], matched[first_q], sim[first_q] = NEAR, rows[ok][first], sims[ok][first]
+        return kind, matched, sim
+
+    def dedupe(self, hashes: np.ndarray, sigs: np.ndarray | None, exact: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`match` for a batch of rows in order, each also against the batch's earlier *kept* rows; the kept
+        rows (kind NONE) are added, with ids in order. A batch behaves exactly as its rows added one by one."""
+        kind, matched, sim = self.match(hashes, sigs, exact)
+        n = len(hashes)
+        # Pairs (i, j), j < i, within the batch that are near-duplicates: their band keys and similarity.
+        near_of: dict[int, list[tuple[int, float]]] = {}
+        open_rows = np.flatnonzero(kind == NONE)  # rows not already matched in the index
+        if self.near and sigs is not None and len(open_rows) > 1:
+            keys = band_keys(sigs[open_rows], self.bands, self.band_rows).ravel()
+            rows = np.repeat(open_rows, self.bands)
+            order = np.lexsort((rows, keys))
+            keys, rows = keys[order], rows[order]
+            starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+            sizes = np.diff(np.r_[starts, len(keys)])
+            pairs: set[tuple[int, int]] = set()
+            for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
+                group = rows[start : start + size].tolist()
+                pairs.update((i, j) for a, j in enumerate(group) for i in group[a + 1 :] if j < i)
+            if pairs:
+                pi, pj = np.array(sorted(pairs)).T
+                sims = np.count_nonzero(sigs[pi] == sigs[pj], axis=1) / NUM_PERM
+                for i, j, s in zip(pi.tolist(), pj.tolist(), sims.tolist()):
+                    if s >= self.near_threshold:
+                        near_of.setdefault(i, []).append((j, s))
+        batch_ids: dict[int, int] = {}  # batch position of a kept row -> its id
+        first_hash: dict[tuple[int, int], int] = {}
+        kept: list[int] = []
+        kinds, matches, sims = kind.tolist(), matched.tolist(), sim.tolist()
+        for i, h in enumerate(zip(hashes[:, 0].tolist(), hashes[:, 1].tolist())):
+            if kinds[i] == NONE and exact and h in first_hash:
+                kinds[i], matches[i], sims[i] = EXACT, first_hash[h], 1.0
+            if kinds[i] == NONE:
+                for j, s in near_of.get(i, ()):  # ascending j: the lowest-numbered kept row
+                    if j in batch_ids:
+                        kinds[i], matches[i], sims[i] = NEAR, batch_ids[j], s
+                        break
+            if kinds[i] == NONE:
+                batch_ids[i] = self._rows + len(kept)
+                first_hash.setdefault(h, batch_ids[i])
+                kept.append(i)
+        kind, matched, sim = np.array(kinds, np.int8), np.array(matches, np.int64), np.array(sims, np.float64)
+        keep = np.asarray(kept, dtype=np.int64)
+        self.add_batch(hashes[keep], sigs[keep] if sigs is not None else None)
+        return kind, matched, sim
+
+    # ------------------------------------------------------------------ one row at a time (tests, small callers)
+
     def exact_match(self, hash_: bytes) -> int | None:
-        """Id of the row with this key hash, if any."""
-        return self._exact.get(hash_)
+        """Id of the lowest-numbered row with this key hash, if any."""
+        kind, matched, _ = self.match(hash_words([hash_]), None)
+        return int(matched[0]) if kind[0] == EXACT else None
 
     def near_match(self, sig: np.ndarray) -> int | None:
         """Id of the lowest-numbered row whose signature is at least ``near_threshold`` similar, if any."""
-        if self._lsh is None or not self._rows:
-            return None
-        candidates = sorted(self._lsh.query(_lean(sig)))
-        for candidate in candidates:
-            if similarity(sig, self._signatures[candidate]) >= self.near_threshold:
-                return candidate
-        return None
+        kind, matched, _ = self.match(np.zeros((1, 2), np.uint64), sig[None, :], exact=False)
+        return int(matched[0]) if kind[0] == NEAR else None
 
     def similarity_to(self, row_id: int, sig: np.ndarray) -> float:
         """Estimated Jaccard similarity of ``sig`` to the stored row ``row_id`` (1.0 without signatures)."""
-        return similarity(sig, self._signatures[row_id]) if self._lsh is not None else 1.0
+        return similarity(sig, self.stored_signatures(np.array([row_id]))[0]) if self.near else 1.0
 
     def add(self, hash_: bytes, sig: np.ndarray | None) -> int:
         """Add a row; returns its id (ids count up from 0 in insertion order)."""
-        row_id = self._rows
-        self._rows += 1
-        self._exact.setdefault(hash_, row_id)
-        if self._lsh is not None:
-            assert sig is not None
-            if row_id == len(self._signatures):
-                self._signatures = np.concatenate([self._signatures, np.empty_like(self._signatures)])
-            self._signatures[row_id] = sig
-            self._lsh.insert(row_id, _lean(sig), check_duplication=False)
-        return row_id
+        self.add_batch(hash_words([hash_]), sig[None, :] if sig is not None else None)
+        return self._rows - 1

@@ -18,13 +18,14 @@ reports up to 5 example pairs: the evaluated row and the row it matches, with th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import pyarrow as pa
 
-from finetune_trainer.data.cleaning import DuplicateIndex
+from finetune_trainer.data.cleaning import EXACT, NONE, DuplicateIndex, hash_words
 from finetune_trainer.data.report import MAX_EXAMPLES
 
 BATCH = 1000
@@ -57,12 +58,16 @@ class LeakageFindings:
 
 def build_index(reference: datasets.Dataset, near_threshold: float) -> DuplicateIndex:
     """A DuplicateIndex over a staged split's key hashes and signatures (row id = row of ``reference``)."""
-    index = DuplicateIndex(near_threshold, near=True)
+    index = DuplicateIndex(near_threshold, near=True, spill_dir=_spill_dir(reference))
     for table in reference.select_columns(["_hash", "_sig"]).with_format("arrow").iter(batch_size=BATCH):
-        signatures = _signature_matrix(table["_sig"])
-        for hash_, sig in zip(table["_hash"].to_pylist(), signatures):
-            index.add(hash_, sig)
+        index.add_batch(hash_words(table["_hash"].to_pylist()), _signature_matrix(table["_sig"]))
     return index
+
+
+def _spill_dir(dataset: datasets.Dataset) -> str | None:
+    """The folder of the dataset's Arrow file (the job's work folder), for the index's signature file."""
+    files = dataset.cache_files
+    return str(Path(files[0]["filename"]).parent) if files else None
 
 
 def _signature_matrix(column: pa.ChunkedArray) -> np.ndarray:
@@ -83,32 +88,25 @@ def find_leakage(
     found = LeakageFindings()
     row = 0
     for table in evaluation.select_columns(["_hash", "_sig", "_origin", "_preview"]).with_format("arrow").iter(batch_size=BATCH):
-        signatures = _signature_matrix(table["_sig"])
-        columns = (table[c].to_pylist() for c in ("_hash", "_origin", "_preview"))
-        for (hash_, origin, preview), sig in zip(zip(*columns), signatures):
-            match, kind = _match(index, hash_, sig) if row not in skip else (None, "")
-            if match is not None:
-                if kind == "exact":
-                    found.exact += 1
-                else:
-                    found.near += 1
-                found.leaked_rows.append(row)
-                if len(found.examples) < MAX_EXAMPLES:
-                    matched = reference[int(match)]
-                    found.examples.append({
-                        "split": split_name, "match": kind, "row": origin, "text": preview,
-                        "matched_split": reference_name, "matched_row": matched["_origin"], "matched_text": matched["_preview"],
-                        "similarity": round(index.similarity_to(int(match), sig) if kind == "near" else 1.0, 4),
-                    })
-            row += 1
+        kind, matched, sims = index.match(hash_words(table["_hash"].to_pylist()), _signature_matrix(table["_sig"]))
+        for i in np.flatnonzero(kind != NONE).tolist():
+            if row + i in skip:
+                continue
+            match = int(matched[i])
+            if kind[i] == EXACT:
+                found.exact += 1
+            else:
+                found.near += 1
+            found.leaked_rows.append(row + i)
+            if len(found.examples) < MAX_EXAMPLES:
+                matched_row = reference[match]
+                found.examples.append({
+                    "split": split_name, "match": "exact" if kind[i] == EXACT else "near", "row": table["_origin"][i].as_py(),
+                    "text": table["_preview"][i].as_py(), "matched_split": reference_name, "matched_row": matched_row["_origin"],
+                    "matched_text": matched_row["_preview"], "similarity": round(float(sims[i]), 4),
+                })
+        row += table.num_rows
     return found
-
-
-def _match(index: DuplicateIndex, hash_: bytes, sig: np.ndarray) -> tuple[int | None, str]:
-    match = index.exact_match(hash_)
-    if match is not None:
-        return match, "exact"
-    return index.near_match(sig), "near"
 
 
 def run_checks(splits: dict[str, datasets.Dataset | None], near_threshold: float) -> dict[str, LeakageFindings]:

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
+import hyperscan
 import phonenumbers
 from detect_secrets.plugins.aws import AWSKeyDetector
 from detect_secrets.plugins.azure_storage_key import AzureStorageKeyDetector
@@ -151,19 +152,68 @@ _PLUGIN_PATTERNS: list[tuple[re.Pattern[str], bool]] = [
 ]
 
 
+class _Prefilter:
+    """Which of several regular expressions may match a text, from one Hyperscan scan of it.
+
+    The patterns are compiled in Hyperscan's prefilter mode, which may report a pattern that then does not match
+    but never misses one that does; so running Python's ``re`` for only the reported patterns finds exactly the
+    matches that running every pattern would, and most texts (no secret in them) need no ``re`` scan at all.
+    A text that is not valid UTF-8 (a lone surrogate) gets every pattern."""
+
+    def __init__(self, patterns: Sequence[re.Pattern[str]]):
+        self.count = len(patterns)
+        flags = []
+        for pattern in patterns:
+            flag = hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP | hyperscan.HS_FLAG_ALLOWEMPTY
+            if pattern.flags & re.IGNORECASE:
+                flag |= hyperscan.HS_FLAG_CASELESS
+            flags.append(flag)
+        sources = [("(?x)" if p.flags & re.VERBOSE else "") + ("(?m)" if p.flags & re.MULTILINE else "") + ("(?s)" if p.flags & re.DOTALL else "")
+                   + p.pattern for p in patterns]
+        self._db = hyperscan.Database()
+        self._db.compile(expressions=[src.encode("utf-8") for src in sources], ids=list(range(len(patterns))), flags=flags)
+
+    def candidates(self, text: str) -> set[int]:
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            return set(range(self.count))
+        hits: set[int] = set()
+
+        def on_match(pattern_id: int, start: int, end: int, flags: int, context: object) -> None:
+            hits.add(pattern_id)
+
+        self._db.scan(data, match_event_handler=on_match)
+        return hits
+
+
+# Every secret pattern, by index: the private-key block, the JWT, the extra formats, then the plugins'.
+_SECRET_PATTERNS: list[re.Pattern[str]] = [_PRIVATE_KEY, _JWT, *_EXTRA_SECRETS, *(pattern for pattern, _ in _PLUGIN_PATTERNS)]
+_SECRET_PREFILTER = _Prefilter(_SECRET_PATTERNS)
+
+
 def _secret_spans(text: str) -> Iterator[tuple[int, int]]:
-    for match in _PRIVATE_KEY.finditer(text):
-        yield match.span()
-    for match in _JWT.finditer(text):
-        if JwtTokenDetector.is_formally_valid(match.group(0)) and not _alnum(text, match.start() - 1):
+    hits = _SECRET_PREFILTER.candidates(text)
+    if not hits:
+        return
+    if 0 in hits:
+        for match in _PRIVATE_KEY.finditer(text):
             yield match.span()
-    for pattern in _EXTRA_SECRETS:
+    if 1 in hits:
+        for match in _JWT.finditer(text):
+            if JwtTokenDetector.is_formally_valid(match.group(0)) and not _alnum(text, match.start() - 1):
+                yield match.span()
+    for i, pattern in enumerate(_EXTRA_SECRETS, start=2):
+        if i not in hits:
+            continue
         for match in pattern.finditer(text):
             if not _alnum(text, match.start() - 1) and not _alnum(text, match.end()):
                 yield match.span()
-    for pattern, in_context in _PLUGIN_PATTERNS:
+    for i, (pattern, in_context) in enumerate(_PLUGIN_PATTERNS, start=2 + len(_EXTRA_SECRETS)):
+        if i not in hits:
+            continue
         for match in pattern.finditer(text):
-            groups = [i for i in range(1, pattern.groups + 1) if match.group(i)] if in_context else []
+            groups = [g for g in range(1, pattern.groups + 1) if match.group(g)] if in_context else []
             if groups:
                 yield match.span(groups[0])
             elif not _alnum(text, match.start() - 1) and not _alnum(text, match.end()):

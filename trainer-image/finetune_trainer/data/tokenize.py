@@ -79,6 +79,8 @@ def tokenize_batch(records: Sequence[Record], fmt: str, tokenizer: PreTrainedTok
         return [tokenize_pair(r, tokenizer, max_len) for r in records]
     if fmt == CLASSIFICATION:
         texts = [r["text"] for r in records]
+        if tokenizer.is_fast:
+            return _classification_fast(tokenizer, texts, max_len)
         ids = _encode(tokenizer, texts, special=True)
         out = []
         long_rows = [i for i, row in enumerate(ids) if len(row) > max_len]
@@ -92,6 +94,23 @@ def tokenize_batch(records: Sequence[Record], fmt: str, tokenizer: PreTrainedTok
             out.append(Tokenized(final, None, len(row), i in truncated))
         return out
     raise ValueError(f"unknown dataset format {fmt!r}")
+
+
+def _classification_fast(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> list[Tokenized]:
+    """Classification rows in one tokenizer pass: each text is encoded without special tokens, cut to leave room
+    for them, then given them by the tokenizer's own post-processor -- what ``truncation=True, max_length=max_len``
+    does, without encoding the long rows a second time. (The wrapper call just before leaves the backend with no
+    truncation of its own, so ``post_process`` only adds the special tokens.)"""
+    specials = tokenizer.num_special_tokens_to_add()
+    backend = tokenizer.backend_tokenizer
+    out = []
+    for encoding in tokenizer(texts, add_special_tokens=False).encodings:
+        length = len(encoding.ids) + specials
+        truncated = length > max_len
+        if truncated:
+            encoding.truncate(max(max_len - specials, 0), direction=tokenizer.truncation_side)
+        out.append(Tokenized(backend.post_process(encoding, None, True).ids, None, length, truncated))
+    return out
 
 
 def _seq2seq(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_len: int) -> list[Tokenized]:
