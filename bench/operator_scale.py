@@ -36,6 +36,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,7 @@ def count_requests(audit_log: Path, namespace: str, jobs: int) -> dict[str, Any]
     """Requests per job in ``namespace`` from the audit log (one ResponseComplete/Panic line per request;
     a watch counts once), split into the operator's own, by verb/resource, and everything."""
     mine: Counter[str] = Counter()
+    latency: dict[str, list[float]] = {}  # the API server's own time per request (received -> response complete)
     every = 0
     for path in sorted(audit_log.parent.glob(audit_log.name + "*")):
         for line in path.read_text().splitlines():
@@ -120,12 +122,21 @@ def count_requests(audit_log: Path, namespace: str, jobs: int) -> dict[str, Any]
             every += 1
             if (ev.get("userAgent") or "").startswith(OPERATOR_AGENTS):
                 sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
-                mine[f"{ev.get('verb')} {ref.get('resource')}{sub}"] += 1
+                call = f"{ev.get('verb')} {ref.get('resource')}{sub}"
+                mine[call] += 1
+                if ev.get("verb") != "watch":
+                    latency.setdefault(call, []).append(
+                        (_timestamp(ev["stageTimestamp"]) - _timestamp(ev["requestReceivedTimestamp"])) * 1000)
     return {
         "operator_per_job": round(sum(mine.values()) / jobs, 2),
         "operator_by_call_per_job": {k: round(v / jobs, 2) for k, v in sorted(mine.items(), key=lambda kv: -kv[1])},
         "all_clients_per_job": round(every / jobs, 2),
+        "operator_server_ms_p50": {k: round(percentile(v, 50), 1) for k, v in sorted(latency.items())},
     }
+
+
+def _timestamp(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def watch_running(list_fn, kwargs, is_running, key, n: int, timeout: float) -> dict[str, float]:
