@@ -29,6 +29,7 @@ from finetune_api.validation import validation_message
 from finetune_operator import kube, metrics
 from finetune_operator.builders import CREDENTIAL_KEYS, Owner, build_config_map, build_job, build_service, config_map_name, job_name, service_name
 from finetune_operator.config import OperatorConfig
+from finetune_operator.expectations import Expectations
 from finetune_operator.lineage import regression_event, with_teacher_uri
 from finetune_operator.networkpolicy import build_network_policy, network_policy_name
 from finetune_operator.policy import Selector, matches, namespace_refusal, pod_spec_refusal, secret_refusal
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 _locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
 _locks_guard = threading.Lock()
+# This operator's own writes its watches have not shown it yet (finetune_operator.expectations).
+_expected = Expectations()
 
 
 def _lock(uid: str) -> threading.Lock:
@@ -50,6 +53,7 @@ def _lock(uid: str) -> threading.Lock:
 def forget(uid: str) -> None:
     with _locks_guard:
         _locks.pop(uid, None)
+    _expected.forget(uid)
     if _progress_reader is not None:
         _progress_reader.forget(uid)
 
@@ -163,8 +167,12 @@ def reconcile(
     uid = meta["uid"]
     with _lock(uid), metrics.DURATION.labels(handler).time():
         metrics.RECONCILES.labels(handler).inc()
+        jobs = list(jobs)
+        if _expected.awaiting_job(uid, jobs):  # its ADDED event reconciles again, with the Job in view
+            metrics.DEFERRED.inc()
+            return
         try:
-            _reconcile_locked(dict(body), list(jobs), list(pods), config, namespace_labels)
+            _reconcile_locked(_expected.freshest(uid, dict(body)), jobs, list(pods), config, namespace_labels)
         except Exception:
             metrics.ERRORS.labels(handler).inc()
             raise
@@ -324,7 +332,7 @@ def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Plan, confi
     events = [*plan.events, regression] if regression else plan.events
     patch = _status_patch(old_status, new_status)
     if patch:
-        kube.patch_status(ns, name, patch, meta.get("resourceVersion"))
+        _expected.wrote_status(meta["uid"], meta.get("resourceVersion"), kube.patch_status(ns, name, patch, meta.get("resourceVersion")))
         if new_status.get("phase") != old_status.get("phase"):
             metrics.TRANSITIONS.labels(new_status.get("phase") or "").inc()
         if int(new_status.get("restarts") or 0) > int(old_status.get("restarts") or 0):
@@ -345,6 +353,8 @@ def _apply(body: dict[str, Any], spec: FineTuneJobSpec | None, plan: Plan, confi
         if config.defaults.network_policy:  # before the Job, so its pods never run unprotected
             kube.create_owned(build_network_policy(owner, spec, config.defaults), owner.uid)
         lineage = Lineage.model_validate(new_status["lineage"]) if new_status.get("lineage") else None
-        kube.create_owned(build_job(owner, spec, plan.create_job, config.defaults, lineage=lineage), owner.uid)
+        job = build_job(owner, spec, plan.create_job, config.defaults, lineage=lineage)
+        kube.create_owned(job, owner.uid)
+        _expected.created_job(owner.uid, job["metadata"]["name"])
     if plan.delete_self:
         kube.delete_finetunejob(ns, name)

@@ -35,7 +35,7 @@ def api_client() -> client.ApiClient:
     with _api_lock:
         if _api is None:
             cfg = client.Configuration.get_default_copy()
-            cfg.connection_pool_maxsize = 16
+            cfg.connection_pool_maxsize = 24  # the reconcile workers (main.WORKERS) and the progress reader's
             _api = client.ApiClient(cfg)
         return _api
 
@@ -117,7 +117,7 @@ def create_owned(obj: dict[str, Any], uid: str) -> bool:
         "NetworkPolicy": _networking().create_namespaced_network_policy,
     }[kind]
     try:
-        create(ns, obj)
+        _drain(create(ns, obj, _preload_content=False))  # nothing reads the answer: no client models built from it
         return True
     except ApiException as exc:
         if exc.status in REJECTED_STATUSES:
@@ -130,6 +130,11 @@ def create_owned(obj: dict[str, Any], uid: str) -> bool:
         raise ForeignChild(f"{kind} {ns}/{name} exists and is {who}")
     log.debug("%s %s/%s already exists", kind, ns, name)
     return False
+
+
+def _drain(response: Any) -> None:
+    """Read an unparsed answer (``_preload_content=False``) to its end, so its connection goes back to the pool."""
+    response.data  # noqa: B018 - reading the property consumes the body
 
 
 def delete_job(namespace: str, name: str) -> None:
@@ -260,6 +265,6 @@ def post_event(body: dict[str, Any], event_type: str, reason: str, message: str,
         "count": 1,
     }
     try:
-        _core().create_namespaced_event(meta["namespace"], event)
+        _drain(_core().create_namespaced_event(meta["namespace"], event, _preload_content=False))
     except ApiException as exc:  # an event is advisory: never fail a reconcile over it
         log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import importlib
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import Any
 
 import kopf
@@ -17,12 +19,13 @@ from kubernetes import config as k8s_config
 
 from finetune_api.spec import API_GROUP, API_VERSION, PLURAL
 from finetune_api.sweep import LABEL_SWEEP, SWEEP_PLURAL
-from finetune_operator import handlers, kube, metrics, sweep_handlers
+from finetune_operator import handlers, kube, metrics
 from finetune_operator.builders import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY
 from finetune_operator.config import OperatorConfig
 from finetune_operator.policy import check_image_patterns, namespace_refusal
 from finetune_operator.progress import ProgressReader, check_allowlist, secret_values
 from finetune_operator.views import JobView, PodView, job_view, pod_view
+from finetune_operator.workqueue import KeyedQueue
 
 CONFIG = OperatorConfig.from_env()
 FTJ = (API_GROUP, API_VERSION, PLURAL)
@@ -142,8 +145,12 @@ if CONFIG.namespace_selector:  # namespaceSelector: the labels of every namespac
 
 
 _INDEXES: dict[str, kopf.Index[Any, Any]] = {}
-# Reconciles block on the API (sync client); they run here, never on the event loop.
-_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="reconcile")
+# Reconciles block on the API (sync client); they run in this pool, never on the event loop, at most
+# WORKERS at once and one per object, requests for an object that is already waiting joining its run
+# (finetune_operator.workqueue). The pool is sized for that: no reconcile waits in it.
+WORKERS = 16
+_POOL = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="reconcile")
+_QUEUE = KeyedQueue(WORKERS)
 
 
 def _remember(**indexes: kopf.Index[Any, Any] | None) -> None:
@@ -159,14 +166,24 @@ def _snapshot(index: kopf.Index[Any, Any] | None, key: Any) -> list[Any]:
 
 
 async def _reconcile(body: Mapping[str, Any], handler: str) -> None:
+    """Reconcile the FineTuneJob ``body`` names, on what the indexes hold when the reconcile starts (the
+    newest body, its children): requests that come while it waits for a slot are served by it."""
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
-    jobs, pods = _snapshot(_INDEXES.get("jobs"), key), _snapshot(_INDEXES.get("pods"), key)
-    snapshot: dict[str, Any] = detached_copy(body)
-    found = _snapshot(_INDEXES.get("namespaces"), key[0]) if CONFIG.namespace_selector else []
-    ns_labels = found[0] if found else None
-    await asyncio.get_running_loop().run_in_executor(
-        _POOL, lambda: handlers.reconcile(snapshot, jobs=jobs, pods=pods, config=CONFIG, handler=handler, namespace_labels=ns_labels)
-    )
+
+    async def work() -> None:
+        bodies = _INDEXES.get("bodies")
+        found = _snapshot(bodies, key) if bodies is not None else [body]
+        if not found:  # deleted while it waited: the DELETED event did what there was to do
+            return
+        snapshot: dict[str, Any] = detached_copy(found[0])
+        jobs, pods = _snapshot(_INDEXES.get("jobs"), key), _snapshot(_INDEXES.get("pods"), key)
+        labels = _snapshot(_INDEXES.get("namespaces"), key[0]) if CONFIG.namespace_selector else []
+        ns_labels = labels[0] if labels else None
+        await asyncio.get_running_loop().run_in_executor(
+            _POOL, lambda: handlers.reconcile(snapshot, jobs=jobs, pods=pods, config=CONFIG, handler=handler, namespace_labels=ns_labels)
+        )
+
+    await _QUEUE.run(("job", *key), work)
 
 
 # ----------------------------------------------------------------------------------------- handlers
@@ -222,7 +239,7 @@ async def _resync_job(key: IndexKey, bodies: list[dict[str, Any]]) -> None:
 
 
 def resync_round(keys: list[IndexKey], snapshot: Callable[[IndexKey], list[dict[str, Any]]]) -> int:
-    """Start one resync per job, concurrently (the reconcile pool bounds how many run at once), and
+    """Start one resync per job, concurrently (the reconcile queue bounds how many run at once), and
     return how many started. A job whose previous resync is still running is skipped, so one slow
     job (a stuck endpoint, a slow API call) never delays another's deadline, TTL or progress, and
     never piles up queued reconciles of its own."""
@@ -261,14 +278,20 @@ async def _resync_loop() -> None:
 _sweep_phases: dict[tuple[str, str], str | None] = {}  # every FineTuneSweep seen, for the sweep resync
 
 
+def _sweeps() -> ModuleType:
+    """:mod:`finetune_operator.sweep_handlers`, imported when the first sweep is reconciled: it brings
+    optuna (and numpy), some 36 MB of RSS that an operator which never sees a sweep does without."""
+    return importlib.import_module("finetune_operator.sweep_handlers")
+
+
 async def _reconcile_sweep(namespace: str, name: str) -> None:
     refused = None
     if CONFIG.namespace_selector:  # a sweep creates FineTuneJobs: it serves the namespaces the jobs serve
         found = _snapshot(_INDEXES.get("namespaces"), namespace)
         refused = namespace_refusal(namespace, found[0] if found else None, CONFIG.namespace_selector)
-    await asyncio.get_running_loop().run_in_executor(
-        _POOL, lambda: sweep_handlers.reconcile_sweep(namespace, name, CONFIG.instance, refused)
-    )
+    await _QUEUE.run(("sweep", namespace, name), lambda: asyncio.get_running_loop().run_in_executor(
+        _POOL, lambda: _sweeps().reconcile_sweep(namespace, name, CONFIG.instance, refused)
+    ))
 
 
 @kopf.on.event(*FTS)  # type: ignore[arg-type]
@@ -277,7 +300,7 @@ async def on_sweep_event(type: str | None, namespace: str, name: str, body: kopf
     _remember(namespaces=_.get("ftj_namespaces"))
     if type == "DELETED":  # its trials carry owner references: the garbage collector removes them
         _sweep_phases.pop((namespace, name), None)
-        sweep_handlers.forget(body["metadata"]["uid"], namespace, name)
+        _sweeps().forget(body["metadata"]["uid"], namespace, name)
         return
     _sweep_phases[(namespace, name)] = (body.get("status") or {}).get("phase")
     if _sweep_resync_task is None:

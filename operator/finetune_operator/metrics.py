@@ -21,6 +21,9 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 JOBS = Gauge("finetune_operator_jobs", "FineTuneJobs by phase.", ["phase"], registry=REGISTRY)
 RECONCILES = PCounter("finetune_operator_reconciles_total", "Reconciles by handler.", ["handler"], registry=REGISTRY)
+DEFERRED = PCounter("finetune_operator_reconciles_deferred_total",
+                    "Reconciles left to the ADDED event of the Job this operator just created (finetune_operator.expectations).",
+                    registry=REGISTRY)
 ERRORS = PCounter("finetune_operator_reconcile_errors_total", "Failed reconciles by handler.", ["handler"], registry=REGISTRY)
 DURATION = Histogram(
     "finetune_operator_reconcile_duration_seconds",

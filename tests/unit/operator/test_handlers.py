@@ -179,7 +179,7 @@ class _Api:
     def __init__(self, error, existing=None):
         self.error, self.existing = error, existing
 
-    def create_namespaced_job(self, ns, obj):
+    def create_namespaced_job(self, ns, obj, **_):
         raise self.error
 
     def read_namespaced_job(self, name, ns):
