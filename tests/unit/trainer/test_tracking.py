@@ -318,7 +318,7 @@ def test_parallel_trials_of_a_sweep_converge_on_one_parent_run(mlflow_server):
     assert other.parent_run_id == other_parent.info.run_id != parent.info.run_id and other_parent.info.run_name == "sw2"
     third = _run_trial(_trial(mlflow_server, "unit-sweep", "sw", 2), 0.75)
     assert third.parent_run_id == parent.info.run_id and third.created_parent is None
-    assert [m.step for m in client.get_metric_history(parent.info.run_id, "trial/eval_loss")] == [0, 1, 2]
+    assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "trial/eval_loss")) == [0, 1, 2]
 
 
 def test_a_trial_re_points_its_run_at_finish_when_an_earlier_parent_appeared(mlflow_server):
