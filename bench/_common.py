@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -237,6 +237,30 @@ def record_losses(trainer: Any) -> list[Any]:
     return losses
 
 
+def counted_steps(collator: Callable[[list[dict[str, Any]]], dict[str, Any]], warmup: int, steps: int) -> tuple[Any, StepClock, Any]:
+    """(a collator that records each batch's tokens, the step clock, a TrainerCallback that times each step with the
+    tokens of its batch): the one way every transformers-Trainer-based side (baseline, TRL) is measured."""
+    from transformers import TrainerCallback
+
+    batches: list[tuple[int, int, list[int]]] = []  # per collated batch, in order; accelerate may collate one ahead
+    clock = StepClock(warmup, steps)
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        out = collator(rows)
+        batches.append(batch_tokens(out))
+        return out
+
+    class Measure(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            clock.begin()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            real, computed, lengths = batches[state.global_step - 1]  # gradient accumulation is 1: batch i is step i+1
+            clock.end_step(real, computed, lengths)
+
+    return collate, clock, Measure()
+
+
 def batch_tokens(batch: dict[str, Any]) -> tuple[int, int, list[int]]:
     """(real tokens, tokens computed on, row lengths) of a collated causal-LM batch.
 
@@ -260,7 +284,7 @@ def run_baseline(p: dict[str, Any]) -> dict[str, Any]:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainerCallback,
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
                               TrainingArguments)
 
     torch.manual_seed(0)
@@ -274,22 +298,7 @@ def run_baseline(p: dict[str, Any]) -> dict[str, Any]:
     ds = load_dataset("json", data_files=str(p["data"]), split="train")
     ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=seq), batched=True, remove_columns=["text"])
     base = DataCollatorForLanguageModeling(tok, mlm=False)
-    batches: list[tuple[int, int, list[int]]] = []  # per collated batch, in order; accelerate may collate one ahead
-
-    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        out = base(rows)
-        batches.append(batch_tokens(out))
-        return out
-
-    clock = StepClock(int(p["warmup"]), steps)
-
-    class Measure(TrainerCallback):
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            clock.begin()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            real, computed, lengths = batches[state.global_step - 1]  # gradient accumulation is 1: batch i is step i+1
-            clock.end_step(real, computed, lengths)
+    collate, clock, measure = counted_steps(base, int(p["warmup"]), steps)
 
     cuda = p["device"] == "cuda"
     fields = TrainingArguments.__dataclass_fields__
@@ -297,7 +306,7 @@ def run_baseline(p: dict[str, Any]) -> dict[str, Any]:
     args = TrainingArguments(output_dir=str(Path(p["out"]) / "hf"), per_device_train_batch_size=int(p["batch"]), max_steps=steps,
                              learning_rate=LEARNING_RATE, seed=0, save_strategy="no", report_to="none", bf16=cuda and p["precision"] == "bf16",
                              **{checkpointing: bool(p["gradient_checkpointing"])})
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[Measure()])
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[measure])
     losses = record_losses(trainer)
     result = trainer.train()
     return {**clock.summary(), "mean_train_loss": result.metrics.get("train_loss"), "losses": [float(l) for l in losses],
@@ -443,7 +452,7 @@ def run_trl(p: dict[str, Any]) -> dict[str, Any]:
     import trl
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     name = p["trl"]
@@ -459,26 +468,8 @@ def run_trl(p: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)  # the LoRA initialisation happens in SFTTrainer's constructor
     trainer = SFTTrainer(model=model_dir, args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
     # TRL refuses a custom collator with padding-free batches, so the counting wraps the one it built.
-    batches: list[tuple[int, int, list[int]]] = []
-    base = trainer.data_collator
-
-    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        out = base(rows)
-        batches.append(batch_tokens(out))
-        return out
-
-    trainer.data_collator = collate
-    clock = StepClock(int(p["warmup"]), steps)
-
-    class Measure(TrainerCallback):
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            clock.begin()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            real, computed, lengths = batches[state.global_step - 1]  # gradient accumulation is 1: batch i is step i+1
-            clock.end_step(real, computed, lengths)
-
-    trainer.add_callback(Measure())
+    trainer.data_collator, clock, measure = counted_steps(trainer.data_collator, int(p["warmup"]), steps)
+    trainer.add_callback(measure)
     losses = record_losses(trainer)
     result = trainer.train()
     model = trainer.model
