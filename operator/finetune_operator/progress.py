@@ -204,7 +204,8 @@ class ProgressReader:
     A reconcile never waits on the object store: ``read`` returns the cached document at once and, when
     it is older than ``interval``, refreshes it on a small background pool; the next reconcile (timer or
     event) publishes the new value. Only ``force=True`` (the final read when a job finishes) is
-    synchronous, and it ends within ``limits.deadline`` like every other read.
+    synchronous: it first waits out a background refresh already in flight (that one may have started
+    before the trainer's last write), then reads itself, each within ``limits.deadline``.
     """
 
     def __init__(self, credentials: Credentials, interval: float = 15.0, timeout: float = 3.0, workers: int = 4, *,
@@ -220,6 +221,7 @@ class ProgressReader:
         self._entries: dict[str, _Entry] = {}
         self._clients: dict[tuple, Any] = {}
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified whenever a refresh ends
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="progress")
         self._pending: set[Future] = set()
 
@@ -250,8 +252,10 @@ class ProgressReader:
     def read(self, uid: str, namespace: str, spec: FineTuneJobSpec, *, force: bool = False) -> ProgressDocument | None:
         with self._lock:
             entry = self._entries.setdefault(uid, _Entry())
+            if force:  # the last word: never the answer of a read that began before it
+                self._idle.wait_for(lambda: not entry.inflight, timeout=self.limits.deadline + self.timeout)
             due = time.monotonic() - entry.fetched_at >= self.interval
-            start = (force or due) and not entry.inflight
+            start = force or (due and not entry.inflight)
             if start:
                 entry.inflight = True
                 entry.fetched_at = time.monotonic()
@@ -281,7 +285,9 @@ class ProgressReader:
         except Exception as exc:  # progress is best-effort: never fail a reconcile over it
             self._note(entry, f"progress {uri} not readable ({type(exc).__name__})", level=logging.INFO)
         finally:
-            entry.inflight = False
+            with self._lock:
+                entry.inflight = False
+                self._idle.notify_all()
 
     def _note(self, entry: _Entry, problem: str, level: int = logging.WARNING) -> None:
         """Keep the problem for status; log it once per change, not on every tick."""

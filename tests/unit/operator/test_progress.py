@@ -58,3 +58,28 @@ def test_reader_refreshes_in_background_once_due(tmp_path):
     reader.read("uid", "ns", spec)
     reader.flush()
     assert reader.read("uid", "ns", spec).step == 120
+
+
+def test_a_forced_read_waits_out_a_refresh_in_flight_and_reads_after_it(tmp_path):
+    """The final read when a job ends must see the trainer's last write, even when a background refresh
+    that began before that write is still in flight (seen in CI: status.regression missing on a Failed job)."""
+    import threading
+
+    spec = parse_spec({"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t"}, "output": {"uri": str(tmp_path)}})
+    (tmp_path / "progress.json").write_text(json.dumps({**DOC, "step": 100}))
+    reader = ProgressReader(credentials=lambda ns, name: None, interval=0)
+    real_get, started, release = reader._get, threading.Event(), threading.Event()
+
+    def slow_first_get(namespace, spec, etag):
+        got = real_get(namespace, spec, etag)  # reads the old document...
+        if not started.is_set():
+            started.set()
+            release.wait(10)  # ...and is still in flight when the trainer writes its last word
+        return got
+
+    reader._get = slow_first_get
+    reader.read("uid", "ns", spec)
+    assert started.wait(10)
+    (tmp_path / "progress.json").write_text(json.dumps({**DOC, "step": 400}))
+    threading.Timer(0.3, release.set).start()
+    assert reader.read("uid", "ns", spec, force=True).step == 400
