@@ -133,7 +133,10 @@ def cluster() -> Iterator["LocalCluster"]:  # noqa: F821
         yield c
         return
     _raise_build_errors("kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd", "kwok")
-    c = LocalCluster(nodes=int(os.environ.get("FINETUNE_TEST_NODES", "2")))
+    # With a real node, its pods (the operator from the chart) reach the API server through the
+    # `kubernetes` Service: the API server listens beyond loopback (see realnode.py).
+    c = LocalCluster(nodes=int(os.environ.get("FINETUNE_TEST_NODES", "2")),
+                     apiserver_bind_address="0.0.0.0" if realnode_enabled() else "127.0.0.1")
     c.start()
     try:
         yield c

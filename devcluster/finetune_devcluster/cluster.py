@@ -85,6 +85,9 @@ class LocalCluster:
         gpus_per_node, cpu, memory, pods: what each fake node advertises (capacity = allocatable).
         detach: processes are not tied to this Python process (for the CLI's ``up``).
         startup_timeout: seconds for everything to come up in ``start()``.
+        extra_args: more flags per component (appended: a repeated flag overrides).
+        apiserver_bind_address: where the API server listens: loopback, or ``0.0.0.0`` so that pods on a
+            real node reach it through the `kubernetes` Service (see realnode.py).
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class LocalCluster:
         keep_workdir: bool = False,
         startup_timeout: float = 180.0,
         extra_args: dict[str, list[str]] | None = None,
+        apiserver_bind_address: str = "127.0.0.1",
     ) -> None:
         self.nodes = nodes
         self.node_names = [f"{node_prefix}-{i}" for i in range(nodes)]
@@ -111,6 +115,7 @@ class LocalCluster:
         self.keep_workdir = keep_workdir
         self.startup_timeout = startup_timeout
         self.extra_args = extra_args or {}
+        self.apiserver_bind_address = apiserver_bind_address
         self.ports: dict[str, int] = {}
         self.components: dict[str, _Component] = {}
         self._pki: PKI | None = None
@@ -179,7 +184,7 @@ class LocalCluster:
         envs = {"kwok": {**os.environ, "HOME": str(kwok_home)}}
         self.components = {
             n: _Component(n, argv + self.extra_args.get(n, []), self.logs_dir / f"{n}.log", envs.get(n))
-            for n, argv in control_plane_argv(bins, w, self.ports, pki).items()
+            for n, argv in control_plane_argv(bins, w, self.ports, pki, self.apiserver_bind_address).items()
         }
         deadline = time.monotonic() + self.startup_timeout
 
@@ -234,6 +239,7 @@ class LocalCluster:
             "pids": {n: c.pid for n, c in self.components.items() if c.pid},
             "argv": {n: c.argv for n, c in self.components.items()},
             "detached": self.detach,
+            "apiserver_bind_address": self.apiserver_bind_address,
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -249,6 +255,7 @@ class LocalCluster:
         self.nodes = len(self.node_names)
         self.node_resources = state.get("node_resources", self.node_resources)
         self.ports = state["ports"]
+        self.apiserver_bind_address = state.get("apiserver_bind_address", "127.0.0.1")
         self._own_workdir = False
         for n, pid in state["pids"].items():
             self.components[n] = _Component(n, state["argv"].get(n, []), w / "logs" / f"{n}.log", pid=pid)

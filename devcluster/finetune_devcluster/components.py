@@ -55,7 +55,7 @@ def etcd_argv(binary: Path, *, data_dir: Path, client_port: int, peer_port: int)
 
 def kube_apiserver_argv(
     binary: Path, *, etcd_port: int, secure_port: int, cert_dir: Path, serving: CertPair, client_ca: Path,
-    sa_pub: Path, sa_key: Path, kubelet_client: CertPair | None = None,
+    sa_pub: Path, sa_key: Path, kubelet_client: CertPair | None = None, bind_address: str = "127.0.0.1",
 ) -> list[str]:
     """TLS with client-certificate auth, ``Node,RBAC`` authorization and NodeRestriction on top of the
     default admission plugins, as in a real cluster. ``--endpoint-reconciler-type=none``: the endpoints
@@ -63,7 +63,11 @@ def kube_apiserver_argv(
 
     ``kubelet_client``: the certificate the API server shows a real kubelet (realnode.py) for
     ``kubectl logs/exec`` (the kubelet authorizes it with a SubjectAccessReview, as in kubeadm); kubelets
-    are reached at their InternalIP (a node's Hostname does not resolve here)."""
+    are reached at their InternalIP (a node's Hostname does not resolve here).
+
+    ``bind_address``: loopback by default; ``0.0.0.0`` (what kubeadm does) when pods of a real node must
+    reach the API server through the `kubernetes` Service (realnode.py publishes its endpoint on the
+    node's bridge address, which does not exist yet when the API server starts)."""
     kubelet = [] if kubelet_client is None else [
         f"--kubelet-client-certificate={kubelet_client.cert}",
         f"--kubelet-client-key={kubelet_client.key}",
@@ -72,7 +76,7 @@ def kube_apiserver_argv(
     return [
         str(binary),
         f"--etcd-servers={loopback(etcd_port)}",
-        "--bind-address=127.0.0.1",
+        f"--bind-address={bind_address}",
         "--advertise-address=127.0.0.1",
         f"--secure-port={secure_port}",
         f"--cert-dir={cert_dir}",
@@ -166,7 +170,8 @@ def client_kubeconfigs(workdir: Path) -> dict[str, Path]:
     return {who: workdir / f"{who}.kubeconfig" for who in ("controller-manager", "scheduler", "kwok")}
 
 
-def control_plane_argv(bins: Mapping[str, Path], workdir: Path, ports: Mapping[str, int], pki: PKI) -> dict[str, list[str]]:
+def control_plane_argv(bins: Mapping[str, Path], workdir: Path, ports: Mapping[str, int], pki: PKI,
+                       apiserver_bind_address: str = "127.0.0.1") -> dict[str, list[str]]:
     """Component name -> argv, in start order, for a cluster whose files live in ``workdir`` and which
     listens on ``ports`` (keys ``etcd``, ``etcd-peer``, ``apiserver``, as LocalCluster records them)."""
     kubeconfigs = client_kubeconfigs(workdir)
@@ -175,7 +180,7 @@ def control_plane_argv(bins: Mapping[str, Path], workdir: Path, ports: Mapping[s
         "kube-apiserver": kube_apiserver_argv(
             bins["kube-apiserver"], etcd_port=ports["etcd"], secure_port=ports["apiserver"],
             cert_dir=workdir / APISERVER_CERT_DIR, serving=pki.apiserver, client_ca=pki.ca.cert,
-            sa_pub=pki.sa_pub, sa_key=pki.sa_key, kubelet_client=pki.kubelet_client,
+            sa_pub=pki.sa_pub, sa_key=pki.sa_key, kubelet_client=pki.kubelet_client, bind_address=apiserver_bind_address,
         ),
         "kube-controller-manager": kube_controller_manager_argv(
             bins["kube-controller-manager"], kubeconfig=kubeconfigs["controller-manager"], ca=pki.ca, sa_key=pki.sa_key,

@@ -19,7 +19,16 @@ What this machine needs, and what the node does about it (see the README, "Real 
   address is the gateway of its own CNI bridge: ``ftbr<i>`` with ``10.245.<i>.1/24``, created before
   the kubelet starts; the pods get the rest of ``10.245.<i>.0/24``. The API server reaches the
   kubelet there (logs, exec), pods reach the node there, the host reaches pods on the bridge. Nothing
-  is routed off the machine and nothing is masqueraded.
+  is routed off the machine and nothing is masqueraded;
+* Services: kube-proxy (built with the kubelet, iptables mode) programs this machine's netfilter. Every
+  node here shares the machine's network namespace, so one kube-proxy serves them all: node 0 runs it
+  (``kube_proxy``). It leaves conntrack sysctls and ``route_localnet`` alone (node ports only on the
+  node's address) and its rules are removed (``kube-proxy --cleanup``) when the node stops;
+* the API server from a pod: the `kubernetes` Service (10.96.0.1:443) has no endpoints of its own here
+  (``--endpoint-reconciler-type=none``: they would be loopback). When the cluster's API server listens
+  beyond loopback (``LocalCluster(apiserver_bind_address="0.0.0.0")``) the node publishes one: its own
+  address and the API server's port, in an EndpointSlice, so in-cluster clients (the operator from the
+  chart) connect exactly as in a real cluster, with the token the kubelet mounts.
 
 Must run as root (containerd, network interfaces). Everything else lives in ``workdir``; containerd's
 image store in ``${FINETUNE_CACHE:-~/.cache/finetune-operator}/containerd`` (kept, so images are
@@ -34,6 +43,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -45,6 +55,10 @@ from .procutil import die_with_parent, tail
 
 CNI_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 NODE_KIND = "real"
+
+
+KUBE_PROXY_HEALTHZ_PORT = 10256
+KUBE_PROXY_METRICS_PORT = 10249
 
 
 class RealNodeError(RuntimeError):
@@ -150,6 +164,43 @@ def kubelet_config(*, ip: str, socket: Path, ca: Path, serving_cert: Path, servi
     }
 
 
+def kube_proxy_config(*, name: str, ip: str, kubeconfig: Path, cluster_cidr: str = "10.245.0.0/16") -> dict[str, Any]:
+    """KubeProxyConfiguration: iptables mode, bound to the node's address; no conntrack sysctls
+    (``maxPerCore``/timeouts 0: left as the machine has them) and no localhost node ports (so
+    ``route_localnet`` is never turned on)."""
+    return {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "mode": "iptables",
+        "clientConnection": {"kubeconfig": str(kubeconfig)},
+        "hostnameOverride": name,
+        "bindAddress": ip,
+        "healthzBindAddress": f"{ip}:{KUBE_PROXY_HEALTHZ_PORT}",
+        "metricsBindAddress": f"{ip}:{KUBE_PROXY_METRICS_PORT}",
+        "clusterCIDR": cluster_cidr,
+        "nodePortAddresses": [f"{ip}/32"],
+        "iptables": {"localhostNodePorts": False, "masqueradeAll": False, "syncPeriod": "30s", "minSyncPeriod": "1s"},
+        "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+    }
+
+
+def apiserver_endpoint_slice(ip: str, port: int) -> dict[str, Any]:
+    """The `kubernetes` Service's endpoint: the API server at ``ip:port`` (what the API server's own
+    endpoint reconciler would write for a non-loopback advertise address)."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "kubernetes",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "kubernetes", "endpointslice.kubernetes.io/managed-by": "finetune-devcluster"},
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+    }
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
@@ -164,10 +215,12 @@ class RealNode:
         workdir: kubelet root, containerd state, CNI configuration, logs; under the cluster's folder by default.
         images: image archives (``images.BuiltImage``) to import into containerd at start.
         taint: only pods tolerating ``finetune.io/real-node`` land here (a cluster with kwok nodes too).
+        kube_proxy: run kube-proxy for the machine (default: node 0 does; see the module docstring).
     """
 
     def __init__(self, cluster, index: int = 0, *, workdir: str | Path | None = None, prefix: str = "real-node",
-                 images_to_load: Iterable[images.BuiltImage] = (), taint: bool = False, startup_timeout: float = 120.0):
+                 images_to_load: Iterable[images.BuiltImage] = (), taint: bool = False, startup_timeout: float = 120.0,
+                 kube_proxy: bool | None = None):
         self.cluster = cluster
         self.index = index
         self.name = f"{prefix}-{index}"
@@ -177,6 +230,7 @@ class RealNode:
         self.workdir = Path(workdir or cluster.workdir / self.name).resolve()
         self.images = list(images_to_load)
         self.taint = taint
+        self.kube_proxy = index == 0 if kube_proxy is None else kube_proxy
         self.startup_timeout = startup_timeout
         # containerd's socket path must stay short (unix socket limit) and its state on a tmpfs-like /run.
         self.run_dir = Path(f"/run/finetune-node-{index}")
@@ -210,7 +264,7 @@ class RealNode:
     def start(self) -> "RealNode":
         if os.geteuid() != 0:
             raise RealNodeError("a real node runs containerd and creates network interfaces: it needs root")
-        for exe in ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "ip"):
+        for exe in ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "ip", *(("iptables",) if self.kube_proxy else ())):
             if not shutil.which(exe):
                 raise RealNodeError(f"{exe} not found: run `make node-deps`")
         t0 = time.monotonic()
@@ -226,7 +280,12 @@ class RealNode:
                 self._import(img)
             self.timings["images_import_s"] = time.monotonic() - t1
             self._start_kubelet(kubelet)
+            if self.kube_proxy:
+                self._start_kube_proxy(tools.ensure("kube-proxy"))
             self._wait_ready(time.monotonic() + self.startup_timeout)
+            if self.kube_proxy:
+                self._wait(self._kube_proxy_healthy, time.monotonic() + self.startup_timeout, "kube-proxy /healthz")
+                self._publish_apiserver_endpoint()
         except BaseException:
             self.stop()
             raise
@@ -288,6 +347,38 @@ class RealNode:
             argv.append("--register-with-taints=finetune.io/real-node=true:NoSchedule")
         self._spawn("kubelet", argv)
 
+    def _client_kubeconfig(self, who: str, user: str, orgs: list[str] | None = None) -> Path:
+        pki = PKI.load(self.cluster.workdir / "pki")
+        cert = pki.issue(f"{who}-{self.name}", user, orgs=orgs or [])
+        path = self.workdir / f"{who}.kubeconfig"
+        path.write_text(kubeconfig_yaml(self.cluster.server, pki.ca.cert, cert.cert, cert.key, user))
+        return path
+
+    def _start_kube_proxy(self, binary: Path) -> None:
+        """kube-proxy as ``system:kube-proxy`` (the bootstrap ClusterRole system:node-proxier is bound to
+        that user), its rules for the whole machine."""
+        kubeconfig = self._client_kubeconfig("kube-proxy", "system:kube-proxy")
+        config = self.workdir / "kube-proxy.yaml"
+        config.write_text(json.dumps(kube_proxy_config(name=self.name, ip=self.ip, kubeconfig=kubeconfig), indent=2))
+        self._kube_proxy_binary = binary
+        self._spawn("kube-proxy", [str(binary), f"--config={config}", "--v=1"])
+
+    def _kube_proxy_healthy(self) -> bool:
+        with urllib.request.urlopen(f"http://{self.ip}:{KUBE_PROXY_HEALTHZ_PORT}/healthz", timeout=2) as resp:
+            return resp.status == 200
+
+    def _publish_apiserver_endpoint(self) -> None:
+        """The `kubernetes` Service's endpoint on this node's address, when the API server listens there."""
+        if self.cluster.apiserver_bind_address not in ("0.0.0.0", self.ip):
+            return
+        slice_ = apiserver_endpoint_slice(self.ip, int(self.cluster.ports["apiserver"]))
+        path = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+        code, _ = self.cluster.request("GET", f"{path}/kubernetes", timeout=5)
+        code, body = (self.cluster.request("PUT", f"{path}/kubernetes", slice_, timeout=5) if code == 200
+                      else self.cluster.request("POST", path, slice_, timeout=5))
+        if code not in (200, 201):
+            raise RealNodeError(f"publishing the kubernetes Service's endpoint failed ({code}): {body}")
+
     def _wait(self, check, deadline: float, what: str) -> None:
         err: Exception | None = None
         while True:
@@ -323,8 +414,11 @@ class RealNode:
         kubelet = self.procs.get("kubelet")
         if kubelet is not None and kubelet.poll() is None:
             self._drain(timeout=30)
-        for name in ("kubelet",):
+        for name in ("kube-proxy", "kubelet"):
             self._terminate(name)
+        if "kube-proxy" in self.procs:  # its rules outlive it: remove them
+            subprocess.run([str(self._kube_proxy_binary), "--cleanup", f"--config={self.workdir / 'kube-proxy.yaml'}"],
+                           capture_output=True, timeout=60)
         if self.procs.get("containerd") is not None and self.procs["containerd"].poll() is None:
             for kind in ("tasks",):
                 ids = self.ctr(kind, "ls", "-q", check=False).stdout.split()

@@ -116,7 +116,8 @@ def _k8s_cmds(out: Path) -> list[tuple[list[str], Path | None]]:
 
 
 def _kubelet_cmds(out: Path) -> list[tuple[list[str], Path | None]]:
-    return [(["go", "build", *_COMMON, f"-ldflags={_k8s_ldflags()}", "-o", f"{out}/", "k8s.io/kubernetes/cmd/kubelet"], GOTOOLS / "kubelet")]
+    return [(["go", "build", *_COMMON, f"-ldflags={_k8s_ldflags()}", "-o", f"{out}/", "k8s.io/kubernetes/cmd/kubelet",
+              "k8s.io/kubernetes/cmd/kube-proxy"], GOTOOLS / "kubelet")]
 
 
 PAUSE_VERSION = "v1"  # of gotools/pause (no upstream version: our own file)
@@ -147,13 +148,13 @@ BUNDLES: dict[str, Bundle] = {
             renames=(("server", "etcd"),),
             inputs=(GOTOOLS / "k8s" / "go.mod", GOTOOLS / "k8s" / "go.sum"),
         ),
-        # Only a real node (realnode.py) needs it, so it is its own bundle, from its own module
+        # Only a real node (realnode.py) needs them, so they are their own bundle, from their own module
         # (gotools/kubelet: same k8s.io/kubernetes version and replacements as gotools/k8s, checked by
         # tests/unit/devcluster), built on first use and not by `make tools`; same ldflags.
         Bundle(
             "kubelet",
             K8S_VERSION,
-            ("kubelet",),
+            ("kubelet", "kube-proxy"),
             _kubelet_cmds,
             inputs=(GOTOOLS / "kubelet" / "go.mod", GOTOOLS / "kubelet" / "go.sum"),
         ),
@@ -203,7 +204,7 @@ BUNDLES: dict[str, Bundle] = {
 }
 TOOLS: dict[str, Bundle] = {t: b for b in BUNDLES.values() for t in b.tools}
 # Only a real node needs these; `build` without names (`make tools`) leaves them out.
-REALNODE_TOOLS = ("kubelet", "pause")
+REALNODE_TOOLS = ("kubelet", "kube-proxy", "pause")
 DEFAULT_TOOLS = tuple(t for t in TOOLS if t not in REALNODE_TOOLS)
 
 

@@ -107,7 +107,7 @@ def test_bin_dir_and_envtest_assets_override_without_go(monkeypatch, tmp_path):
     assert tools.ensure("kube-apiserver") == assets / "kube-apiserver"
     assert tools.ensure("etcd") == bin_dir / "etcd"  # FINETUNE_BIN_DIR wins over KUBEBUILDER_ASSETS
     with pytest.raises(tools.ToolError, match="unknown tool"):
-        tools.ensure("kube-proxy")
+        tools.ensure("kube-router")
 
 
 def test_cache_keyed_by_pinned_versions():
@@ -122,8 +122,8 @@ def test_cache_keyed_by_pinned_versions():
     }
     assert tools.bundle_dir("kueue").name == f"kueue-{tools.KUEUE_VERSION}"
     # only a real node needs these: `build` without names (`make tools`) and ensure_all() leave them out
-    assert set(tools.REALNODE_TOOLS) == {"kubelet", "pause"} <= set(tools.TOOLS)
-    assert set(tools.DEFAULT_TOOLS) == set(tools.TOOLS) - {"kubelet", "pause"}
+    assert set(tools.REALNODE_TOOLS) == {"kubelet", "kube-proxy", "pause"} <= set(tools.TOOLS)
+    assert set(tools.DEFAULT_TOOLS) == set(tools.TOOLS) - {"kubelet", "kube-proxy", "pause"}
     assert os.path.isabs(tools.cache_dir())
 
 

@@ -96,3 +96,21 @@ def test_kubelet_module_pins_what_the_control_plane_module_pins():
     assert replaces and replaces <= set(kubelet)
     assert {m: kubelet[m] for m in kubelet if m in k8s} == {m: k8s[m] for m in kubelet if m in k8s}
     assert tools.BUNDLES["kubelet"].inputs == (tools.GOTOOLS / "kubelet" / "go.mod", tools.GOTOOLS / "kubelet" / "go.sum")
+
+
+def test_kube_proxy_leaves_the_machines_conntrack_and_localnet_alone(tmp_path: Path):
+    cfg = realnode.kube_proxy_config(name="real-node-0", ip="10.245.0.1", kubeconfig=tmp_path / "kp.kubeconfig")
+    assert cfg["mode"] == "iptables" and cfg["hostnameOverride"] == "real-node-0"
+    # 0 means "do not touch" for every conntrack setting (no sysctl writes on a shared machine)
+    assert all(not v or v == "0s" for v in cfg["conntrack"].values())
+    # node ports only on the node's own address: kube-proxy then never sets route_localnet
+    assert cfg["nodePortAddresses"] == ["10.245.0.1/32"] and cfg["iptables"]["localhostNodePorts"] is False
+    assert cfg["healthzBindAddress"].startswith("10.245.0.1:") and cfg["clientConnection"]["kubeconfig"].endswith("kp.kubeconfig")
+
+
+def test_the_apiserver_endpoint_is_the_kubernetes_services_own_slice():
+    s = realnode.apiserver_endpoint_slice("10.245.0.1", 6443)
+    assert s["metadata"]["labels"]["kubernetes.io/service-name"] == "kubernetes" and s["metadata"]["namespace"] == "default"
+    assert s["endpoints"] == [{"addresses": ["10.245.0.1"], "conditions": {"ready": True}}]
+    assert s["ports"] == [{"name": "https", "port": 6443, "protocol": "TCP"}]  # named like the Service's port
+    assert not ipaddress.ip_address(s["endpoints"][0]["addresses"][0]).is_loopback
