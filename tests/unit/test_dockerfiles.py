@@ -164,8 +164,9 @@ class PipInstall:
     tokens: list[str]
     constraints: list[str]  # the files given with -c/--constraint, as absolute container paths
     build_constraints: list[str]
-    requirements: list[str]  # positional arguments
+    requirements: list[str]  # positional arguments (and -e/--editable targets)
     copied: dict[str, str]  # container path -> repository path, for files COPY'd into this stage so far
+    requirement_files: list[str] = field(default_factory=list)  # -r/--requirement files
 
 
 def shell_commands(script: str) -> list[list[str]]:
@@ -216,7 +217,7 @@ def pip_installs(path: Path) -> list[PipInstall]:
                     args = pip_install_args(tokens)
                     if args is None:
                         continue
-                    constraints, build_constraints, requirements = [], [], []
+                    constraints, build_constraints, requirements, requirement_files = [], [], [], []
                     it = iter(args)
                     for a in it:
                         for opt, bucket in (("-c", constraints), ("--constraint", constraints), ("--build-constraint", build_constraints)):
@@ -227,7 +228,9 @@ def pip_installs(path: Path) -> list[PipInstall]:
                                 bucket.append(a.split("=", 1)[1] if "=" in a else a[2:])
                                 break
                         else:
-                            if a in ("-r", "--requirement", "-e", "--editable"):
+                            if a in ("-r", "--requirement"):
+                                requirement_files.append(next(it))
+                            elif a in ("-e", "--editable"):
                                 requirements.append(next(it))
                             elif not a.startswith("-"):
                                 requirements.append(a)
@@ -236,7 +239,7 @@ def pip_installs(path: Path) -> list[PipInstall]:
                         PipInstall(
                             path, ins, workdir, tokens,
                             [absolute(c) for c in constraints], [absolute(c) for c in build_constraints],
-                            requirements, dict(copied),
+                            requirements, dict(copied), requirement_files,
                         )
                     )
     return found
@@ -352,10 +355,30 @@ def dockerignored(relpath: str, patterns: list[tuple[bool, re.Pattern[str]]]) ->
 
 # -------------------------------------------------------------------------------------------- tests
 def test_parser_understands_the_dockerfiles():
+    assert len(stages(OPERATOR)) >= 2, f"{OPERATOR}: expected a build and a final stage"
+    assert len(stages(TRAINER)) == 1, f"{TRAINER}: one stage, layered (see test_trainer_layers_go_from_least_to_most_changing)"
     for path in DOCKERFILES.values():
-        st = stages(path)
-        assert len(st) >= 2, f"{path}: expected a build and a final stage"
-        assert all(s.instructions for s in st)
+        assert all(s.instructions for s in stages(path))
+
+
+def test_trainer_layers_go_from_least_to_most_changing():
+    """torch (constraints.txt) -> the other dependencies (pyproject.toml) -> the project (its sources):
+    a change to a source file or the README redoes only the last, small layer; nothing copies the
+    venv between stages (that would be one layer of several GB, redone for every change)."""
+    (stage,) = stages(TRAINER)
+    for ins in stage.instructions:
+        if ins.cmd == "COPY":
+            assert "from" not in split_flags(json_or_words(ins.args))[0], ins.where(TRAINER)
+    installs = pip_installs(TRAINER)
+    torch = next(i for i, p in enumerate(installs) if p.requirements == ["torch"])
+    deps = next(i for i, p in enumerate(installs) if p.requirement_files)
+    project = next(i for i, p in enumerate(installs) if any(is_project(r) for r in p.requirements))
+    assert torch < deps < project
+    copied = [set(p.copied.values()) for p in installs]
+    assert copied[torch] == {"constraints.txt"}, "only constraints.txt decides the torch layer"
+    assert copied[deps] == {"constraints.txt", "pyproject.toml"}, "only the pins and pyproject.toml decide the dependency layer"
+    assert {"README.md", "operator", "trainer-image/finetune_trainer"} <= copied[project]
+    assert installs[deps].constraints and installs[deps].build_constraints
 
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
