@@ -30,10 +30,10 @@ node-deps:
 	if [ -n "$$missing" ]; then echo "installing Debian packages:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
-## images: build the operator image (IMAGES="operator trainer" for both) from the repo's Dockerfiles with
+## images: build both images (IMAGES=operator or IMAGES=trainer for one) from the repo's Dockerfiles with
 ## buildah, on a Debian base made here with debootstrap; cached by content (a rerun with nothing changed
 ## takes about a second). A real node imports them into its containerd.
-IMAGES ?= operator
+IMAGES ?= operator trainer
 images: setup node-deps
 	$(PY) -m finetune_devcluster images $(IMAGES)
 

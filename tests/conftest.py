@@ -100,12 +100,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def _prepare_realnode() -> None:
-    """A real node's kubelet, sandbox image and the operator image, built before the first test (cold:
+    """A real node's kubelet and kube-proxy, sandbox image and both images, built before the first test (cold:
     minutes), so no test timeout covers them. Errors are raised by the ``realnode`` fixture."""
     from finetune_devcluster import images, tools
 
-    for what, build in (("kubelet", lambda: tools.ensure("kubelet")), ("pause-image", images.ensure_pause_archive),
-                        ("operator-image", lambda: images.build("operator"))):
+    for what, build in (("kubelet", lambda: tools.ensure("kubelet")), ("kube-proxy", lambda: tools.ensure("kube-proxy")),
+                        ("pause-image", images.ensure_pause_archive),
+                        ("operator-image", lambda: images.build("operator")), ("trainer-image", lambda: images.build("trainer"))):
         try:
             build()
         except (tools.ToolError, images.ImageError, OSError) as e:

@@ -48,7 +48,7 @@ import yaml
 from . import tools
 from .components import kubeconfig_yaml
 from .pki import PKI
-from .procutil import LOOPBACK, die_with_parent, free_port, tail
+from .procutil import LOOPBACK, die_with_parent, free_port, tail, wait_http_ready
 
 if TYPE_CHECKING:
     from .cluster import LocalCluster
@@ -209,19 +209,8 @@ class LocalKueue:
             ) from e
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        last: object = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise KueueError(f"kueue exited with {self.proc.returncode}:\n{tail(self.log, 60)}")
-            try:
-                with urllib.request.urlopen(f"{self.health_url}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError) as e:
-                last = e
-            time.sleep(0.25)
-        raise KueueError(f"kueue not ready after {self.startup_timeout}s (last: {last!r}):\n{tail(self.log, 60)}")
+        wait_http_ready(f"{self.health_url}/readyz", proc=self.proc, timeout=self.startup_timeout, what="kueue", log=self.log,
+                        error=KueueError)
 
     def _ok(self, method: str, path: str, body: Any = None, allow: tuple[int, ...] = ()) -> Any:
         code, out = self.cluster.request(method, path, body)

@@ -14,12 +14,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .procutil import free_port, tail
+from .procutil import free_port, wait_http_ready
 
 if TYPE_CHECKING:
     from .s3 import LocalS3
@@ -78,18 +76,13 @@ class LocalMlflow:
         self.port = self.preferred_port if self.preferred_port and port_free(self.preferred_port) else free_port()
         self.proc = subprocess.Popen(self.argv(self.port), env=self.env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.workdir, start_new_session=True)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise MlflowError(f"mlflow server exited with {self.proc.returncode}:\n{tail(self.log)}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise MlflowError(f"mlflow server not ready after {self.startup_timeout}s:\n{tail(self.log)}")
+        try:
+            wait_http_ready(f"{self.url}/health", proc=self.proc, timeout=self.startup_timeout, what="mlflow server", log=self.log,
+                            error=MlflowError, interval=0.3)
+        except MlflowError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         """The server runs a worker process under it: the whole process group goes."""

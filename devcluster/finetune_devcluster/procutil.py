@@ -1,5 +1,6 @@
 """Ports and processes on this machine: the one place the dev cluster (and the tests) pick loopback
-ports, tie children to the parent's life, recognise their own pids, and read a log's tail.
+ports, tie children to the parent's life, recognise their own pids, read a log's tail and wait for a
+server to answer.
 
 Everything here listens on 127.0.0.1 only. A port picked by ``free_port`` is free when picked, not
 reserved: whoever binds it later can still lose a race, which is why ``LocalCluster.start`` and
@@ -11,6 +12,9 @@ from __future__ import annotations
 import ctypes
 import signal
 import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
@@ -83,3 +87,22 @@ def tail(path: Path, lines: int = 50) -> str:
     except OSError as e:
         return f"<no log: {e}>"
     return "\n".join(data[-lines:])
+
+
+def wait_http_ready(url: str, *, proc: subprocess.Popen | None, timeout: float, what: str, log: Path,
+                    error: type[Exception], interval: float = 0.25) -> None:
+    """Poll ``GET url`` until it answers 200. Raise ``error`` (with the tail of ``log``) as soon as
+    ``proc`` exits, or once ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise error(f"{what} exited with {proc.returncode}:\n{tail(log, 60)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError as e:  # URLError and HTTPError are OSErrors
+            last = e
+        time.sleep(interval)
+    raise error(f"{what} not ready at {url} after {timeout}s (last: {last!r}):\n{tail(log, 60)}")

@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .procutil import free_port, tail
+from .procutil import free_port, wait_http_ready
 
 
 class PrometheusError(RuntimeError):
@@ -74,17 +73,9 @@ class LocalPrometheus:
              f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1d"],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise PrometheusError(f"prometheus exited with {self.proc.returncode}:\n{tail(self.log)}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.3)
-        raise PrometheusError(f"prometheus not ready after {timeout}s:\n{tail(self.log)}")
+        wait_http_ready(f"{self.url}/-/ready", proc=self.proc, timeout=timeout, what="prometheus", log=self.log,
+                        error=PrometheusError, interval=0.3)
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -18,13 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from . import tools
-from .procutil import die_with_parent, free_port, pid_alive, port_free, tail
+from .procutil import die_with_parent, free_port, pid_alive, port_free, wait_http_ready
 
 BACKENDS = ("minio", "moto")
 
@@ -46,7 +44,9 @@ class LocalS3:
         keep_workdir: bool = False,
         startup_timeout: float = 60.0,
         port: int | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
+        self.host = host  # where it listens and what endpoint_url names: a real node's address for its pods
         self.preferred_port = port  # used when free (the demo's examples name http://127.0.0.1:9000)
         self.backend = backend or os.environ.get("FINETUNE_S3_BACKEND") or "minio"
         if self.backend not in BACKENDS:
@@ -65,7 +65,7 @@ class LocalS3:
     def endpoint_url(self) -> str:
         if self.port is None:
             raise S3Error("LocalS3 is not started")
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def log(self) -> Path:
@@ -115,7 +115,7 @@ class LocalS3:
                 data.mkdir(exist_ok=True)
                 argv = [
                     *argv0, "server", str(data),
-                    f"--address=127.0.0.1:{self.port}",
+                    f"--address={self.host}:{self.port}",
                     f"--console-address=127.0.0.1:{free_port()}",
                     "--quiet", "--anonymous",
                 ]
@@ -130,7 +130,7 @@ class LocalS3:
                 }
                 health = f"{self.endpoint_url}/minio/health/ready"
             else:
-                argv = [*argv0, "-H", "127.0.0.1", "-p", str(self.port)]
+                argv = [*argv0, "-H", self.host, "-p", str(self.port)]
                 env = {**os.environ}
                 health = f"{self.endpoint_url}/moto-api/"
             with open(self.log, "ab") as log:
@@ -153,22 +153,9 @@ class LocalS3:
         raise err  # type: ignore[misc]
 
     def _wait(self, url: str) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise S3Error(f"{self.backend} exited rc={self.proc.returncode}; last 50 log lines:\n{tail(self.log)}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError) as e:
-                last = e
-            time.sleep(0.2)
-        raise S3Error(f"{self.backend} not ready at {url} after {self.startup_timeout}s ({last!r}):\n{tail(self.log)}")
-
+        wait_http_ready(url, proc=self.proc, timeout=self.startup_timeout, what=self.backend, log=self.log, error=S3Error, interval=0.2)
     def _write_state(self, argv: list[str]) -> None:
-        self.state_file.write_text(json.dumps({**self.info(), "port": self.port, "pid": self.pid, "argv": argv}, indent=2))
+        self.state_file.write_text(json.dumps({**self.info(), "host": self.host, "port": self.port, "pid": self.pid, "argv": argv}, indent=2))
 
     @classmethod
     def attach(cls, workdir: str | Path) -> "LocalS3":
@@ -176,7 +163,7 @@ class LocalS3:
         st = json.loads((w / "s3.json").read_text())
         self = cls(
             w, access_key=st["access_key"], secret_key=st["secret_key"], region=st["region"], backend=st["backend"],
-            detach=True,
+            detach=True, host=st.get("host", "127.0.0.1"),
         )
         self.port, self.pid = st["port"], st["pid"]
         return self

@@ -130,3 +130,37 @@ def test_tail_returns_the_last_lines_or_says_why_not(tmp_path: Path) -> None:
     log.write_text("".join(f"line {i}\n" for i in range(10)))
     assert procutil.tail(log, 3) == "line 7\nline 8\nline 9"
     assert procutil.tail(tmp_path / "missing.log").startswith("<no log: ")
+
+
+class _WaitError(RuntimeError):
+    pass
+
+
+def test_wait_http_ready_returns_once_the_server_answers_200(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    from finetune_devcluster.procutil import free_port, wait_http_ready
+
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), http.server.SimpleHTTPRequestHandler)
+    threading.Timer(0.5, lambda: threading.Thread(target=server.serve_forever, daemon=True).start()).start()  # answers only later
+    try:
+        wait_http_ready(f"http://127.0.0.1:{port}/", proc=None, timeout=10, what="web", log=tmp_path / "none.log", error=_WaitError)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_wait_http_ready_fails_at_once_when_the_process_exits_and_on_timeout(tmp_path: Path) -> None:
+    from finetune_devcluster.procutil import free_port, wait_http_ready
+
+    log = tmp_path / "srv.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", "print('cannot bind'); raise SystemExit(3)"], stdout=out)
+    t0 = time.monotonic()
+    with pytest.raises(_WaitError, match=r"(?s)srv exited with 3:.*cannot bind"):
+        wait_http_ready(f"http://127.0.0.1:{free_port()}/", proc=proc, timeout=30, what="srv", log=log, error=_WaitError)
+    assert time.monotonic() - t0 < 10  # not the whole timeout
+    with pytest.raises(_WaitError, match=r"srv not ready at http://127.0.0.1:\d+/ after 0.5s \(last: "):
+        wait_http_ready(f"http://127.0.0.1:{free_port()}/", proc=None, timeout=0.5, what="srv", log=log, error=_WaitError)
