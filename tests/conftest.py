@@ -100,11 +100,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def _prepare_realnode() -> None:
-    """A real node's kubelet, sandbox image and the operator image, built before the first test (cold:
+    """A real node's kubelet, sandbox and CoreDNS images and the operator image, built before the first test (cold:
     minutes), so no test timeout covers them. Errors are raised by the ``realnode`` fixture."""
     from finetune_devcluster import images, tools
 
     for what, build in (("kubelet", lambda: tools.ensure("kubelet")), ("pause-image", images.ensure_pause_archive),
+                        ("coredns-image", images.ensure_coredns_archive),
                         ("operator-image", lambda: images.build("operator"))):
         try:
             build()
