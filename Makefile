@@ -37,9 +37,9 @@ IMAGES ?= operator trainer
 images: setup node-deps
 	$(PY) -m finetune_devcluster images $(IMAGES)
 
-## realnode-tools: the kubelet and kube-proxy (gotools/kubelet, the control plane's versions) and the sandbox binary of a real node
+## realnode-tools: the kubelet and kube-proxy (gotools/kubelet, the control plane's versions), the sandbox binary and CoreDNS (gotools/coredns) of a real node
 realnode-tools: setup
-	$(PY) -m finetune_devcluster build kubelet kube-proxy pause
+	$(PY) -m finetune_devcluster build kubelet kube-proxy pause coredns
 
 ## crds: regenerate crds/ from the spec model (operator/finetune_api/spec.py)
 crds: setup

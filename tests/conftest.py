@@ -100,12 +100,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def _prepare_realnode() -> None:
-    """A real node's kubelet and kube-proxy, sandbox image and both images, built before the first test (cold:
-    minutes), so no test timeout covers them. Errors are raised by the ``realnode`` fixture."""
+    """A real node's kubelet and kube-proxy, sandbox and CoreDNS images and both project images, built before
+    the first test (cold: minutes), so no test timeout covers them. Errors are raised by the fixtures."""
     from finetune_devcluster import images, tools
 
     for what, build in (("kubelet", lambda: tools.ensure("kubelet")), ("kube-proxy", lambda: tools.ensure("kube-proxy")),
-                        ("pause-image", images.ensure_pause_archive),
+                        ("pause-image", images.ensure_pause_archive), ("coredns-image", images.ensure_coredns_archive),
                         ("operator-image", lambda: images.build("operator")), ("trainer-image", lambda: images.build("trainer"))):
         try:
             build()

@@ -301,27 +301,40 @@ def find(name: str) -> BuiltImage | None:
 
 
 PAUSE_REF = f"localhost/finetune-pause:{tools.PAUSE_VERSION}"
+COREDNS_REF = f"localhost/finetune-coredns:{tools.COREDNS_VERSION}"
+
+
+def _one_binary_image(name: str, ref: str, containerfile: str) -> BuiltImage:
+    """An image of one static binary (the tool ``name``, built by tools.py) as a docker-archive, cached
+    by the binary's hash."""
+    binary = tools.ensure(name)
+    h = hashlib.sha256(binary.read_bytes()).hexdigest()[:16]
+    archive = archive_path(name, h)
+    if archive.is_file():
+        return BuiltImage(name, ref, archive, 0.0)
+    buildah = _need("buildah")
+    t0 = time.monotonic()
+    with _Lock(images_dir() / f".{name}.lock"):
+        if archive.is_file():
+            return BuiltImage(name, ref, archive, 0.0)
+        _bud_one_file(buildah, ref, binary, name, containerfile, f"building the {name} image")
+        part = archive.with_name(archive.name + ".part")
+        part.unlink(missing_ok=True)
+        _run([buildah, *storage_args(), "push", ref, f"docker-archive:{part}:{ref}"], f"exporting the {name} image")
+        part.replace(archive)
+        for old in images_dir().glob(f"{name}-*.tar"):
+            if old != archive:
+                old.unlink(missing_ok=True)
+    return BuiltImage(name, ref, archive, time.monotonic() - t0)
 
 
 def ensure_pause_archive() -> BuiltImage:
     """The pod sandbox image (one static binary, gotools/pause) as a docker-archive."""
-    binary = tools.ensure("pause")
-    h = hashlib.sha256(binary.read_bytes()).hexdigest()[:16]
-    archive = archive_path("pause", h)
-    if archive.is_file():
-        return BuiltImage("pause", PAUSE_REF, archive, 0.0)
-    buildah = _need("buildah")
-    t0 = time.monotonic()
-    with _Lock(images_dir() / ".pause.lock"):
-        if archive.is_file():
-            return BuiltImage("pause", PAUSE_REF, archive, 0.0)
-        _bud_one_file(buildah, PAUSE_REF, binary, "pause", 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n',
-                      "building the pause image")
-        part = archive.with_name(archive.name + ".part")
-        part.unlink(missing_ok=True)
-        _run([buildah, *storage_args(), "push", PAUSE_REF, f"docker-archive:{part}:{PAUSE_REF}"], "exporting the pause image")
-        part.replace(archive)
-        for old in images_dir().glob("pause-*.tar"):
-            if old != archive:
-                old.unlink(missing_ok=True)
-    return BuiltImage("pause", PAUSE_REF, archive, time.monotonic() - t0)
+    return _one_binary_image("pause", PAUSE_REF, 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n')
+
+
+def ensure_coredns_archive() -> BuiltImage:
+    """The cluster DNS image (one static binary, gotools/coredns) as a docker-archive: like upstream's
+    coredns image, the binary alone, non-root (65532, upstream's "nonroot")."""
+    return _one_binary_image("coredns", COREDNS_REF,
+                             'FROM scratch\nCOPY coredns /coredns\nUSER 65532:65532\nEXPOSE 53 53/udp\nENTRYPOINT ["/coredns"]\n')

@@ -61,6 +61,16 @@ KUBE_PROXY_HEALTHZ_PORT = 10256
 KUBE_PROXY_METRICS_PORT = 10249
 
 
+CLUSTER_DOMAIN = "cluster.local"
+DNS_SERVICE_IP = "10.96.0.10"  # in components.SERVICE_CIDR, where kubeadm puts kube-dns
+DNS_NAMESPACE = "kube-system"
+DNS_NAME = "coredns"  # the Deployment, its ServiceAccount, ClusterRole (system:coredns upstream) and ConfigMap
+DNS_SERVICE = "kube-dns"  # the Service's name in every distribution
+DNS_HEALTH_PORT = 8080
+DNS_READY_PORT = 8181
+DNS_MANAGED_BY = "finetune-devcluster"
+
+
 class RealNodeError(RuntimeError):
     """The node could not be started (the message carries the logs' tails)."""
 
@@ -131,11 +141,14 @@ def cni_config(name: str, bridge: str, subnet: str, ipam_dir: Path) -> dict[str,
     }
 
 
-def kubelet_config(*, ip: str, socket: Path, ca: Path, serving_cert: Path, serving_key: Path, pod_logs: Path) -> dict[str, Any]:
+def kubelet_config(*, ip: str, socket: Path, ca: Path, serving_cert: Path, serving_key: Path, pod_logs: Path,
+                   cluster_dns: str | None = None) -> dict[str, Any]:
     """KubeletConfiguration: x509 + webhook authentication and webhook authorization (the API server's
     kubelet-client certificate is authorized by a SubjectAccessReview), the settings this machine
-    needs (module docstring), eviction thresholds low enough that a busy shared disk does not evict."""
-    return {
+    needs (module docstring), eviction thresholds low enough that a busy shared disk does not evict.
+    With ``cluster_dns`` (the kube-dns Service's address) pods of dnsPolicy ClusterFirst get it as their
+    nameserver, with the cluster's search domains."""
+    cfg = {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
         "address": ip,
@@ -162,6 +175,9 @@ def kubelet_config(*, ip: str, socket: Path, ca: Path, serving_cert: Path, servi
         "rotateCertificates": False,
         "serverTLSBootstrap": False,
     }
+    if cluster_dns:
+        cfg["clusterDNS"] = [cluster_dns]
+    return cfg
 
 
 def kube_proxy_config(*, name: str, ip: str, kubeconfig: Path, cluster_cidr: str = "10.245.0.0/16") -> dict[str, Any]:
@@ -182,6 +198,150 @@ def kube_proxy_config(*, name: str, ip: str, kubeconfig: Path, cluster_cidr: str
         "iptables": {"localhostNodePorts": False, "masqueradeAll": False, "syncPeriod": "30s", "minSyncPeriod": "1s"},
         "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
     }
+
+
+def coredns_corefile(domain: str = CLUSTER_DOMAIN) -> str:
+    """The Corefile: ``domain`` and the reverse zones from the API (kubernetes plugin, in-cluster config),
+    everything else NXDOMAIN at once (nothing off this machine is reachable: no ``forward``, so a
+    lookup of an outside name fails fast instead of timing out)."""
+    return "\n".join([
+        f"{domain}:53 in-addr.arpa:53 ip6.arpa:53 {{",
+        "    errors",
+        f"    health :{DNS_HEALTH_PORT} {{",
+        "        lameduck 2s",
+        "    }",
+        f"    ready :{DNS_READY_PORT}",
+        f"    kubernetes {domain} in-addr.arpa ip6.arpa {{",
+        "        pods insecure",
+        "        ttl 5",
+        "    }",
+        "    cache 30",
+        "    loadbalance",
+        "}",
+        ".:53 {",
+        "    errors",
+        "    template ANY ANY {",
+        "        rcode NXDOMAIN",
+        "    }",
+        "}",
+        "",
+    ])
+
+
+def coredns_manifests(*, image: str, node: str, service_ip: str = DNS_SERVICE_IP, domain: str = CLUSTER_DOMAIN) -> list[dict[str, Any]]:
+    """Cluster DNS as a cluster runs it: ServiceAccount, the ``system:coredns`` ClusterRole and its
+    binding, the Corefile's ConfigMap, the ``kube-dns`` Service at ``service_ip`` and a one-replica
+    Deployment pinned to ``node`` (tolerating every taint). The container is non-root with a read-only
+    root and no capabilities; port 53 is bindable through the namespaced safe sysctl
+    ``net.ipv4.ip_unprivileged_port_start`` (upstream adds NET_BIND_SERVICE to a file capability of
+    its binary instead, which a FROM-scratch image built here does not carry)."""
+    ns = DNS_NAMESPACE
+    labels = {"k8s-app": DNS_SERVICE, "app.kubernetes.io/managed-by": DNS_MANAGED_BY}
+    meta = lambda name, namespaced=True: {"name": name, **({"namespace": ns} if namespaced else {}), "labels": labels}  # noqa: E731
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(DNS_NAME)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": meta(f"system:{DNS_NAME}", False),
+         "rules": [
+             {"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"], "verbs": ["list", "watch"]},
+             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+         ]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": meta(f"system:{DNS_NAME}", False),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": f"system:{DNS_NAME}"},
+         "subjects": [{"kind": "ServiceAccount", "name": DNS_NAME, "namespace": ns}]},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(DNS_NAME), "data": {"Corefile": coredns_corefile(domain)}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": meta(DNS_SERVICE),
+         "spec": {"clusterIP": service_ip, "selector": {"k8s-app": DNS_SERVICE},
+                  "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                            {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53}]}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(DNS_NAME),
+         "spec": {
+             "replicas": 1,
+             "selector": {"matchLabels": {"k8s-app": DNS_SERVICE}},
+             "template": {
+                 "metadata": {"labels": labels},
+                 "spec": {
+                     "serviceAccountName": DNS_NAME,
+                     "priorityClassName": "system-cluster-critical",
+                     "dnsPolicy": "Default",  # its own lookups (none: no forward) use the node's resolv.conf
+                     "nodeSelector": {"kubernetes.io/hostname": node},
+                     "tolerations": [{"operator": "Exists"}],
+                     "terminationGracePeriodSeconds": 5,
+                     "securityContext": {"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "53"}]},
+                     "containers": [{
+                         "name": "coredns",
+                         "image": image,
+                         "imagePullPolicy": "Never",
+                         "args": ["-conf", "/etc/coredns/Corefile"],
+                         "ports": [{"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                                   {"name": "dns-tcp", "containerPort": 53, "protocol": "TCP"}],
+                         "resources": {"requests": {"cpu": "50m", "memory": "70Mi"}, "limits": {"memory": "170Mi"}},
+                         "livenessProbe": {"httpGet": {"path": "/health", "port": DNS_HEALTH_PORT}, "periodSeconds": 10,
+                                           "failureThreshold": 5},
+                         "readinessProbe": {"httpGet": {"path": "/ready", "port": DNS_READY_PORT}, "periodSeconds": 1},
+                         "securityContext": {"runAsNonRoot": True, "readOnlyRootFilesystem": True,
+                                             "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                         "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns", "readOnly": True}],
+                     }],
+                     "volumes": [{"name": "config", "configMap": {"name": DNS_NAME}}],
+                 },
+             },
+         }},
+    ]
+
+
+_API_PATHS = {
+    "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
+    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
+    "Service": "/api/v1/namespaces/{ns}/services",
+    "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
+    "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+    "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+}
+
+
+def object_path(obj: dict[str, Any]) -> str:
+    """The API path of one of ``coredns_manifests``' objects."""
+    m = obj["metadata"]
+    return _API_PATHS[obj["kind"]].format(ns=m.get("namespace", "")) + f"/{m['name']}"
+
+
+def dns_query(server: str, name: str, qtype: int = 1, *, port: int = 53, timeout: float = 2.0) -> tuple[int, list[str]]:
+    """One UDP DNS query (``qtype`` 1: A): ``(rcode, addresses of the A answers)``. Enough to check the
+    cluster DNS from the host without a resolver library."""
+    import random
+    import socket
+    import struct
+
+    qid = random.randrange(1 << 16)
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split(".")) + b"\0" + struct.pack(">HH", qtype, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(q, (server, port))
+        while True:
+            data = s.recv(4096)
+            if struct.unpack(">H", data[:2])[0] == qid:
+                break
+    flags, qd, an = struct.unpack(">HHH", data[2:8])
+    off = 12
+    for _ in range(qd):  # skip the question: labels, then type and class
+        while data[off]:
+            off += 1 + data[off]
+        off += 5
+    addrs = []
+    for _ in range(an):
+        if data[off] & 0xC0 == 0xC0:
+            off += 2
+        else:
+            while data[off]:
+                off += 1 + data[off]
+            off += 1
+        rtype, _cls, _ttl, rdlen = struct.unpack(">HHIH", data[off:off + 10])
+        off += 10
+        if rtype == 1 and rdlen == 4:
+            addrs.append(socket.inet_ntoa(data[off:off + 4]))
+        off += rdlen
+    return flags & 0xF, addrs
 
 
 def apiserver_endpoint_slice(ip: str, port: int) -> dict[str, Any]:
@@ -216,11 +376,14 @@ class RealNode:
         images: image archives (``images.BuiltImage``) to import into containerd at start.
         taint: only pods tolerating ``finetune.io/real-node`` land here (a cluster with kwok nodes too).
         kube_proxy: run kube-proxy for the machine (default: node 0 does; see the module docstring).
+        dns: run the cluster DNS (CoreDNS, as a Deployment on this node behind the ``kube-dns`` Service at
+            ``10.96.0.10``) and give pods that nameserver (kubelet ``clusterDNS``). Default: node 0 does
+            when it runs kube-proxy and pods can reach the API server (``apiserver_bind_address``).
     """
 
     def __init__(self, cluster, index: int = 0, *, workdir: str | Path | None = None, prefix: str = "real-node",
                  images_to_load: Iterable[images.BuiltImage] = (), taint: bool = False, startup_timeout: float = 120.0,
-                 kube_proxy: bool | None = None):
+                 kube_proxy: bool | None = None, dns: bool | None = None):
         self.cluster = cluster
         self.index = index
         self.name = f"{prefix}-{index}"
@@ -232,6 +395,12 @@ class RealNode:
         self.taint = taint
         self.kube_proxy = index == 0 if kube_proxy is None else kube_proxy
         self.startup_timeout = startup_timeout
+        api_from_pods = cluster.apiserver_bind_address in ("0.0.0.0", self.ip)
+        self.dns = (index == 0 and self.kube_proxy and api_from_pods) if dns is None else dns
+        if self.dns and not (self.kube_proxy and api_from_pods):
+            raise RealNodeError("dns=True needs kube_proxy and an API server that pods reach "
+                                "(LocalCluster(apiserver_bind_address='0.0.0.0')): CoreDNS reads Services from the API")
+        self._dns_objects: list[dict[str, Any]] = []
         # containerd's socket path must stay short (unix socket limit) and its state on a tmpfs-like /run.
         self.run_dir = Path(f"/run/finetune-node-{index}")
         self.socket = self.run_dir / "containerd.sock"
@@ -270,13 +439,14 @@ class RealNode:
         t0 = time.monotonic()
         kubelet = tools.ensure("kubelet")
         pause = images.ensure_pause_archive()
+        coredns = images.ensure_coredns_archive() if self.dns else None
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(exist_ok=True)
         try:
             self._network()
             self._start_containerd(pause.ref)
             t1 = time.monotonic()
-            for img in [pause, *self.images]:
+            for img in [pause, *([coredns] if coredns else []), *self.images]:
                 self._import(img)
             self.timings["images_import_s"] = time.monotonic() - t1
             self._start_kubelet(kubelet)
@@ -286,6 +456,10 @@ class RealNode:
             if self.kube_proxy:
                 self._wait(self._kube_proxy_healthy, time.monotonic() + self.startup_timeout, "kube-proxy /healthz")
                 self._publish_apiserver_endpoint()
+            if coredns is not None:
+                t1 = time.monotonic()
+                self._start_dns(coredns.ref)
+                self.timings["dns_ready_s"] = time.monotonic() - t1
         except BaseException:
             self.stop()
             raise
@@ -338,7 +512,8 @@ class RealNode:
         kubeconfig.write_text(kubeconfig_yaml(self.cluster.server, pki.ca.cert, client.cert, client.key, f"system:node:{self.name}"))
         config = self.workdir / "kubelet.yaml"
         config.write_text(json.dumps(kubelet_config(ip=self.ip, socket=self.socket, ca=pki.ca.cert, serving_cert=serving.cert,
-                                                    serving_key=serving.key, pod_logs=self.workdir / "pod-logs"), indent=2))
+                                                    serving_key=serving.key, pod_logs=self.workdir / "pod-logs",
+                                                    cluster_dns=DNS_SERVICE_IP if self.dns else None), indent=2))
         labels = f"{NODE_LABEL}={NODE_KIND}"
         argv = [str(kubelet), f"--config={config}", f"--kubeconfig={kubeconfig}", f"--root-dir={self.workdir / 'kubelet'}",
                 f"--cert-dir={self.workdir / 'kubelet-pki'}", f"--hostname-override={self.name}", f"--node-ip={self.ip}",
@@ -379,6 +554,32 @@ class RealNode:
         if code not in (200, 201):
             raise RealNodeError(f"publishing the kubernetes Service's endpoint failed ({code}): {body}")
 
+    def _start_dns(self, image: str) -> None:
+        """CoreDNS's objects (server-side apply), then wait for its pod Ready and an answer through the
+        kube-dns Service (the host's own query goes through kube-proxy's rules like a pod's)."""
+        for obj in coredns_manifests(image=image, node=self.name):
+            code, body = self.cluster.request("PATCH", f"{object_path(obj)}?fieldManager={DNS_MANAGED_BY}&force=true", obj,
+                                              content_type="application/apply-patch+yaml", timeout=10)
+            if code not in (200, 201):
+                raise RealNodeError(f"applying {obj['kind']} {obj['metadata']['name']} failed ({code}): {body}")
+            self._dns_objects.append(obj)
+        name = f"kubernetes.default.svc.{CLUSTER_DOMAIN}"
+
+        def answers() -> bool:
+            rcode, addrs = dns_query(DNS_SERVICE_IP, name, timeout=1)
+            return rcode == 0 and bool(addrs)
+
+        self._wait(answers, time.monotonic() + self.startup_timeout, f"CoreDNS answering {name} at {DNS_SERVICE_IP}")
+
+    def _stop_dns(self) -> None:
+        """Delete CoreDNS's objects, the Deployment first (its pod goes with the node's drain)."""
+        for obj in reversed(self._dns_objects):
+            try:
+                self.cluster.request("DELETE", object_path(obj), {"propagationPolicy": "Background"}, timeout=5)
+            except OSError:
+                pass
+        self._dns_objects = []
+
     def _wait(self, check, deadline: float, what: str) -> None:
         err: Exception | None = None
         while True:
@@ -411,6 +612,7 @@ class RealNode:
         """Delete this node's pods (the kubelet stops their sandboxes: CNI teardown), then stop the
         kubelet, kill what containerd still runs, stop containerd, remove its /run folder (when nothing is
         mounted there), the bridge and the Node."""
+        self._stop_dns()
         kubelet = self.procs.get("kubelet")
         if kubelet is not None and kubelet.poll() is None:
             self._drain(timeout=30)

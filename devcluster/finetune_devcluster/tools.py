@@ -120,6 +120,17 @@ def _kubelet_cmds(out: Path) -> list[tuple[list[str], Path | None]]:
               "k8s.io/kubernetes/cmd/kube-proxy"], GOTOOLS / "kubelet")]
 
 
+# CoreDNS for a real node's cluster DNS: built from gotools/coredns (coremain with only the plugins the
+# node's Corefile uses: errors, log, health, ready, template, kubernetes, cache, loadbalance), not the whole
+# `go install github.com/coredns/coredns@...`, whose plugin set drags in every cloud DNS SDK.
+COREDNS_VERSION = "v1.15.0"
+
+
+def _coredns_cmds(out: Path) -> list[tuple[list[str], Path | None]]:
+    ldflags = f"-s -w -X github.com/coredns/coredns/coremain.GitCommit={COREDNS_VERSION}"
+    return [(["go", "build", *_COMMON, f"-ldflags={ldflags}", "-o", f"{out}/coredns", "."], GOTOOLS / "coredns")]
+
+
 PAUSE_VERSION = "v1"  # of gotools/pause (no upstream version: our own file)
 
 
@@ -160,6 +171,8 @@ BUNDLES: dict[str, Bundle] = {
         ),
         Bundle("pause", PAUSE_VERSION, ("pause",), _pause_cmds,
                inputs=(GOTOOLS / "pause" / "go.mod", GOTOOLS / "pause" / "main.go")),
+        Bundle("coredns", COREDNS_VERSION, ("coredns",), _coredns_cmds,
+               inputs=(GOTOOLS / "coredns" / "go.mod", GOTOOLS / "coredns" / "go.sum", GOTOOLS / "coredns" / "main.go")),
         Bundle(
             "kwok",
             KWOK_VERSION,
@@ -204,7 +217,7 @@ BUNDLES: dict[str, Bundle] = {
 }
 TOOLS: dict[str, Bundle] = {t: b for b in BUNDLES.values() for t in b.tools}
 # Only a real node needs these; `build` without names (`make tools`) leaves them out.
-REALNODE_TOOLS = ("kubelet", "kube-proxy", "pause")
+REALNODE_TOOLS = ("kubelet", "kube-proxy", "pause", "coredns")
 DEFAULT_TOOLS = tuple(t for t in TOOLS if t not in REALNODE_TOOLS)
 
 

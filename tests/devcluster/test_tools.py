@@ -122,8 +122,8 @@ def test_cache_keyed_by_pinned_versions():
     }
     assert tools.bundle_dir("kueue").name == f"kueue-{tools.KUEUE_VERSION}"
     # only a real node needs these: `build` without names (`make tools`) and ensure_all() leave them out
-    assert set(tools.REALNODE_TOOLS) == {"kubelet", "kube-proxy", "pause"} <= set(tools.TOOLS)
-    assert set(tools.DEFAULT_TOOLS) == set(tools.TOOLS) - {"kubelet", "kube-proxy", "pause"}
+    assert set(tools.REALNODE_TOOLS) == {"kubelet", "kube-proxy", "pause", "coredns"} <= set(tools.TOOLS)
+    assert set(tools.DEFAULT_TOOLS) == set(tools.TOOLS) - {"kubelet", "kube-proxy", "pause", "coredns"}
     assert os.path.isabs(tools.cache_dir())
 
 

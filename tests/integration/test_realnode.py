@@ -40,7 +40,7 @@ def operator_image():
 
 @pytest.fixture(scope="module")
 def realnode(cluster, operator_image):
-    _raise_build_errors("kubelet", "kube-proxy", "pause-image")
+    _raise_build_errors("kubelet", "kube-proxy", "pause-image", "coredns-image")
     node = RealNode(cluster, 0, images_to_load=[operator_image], taint=True).start()
     print(f"real node {node.name} Ready in {node.timings['ready_s']:.1f}s "
           f"(image import {node.timings['images_import_s']:.1f}s)")

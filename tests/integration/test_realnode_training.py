@@ -38,7 +38,7 @@ def trainer_image():
 
 @pytest.fixture(scope="module")
 def trainer_node(cluster, trainer_image):
-    _raise_build_errors("kubelet", "kube-proxy", "pause-image")
+    _raise_build_errors("kubelet", "kube-proxy", "pause-image", "coredns-image")
     node = RealNode(cluster, 0, images_to_load=[trainer_image], taint=True).start()
     print(f"real node {node.name} Ready in {node.timings['ready_s']:.1f}s (image import {node.timings['images_import_s']:.1f}s)")
     yield node

@@ -114,3 +114,80 @@ def test_the_apiserver_endpoint_is_the_kubernetes_services_own_slice():
     assert s["endpoints"] == [{"addresses": ["10.245.0.1"], "conditions": {"ready": True}}]
     assert s["ports"] == [{"name": "https", "port": 6443, "protocol": "TCP"}]  # named like the Service's port
     assert not ipaddress.ip_address(s["endpoints"][0]["addresses"][0]).is_loopback
+
+
+def test_kubelet_config_points_pods_at_the_cluster_dns_only_when_asked(tmp_path: Path):
+    kw = dict(ip="10.245.0.1", socket=Path("/run/x/c.sock"), ca=tmp_path / "ca.crt", serving_cert=tmp_path / "s.crt",
+              serving_key=tmp_path / "s.key", pod_logs=tmp_path / "logs")
+    assert "clusterDNS" not in realnode.kubelet_config(**kw)
+    cfg = realnode.kubelet_config(**kw, cluster_dns=realnode.DNS_SERVICE_IP)
+    assert cfg["clusterDNS"] == ["10.96.0.10"] and cfg["clusterDomain"] == "cluster.local"
+
+
+def test_the_dns_service_ip_is_in_the_service_range_and_not_the_apiservers():
+    from finetune_devcluster import components
+
+    assert ipaddress.ip_address(realnode.DNS_SERVICE_IP) in ipaddress.ip_network(components.SERVICE_CIDR)
+    assert realnode.DNS_SERVICE_IP != components.SERVICE_IP
+
+
+def test_corefile_serves_the_cluster_domain_and_refuses_to_forward():
+    cf = realnode.coredns_corefile()
+    assert cf.startswith("cluster.local:53 in-addr.arpa:53 ip6.arpa:53 {")
+    assert "kubernetes cluster.local in-addr.arpa ip6.arpa {" in cf and "pods insecure" in cf
+    assert f"health :{realnode.DNS_HEALTH_PORT}" in cf and f"ready :{realnode.DNS_READY_PORT}" in cf
+    assert "forward" not in cf  # nothing off this machine answers: the rest is NXDOMAIN at once
+    assert ".:53 {" in cf and "rcode NXDOMAIN" in cf
+    assert cf.count("{") == cf.count("}")
+    # every plugin the Corefile names is linked into gotools/coredns
+    main_go = (tools.GOTOOLS / "coredns" / "main.go").read_text()
+    for plugin in ("errors", "health", "ready", "kubernetes", "cache", "loadbalance", "template"):
+        assert f'"github.com/coredns/coredns/plugin/{plugin}"' in main_go and f'"{plugin}"' in main_go
+
+
+def test_coredns_manifests_are_a_kube_dns_service_and_a_pinned_non_root_deployment():
+    objs = realnode.coredns_manifests(image="localhost/finetune-coredns:v1", node="real-node-0")
+    by_kind = {o["kind"]: o for o in objs}
+    assert list(by_kind) == ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Service", "Deployment"]
+    svc = by_kind["Service"]
+    assert (svc["metadata"]["name"], svc["metadata"]["namespace"], svc["spec"]["clusterIP"]) == ("kube-dns", "kube-system", "10.96.0.10")
+    assert {(p["protocol"], p["port"]) for p in svc["spec"]["ports"]} == {("UDP", 53), ("TCP", 53)}
+    rules = {(g, r) for rule in by_kind["ClusterRole"]["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {("discovery.k8s.io", "endpointslices"), ("", "services"), ("", "namespaces"), ("", "pods")} <= rules
+    assert all(set(rule["verbs"]) == {"list", "watch"} for rule in by_kind["ClusterRole"]["rules"])  # read-only
+    (subject,) = by_kind["ClusterRoleBinding"]["subjects"]
+    assert subject == {"kind": "ServiceAccount", "name": "coredns", "namespace": "kube-system"}
+    assert by_kind["ConfigMap"]["data"]["Corefile"] == realnode.coredns_corefile()
+    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
+    assert by_kind["Deployment"]["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
+    assert pod["serviceAccountName"] == "coredns" and pod["nodeSelector"] == {"kubernetes.io/hostname": "real-node-0"}
+    (c,) = pod["containers"]
+    assert c["image"] == "localhost/finetune-coredns:v1" and c["imagePullPolicy"] == "Never"
+    assert c["securityContext"]["runAsNonRoot"] and c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["sysctls"] == [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "53"}]
+    assert c["readinessProbe"]["httpGet"]["port"] == realnode.DNS_READY_PORT
+    assert realnode.object_path(svc) == "/api/v1/namespaces/kube-system/services/kube-dns"
+    assert realnode.object_path(by_kind["ClusterRole"]) == "/apis/rbac.authorization.k8s.io/v1/clusterroles/system:coredns"
+
+
+def test_dns_query_reads_a_answers_from_a_local_server():
+    import socket
+    import struct
+    import threading
+
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+
+    def answer():
+        q, peer = srv.recvfrom(512)
+        name_end = q.index(b"\0", 12) + 5
+        rr = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 30, 4) + socket.inet_aton("10.245.0.7")
+        srv.sendto(q[:2] + struct.pack(">HHHHH", 0x8180, 1, 1, 0, 0) + q[12:name_end] + rr, peer)
+
+    t = threading.Thread(target=answer)
+    t.start()
+    try:
+        assert realnode.dns_query("127.0.0.1", "a.b.svc.cluster.local", port=srv.getsockname()[1]) == (0, ["10.245.0.7"])
+    finally:
+        t.join(5)
+        srv.close()
