@@ -69,7 +69,10 @@ def test_the_trainer_image_fine_tunes_as_non_root_on_a_read_only_root_with_no_ap
     secret(kubectl, namespace, node_s3)
     t0 = time.monotonic()
     kubectl.create(on_the_real_node(example("sentiment-classification.yaml", "sentiment", namespace, node_s3), trainer_image))
-    st = wait_phase(kubectl, namespace, "sentiment", "Succeeded", timeout=900)
+    try:
+        st = wait_phase(kubectl, namespace, "sentiment", "Succeeded", timeout=900)
+    finally:  # the trainer's own log, whatever happened (kubectl logs through the kubelet)
+        print(cluster.kubectl("logs", "-n", namespace, "-l", "job-name", "--tail=80", check=False).stdout)
     print(f"Succeeded in {time.monotonic() - t0:.0f}s")
     (pod,) = pods_of(kubectl, namespace, "sentiment", 0)
     spec = pod["spec"]
