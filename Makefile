@@ -46,9 +46,13 @@ crds: setup
 	$(PY) -m finetune_api.crd > crds/finetune.io_finetunejobs.yaml
 	$(PY) -m finetune_api.crd --sweep > crds/finetune.io_finetunesweeps.yaml
 
-## demo: start the local control plane + S3, install the operator with helm, run the example jobs
+## demo: start the local control plane, a real node (kubelet + containerd, root), MinIO, Prometheus, MLflow;
+## `helm install` the operator (its Deployment, from the image built here) and run the example jobs as
+## containers from the trainer image built here. NODE=process: pods as local processes (no root or containerd)
+NODE ?= real
 demo: tools
-	$(PY) -m finetune_devcluster demo
+	@if [ "$(NODE)" = real ]; then $(MAKE) --no-print-directory node-deps images realnode-tools; fi
+	$(PY) -m finetune_devcluster demo --node $(NODE)
 
 ## down: stop everything `make demo` started
 down:

@@ -5,10 +5,14 @@ up      start the control plane (etcd, kube-apiserver, controller-manager, sched
         (installed with its Helm chart, running with the chart's ServiceAccount) in the background,
         then print the environment to use them (progress on stderr, ``export`` lines on stdout, so
         ``eval "$(... up)"`` works). A second ``up`` reports the running one.
-demo    ``up`` with only the process node, an MLflow server (http://127.0.0.1:5000 when free), the demo
-        models/datasets uploaded to S3, examples/*.yaml applied and watched until they finish; prints the
-        model URIs and baseline-vs-final metrics.
+demo    the control plane, a node, S3, the operator, Prometheus, an MLflow server (port 5000 when free), the
+        demo models/datasets uploaded to S3, examples/*.yaml applied and watched until they finish; prints
+        the model URIs and baseline-vs-final metrics. ``--node real`` (the default): a kubelet + containerd
+        node, the chart's operator Deployment in-cluster and the training pods as containers, both from the
+        images built here (``make images``), MinIO and MLflow on the node's address (root needed);
+        ``--node process``: the process node and the operator as a local process (stack.py says why both).
 procnode  run a process node in the foreground.
+realnode  run the real node in the foreground (``demo`` starts it in the background).
 down    stop everything ``up`` started and remove its state.
 status  what is running (exit 0: all up, 1: nothing up, 2: some component down).
 env     print ``export`` lines for the running cluster: ``eval "$(python -m finetune_devcluster env)"``.
@@ -107,7 +111,8 @@ def up_cluster(args: argparse.Namespace, ctx: dict) -> None:
     shutil.rmtree(cluster_dir(), ignore_errors=True)
     t0 = time.monotonic()
     c = LocalCluster(
-        nodes=args.nodes, workdir=cluster_dir(), gpus_per_node=args.gpus_per_node, detach=True, keep_workdir=True
+        nodes=args.nodes, workdir=cluster_dir(), gpus_per_node=args.gpus_per_node, detach=True, keep_workdir=True,
+        apiserver_bind_address=getattr(args, "apiserver_bind_address", "127.0.0.1"),
     )
     c.start()
     print(f"cluster up in {time.monotonic() - t0:.1f}s: {c.server}, nodes {', '.join(c.node_names)}", file=sys.stderr)
@@ -125,7 +130,8 @@ def up_s3(args: argparse.Namespace, ctx: dict) -> None:
             return
         existing.stop()
     shutil.rmtree(s3_dir(), ignore_errors=True)
-    s3 = LocalS3(s3_dir(), backend=args.s3_backend, detach=True, keep_workdir=True, port=args.s3_port)
+    s3 = LocalS3(s3_dir(), backend=args.s3_backend, detach=True, keep_workdir=True, port=args.s3_port,
+                 host=getattr(args, "s3_host", "127.0.0.1"))
     s3.start()
     for b in args.bucket or []:
         s3.create_bucket(b)
@@ -198,8 +204,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     from . import stack
 
     with _locked():
-        for name in ("mlflow", "prometheus", "operator", "procnode"):
-            if stack.stop(state_dir(), name):
+        for name in ("mlflow", "prometheus", "operator", "procnode", "realnode"):
+            # the real node deletes its pods and stops containerd, kube-proxy and its bridge: give it time
+            if stack.stop(state_dir(), name, timeout=150 if name == "realnode" else 30):
                 print(f"{name} stopped")
         s3, c = _attach_s3(), _attach_cluster()
         if s3 is not None:
@@ -285,47 +292,131 @@ def cmd_images(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """up (with only the process node) + demo data in S3 + examples/*.yaml and examples/sweeps/*.yaml applied + watched to the end."""
+def _demo_process(args: argparse.Namespace) -> tuple[LocalCluster, LocalS3] | None:
+    """up with only the process node; the operator as a local process with the chart's ServiceAccount."""
     from . import stack
 
     args.nodes, args.no_s3, args.no_operator, args.no_procnode = 0, False, False, False
-    code = cmd_up(args)
-    if code:
-        return code
+    if cmd_up(args):
+        return None
     c, s3 = _attach_cluster(), _attach_s3()
     kwok = [n for n in c.node_names]
     if kwok:
         print(f"note: this cluster also has kwok nodes {kwok}; `make down` first for a process-node-only demo", file=sys.stderr)
     if s3.port != stack.DEMO_S3_PORT:
         print(f"error: S3 runs on port {s3.port}, but examples/ name http://127.0.0.1:{stack.DEMO_S3_PORT}: free that port and re-run", file=sys.stderr)
-        return 1
+        return None
     up_mlflow(s3)
+    return c, s3
+
+
+def _demo_real(args: argparse.Namespace) -> tuple[LocalCluster, LocalS3] | None:
+    """The control plane (API server beyond loopback, so pods reach it), the real node running the images
+    built here, MinIO on the node's address, the chart's operator Deployment, Prometheus and MLflow."""
+    from . import images, stack
+    from .realnode import RealNodeError
+
+    if os.geteuid() != 0 or not shutil.which("containerd"):
+        print("error: the real-node demo runs containerd and makes a bridge: it needs root and `make node-deps`; "
+              "`python -m finetune_devcluster demo --node process` runs the pods as local processes instead", file=sys.stderr)
+        return None
+    with _locked():
+        existing = _attach_cluster()
+        if existing is not None and any(existing.running().values()) and existing.apiserver_bind_address == "127.0.0.1":
+            print("error: a cluster started by `up` or `demo --node process` is running (its API server on loopback, "
+                  "which pods cannot reach): `make down` first", file=sys.stderr)
+            return None
+        t0 = time.monotonic()
+        try:
+            built = {n: images.build(n) for n in ("operator", "trainer")}
+        except (images.ImageError, tools.ToolError) as e:
+            print(f"error: building the images: {e}", file=sys.stderr)
+            return None
+        print("images: " + ", ".join(f"{b.ref} ({'built in %.0fs' % b.seconds if b.seconds else 'cached'})" for b in built.values()),
+              file=sys.stderr)
+        args.nodes, args.apiserver_bind_address = 0, "0.0.0.0"
+        try:
+            up_cluster(args, {})
+            t1 = time.monotonic()
+            _, node = stack.start_realnode(state_dir(), list(built))
+            timings = node["timings"]
+            print(f"real node {node['name']} Ready at {node['ip']} in {time.monotonic() - t1:.0f}s (images imported in "
+                  f"{timings.get('images_import_s', 0):.0f}s; kube-proxy, CoreDNS at 10.96.0.10); log {state_dir() / 'realnode.log'}",
+                  file=sys.stderr)
+            args.s3_host, args.no_s3 = node["ip"], False
+            ctx: dict = {}
+            up_s3(args, ctx)
+            s3 = ctx["s3"]
+            if s3.host != node["ip"] or s3.port != stack.DEMO_S3_PORT:
+                print(f"error: S3 runs at {s3.endpoint_url}, not http://{node['ip']}:{stack.DEMO_S3_PORT}: `make down` and re-run",
+                      file=sys.stderr)
+                return None
+            c = _attach_cluster()
+            stack.ensure_secret(c, "default", s3.access_key, s3.secret_key)
+            pod = stack.install_chart_in_cluster(c, built["operator"].ref, built["trainer"].ref, s3.endpoint_url)
+            print(f"operator: the chart's Deployment ({stack.RELEASE} in {stack.OPERATOR_NS}), pod {pod['metadata']['name']} Ready on "
+                  f"{pod['spec']['nodeName']} at {pod['status']['podIP']} (`kubectl logs -n {stack.OPERATOR_NS} deploy/{stack.RELEASE}`)",
+                  file=sys.stderr)
+            started = stack.start_prometheus(state_dir(), operator_targets_file=state_dir() / "operator-targets.json")
+            if started is not None:
+                print(f"prometheus up (pid {started[0]}): http://127.0.0.1:{started[1]} scrapes the operator pod and the trainer pods",
+                      file=sys.stderr)
+            pid, port = stack.start_mlflow(state_dir(), s3, host=node["ip"])
+            print(f"mlflow up (pid {pid}): http://{node['ip']}:{port} (log {state_dir() / 'mlflow.log'})", file=sys.stderr)
+        except (ClusterError, S3Error, RealNodeError, RuntimeError) as e:
+            print(f"demo: {e}\nlogs kept in {state_dir()}; run 'make down' to clean up", file=sys.stderr)
+            return None
+        print(f"set up in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    return c, s3
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The stack (``--node real`` or ``process``) + demo data in S3 + examples/*.yaml and examples/sweeps/*.yaml
+    applied + watched to the end."""
+    from . import stack
+
+    up = _demo_real(args) if args.node == "real" else _demo_process(args)
+    if up is None:
+        return 1
+    c, s3 = up
+    host = s3.host if args.node == "real" else None
     if (state_dir() / "mlflow.port").read_text().strip() != str(stack.DEMO_MLFLOW_PORT):
         print(f"note: MLflow runs on another port than examples/sentiment-tracked.yaml names ({stack.DEMO_MLFLOW_PORT}): "
               "that job will train without it (status.tracking.problem says so)", file=sys.stderr)
     print("uploading the demo models and datasets to S3 ...", file=sys.stderr)
     uris = stack.seed(s3, state_dir())
     print("  " + "\n  ".join(f"{k}: {v}" for k, v in uris.items()), file=sys.stderr)
-    names = []
-    for path in sorted(stack.EXAMPLES.glob("*.yaml")):
-        out = c.kubectl("apply", "-f", str(path), check=False)
+    def apply(path: Path) -> str | None:
+        """kubectl apply of an example; on a real node with its endpoints pointed at the node's address."""
+        text = path.read_text()
+        out = c.kubectl("apply", "-f", "-", input=stack.for_node(text, host) if host else text, check=False)
         print((out.stdout or out.stderr).strip(), file=sys.stderr)
-        if out.returncode == 0:
-            names.append(out.stdout.split()[0].split("/")[-1])
-    sweeps = []
-    for path in sorted((stack.EXAMPLES / "sweeps").glob("*.yaml")):
-        out = c.kubectl("apply", "-f", str(path), check=False)
-        print((out.stdout or out.stderr).strip(), file=sys.stderr)
-        if out.returncode == 0:
-            sweeps.append(out.stdout.split()[0].split("/")[-1])
+        return out.stdout.split()[0].split("/")[-1] if out.returncode == 0 else None
+
+    if host:
+        print(f"applying examples/ with their endpoints http://127.0.0.1:<port> pointed at the node, http://{host}:<port>",
+              file=sys.stderr)
+    names = [n for n in map(apply, sorted(stack.EXAMPLES.glob("*.yaml"))) if n]
+    sweeps = [n for n in map(apply, sorted((stack.EXAMPLES / "sweeps").glob("*.yaml"))) if n]
     print(f"watching {', '.join(names)} (kubectl get ftj -w shows the same) ...", file=sys.stderr)
     objs = stack.watch(c, names)
     print(f"watching sweeps {', '.join(sweeps)} (kubectl get ftsweep -w) ...", file=sys.stderr)
     sweep_objs = stack.watch(c, sweeps, kind="ftsweep")
-    print(stack.summary(objs, s3, state_dir()))
+    print(stack.summary(objs, s3, state_dir(), node=args.node))
     print(stack.sweep_summary(sweep_objs))
     return 0 if all(o["status"]["phase"] == "Succeeded" for o in [*objs.values(), *sweep_objs.values()]) else 1
+
+
+def cmd_realnode(args: argparse.Namespace) -> int:
+    from . import stack
+
+    c = _attach_cluster()
+    if c is None:
+        print(f"no cluster in {cluster_dir()}: start one first (demo does)", file=sys.stderr)
+        return 1
+    state = Path(args.state).expanduser()
+    state.mkdir(parents=True, exist_ok=True)
+    return stack.run_realnode(c, state, args.images)
 
 
 def cmd_procnode(args: argparse.Namespace) -> int:
@@ -351,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--s3-backend", choices=["minio", "moto"], default=None)
     demo.add_argument("--bucket", action="append", default=["finetune-demo"])
     demo.add_argument("--s3-port", type=int, default=9000)
+    demo.add_argument("--node", choices=["real", "process"], default="real",
+                      help="real (default): a kubelet + containerd node running the images built here (root); "
+                           "process: pods as local processes, the operator as a local process")
+    rn = sub.add_parser("realnode", help="run the real node in the foreground (demo starts one in the background)")
+    rn.add_argument("images", nargs="*", default=["operator", "trainer"], help="images to import into its containerd")
+    rn.add_argument("--state", default=str(state_dir()), help="where realnode.json and the Prometheus target files go")
     pn = sub.add_parser("procnode", help="run a process node in the foreground (up starts one in the background)")
     pn.add_argument("--name", default="process-node-0")
     pn.add_argument("--workdir", default=str(state_dir() / "procnode"))
@@ -368,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     im.add_argument("images", nargs="*", default=["operator"], help="operator (default) and/or trainer")
     args = p.parse_args(argv)
     commands = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "env": cmd_env, "build": cmd_build,
-                "demo": cmd_demo, "procnode": cmd_procnode, "images": cmd_images}
+                "demo": cmd_demo, "procnode": cmd_procnode, "realnode": cmd_realnode, "images": cmd_images}
     return commands[args.cmd](args)
 
 

@@ -3,7 +3,7 @@
 Runs and the model registry live in SQLite in the work folder; artifacts go to ``s3://<bucket>/mlflow``
 on the local S3 server (MinIO) when one is given, else to the work folder. The server proxies
 artifacts (``--serve-artifacts``, its default), so clients (the trainer) need no S3 credentials for
-them, only the tracking URL. It listens on a free loopback port.
+them, only the tracking URL. It listens on a free loopback port (or ``host``: a real node's address, for its pods).
 
 The server side needs SQLAlchemy and Alembic beside mlflow-skinny (the ``[test]`` extra installs them);
 the full ``mlflow`` distribution is not used because it caps pyarrow below the version the trainer pins.
@@ -31,9 +31,10 @@ class MlflowError(RuntimeError):
 
 class LocalMlflow:
     def __init__(self, workdir: str | Path | None = None, *, s3: LocalS3 | None = None, bucket: str = DEFAULT_BUCKET,
-                 port: int | None = None, startup_timeout: float = 90.0):
+                 port: int | None = None, startup_timeout: float = 90.0, host: str = "127.0.0.1"):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="finetune-mlflow-")).resolve()
         self.s3, self.bucket, self.preferred_port, self.startup_timeout = s3, bucket, port, startup_timeout
+        self.host = host  # where it listens: loopback, or a real node's address for its pods
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
 
@@ -41,7 +42,7 @@ class LocalMlflow:
     def url(self) -> str:
         if self.port is None:
             raise MlflowError("LocalMlflow is not started")
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def log(self) -> Path:
@@ -50,7 +51,7 @@ class LocalMlflow:
     def argv(self, port: int) -> list[str]:
         artifacts = f"s3://{self.bucket}/mlflow" if self.s3 is not None else str(self.workdir / "artifacts")
         return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
-                "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+                "--artifacts-destination", artifacts, "--host", self.host, "--port", str(port), "--workers", "1"]
 
     def env(self) -> dict[str, str]:
         import os
@@ -73,7 +74,7 @@ class LocalMlflow:
             self.s3.create_bucket(self.bucket)
         from .procutil import port_free
 
-        self.port = self.preferred_port if self.preferred_port and port_free(self.preferred_port) else free_port()
+        self.port = self.preferred_port if self.preferred_port and port_free(self.preferred_port, host=self.host) else free_port()
         self.proc = subprocess.Popen(self.argv(self.port), env=self.env(), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.workdir, start_new_session=True)
         try:

@@ -30,8 +30,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def port_free(port: int, *, reuse_addr: bool = True) -> bool:
-    """Whether a server could listen on ``port`` at 127.0.0.1 now.
+def port_free(port: int, *, reuse_addr: bool = True, host: str = LOOPBACK) -> bool:
+    """Whether a server could listen on ``port`` at ``host`` (127.0.0.1 by default) now.
 
     ``reuse_addr=True`` (the default) asks it the way the servers we start bind: MinIO, Prometheus,
     the operator's and the trainer's metrics servers (``http.server``) all set SO_REUSEADDR, so
@@ -44,7 +44,7 @@ def port_free(port: int, *, reuse_addr: bool = True) -> bool:
         if reuse_addr:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((LOOPBACK, port))
+            s.bind((host, port))
         except OSError:
             return False
         return True

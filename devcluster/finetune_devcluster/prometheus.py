@@ -34,11 +34,16 @@ def binary() -> str:
     return exe
 
 
-def config(targets_file: str | None, operator_targets: list[str], interval: str = "1s") -> dict[str, Any]:
-    jobs: list[dict[str, Any]] = [{
-        "job_name": "finetune-operator",
-        "static_configs": [{"targets": operator_targets}],
-    }]
+def config(targets_file: str | None, operator_targets: list[str], interval: str = "1s",
+           operator_targets_file: str | None = None) -> dict[str, Any]:
+    """Scrape the operator at ``operator_targets`` (static) or, ``operator_targets_file``, where that
+    file_sd file says (its pod on a real node), and the trainer pods the ``targets_file`` lists."""
+    operator: dict[str, Any] = {"job_name": "finetune-operator"}
+    if operator_targets_file:
+        operator["file_sd_configs"] = [{"files": [operator_targets_file], "refresh_interval": "1s"}]
+    else:
+        operator["static_configs"] = [{"targets": operator_targets}]
+    jobs: list[dict[str, Any]] = [operator]
     if targets_file:
         jobs.append({
             "job_name": "finetune-trainer",

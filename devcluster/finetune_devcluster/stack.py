@@ -1,9 +1,18 @@
 """The rest of the local stack on top of the control plane and S3: the operator installed with its
-Helm chart, a process node that really runs training pods, demo data in S3, and the demo itself.
+Helm chart, the node the training pods run on, demo data in S3, and the demo itself.
 
-The chart is installed for real (CRD, ServiceAccount, RBAC, Service) with ``replicaCount=0``: the local
-nodes cannot run container images, so the operator runs as a local process authenticated with the
-chart's own ServiceAccount token — exactly the rights it has in a real cluster.
+Two kinds of node (``demo --node``):
+
+* ``real`` (the default): a kubelet + containerd node (realnode.py, run in the background by
+  ``python -m finetune_devcluster realnode``). The chart is installed as in any cluster: its Deployment
+  runs the operator image built here, in-cluster, with its own ServiceAccount token, RBAC, probes and
+  securityContext; the training pods are containers from the trainer image built here. MinIO and MLflow
+  listen on the node's address (the pods' gateway), so ``examples/`` are applied with their
+  ``http://127.0.0.1`` endpoints pointed there (``for_node``).
+* ``process``: the process node (procnode.py) runs a pod's command as a local process and ignores its
+  image, for machines without root or containerd. The chart is installed (CRD, ServiceAccount, RBAC,
+  Service) with ``replicaCount=0``, and the operator runs as a local process authenticated with the
+  chart's own ServiceAccount token — the rights it has in a real cluster.
 """
 
 from __future__ import annotations
@@ -92,6 +101,50 @@ def install_chart(cluster: LocalCluster) -> None:
          "--set", "replicaCount=0", "--wait", "--timeout", "120s")
 
 
+def in_cluster_chart_args(operator_ref: str, trainer_ref: str, s3_endpoint: str) -> list[str]:
+    """``helm upgrade --install`` arguments of the real-node demo: the chart's Deployment runs the operator
+    image built here, its training pods the trainer image built here (both imported into the node's
+    containerd: pull policy ``Never``, nothing can be pulled), in the chart's secure mode: the operator
+    reads progress only from the demo's S3 endpoint and only credential Secrets labelled for it."""
+    from finetune_api.failures import CREDENTIALS_SECRET_LABEL
+
+    op_repo, op_tag = operator_ref.rsplit(":", 1)
+    tr_repo, tr_tag = trainer_ref.rsplit(":", 1)
+    key, value = CREDENTIALS_SECRET_LABEL
+    return ["upgrade", "--install", RELEASE, str(CHART), "-n", OPERATOR_NS, "--create-namespace",
+            "--set", "replicaCount=1",
+            "--set", f"image.repository={op_repo}", "--set", f"image.tag={op_tag}", "--set", "image.pullPolicy=Never",
+            "--set", f"trainer.image.repository={tr_repo}", "--set", f"trainer.image.tag={tr_tag}",
+            "--set", "trainer.image.pullPolicy=Never",
+            "--set", "resyncSeconds=5",
+            "--set-json", f"storage.allowedEndpoints={json.dumps([s3_endpoint])}",
+            "--set-json", f"storage.credentialsSecretLabels={json.dumps({key: value})}",
+            "--set-json", 'extraEnv=[{"name": "FINETUNE_PROGRESS_INTERVAL", "value": "5"}]',
+            "--wait", "--timeout", "180s"]
+
+
+def install_chart_in_cluster(cluster: LocalCluster, operator_ref: str, trainer_ref: str, s3_endpoint: str) -> dict[str, Any]:
+    """The chart with its Deployment running (``--wait``: the operator pod Ready, its readiness probe
+    answered through the kubelet); returns the operator pod."""
+    helm(cluster, *in_cluster_chart_args(operator_ref, trainer_ref, s3_endpoint))
+    pods = json.loads(cluster.kubectl("get", "pods", "-n", OPERATOR_NS, "-l", f"app.kubernetes.io/instance={RELEASE}",
+                                      "-o", "json").stdout)["items"]
+    ready = [p for p in pods if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+    if not ready:
+        raise RuntimeError(f"helm reported the release ready but no operator pod is Ready: {[p['status'] for p in pods]}")
+    return ready[0]
+
+
+# The addresses examples/ name (the process node's pods share the machine's loopback).
+EXAMPLE_HOST = "127.0.0.1"
+
+
+def for_node(manifest: str, host: str) -> str:
+    """An example manifest with its S3 and MLflow endpoints (``http://127.0.0.1:<port>``) pointed at
+    ``host``, where a real node's pods reach the demo's MinIO and MLflow (the node's address)."""
+    return manifest.replace(f"http://{EXAMPLE_HOST}:", f"http://{host}:")
+
+
 def token_kubeconfig(cluster: LocalCluster, service_account: str, namespace: str, path: Path, duration: str = "720h") -> Path:
     """A kubeconfig that authenticates as a ServiceAccount (a token from the TokenRequest API)."""
     token = cluster.kubectl("create", "token", service_account, "-n", namespace, f"--duration={duration}").stdout.strip()
@@ -134,9 +187,102 @@ def start_procnode(cluster: LocalCluster, state: Path, name: str = "process-node
                                      "--workdir", str(state / "procnode"), "--targets-file", str(state / "targets.json")], env)
 
 
-def start_prometheus(state: Path) -> tuple[int, int] | None:
-    """Debian's prometheus, scraping the operator and (file_sd from the process node) the trainer pods.
-    None when prometheus is not installed."""
+# ------------------------------------------------------------------------------------- real node
+
+TRAINER_APP, OPERATOR_APP = "finetune-trainer", "finetune-operator"  # app.kubernetes.io/name of their pods
+
+
+def metrics_targets(pods: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Prometheus file_sd target groups of a real node's running pods: ``trainer`` (every containerPort
+    named ``metrics*`` of a training pod: one per local rank) and ``operator`` (the chart's pod, its
+    ``metrics`` port), each group labelled with the pod's namespace and name. What a PodMonitor does in
+    a real cluster; Debian's Prometheus has no Kubernetes discovery."""
+    out: dict[str, list[dict[str, Any]]] = {"trainer": [], "operator": []}
+    for pod in pods:
+        meta, st = pod.get("metadata") or {}, pod.get("status") or {}
+        kind = {TRAINER_APP: "trainer", OPERATOR_APP: "operator"}.get((meta.get("labels") or {}).get("app.kubernetes.io/name"))
+        if kind is None or st.get("phase") != "Running" or not st.get("podIP") or meta.get("deletionTimestamp"):
+            continue
+        ports = sorted(p["containerPort"] for c in pod["spec"].get("containers", []) for p in c.get("ports") or []
+                       if str(p.get("name", "")).startswith("metrics"))
+        if ports:
+            out[kind].append({"targets": [f"{st['podIP']}:{port}" for port in ports],
+                              "labels": {"namespace": meta["namespace"], "pod": meta["name"]}})
+    return out
+
+
+def write_targets(path: Path, groups: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(groups, indent=1))
+    tmp.replace(path)  # atomic: Prometheus never reads half a file
+
+
+def start_realnode(state: Path, image_names: list[str], timeout: float = 900) -> tuple[int, dict[str, Any]]:
+    """The real node in the background (``python -m finetune_devcluster realnode``, which imports the images
+    into its containerd and keeps Prometheus' target files of its pods current): (pid, what it wrote
+    once Ready: name, ip, timings)."""
+    from .procutil import tail
+
+    ready = state / "realnode.json"
+    pid = running(state, "realnode")
+    if pid and ready.exists():
+        return pid, json.loads(ready.read_text())
+    ready.unlink(missing_ok=True)
+    pid = spawn(state, "realnode", [sys.executable, "-m", "finetune_devcluster", "realnode", "--state", str(state), *image_names],
+                dict(os.environ))
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if not pid_alive(pid, "python"):
+            raise RuntimeError(f"the real node did not start; {state / 'realnode.log'}:\n{tail(state / 'realnode.log', 60)}")
+        if time.monotonic() > deadline:
+            stop(state, "realnode", timeout=150)
+            raise RuntimeError(f"the real node was not Ready after {timeout:.0f}s:\n{tail(state / 'realnode.log', 60)}")
+        time.sleep(1)
+    return pid, json.loads(ready.read_text())
+
+
+def run_realnode(cluster: LocalCluster, state: Path, image_names: list[str], *, interval: float = 2.0) -> int:
+    """Foreground real node (what ``start_realnode`` runs in the background): start it, say so in
+    ``<state>/realnode.json``, keep ``targets.json`` (trainer pods) and ``operator-targets.json`` current,
+    and on SIGTERM stop it (its pods deleted, containerd, the bridge and kube-proxy's rules removed)."""
+    import logging
+
+    from . import images
+    from .realnode import RealNode
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    built = [images.build(n) for n in image_names]
+    node = RealNode(cluster, 0, images_to_load=built, startup_timeout=300).start()
+    stopped = {"flag": False}
+
+    def on_term(*_: Any) -> None:
+        stopped["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    (state / "realnode.json").write_text(json.dumps({"name": node.name, "ip": node.ip, "timings": node.timings}))
+    print(f"real node {node.name} Ready at {node.ip}: {json.dumps(node.timings)}", flush=True)
+    try:
+        while not stopped["flag"]:
+            try:
+                code, pods = cluster.request("GET", f"/api/v1/pods?fieldSelector=spec.nodeName={node.name}", timeout=5)
+                if code == 200:
+                    groups = metrics_targets(pods.get("items", []))
+                    write_targets(state / "targets.json", groups["trainer"])
+                    write_targets(state / "operator-targets.json", groups["operator"])
+            except OSError:
+                pass
+            time.sleep(interval)
+    finally:
+        (state / "realnode.json").unlink(missing_ok=True)
+        node.stop()
+    return 0
+
+
+def start_prometheus(state: Path, *, operator_targets_file: Path | None = None) -> tuple[int, int] | None:
+    """Debian's prometheus, scraping the operator and (file_sd from the node) the trainer pods: the
+    operator at its local metrics port, or, ``operator_targets_file``, wherever that file says (its pod
+    on a real node). None when prometheus is not installed."""
     import shutil
 
     import yaml
@@ -151,7 +297,8 @@ def start_prometheus(state: Path) -> tuple[int, int] | None:
         return pid, int(port_file.read_text())
     operator_port = (state / "operator.port").read_text().strip() if (state / "operator.port").exists() else "8080"
     cfg = state / "prometheus.yml"
-    cfg.write_text(yaml.safe_dump(config(str(state / "targets.json"), [f"127.0.0.1:{operator_port}"], interval="5s")))
+    cfg.write_text(yaml.safe_dump(config(str(state / "targets.json"), [] if operator_targets_file else [f"127.0.0.1:{operator_port}"],
+                                         interval="5s", operator_targets_file=str(operator_targets_file) if operator_targets_file else None)))
     port = 9090 if port_free(9090) else free_port()
     port_file.write_text(f"{port}\n")
     pid = spawn(state, "prometheus", [shutil.which("prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={state / 'prometheus-data'}",
@@ -162,19 +309,20 @@ def start_prometheus(state: Path) -> tuple[int, int] | None:
 DEMO_MLFLOW_PORT = 5000
 
 
-def start_mlflow(state: Path, s3: Any) -> tuple[int, int]:
+def start_mlflow(state: Path, s3: Any, host: str = "127.0.0.1") -> tuple[int, int]:
     """The MLflow tracking server (finetune_devcluster.mlflow_server), artifacts in ``s3://mlflow/mlflow``
-    on the local S3 server: (pid, port). A job logs to it with ``spec.tracking.mlflow.uri``."""
+    on the local S3 server, listening on ``host`` (a real node's address, for its pods): (pid, port). A
+    job logs to it with ``spec.tracking.mlflow.uri``."""
     from .mlflow_server import LocalMlflow
 
     port_file = state / "mlflow.port"
     pid = running(state, "mlflow")
     if pid and port_file.exists():
         return pid, int(port_file.read_text())
-    server = LocalMlflow(state / "mlflow", s3=s3)
+    server = LocalMlflow(state / "mlflow", s3=s3, host=host)
     server.workdir.mkdir(parents=True, exist_ok=True)
     s3.create_bucket(server.bucket)
-    port = DEMO_MLFLOW_PORT if port_free(DEMO_MLFLOW_PORT) else free_port()
+    port = DEMO_MLFLOW_PORT if port_free(DEMO_MLFLOW_PORT, host=host) else free_port()
     port_file.write_text(f"{port}\n")
     return spawn(state, "mlflow", server.argv(port), server.env()), port
 
@@ -265,7 +413,7 @@ def sweep_summary(objs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def summary(objs: dict[str, dict], s3: Any, state: Path) -> str:
+def summary(objs: dict[str, dict], s3: Any, state: Path, node: str = "process") -> str:
     lines = []
     for name, obj in objs.items():
         st = obj.get("status") or {}
@@ -296,15 +444,23 @@ def summary(objs: dict[str, dict], s3: Any, state: Path) -> str:
         if tracking.get("problem"):
             lines.append(f"  tracking:    {tracking['problem']}")
     lines.append(f"\nS3 (MinIO):  {s3.endpoint_url}  bucket {DEMO_BUCKET}  (AWS_ACCESS_KEY_ID={s3.access_key})")
-    port = (state / "operator.port").read_text().strip() if (state / "operator.port").exists() else "8080"
-    lines.append(f"operator:    http://127.0.0.1:{port}/metrics  (log {state / 'operator.log'})")
+    if node == "real":
+        lines.append(f"operator:    the chart's Deployment: kubectl logs -n {OPERATOR_NS} deploy/{RELEASE}  "
+                     f"(metrics: its pod's address, port 8080, in {state / 'operator-targets.json'})")
+    else:
+        port = (state / "operator.port").read_text().strip() if (state / "operator.port").exists() else "8080"
+        lines.append(f"operator:    http://127.0.0.1:{port}/metrics  (log {state / 'operator.log'})")
     if (state / "prometheus.port").exists():
         lines.append(f"prometheus:  http://127.0.0.1:{(state / 'prometheus.port').read_text().strip()}  "
                      "(e.g. finetune_train_loss, finetune_eval, finetune_tokens_per_second, finetune_operator_jobs)")
     if (state / "mlflow.port").exists():
-        lines.append(f"mlflow:      http://127.0.0.1:{(state / 'mlflow.port').read_text().strip()}  "
+        mlflow_host = s3.host if node == "real" else "127.0.0.1"
+        lines.append(f"mlflow:      http://{mlflow_host}:{(state / 'mlflow.port').read_text().strip()}  "
                      "(a job logs there with spec.tracking.mlflow.uri; artifacts in s3://mlflow/mlflow)")
-    lines.append(f"trainer:     pod sandboxes and logs under {state / 'procnode'}")
+    if node == "real":
+        lines.append("pods:        kubectl get pods -A -o wide (every pod on real-node-0); kubectl logs <trainer pod>")
+    else:
+        lines.append(f"trainer:     pod sandboxes and logs under {state / 'procnode'}")
     lines.append("kubectl:     eval \"$(python -m finetune_devcluster env)\"; kubectl get ftj; kubectl describe ftj <name>")
     lines.append("stop:        make down")
     return "\n".join(lines)

@@ -659,3 +659,30 @@ def test_notes_point_at_a_watched_namespace(helm: str, tmp_path: Path) -> None:
     notes = _render_notes(helm, tmp_path, {"watchNamespaces": ["team-a", "team-b"]})
     assert "kubectl -n team-a get ftj -w" in notes
     assert "team-a, team-b" in notes
+
+
+def test_the_real_node_demos_install_runs_the_images_built_here_in_the_secure_mode(helm: str) -> None:
+    """What `make demo` passes to `helm upgrade --install` on the real node (stack.in_cluster_chart_args),
+    rendered: one operator replica from the local image, the local trainer image as the jobs' default,
+    nothing pulled, progress read only from the demo's S3 and only from labelled credential Secrets."""
+    from finetune_api.failures import CREDENTIALS_SECRET_LABEL
+    from finetune_devcluster import stack
+
+    args = stack.in_cluster_chart_args("localhost/finetune-operator:abc123", "localhost/finetune-trainer:def456", "http://10.245.0.1:9000")
+    assert args[:6] == ["upgrade", "--install", stack.RELEASE, str(stack.CHART), "-n", stack.OPERATOR_NS]
+    assert args[-3:] == ["--wait", "--timeout", "180s"] and "--create-namespace" in args
+    sets = [a for a in args[6:-3] if a != "--create-namespace"]
+    proc = run_helm(helm, "template", stack.RELEASE, str(CHART), "--namespace", stack.OPERATOR_NS, "--kube-version", KUBE_VERSION, *sets)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    deploy = one(docs, "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert deploy["spec"]["replicas"] == 1
+    assert container["image"] == "localhost/finetune-operator:abc123" and container["imagePullPolicy"] == "Never"
+    env = env_of(docs)
+    assert env["FINETUNE_TRAINER_IMAGE"] == "localhost/finetune-trainer:def456"
+    assert env["FINETUNE_TRAINER_PULL_POLICY"] == "Never"
+    assert env["FINETUNE_RESYNC_SECONDS"] == "5" and env["FINETUNE_PROGRESS_INTERVAL"] == "5"
+    assert env["FINETUNE_ALLOWED_ENDPOINTS"] == "http://10.245.0.1:9000"
+    key, value = CREDENTIALS_SECRET_LABEL
+    assert env["FINETUNE_CREDENTIALS_SECRET_LABELS"] == f"{key}={value}"
