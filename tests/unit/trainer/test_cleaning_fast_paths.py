@@ -64,3 +64,10 @@ def test_normalisers_and_key_equal_every_step_run():
         assert normalize_safe(text) == _safe_ref(text), repr(text)
         assert normalize_aggressive(text) == _aggressive_ref(text), repr(text)
         assert dedupe_key(text) == _key_ref(text), repr(text)
+
+
+def test_shingle_words_equal_the_word_pattern():
+    keys = _strings(30000, 1) + [dedupe_key(t) for t in _strings(5000, 2)]
+    keys += ["a", "a b", " a  b ", "a_b c", "x1 y2", "ab-cd ef", "naïve idea", "a\tb", "123 456", "[email] me"]
+    for key in keys:
+        assert cleaning._words(key) == cleaning._WORD.findall(key), repr(key)

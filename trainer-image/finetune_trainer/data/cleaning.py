@@ -145,10 +145,18 @@ def signatures(keys: Sequence[str]) -> np.ndarray:
     return np.asarray(matrix.to_rows(), dtype=np.uint32)
 
 
+def _words(key: str) -> list[str]:
+    """``_WORD.findall(key)``: for a key of ASCII letters and digits between spaces (most keys) the words are what
+    ``str.split`` gives, at about half the cost."""
+    if key.isascii() and key.replace(" ", "").isalnum():
+        return key.split()
+    return _WORD.findall(key)
+
+
 def _shingle_list(key: str) -> list[str]:
     """:func:`shingles` as MinHash needs them: the same 5-grams, as str, unsorted, repeats left in (a minimum is the
     same over a list and over its set; rensa hashes a str as its UTF-8 bytes). About 1.6x faster."""
-    words = _WORD.findall(key)
+    words = _words(key)
     if len(words) < SHINGLE_WORDS:
         return [" ".join(words)]
     return list(map(" ".join, zip(*(words[i:] for i in range(SHINGLE_WORDS)))))
