@@ -328,6 +328,9 @@ _WORK: tuple[RowWork, PreTrainedTokenizerBase] | None = None  # a worker process
 def _set_work(work: RowWork, tokenizer: PreTrainedTokenizerBase) -> None:
     global _WORK
     _WORK = (work, tokenizer)
+    # One thread per worker: the workers are the parallelism. Without this each forked worker's first batch starts
+    # the Rust tokenizer's own thread pool (one thread per CPU), unless the parent had used it before forking.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _clean_in_worker(records: list[Record], origins: list[str]) -> Chunk:
