@@ -353,16 +353,17 @@ def _demo_real(args: argparse.Namespace) -> tuple[LocalCluster, LocalS3] | None:
                 return None
             c = _attach_cluster()
             stack.ensure_secret(c, "default", s3.access_key, s3.secret_key)
-            pod = stack.install_chart_in_cluster(c, built["operator"].ref, built["trainer"].ref, s3.endpoint_url)
+            pid, port = stack.start_mlflow(state_dir(), s3, host=node["ip"])
+            mlflow = f"http://{node['ip']}:{port}"
+            print(f"mlflow up (pid {pid}): {mlflow} (log {state_dir() / 'mlflow.log'})", file=sys.stderr)
+            pod = stack.install_chart_in_cluster(c, built["operator"].ref, built["trainer"].ref, [s3.endpoint_url, mlflow])
             print(f"operator: the chart's Deployment ({stack.RELEASE} in {stack.OPERATOR_NS}), pod {pod['metadata']['name']} Ready on "
-                  f"{pod['spec']['nodeName']} at {pod['status']['podIP']} (`kubectl logs -n {stack.OPERATOR_NS} deploy/{stack.RELEASE}`)",
-                  file=sys.stderr)
+                  f"{pod['spec']['nodeName']} at {pod['status']['podIP']} (`kubectl logs -n {stack.OPERATOR_NS} deploy/{stack.RELEASE}`); "
+                  f"jobs may name only {s3.endpoint_url} and {mlflow}", file=sys.stderr)
             started = stack.start_prometheus(state_dir(), operator_targets_file=state_dir() / "operator-targets.json")
             if started is not None:
                 print(f"prometheus up (pid {started[0]}): http://127.0.0.1:{started[1]} scrapes the operator pod and the trainer pods",
                       file=sys.stderr)
-            pid, port = stack.start_mlflow(state_dir(), s3, host=node["ip"])
-            print(f"mlflow up (pid {pid}): http://{node['ip']}:{port} (log {state_dir() / 'mlflow.log'})", file=sys.stderr)
         except (ClusterError, S3Error, RealNodeError, RuntimeError) as e:
             print(f"demo: {e}\nlogs kept in {state_dir()}; run 'make down' to clean up", file=sys.stderr)
             return None

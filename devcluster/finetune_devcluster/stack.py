@@ -101,11 +101,12 @@ def install_chart(cluster: LocalCluster) -> None:
          "--set", "replicaCount=0", "--wait", "--timeout", "120s")
 
 
-def in_cluster_chart_args(operator_ref: str, trainer_ref: str, s3_endpoint: str) -> list[str]:
+def in_cluster_chart_args(operator_ref: str, trainer_ref: str, endpoints: list[str]) -> list[str]:
     """``helm upgrade --install`` arguments of the real-node demo: the chart's Deployment runs the operator
     image built here, its training pods the trainer image built here (both imported into the node's
-    containerd: pull policy ``Never``, nothing can be pulled), in the chart's secure mode: the operator
-    reads progress only from the demo's S3 endpoint and only credential Secrets labelled for it."""
+    containerd: pull policy ``Never``, nothing can be pulled), in the chart's secure mode: jobs may name
+    only the demo's own ``endpoints`` (its S3 and MLflow), and the operator reads only credential Secrets
+    labelled for it."""
     from finetune_api.failures import CREDENTIALS_SECRET_LABEL
 
     op_repo, op_tag = operator_ref.rsplit(":", 1)
@@ -117,16 +118,16 @@ def in_cluster_chart_args(operator_ref: str, trainer_ref: str, s3_endpoint: str)
             "--set", f"trainer.image.repository={tr_repo}", "--set", f"trainer.image.tag={tr_tag}",
             "--set", "trainer.image.pullPolicy=Never",
             "--set", "resyncSeconds=5",
-            "--set-json", f"storage.allowedEndpoints={json.dumps([s3_endpoint])}",
+            "--set-json", f"storage.allowedEndpoints={json.dumps(endpoints)}",
             "--set-json", f"storage.credentialsSecretLabels={json.dumps({key: value})}",
             "--set-json", 'extraEnv=[{"name": "FINETUNE_PROGRESS_INTERVAL", "value": "5"}]',
             "--wait", "--timeout", "180s"]
 
 
-def install_chart_in_cluster(cluster: LocalCluster, operator_ref: str, trainer_ref: str, s3_endpoint: str) -> dict[str, Any]:
+def install_chart_in_cluster(cluster: LocalCluster, operator_ref: str, trainer_ref: str, endpoints: list[str]) -> dict[str, Any]:
     """The chart with its Deployment running (``--wait``: the operator pod Ready, its readiness probe
     answered through the kubelet); returns the operator pod."""
-    helm(cluster, *in_cluster_chart_args(operator_ref, trainer_ref, s3_endpoint))
+    helm(cluster, *in_cluster_chart_args(operator_ref, trainer_ref, endpoints))
     pods = json.loads(cluster.kubectl("get", "pods", "-n", OPERATOR_NS, "-l", f"app.kubernetes.io/instance={RELEASE}",
                                       "-o", "json").stdout)["items"]
     ready = [p for p in pods if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]

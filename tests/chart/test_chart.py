@@ -664,11 +664,12 @@ def test_notes_point_at_a_watched_namespace(helm: str, tmp_path: Path) -> None:
 def test_the_real_node_demos_install_runs_the_images_built_here_in_the_secure_mode(helm: str) -> None:
     """What `make demo` passes to `helm upgrade --install` on the real node (stack.in_cluster_chart_args),
     rendered: one operator replica from the local image, the local trainer image as the jobs' default,
-    nothing pulled, progress read only from the demo's S3 and only from labelled credential Secrets."""
+    nothing pulled, jobs may name only the demo's S3 and MLflow, credential Secrets only when labelled."""
     from finetune_api.failures import CREDENTIALS_SECRET_LABEL
     from finetune_devcluster import stack
 
-    args = stack.in_cluster_chart_args("localhost/finetune-operator:abc123", "localhost/finetune-trainer:def456", "http://10.245.0.1:9000")
+    args = stack.in_cluster_chart_args("localhost/finetune-operator:abc123", "localhost/finetune-trainer:def456",
+                                       ["http://10.245.0.1:9000", "http://10.245.0.1:5000"])
     assert args[:6] == ["upgrade", "--install", stack.RELEASE, str(stack.CHART), "-n", stack.OPERATOR_NS]
     assert args[-3:] == ["--wait", "--timeout", "180s"] and "--create-namespace" in args
     sets = [a for a in args[6:-3] if a != "--create-namespace"]
@@ -683,6 +684,6 @@ def test_the_real_node_demos_install_runs_the_images_built_here_in_the_secure_mo
     assert env["FINETUNE_TRAINER_IMAGE"] == "localhost/finetune-trainer:def456"
     assert env["FINETUNE_TRAINER_PULL_POLICY"] == "Never"
     assert env["FINETUNE_RESYNC_SECONDS"] == "5" and env["FINETUNE_PROGRESS_INTERVAL"] == "5"
-    assert env["FINETUNE_ALLOWED_ENDPOINTS"] == "http://10.245.0.1:9000"
+    assert env["FINETUNE_ALLOWED_ENDPOINTS"] == "http://10.245.0.1:9000,http://10.245.0.1:5000"
     key, value = CREDENTIALS_SECRET_LABEL
     assert env["FINETUNE_CREDENTIALS_SECRET_LABELS"] == f"{key}={value}"
