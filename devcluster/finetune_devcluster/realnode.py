@@ -361,6 +361,13 @@ def apiserver_endpoint_slice(ip: str, port: int) -> dict[str, Any]:
     }
 
 
+def _mounts_under(prefix: str) -> list[tuple[str, str, str]]:
+    """(source, mount point, fs type) of every mount below ``prefix``."""
+    with open("/proc/mounts") as f:
+        fields = [line.split() for line in f]
+    return [(m[0], m[1], m[2]) for m in fields if len(m) > 2 and m[1].startswith(prefix)]
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
@@ -637,12 +644,16 @@ class RealNode:
             pass
 
     def _remove_run_dir(self) -> None:
-        """containerd's socket and state in /run; left in place while anything is still mounted under
-        it (a container rootfs that did not unmount), so nothing of a container is deleted through it."""
+        """containerd's socket and state in /run. A sandbox's /dev/shm (a tmpfs, nothing but that pod's
+        shared memory) that containerd did not unmount before it stopped is unmounted; the folder is left in
+        place while anything else is still mounted under it (a container rootfs that did not unmount), so
+        nothing of a container is deleted through it."""
         prefix = f"{self.run_dir}/"
-        with open("/proc/mounts") as f:
-            if any(line.split()[1].startswith(prefix) for line in f if len(line.split()) > 1):
-                return
+        for source, target, fstype in _mounts_under(prefix):
+            if fstype == "tmpfs" and source == "shm" and target.endswith("/shm"):
+                subprocess.run(["umount", target], capture_output=True, timeout=30)
+        if _mounts_under(prefix):
+            return
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _drain(self, timeout: float) -> None:
