@@ -361,6 +361,13 @@ def apiserver_endpoint_slice(ip: str, port: int) -> dict[str, Any]:
     }
 
 
+def older_builds(refs: Iterable[str], ref: str) -> list[str]:
+    """The other tags of ``ref``'s repository among ``refs`` (image names, digests left out): the builds
+    a content-hashed rebuild replaced."""
+    repo = ref.rsplit(":", 1)[0]
+    return sorted(r for r in refs if r != ref and "@" not in r and r.rsplit(":", 1)[0] == repo)
+
+
 def _mounts_under(prefix: str) -> list[tuple[str, str, str]]:
     """(source, mount point, fs type) of every mount below ``prefix``."""
     with open("/proc/mounts") as f:
@@ -504,12 +511,18 @@ class RealNode:
                    time.monotonic() + 30, "containerd socket")
 
     def _import(self, img: images.BuiltImage) -> None:
+        """Import the image's archive once, and forget the older builds of the same repository (containerd
+        then collects their layers that no image or container still uses), so that the store kept in the
+        cache does not grow by a 7 GB trainer image at every source change."""
         have = self.ctr("images", "ls", "-q").stdout.split()
-        if img.ref in have:
-            return
-        self.ctr("images", "import", str(img.archive))
-        if img.ref not in self.ctr("images", "ls", "-q").stdout.split():
-            raise RealNodeError(f"importing {img.archive} did not give image {img.ref}: {self.ctr('images', 'ls', '-q').stdout}")
+        if img.ref not in have:
+            self.ctr("images", "import", str(img.archive))
+            have = self.ctr("images", "ls", "-q").stdout.split()
+            if img.ref not in have:
+                raise RealNodeError(f"importing {img.archive} did not give image {img.ref}: {' '.join(have)}")
+        stale = older_builds(have, img.ref)
+        if stale:
+            self.ctr("images", "rm", *stale, check=False)
 
     def _start_kubelet(self, kubelet: Path) -> None:
         pki = PKI.load(self.cluster.workdir / "pki")

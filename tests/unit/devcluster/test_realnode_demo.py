@@ -85,3 +85,12 @@ def test_the_summary_tells_where_the_operator_and_the_pods_are_on_each_kind_of_n
     assert "mlflow:      http://10.245.0.1:5000" in real
     process = stack.summary({}, S3(), tmp_path)
     assert "operator:    http://127.0.0.1:8080/metrics" in process and "mlflow:      http://127.0.0.1:5000" in process
+
+
+def test_a_rebuilt_image_replaces_the_older_builds_of_its_repository_only():
+    from finetune_devcluster.realnode import older_builds
+
+    refs = ["localhost/finetune-trainer:aaa", "localhost/finetune-trainer:bbb", "localhost/finetune-operator:aaa",
+            "localhost/finetune-pause:v1", "sha256:0123", "localhost/finetune-trainer@sha256:0123"]
+    assert older_builds(refs, "localhost/finetune-trainer:bbb") == ["localhost/finetune-trainer:aaa"]
+    assert older_builds(refs, "localhost/finetune-pause:v1") == []
